@@ -1,0 +1,62 @@
+"""treeckpt: distributed checkpointing for PyTorch training state.
+
+>>> import treeckpt  # doctest: +SKIP
+>>> treeckpt.save({"model": model, "optim": optimizer, "step": 10}, "ckpt/")  # doctest: +SKIP
+>>> state = treeckpt.load({"model": model, "optim": optimizer, "step": 0}, "ckpt/")  # doctest: +SKIP
+"""
+
+from treeckpt.api import CheckpointInfo, TensorInfo, load, metadata, restore, save
+from treeckpt.core.box import Box
+from treeckpt.core.options import LoadOptions, SaveOptions
+from treeckpt.core.plan import LoadPlan, ReadItem, SavePlan, WriteItem, plan_load, plan_save
+from treeckpt.core.specs import ShardSpec
+from treeckpt.core.tree import is_stateful
+from treeckpt.errors import (
+    CheckpointError,
+    CheckpointNotFoundError,
+    CollectiveError,
+    CorruptChunkError,
+    FQNCollisionError,
+    IncompleteCheckpointError,
+    LoadMismatchError,
+    ManifestError,
+    PlanError,
+    RankFailureError,
+    UnsupportedLeafError,
+)
+from treeckpt.shell.save import SaveResult
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Box",
+    "CheckpointError",
+    "CheckpointInfo",
+    "CheckpointNotFoundError",
+    "CollectiveError",
+    "CorruptChunkError",
+    "FQNCollisionError",
+    "IncompleteCheckpointError",
+    "LoadMismatchError",
+    "LoadOptions",
+    "LoadPlan",
+    "ManifestError",
+    "PlanError",
+    "RankFailureError",
+    "ReadItem",
+    "SaveOptions",
+    "SavePlan",
+    "SaveResult",
+    "ShardSpec",
+    "TensorInfo",
+    "UnsupportedLeafError",
+    "WriteItem",
+    "__version__",
+    "is_stateful",
+    "load",
+    "metadata",
+    "plan_load",
+    "plan_save",
+    "restore",
+    "save",
+]

@@ -1,0 +1,252 @@
+"""The public API: save, load, restore, metadata.
+
+Each function is a thin composition of the pure core, the store and the
+shell. Without an initialised ``torch.distributed`` process group everything
+runs in one process.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from treeckpt.core.dtypes import dtype_info
+from treeckpt.core.leaves import LeafRecord, PickleLeaf, TensorLeaf, ValueLeaf
+from treeckpt.core.manifest import Manifest
+from treeckpt.core.options import LoadOptions, SaveOptions
+from treeckpt.shell.coord import Coordinator, LocalCoordinator
+from treeckpt.shell.load import load_tree, restore_tree
+from treeckpt.shell.save import SaveResult, save_tree
+from treeckpt.store.backends import Backend, open_backend
+from treeckpt.store.reader import read_indexes, read_manifest
+
+__all__ = ["CheckpointInfo", "TensorInfo", "load", "metadata", "restore", "save"]
+
+
+def _coordinator(process_group: Any) -> Coordinator:
+    return LocalCoordinator()
+
+
+def _backend(path: Any) -> Backend:
+    return open_backend(str(path))
+
+
+def save(
+    tree: Any,
+    path: Any,
+    *,
+    options: SaveOptions | None = None,
+    allow_pickle: bool = False,
+    user_metadata: dict[str, Any] | None = None,
+    process_group: Any = None,
+) -> SaveResult:
+    """Save a training-state tree to ``path`` (a directory path or fsspec URL).
+
+    ``tree`` is any nesting of dicts, lists, tuples, namedtuples, dataclasses,
+    tensors, numpy arrays, plain values and ``Stateful`` objects (modules,
+    optimizers, schedulers, anything with ``state_dict``/``load_state_dict``).
+    The save is durable when it returns and atomic: readers of ``path`` see
+    the previous checkpoint or this one, never a mix.
+
+    Args:
+        tree: the state to save.
+        path: checkpoint directory (created if needed) or fsspec URL.
+        options: chunking, compression and I/O threads; defaults suit most uses.
+        allow_pickle: store leaves of other types with pickle (a loader must
+            opt in too). Off by default: a checkpoint should not run code.
+        user_metadata: a small JSON-able dict stored in the manifest.
+
+    Raises:
+        UnsupportedLeafError: a leaf cannot be stored (its FQN and type are named).
+        FQNCollisionError: two paths render to the same FQN.
+        CheckpointError: any other failure; the previous checkpoint is intact.
+    """
+    backend = _backend(path)
+    backend.makedirs("")
+    try:
+        return save_tree(
+            tree,
+            backend,
+            options=options or SaveOptions(),
+            coord=_coordinator(process_group),
+            allow_pickle=allow_pickle,
+            user_metadata=user_metadata,
+        )
+    finally:
+        backend.close()
+
+
+def load(
+    tree: Any,
+    path: Any,
+    *,
+    strict: bool = True,
+    allow_pickle: bool = False,
+    options: LoadOptions | None = None,
+    process_group: Any = None,
+) -> Any:
+    """Load the checkpoint at ``path`` into ``tree`` in place and return the loaded tree.
+
+    Tensors and arrays of the template are filled in place (a module's
+    parameters, an optimizer's state); values (ints, floats, strings...)
+    come from the checkpoint in the returned tree; ``Stateful`` objects get
+    ``load_state_dict`` called.
+
+    Args:
+        strict: report keys missing from the checkpoint and keys the template
+            lacks (all together, before anything changes). ``strict=False``
+            loads what both sides have; shape or dtype mismatches are errors
+            either way (nothing is ever cast silently).
+
+    Raises:
+        CheckpointNotFoundError / IncompleteCheckpointError: nothing committed at ``path``.
+        LoadMismatchError: the template does not match (every problem listed).
+        CorruptChunkError / ManifestError: damaged data (file and FQN named).
+    """
+    backend = _backend(path)
+    try:
+        manifest = read_manifest(backend)
+        return load_tree(
+            tree,
+            backend,
+            manifest,
+            strict=strict,
+            allow_pickle=allow_pickle,
+            options=options or LoadOptions(),
+        )
+    finally:
+        backend.close()
+
+
+def restore(path: Any, *, allow_pickle: bool = False, options: LoadOptions | None = None) -> Any:
+    """The saved tree with no template: same containers, keys and order, tensors on CPU.
+
+    Modules and other ``Stateful`` objects come back as their state dicts;
+    namedtuples and dataclasses as types of the same name and fields made on
+    the fly (no code is imported from a checkpoint).
+    """
+    backend = _backend(path)
+    try:
+        manifest = read_manifest(backend)
+        return restore_tree(
+            backend, manifest, allow_pickle=allow_pickle, options=options or LoadOptions()
+        )
+    finally:
+        backend.close()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TensorInfo:
+    """One stored tensor, as described by the manifest and chunk indexes."""
+
+    fqn: str
+    lib: str
+    dtype: str
+    shape: tuple[int, ...]
+    raw_bytes: int
+    stored_bytes: int
+    chunks: int
+    codecs: dict[str, int]
+
+    @property
+    def ratio(self) -> float:
+        """Compression ratio (raw / stored); 1.0 for raw chunks."""
+        return self.raw_bytes / self.stored_bytes if self.stored_bytes else 1.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CheckpointInfo:
+    """What a checkpoint holds, read without touching tensor data."""
+
+    path: str
+    save_id: str
+    world_size: int
+    tensors: dict[str, TensorInfo]
+    values: dict[str, Any]
+    files: dict[str, int]
+    user_metadata: dict[str, Any] = field(default_factory=dict)
+    structure: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def raw_bytes(self) -> int:
+        return sum(t.raw_bytes for t in self.tensors.values())
+
+    @property
+    def stored_bytes(self) -> int:
+        return sum(self.files.values())
+
+    def __str__(self) -> str:
+        lines = [
+            f"checkpoint {self.path} (save {self.save_id}, {self.world_size} writer rank(s))",
+            f"{len(self.tensors)} tensors, {self.raw_bytes:,} bytes raw, {self.stored_bytes:,} bytes "
+            f"stored in {len(self.files)} files; {len(self.values)} values",
+        ]
+        for t in self.tensors.values():
+            lines.append(
+                f"  {t.fqn}: {t.dtype}{list(t.shape)} {t.raw_bytes:,} B -> {t.stored_bytes:,} B "
+                f"({t.ratio:.2f}x, {t.chunks} chunks)"
+            )
+        for fqn, v in self.values.items():
+            lines.append(f"  {fqn} = {v!r}")
+        return "\n".join(lines)
+
+
+def _value_preview(rec: LeafRecord) -> Any:
+    if isinstance(rec, ValueLeaf):
+        return rec.value
+    if isinstance(rec, PickleLeaf):
+        return f"<pickled object, {len(rec.data)} bytes>"
+    return None
+
+
+def metadata(path: Any) -> CheckpointInfo:
+    """Structure, shapes, dtypes, sizes and codecs of a checkpoint, without reading tensor data."""
+    backend = _backend(path)
+    try:
+        manifest: Manifest = read_manifest(backend)
+        indexes = read_indexes(backend, manifest)
+    finally:
+        backend.close()
+    stats: dict[str, tuple[int, int, dict[str, int]]] = {}
+    files: dict[str, int] = {}
+    for ix in indexes:
+        for f in ix.files:
+            files[f.name] = f.size
+        for c in ix.chunks:
+            raw, stored, codecs = stats.setdefault(c.fqn, (0, 0, {}))
+            codecs[c.codec] = codecs.get(c.codec, 0) + 1
+            stats[c.fqn] = (raw + c.raw_length, stored + c.length, codecs)
+    tensors = {}
+    values = {}
+    for fqn, rec in manifest.records.items():
+        if isinstance(rec, TensorLeaf):
+            raw, stored, codecs = stats.get(fqn, (0, 0, {}))
+            tensors[fqn] = TensorInfo(
+                fqn=fqn,
+                lib=rec.lib,
+                dtype=rec.dtype,
+                shape=rec.shape,
+                raw_bytes=_nbytes(rec),
+                stored_bytes=stored,
+                chunks=sum(codecs.values()),
+                codecs=codecs,
+            )
+        else:
+            values[fqn] = _value_preview(rec)
+    return CheckpointInfo(
+        path=backend.root,
+        save_id=manifest.save_id,
+        world_size=manifest.world_size,
+        tensors=tensors,
+        values=values,
+        files=files,
+        user_metadata=manifest.user_metadata,
+        structure=manifest.structure,
+    )
+
+
+def _nbytes(rec: TensorLeaf) -> int:
+    n = dtype_info(rec.dtype).itemsize
+    for d in rec.shape:
+        n *= d
+    return n

@@ -1,0 +1,62 @@
+"""Explicit options (never ambient state)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+__all__ = ["LoadOptions", "SaveOptions"]
+
+MiB = 1 << 20
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SaveOptions:
+    """How a save stores its bytes.
+
+    Attributes:
+        chunk_bytes: largest raw size of one stored chunk. Chunks are the unit
+            of compression, checksumming and partial reads.
+        compress: ``"auto"`` compresses a chunk when a sample shows it pays,
+            ``"always"`` compresses every chunk (storing raw only when zstd
+            makes it larger), ``"never"`` stores raw bytes.
+        zstd_level: zstandard level (1 is fast; higher is smaller and slower).
+        min_ratio: in ``"auto"``, compress only when a sample shrinks to at
+            most ``1 / min_ratio`` of its size.
+        io_threads: threads per rank that encode and write chunks; each
+            writes its own data file.
+        sync: fsync data files, the manifest and the directory (durability).
+            Turn off only for throwaway checkpoints.
+    """
+
+    chunk_bytes: int = 16 * MiB
+    compress: Literal["auto", "always", "never"] = "auto"
+    zstd_level: int = 1
+    min_ratio: float = 1.08
+    io_threads: int = 2
+    sync: bool = True
+
+    def __post_init__(self) -> None:
+        if self.chunk_bytes < 1:
+            raise ValueError(f"chunk_bytes must be positive, got {self.chunk_bytes}")
+        if self.compress not in ("auto", "always", "never"):
+            raise ValueError(f"compress must be 'auto', 'always' or 'never', got {self.compress!r}")
+        if self.io_threads < 1:
+            raise ValueError(f"io_threads must be at least 1, got {self.io_threads}")
+        if not -7 <= self.zstd_level <= 22:
+            raise ValueError(f"zstd_level must be in [-7, 22], got {self.zstd_level}")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LoadOptions:
+    """How a load reads its bytes.
+
+    Attributes:
+        io_threads: threads per rank that read, verify and decode chunks.
+    """
+
+    io_threads: int = 4
+
+    def __post_init__(self) -> None:
+        if self.io_threads < 1:
+            raise ValueError(f"io_threads must be at least 1, got {self.io_threads}")

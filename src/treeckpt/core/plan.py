@@ -1,0 +1,319 @@
+"""Save and load planning: pure functions from specs to work items.
+
+``plan_save`` decides which rank writes which chunk; ``plan_load`` decides
+which stored byte ranges feed which destination region. Both take plain
+frozen data and return plain frozen data, so any world size can be planned
+and checked in one process, and every decision is property-tested.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from treeckpt.core.box import Box, check_tiling, split_box
+from treeckpt.core.dtypes import dtype_info
+from treeckpt.core.manifest import ChunkRef
+from treeckpt.core.specs import ShardSpec
+from treeckpt.errors import PlanError
+
+__all__ = [
+    "LoadPlan",
+    "ReadItem",
+    "SavePlan",
+    "StoredTensor",
+    "TensorMeta",
+    "WriteItem",
+    "plan_load",
+    "plan_save",
+]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TensorMeta:
+    """A tensor's global description."""
+
+    fqn: str
+    dtype: str
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WriteItem:
+    """Rank ``rank`` writes region ``chunk`` of ``fqn``, taken from its local ``shard`` box."""
+
+    fqn: str
+    dtype: str
+    rank: int
+    shard: Box
+    chunk: Box
+
+    @property
+    def nbytes(self) -> int:
+        return self.chunk.volume * dtype_info(self.dtype).itemsize
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SavePlan:
+    """Who writes what. ``items[r]`` are rank r's write items, in write order."""
+
+    tensors: tuple[TensorMeta, ...]
+    items: tuple[tuple[WriteItem, ...], ...]
+
+    @property
+    def bytes_by_rank(self) -> tuple[int, ...]:
+        return tuple(sum(i.nbytes for i in rank_items) for rank_items in self.items)
+
+    @property
+    def chunks_by_rank(self) -> tuple[int, ...]:
+        return tuple(len(rank_items) for rank_items in self.items)
+
+    def report(self) -> str:
+        """A dry-run cost report: raw bytes and chunks each rank will write."""
+        total = sum(self.bytes_by_rank)
+        lines = [
+            f"save plan: {len(self.tensors)} tensors, {_fmt_bytes(total)} raw, {len(self.items)} ranks"
+        ]
+        for r, (b, c) in enumerate(zip(self.bytes_by_rank, self.chunks_by_rank, strict=True)):
+            lines.append(f"  rank {r}: {_fmt_bytes(b)} in {c} chunks")
+        return "\n".join(lines)
+
+
+def plan_save(specs_by_rank: Sequence[Sequence[ShardSpec]], *, chunk_bytes: int) -> SavePlan:
+    """Plan a save from every rank's shard specs.
+
+    Checks that all ranks agree on each tensor's dtype and shape, and that the
+    boxes of each tensor tile its shape (no gaps; overlaps only as exact
+    replicas). A box held by one rank is written by it; a replicated box is
+    written once, by the holder with the fewest bytes assigned so far (largest
+    boxes first, ties to the lowest rank), which spreads replicated tensors
+    (DDP, ``Replicate()``) across ranks. Assigned boxes are split into chunks
+    of at most ``chunk_bytes``.
+
+    Raises:
+        PlanError: ranks disagree, or the boxes of a tensor do not tile it
+            (the FQN and the ranks or boxes are named).
+    """
+    world = len(specs_by_rank)
+    metas: dict[str, TensorMeta] = {}
+    meta_rank: dict[str, int] = {}
+    holders: dict[str, dict[Box, list[int]]] = {}
+    for rank, specs in enumerate(specs_by_rank):
+        seen_here: set[str] = set()
+        for spec in specs:
+            if spec.fqn in seen_here:
+                raise PlanError(f"{spec.fqn}: rank {rank} describes the tensor twice")
+            seen_here.add(spec.fqn)
+            meta = TensorMeta(fqn=spec.fqn, dtype=spec.dtype, shape=spec.shape)
+            prev = metas.setdefault(spec.fqn, meta)
+            if prev != meta:
+                first = meta_rank[spec.fqn]
+                raise PlanError(
+                    f"{spec.fqn}: rank {first} has dtype {prev.dtype} shape {list(prev.shape)} but "
+                    f"rank {rank} has dtype {meta.dtype} shape {list(meta.shape)}"
+                )
+            meta_rank.setdefault(spec.fqn, rank)
+            by_box = holders.setdefault(spec.fqn, {})
+            for box in spec.boxes:
+                if box.ndim != len(spec.shape):
+                    raise PlanError(
+                        f"{spec.fqn}: rank {rank} gives a {box.ndim}-d box for a {len(spec.shape)}-d tensor"
+                    )
+                ranks = by_box.setdefault(box, [])
+                if rank not in ranks:
+                    ranks.append(rank)
+
+    for fqn, by_box in holders.items():
+        check_tiling(metas[fqn].shape, list(by_box), what=fqn)
+
+    load = [0] * world
+    assigned: list[tuple[str, Box, int]] = []
+    replicated: list[tuple[int, str, Box, list[int]]] = []
+    for fqn, by_box in holders.items():
+        itemsize = dtype_info(metas[fqn].dtype).itemsize
+        for box, ranks in by_box.items():
+            nbytes = box.volume * itemsize
+            if len(ranks) == 1:
+                load[ranks[0]] += nbytes
+                assigned.append((fqn, box, ranks[0]))
+            else:
+                replicated.append((nbytes, fqn, box, ranks))
+    replicated.sort(key=lambda t: -t[0])  # stable: equal sizes keep tree order
+    for nbytes, fqn, box, ranks in replicated:
+        rank = min(ranks, key=lambda r: (load[r], r))
+        load[rank] += nbytes
+        assigned.append((fqn, box, rank))
+
+    order = {fqn: i for i, fqn in enumerate(holders)}
+    assigned.sort(key=lambda t: (order[t[0]], t[1].offsets))
+    items: list[list[WriteItem]] = [[] for _ in range(world)]
+    for fqn, box, rank in assigned:
+        meta = metas[fqn]
+        for chunk in split_box(box, dtype_info(meta.dtype).itemsize, chunk_bytes):
+            items[rank].append(
+                WriteItem(fqn=fqn, dtype=meta.dtype, rank=rank, shard=box, chunk=chunk)
+            )
+    return SavePlan(tensors=tuple(metas.values()), items=tuple(tuple(i) for i in items))
+
+
+# ------------------------------------------------------------------ loading
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StoredTensor:
+    """A tensor as a checkpoint stores it: global description plus its chunks."""
+
+    fqn: str
+    dtype: str
+    shape: tuple[int, ...]
+    chunks: tuple[ChunkRef, ...]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ReadItem:
+    """Copy region ``src`` of a chunk into region ``dst`` of the requested box.
+
+    ``src`` is relative to ``chunk.box``, ``dst`` relative to ``request``
+    (the destination's box in global coordinates).
+    """
+
+    fqn: str
+    chunk: ChunkRef
+    request: Box
+    src: Box
+    dst: Box
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LoadPlan:
+    """What one rank reads. Reports the cost before any I/O.
+
+    ``needed_bytes`` is what the destinations hold; ``read_raw_bytes`` is the
+    raw size of every chunk touched (a chunk is decoded whole), so
+    ``read_amplification`` = read / needed (1.0 is ideal).
+    """
+
+    items: tuple[ReadItem, ...]
+    needed_bytes: int
+    read_raw_bytes: int
+    read_stored_bytes: int
+    files: tuple[str, ...]
+
+    @property
+    def read_amplification(self) -> float:
+        return self.read_raw_bytes / self.needed_bytes if self.needed_bytes else 1.0
+
+    @property
+    def chunks(self) -> tuple[ChunkRef, ...]:
+        """Distinct chunks touched, in file order."""
+        seen: dict[tuple[str, int], ChunkRef] = {}
+        for item in self.items:
+            seen.setdefault((item.chunk.file, item.chunk.offset), item.chunk)
+        return tuple(seen[k] for k in sorted(seen))
+
+    def report(self) -> str:
+        return (
+            f"load plan: {len(self.items)} read items from {len(self.chunks)} chunks in "
+            f"{len(self.files)} files; needed {_fmt_bytes(self.needed_bytes)}, reads "
+            f"{_fmt_bytes(self.read_stored_bytes)} stored / {_fmt_bytes(self.read_raw_bytes)} raw "
+            f"(read amplification {self.read_amplification:.3f})"
+        )
+
+
+def plan_load(stored: Mapping[str, StoredTensor], requests: Sequence[ShardSpec]) -> LoadPlan:
+    """Plan the reads that fill every requested box from stored chunks.
+
+    Each requested box is intersected with the chunks of its tensor (found by
+    bisection along dim 0, so a rank's cost grows with what it reads, not with
+    the number of chunks). Coverage is checked: every element of every request
+    comes from exactly one stored chunk, or a PlanError names the FQN and box.
+
+    Raises:
+        PlanError: unknown FQN, dtype or shape mismatch, chunks that do not tile
+            their tensor, or a request not fully covered.
+    """
+    items: list[ReadItem] = []
+    needed = 0
+    touched: dict[tuple[str, int], ChunkRef] = {}
+    indexes: dict[str, _ChunkIndex] = {}
+    for req in requests:
+        st = stored.get(req.fqn)
+        if st is None:
+            raise PlanError(f"{req.fqn}: not in the checkpoint")
+        if st.dtype != req.dtype or st.shape != req.shape:
+            raise PlanError(
+                f"{req.fqn}: checkpoint has dtype {st.dtype} shape {list(st.shape)}, request has "
+                f"dtype {req.dtype} shape {list(req.shape)}"
+            )
+        index = indexes.get(req.fqn)
+        if index is None:
+            index = indexes[req.fqn] = _ChunkIndex(st)
+        itemsize = dtype_info(st.dtype).itemsize
+        for box in req.boxes:
+            if box.is_empty():
+                continue
+            covered = 0
+            for chunk in index.candidates(box):
+                inter = chunk.box.intersect(box)
+                if inter is None:
+                    continue
+                covered += inter.volume
+                touched[(chunk.file, chunk.offset)] = chunk
+                items.append(
+                    ReadItem(
+                        fqn=req.fqn,
+                        chunk=chunk,
+                        request=box,
+                        src=inter.relative_to(chunk.box),
+                        dst=inter.relative_to(box),
+                    )
+                )
+            if covered != box.volume:
+                raise PlanError(
+                    f"{req.fqn}: stored chunks cover {covered} of the {box.volume} elements of "
+                    f"the requested region offsets {list(box.offsets)} sizes {list(box.sizes)}"
+                )
+            needed += box.volume * itemsize
+    chunks = touched.values()
+    return LoadPlan(
+        items=tuple(items),
+        needed_bytes=needed,
+        read_raw_bytes=sum(c.raw_length for c in chunks),
+        read_stored_bytes=sum(c.length for c in chunks),
+        files=tuple(sorted({c.file for c in chunks})),
+    )
+
+
+class _ChunkIndex:
+    """Chunks of one tensor sorted along dim 0, validated to tile the tensor."""
+
+    def __init__(self, st: StoredTensor) -> None:
+        boxes = [c.box for c in st.chunks]
+        if len(set(boxes)) != len(boxes):
+            raise PlanError(f"{st.fqn}: the checkpoint stores the same chunk twice")
+        check_tiling(st.shape, boxes, what=st.fqn)
+        self.chunks = sorted(st.chunks, key=lambda c: c.box.offsets[:1])
+        self.scalar = len(st.shape) == 0
+        self.starts = [c.box.offsets[0] for c in self.chunks] if not self.scalar else []
+        running = 0
+        self.max_ends: list[int] = []
+        for c in self.chunks:
+            if not self.scalar:
+                running = max(running, c.box.offsets[0] + c.box.sizes[0])
+                self.max_ends.append(running)
+
+    def candidates(self, box: Box) -> list[ChunkRef]:
+        if self.scalar:
+            return list(self.chunks)
+        lo = bisect.bisect_right(self.max_ends, box.offsets[0])
+        hi = bisect.bisect_left(self.starts, box.offsets[0] + box.sizes[0])
+        return self.chunks[lo:hi]
+
+
+def _fmt_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    return f"{n} B"

@@ -1,0 +1,449 @@
+"""Flatten training state into FQN-keyed leaves, and build it back.
+
+The traversal uses optree's node registry (one level at a time, dicts in
+insertion order) and adds what training state needs on top: ``Stateful``
+objects at any depth are replaced by their state dicts, dataclasses are
+traversed field by field, and the structure is recorded as plain JSON-able
+data so a tree can be rebuilt with no template and no pickle.
+
+Structure record nodes (the ``tree`` field of the manifest)::
+
+    {"leaf": FQN}
+    {"type": "dict" | "odict" | "ddict", "keys": [KEY...], "children": [...], "factory": NAME}
+    {"type": "list" | "tuple" | "deque", "children": [...], "maxlen": INT | None}
+    {"type": "namedtuple" | "dataclass", "name": NAME, "fields": [STR...], "children": [...]}
+
+KEY is a JSON string for a str key and ``{"int": "DIGITS"}`` for an int key.
+Any node may carry ``"stateful": true``: it was produced by ``state_dict()``.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import keyword
+import pickle
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import optree
+import torch
+
+from treeckpt.core.dtypes import numpy_dtype_code, torch_dtype_code
+from treeckpt.core.leaves import LeafRecord, PickleLeaf, TensorLeaf, TensorLib, ValueLeaf
+from treeckpt.errors import FQNCollisionError, ManifestError, UnsupportedLeafError
+
+__all__ = [
+    "FlatTree",
+    "PathEntry",
+    "StatefulRef",
+    "build_tree",
+    "describe_leaf",
+    "find_subtree",
+    "flatten_tree",
+    "is_stateful",
+    "map_tree",
+    "render_fqn",
+]
+
+NAMESPACE = "treeckpt"
+PathEntry = str | int
+Path = tuple[PathEntry, ...]
+Node = dict[str, Any]
+
+# defaultdict factories that can be named in a manifest without importing code.
+_FACTORIES: dict[str, Callable[[], Any] | None] = {
+    "list": list,
+    "dict": dict,
+    "set": set,
+    "int": int,
+    "float": float,
+    "str": str,
+    "bool": bool,
+    "tuple": tuple,
+    "none": None,
+}
+_FACTORY_NAMES = {f: n for n, f in _FACTORIES.items() if f is not None}
+_MAX_DEPTH = 200
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StatefulRef:
+    """A ``Stateful`` object found in the tree at ``path``."""
+
+    path: Path
+    obj: Any
+
+    @property
+    def fqn(self) -> str:
+        return render_fqn(self.path)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FlatTree:
+    """The result of :func:`flatten_tree`.
+
+    ``leaves`` maps FQN to the leaf object (tensors are referenced, not copied),
+    in traversal order; ``records`` describes each leaf as plain data;
+    ``structure`` is the JSON-able structure record; ``statefuls`` lists the
+    Stateful objects met, outermost first.
+    """
+
+    leaves: dict[str, Any]
+    records: dict[str, LeafRecord]
+    structure: Node
+    statefuls: tuple[StatefulRef, ...]
+    paths: dict[str, Path]
+
+
+def is_stateful(obj: Any) -> bool:
+    """True for objects with callable ``state_dict`` and ``load_state_dict`` (not classes)."""
+    return (
+        not isinstance(obj, type)
+        and callable(getattr(obj, "state_dict", None))
+        and callable(getattr(obj, "load_state_dict", None))
+    )
+
+
+def render_fqn(path: Sequence[PathEntry]) -> str:
+    """The dotted name users see: ``("model", "layers", 0, "weight")`` -> ``model.layers.0.weight``."""
+    return ".".join(str(p) for p in path)
+
+
+def _render_access(path: Sequence[PathEntry]) -> str:
+    return "".join(f"[{p!r}]" for p in path) or "<root>"
+
+
+def _is_tensor_like(obj: Any) -> bool:
+    return isinstance(obj, torch.Tensor | np.ndarray | np.generic)
+
+
+def describe_leaf(fqn: str, obj: Any, *, allow_pickle: bool = False) -> LeafRecord:
+    """Classify one leaf, or refuse it with an error naming the FQN and the type."""
+    if isinstance(obj, torch.Tensor):
+        if obj.is_quantized or obj.is_sparse or obj.layout != torch.strided:
+            raise UnsupportedLeafError(
+                f"{fqn!r}: tensor layout {obj.layout} / quantized={obj.is_quantized} is not "
+                "supported; convert it to a dense tensor"
+            )
+        code = torch_dtype_code(obj.dtype)
+        if code is None:
+            raise UnsupportedLeafError(f"{fqn!r}: torch dtype {obj.dtype} is not supported")
+        return TensorLeaf(lib="torch", dtype=code, shape=tuple(int(s) for s in obj.shape))
+    if isinstance(obj, np.ndarray | np.generic):
+        code = numpy_dtype_code(obj.dtype)
+        if code is None:
+            raise UnsupportedLeafError(
+                f"{fqn!r}: numpy dtype {obj.dtype} is not supported (use a native-endian "
+                "numeric or bool dtype)"
+            )
+        lib: TensorLib = "numpy-scalar" if isinstance(obj, np.generic) else "numpy"
+        return TensorLeaf(lib=lib, dtype=code, shape=tuple(int(s) for s in np.shape(obj)))
+    if obj is None or type(obj) in (bool, int, float, str, bytes):
+        return ValueLeaf(value=obj)
+    if allow_pickle:
+        try:
+            return PickleLeaf(data=pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL))
+        except Exception as exc:
+            raise UnsupportedLeafError(
+                f"{fqn!r}: cannot pickle {type(obj).__qualname__}: {exc}"
+            ) from exc
+    raise UnsupportedLeafError(
+        f"{fqn!r}: cannot store a {type(obj).__module__}.{type(obj).__qualname__} without pickle; "
+        "convert it to tensors and plain values, give it state_dict()/load_state_dict(), "
+        "or pass allow_pickle=True to save and load"
+    )
+
+
+class _Flattener:
+    def __init__(self, allow_pickle: bool) -> None:
+        self.allow_pickle = allow_pickle
+        self.leaves: dict[str, Any] = {}
+        self.records: dict[str, LeafRecord] = {}
+        self.paths: dict[str, Path] = {}
+        self.statefuls: list[StatefulRef] = []
+
+    def walk(self, obj: Any, path: Path) -> Node:
+        if len(path) > _MAX_DEPTH:
+            raise UnsupportedLeafError(
+                f"{render_fqn(path)!r}: tree deeper than {_MAX_DEPTH} levels"
+            )
+        if is_stateful(obj) and not _is_tensor_like(obj):
+            self.statefuls.append(StatefulRef(path=path, obj=obj))
+            inner = self.walk(obj.state_dict(), path)
+            return {**inner, "stateful": True}
+        kind = _container_kind(obj)
+        if kind is None:
+            return self.leaf(obj, path)
+        children, entries, extra = _children(obj, kind, path)
+        node: Node = {"type": kind, **extra}
+        node["children"] = [
+            self.walk(c, (*path, e)) for c, e in zip(children, entries, strict=True)
+        ]
+        return node
+
+    def leaf(self, obj: Any, path: Path) -> Node:
+        fqn = render_fqn(path)
+        if fqn in self.paths:
+            raise FQNCollisionError(
+                f"two paths render to the FQN {fqn!r}: {_render_access(self.paths[fqn])} and "
+                f"{_render_access(path)}; rename one of the keys"
+            )
+        self.records[fqn] = describe_leaf(fqn, obj, allow_pickle=self.allow_pickle)
+        self.leaves[fqn] = obj
+        self.paths[fqn] = path
+        return {"leaf": fqn}
+
+
+def flatten_tree(tree: Any, *, allow_pickle: bool = False) -> FlatTree:
+    """Flatten ``tree`` into FQN-keyed leaves plus a pickle-free structure record.
+
+    Raises:
+        UnsupportedLeafError: a leaf (named by FQN) cannot be stored.
+        FQNCollisionError: two paths render to the same FQN (both are named).
+    """
+    f = _Flattener(allow_pickle)
+    structure = f.walk(tree, ())
+    return FlatTree(
+        leaves=f.leaves,
+        records=f.records,
+        structure=structure,
+        statefuls=tuple(f.statefuls),
+        paths=f.paths,
+    )
+
+
+def _container_kind(obj: Any) -> str | None:
+    if isinstance(obj, torch.Tensor | np.ndarray | np.generic):
+        return None
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return "dataclass"
+    if optree.is_namedtuple_instance(obj):
+        return "namedtuple"
+    if isinstance(obj, collections.defaultdict):
+        return "ddict"
+    if isinstance(obj, collections.OrderedDict):
+        return "odict"
+    if isinstance(obj, dict):
+        return "dict"
+    if isinstance(obj, list):
+        return "list"
+    if isinstance(obj, tuple):
+        return "tuple"
+    if isinstance(obj, collections.deque):
+        return "deque"
+    return None
+
+
+def _check_key(key: Any, path: Path) -> PathEntry:
+    if type(key) is str or type(key) is int:
+        return key
+    raise UnsupportedLeafError(
+        f"{render_fqn(path) or '<root>'!r}: dict key {key!r} of type {type(key).__qualname__} is not "
+        "supported; keys must be str or int"
+    )
+
+
+def _children(obj: Any, kind: str, path: Path) -> tuple[list[Any], list[PathEntry], Node]:
+    if kind == "dataclass":
+        names = [f.name for f in dataclasses.fields(obj)]
+        return (
+            [getattr(obj, n) for n in names],
+            list(names),
+            {
+                "name": type(obj).__name__,
+                "fields": names,
+            },
+        )
+    with optree.dict_insertion_ordered(True, namespace=NAMESPACE):
+        out = optree.tree_flatten_one_level(obj, none_is_leaf=True, namespace=NAMESPACE)
+    children = list(out.children)
+    if kind in ("dict", "odict", "ddict"):
+        keys = [_check_key(k, path) for k in out.entries]
+        extra: Node = {"keys": [_encode_key(k) for k in keys]}
+        if kind == "ddict":
+            extra["factory"] = _FACTORY_NAMES.get(obj.default_factory, "none")
+        return children, keys, extra
+    if kind == "namedtuple":
+        fields = list(type(obj)._fields)
+        return children, fields, {"name": type(obj).__name__, "fields": fields}
+    if kind == "deque":
+        return children, list(range(len(children))), {"maxlen": obj.maxlen}
+    return children, list(range(len(children))), {}
+
+
+def _encode_key(key: PathEntry) -> Any:
+    return key if isinstance(key, str) else {"int": str(key)}
+
+
+def _decode_key(raw: Any) -> PathEntry:
+    if isinstance(raw, str):
+        return raw
+    if isinstance(raw, dict) and set(raw) == {"int"} and isinstance(raw["int"], str):
+        if not re.fullmatch(r"-?[0-9]{1,4300}", raw["int"]):
+            raise ManifestError(f"bad int key in tree structure: {raw['int'][:40]!r}")
+        return int(raw["int"])
+    raise ManifestError(f"bad key in tree structure: {str(raw)[:60]!r}")
+
+
+# ---------------------------------------------------------------- rebuilding
+
+
+def build_tree(structure: Node, leaf: Callable[[str], Any]) -> Any:
+    """Build a tree from a structure record, asking ``leaf(fqn)`` for each leaf.
+
+    The structure is untrusted input (it comes from a manifest): every node is
+    checked, and only the closed set of container types above is built.
+    Namedtuples and dataclasses come back as freshly made types with the
+    recorded name and fields (no code is imported). Raises ManifestError.
+    """
+    return _build(structure, leaf, 0, {})
+
+
+def _build(node: Any, leaf: Callable[[str], Any], depth: int, types: dict[Any, Any]) -> Any:
+    if depth > _MAX_DEPTH:
+        raise ManifestError(f"tree structure deeper than {_MAX_DEPTH} levels")
+    if not isinstance(node, dict):
+        raise ManifestError(f"tree structure node is not an object: {str(node)[:60]!r}")
+    if "leaf" in node:
+        if not isinstance(node["leaf"], str):
+            raise ManifestError("tree structure leaf name is not a string")
+        return leaf(node["leaf"])
+    kind = node.get("type")
+    raw_children = node.get("children")
+    if not isinstance(raw_children, list):
+        raise ManifestError(f"tree structure node of type {kind!r} has no children list")
+    children = [_build(c, leaf, depth + 1, types) for c in raw_children]
+    if kind in ("dict", "odict", "ddict"):
+        keys = node.get("keys")
+        if not isinstance(keys, list) or len(keys) != len(children):
+            raise ManifestError(
+                f"tree structure {kind} node has {len(children)} children but bad keys"
+            )
+        items = [(_decode_key(k), c) for k, c in zip(keys, children, strict=True)]
+        if kind == "dict":
+            return dict(items)
+        if kind == "odict":
+            return collections.OrderedDict(items)
+        factory = node.get("factory", "none")
+        if factory not in _FACTORIES:
+            raise ManifestError(
+                f"tree structure defaultdict factory {str(factory)[:40]!r} is not allowed"
+            )
+        return collections.defaultdict(_FACTORIES[factory], items)
+    if kind == "list":
+        return children
+    if kind == "tuple":
+        return tuple(children)
+    if kind == "deque":
+        maxlen = node.get("maxlen")
+        if maxlen is not None and (type(maxlen) is not int or maxlen < 0):
+            raise ManifestError("tree structure deque has a bad maxlen")
+        return collections.deque(children, maxlen=maxlen)
+    if kind in ("namedtuple", "dataclass"):
+        name, fields = node.get("name"), node.get("fields")
+        if (
+            not isinstance(name, str)
+            or not isinstance(fields, list)
+            or len(fields) != len(children)
+            or not all(isinstance(f, str) and _is_identifier(f) for f in [name, *fields])
+            or len(set(fields)) != len(fields)
+        ):
+            raise ManifestError(f"tree structure {kind} node has a bad name or fields")
+        key = (kind, name, tuple(fields))
+        if key not in types:
+            if kind == "namedtuple":
+                types[key] = collections.namedtuple(name, fields)
+            else:
+                types[key] = dataclasses.make_dataclass(name, fields)
+        return types[key](*children)
+    raise ManifestError(f"tree structure node has unknown type {str(kind)[:40]!r}")
+
+
+def _is_identifier(name: str) -> bool:
+    return name.isidentifier() and not keyword.iskeyword(name) and not name.startswith("__")
+
+
+def find_subtree(structure: Node, path: Sequence[PathEntry]) -> Node | None:
+    """The structure node at ``path`` (a Stateful's position), or ``None``."""
+    node = structure
+    for entry in path:
+        if "leaf" in node:
+            return None
+        kind = node.get("type")
+        children = node.get("children", [])
+        if kind in ("dict", "odict", "ddict"):
+            keys = [_decode_key(k) for k in node.get("keys", [])]
+            idx = next(
+                (i for i, k in enumerate(keys) if k == entry and type(k) is type(entry)), None
+            )
+        elif kind in ("namedtuple", "dataclass"):
+            fields = node.get("fields", [])
+            idx = fields.index(entry) if entry in fields else None
+        else:
+            idx = entry if isinstance(entry, int) and 0 <= entry < len(children) else None
+        if idx is None:
+            return None
+        node = children[idx]
+    return node
+
+
+def iter_leaf_fqns(structure: Node) -> list[str]:
+    """Every leaf FQN of a structure record, in order."""
+    out: list[str] = []
+    stack = [structure]
+    while stack:
+        node = stack.pop()
+        if "leaf" in node:
+            out.append(node["leaf"])
+        else:
+            stack.extend(reversed(node.get("children", [])))
+    return out
+
+
+def map_tree(
+    tree: Any,
+    leaf: Callable[[str, Any], Any],
+    stateful: Callable[[StatefulRef], Any],
+) -> Any:
+    """Rebuild ``tree`` with its own container types, mapping leaves and Statefuls.
+
+    Traverses exactly like :func:`flatten_tree`. ``leaf(fqn, obj)`` gives the
+    new leaf; ``stateful(ref)`` is called for each Stateful object (outermost
+    only; its subtree is not traversed) and gives what stands in its place.
+    """
+    return _map(tree, (), leaf, stateful)
+
+
+def _map(
+    obj: Any,
+    path: Path,
+    leaf: Callable[[str, Any], Any],
+    stateful: Callable[[StatefulRef], Any],
+) -> Any:
+    if is_stateful(obj) and not _is_tensor_like(obj):
+        return stateful(StatefulRef(path=path, obj=obj))
+    kind = _container_kind(obj)
+    if kind is None:
+        return leaf(render_fqn(path), obj)
+    children, entries, _ = _children(obj, kind, path)
+    new = [_map(c, (*path, e), leaf, stateful) for c, e in zip(children, entries, strict=True)]
+    if kind == "dataclass":
+        fields = dataclasses.fields(obj)
+        init = {f.name: v for f, v in zip(fields, new, strict=True) if f.init}
+        out = dataclasses.replace(obj, **init)
+        for f, v in zip(fields, new, strict=True):
+            if not f.init:
+                object.__setattr__(out, f.name, v)
+        return out
+    with optree.dict_insertion_ordered(True, namespace=NAMESPACE):
+        one = optree.tree_flatten_one_level(obj, none_is_leaf=True, namespace=NAMESPACE)
+    return one.unflatten_func(one.metadata, new)
+
+
+def flatten_mapping(tree: Mapping[str, Any]) -> dict[str, Any]:
+    """Convenience: the FQN -> leaf mapping of ``tree`` (no records)."""
+    return flatten_tree(tree).leaves

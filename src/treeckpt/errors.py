@@ -1,0 +1,105 @@
+"""One family of errors.
+
+Every error treeckpt raises derives from :class:`CheckpointError`; each
+subclass also derives from the builtin a caller would naturally catch
+(``FileNotFoundError``, ``ValueError``, ``TypeError``), so code written for
+builtins keeps working. Messages name the FQN, file or rank involved, and both
+sides of any mismatch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+__all__ = [
+    "CheckpointError",
+    "CheckpointNotFoundError",
+    "CollectiveError",
+    "CorruptChunkError",
+    "FQNCollisionError",
+    "IncompleteCheckpointError",
+    "LoadMismatchError",
+    "ManifestError",
+    "PlanError",
+    "RankFailureError",
+    "UnsupportedLeafError",
+]
+
+
+class CheckpointError(Exception):
+    """Base class of every error raised by treeckpt."""
+
+
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """No checkpoint exists at the given path."""
+
+
+class IncompleteCheckpointError(CheckpointNotFoundError):
+    """The path holds data files but no committed manifest (a save that never finished)."""
+
+
+class ManifestError(CheckpointError, ValueError):
+    """The manifest or a chunk index is malformed, inconsistent or fails its checksum."""
+
+
+class CorruptChunkError(CheckpointError, ValueError):
+    """A stored chunk fails its checksum, length or decompression check."""
+
+
+class UnsupportedLeafError(CheckpointError, TypeError):
+    """A leaf of the tree has a type treeckpt does not store without pickle."""
+
+
+class FQNCollisionError(CheckpointError, ValueError):
+    """Two different paths of the tree render to the same FQN."""
+
+
+class PlanError(CheckpointError, ValueError):
+    """Shards do not tile their tensor, specs disagree across ranks, or a request is not covered."""
+
+
+class LoadMismatchError(CheckpointError, ValueError):
+    """The template and the checkpoint disagree (keys, shapes, dtypes, kinds).
+
+    Attributes hold every problem found, so one error reports them all.
+    """
+
+    def __init__(
+        self,
+        *,
+        missing: Sequence[str] = (),
+        unexpected: Sequence[str] = (),
+        mismatched: Sequence[str] = (),
+    ) -> None:
+        self.missing = tuple(missing)
+        self.unexpected = tuple(unexpected)
+        self.mismatched = tuple(mismatched)
+        parts = []
+        if self.missing:
+            parts.append(f"missing from checkpoint ({len(self.missing)}): {_preview(self.missing)}")
+        if self.unexpected:
+            parts.append(f"not in template ({len(self.unexpected)}): {_preview(self.unexpected)}")
+        if self.mismatched:
+            parts.append(f"mismatched ({len(self.mismatched)}): {_preview(self.mismatched)}")
+        hint = " (pass strict=False to load the keys both sides have)"
+        super().__init__("template does not match checkpoint; " + "; ".join(parts) + hint)
+
+
+class CollectiveError(CheckpointError):
+    """A collective across ranks failed or timed out."""
+
+
+class RankFailureError(CheckpointError):
+    """One or more ranks failed a phase of a save or a load; every rank raises this."""
+
+    def __init__(self, phase: str, failures: dict[int, str]) -> None:
+        self.phase = phase
+        self.failures = dict(failures)
+        ranks = ", ".join(str(r) for r in sorted(failures))
+        detail = "; ".join(f"rank {r}: {msg}" for r, msg in sorted(failures.items()))
+        super().__init__(f"{phase} failed on rank(s) {ranks}: {detail}")
+
+
+def _preview(names: Sequence[str], limit: int = 8) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f", ... (+{len(names) - limit} more)" if len(names) > limit else "")

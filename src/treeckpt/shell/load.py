@@ -1,0 +1,230 @@
+"""One load: read the manifest, match the template, plan, read in place, rebuild.
+
+Strict by default: missing and unexpected keys, shape, dtype and kind
+mismatches are collected and raised together before any byte of the template
+changes. Inside a ``Stateful`` object other than an ``nn.Module`` (an
+optimizer, a scheduler, a user object), the checkpoint's structure wins:
+entries the template lacks are materialised (a fresh optimizer has no state
+yet) and the object's own ``load_state_dict`` receives the full state.
+"""
+
+from __future__ import annotations
+
+import pickle
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+
+from treeckpt.core.box import full_box
+from treeckpt.core.dtypes import dtype_info
+from treeckpt.core.leaves import LeafRecord, PickleLeaf, TensorLeaf, ValueLeaf
+from treeckpt.core.manifest import Manifest
+from treeckpt.core.options import LoadOptions
+from treeckpt.core.plan import LoadPlan, plan_load
+from treeckpt.core.specs import ShardSpec
+from treeckpt.core.tree import StatefulRef, build_tree, find_subtree, flatten_tree, map_tree
+from treeckpt.errors import LoadMismatchError, ManifestError, UnsupportedLeafError
+from treeckpt.shell.tensors import Destination, allocate, destination, finish_leaf
+from treeckpt.store.backends import Backend
+from treeckpt.store.chunks import ReadTarget, ReadTask, read_chunks
+from treeckpt.store.reader import read_indexes, stored_tensors
+
+__all__ = ["load_tree", "read_into", "restore_tree"]
+
+
+def value_of(fqn: str, rec: LeafRecord, *, allow_pickle: bool) -> Any:
+    """The Python value of a non-tensor leaf record."""
+    if isinstance(rec, ValueLeaf):
+        return rec.value
+    if isinstance(rec, PickleLeaf):
+        if not allow_pickle:
+            raise UnsupportedLeafError(
+                f"{fqn!r} was saved with pickle; loading it runs code from the checkpoint. "
+                "Pass allow_pickle=True only if you trust this checkpoint"
+            )
+        return pickle.loads(rec.data)
+    raise TypeError(f"{fqn!r} is a tensor")
+
+
+def read_into(
+    backend: Backend,
+    manifest: Manifest,
+    targets: Mapping[str, Any],
+    options: LoadOptions,
+) -> LoadPlan:
+    """Fill ``targets`` (FQN -> full-size tensor or array) from the checkpoint; returns the plan."""
+    recs: dict[str, TensorLeaf] = {}
+    for fqn in targets:
+        rec = manifest.records[fqn]
+        assert isinstance(rec, TensorLeaf)
+        recs[fqn] = rec
+    indexes = read_indexes(backend, manifest)
+    stored = stored_tensors(manifest, indexes)
+    requests = [
+        ShardSpec(fqn=fqn, dtype=rec.dtype, shape=rec.shape, boxes=(full_box(rec.shape),))
+        for fqn, rec in recs.items()
+    ]
+    plan = plan_load(stored, requests)
+    dests: dict[str, Destination] = {
+        fqn: destination(targets[fqn], rec) for fqn, rec in recs.items()
+    }
+    grouped: dict[tuple[str, int], list[Any]] = {}
+    for item in plan.items:
+        grouped.setdefault((item.chunk.file, item.chunk.offset), []).append(item)
+    tasks = []
+    for items in grouped.values():
+        chunk = items[0].chunk
+        tasks.append(
+            ReadTask(
+                chunk=chunk,
+                itemsize=dtype_info(recs[chunk.fqn].dtype).itemsize,
+                targets=tuple(
+                    ReadTarget(src=i.src, dst=i.dst, dest=dests[i.fqn].array) for i in items
+                ),
+            )
+        )
+    read_chunks(backend, tasks, io_threads=options.io_threads)
+    for d in dests.values():
+        d.finish()
+    return plan
+
+
+def restore_tree(
+    backend: Backend, manifest: Manifest, *, allow_pickle: bool, options: LoadOptions
+) -> Any:
+    """The whole tree, materialised on CPU, with no template."""
+    targets = {
+        fqn: allocate(rec) for fqn, rec in manifest.records.items() if isinstance(rec, TensorLeaf)
+    }
+    _check_pickles(manifest, allow_pickle)
+    read_into(backend, manifest, targets, options)
+
+    def leaf(fqn: str) -> Any:
+        rec = manifest.records[fqn]
+        if isinstance(rec, TensorLeaf):
+            return finish_leaf(targets[fqn], rec)
+        return value_of(fqn, rec, allow_pickle=allow_pickle)
+
+    return build_tree(manifest.structure, leaf)
+
+
+def _check_pickles(manifest: Manifest, allow_pickle: bool) -> None:
+    if allow_pickle:
+        return
+    for fqn, rec in manifest.records.items():
+        if isinstance(rec, PickleLeaf):
+            value_of(fqn, rec, allow_pickle=False)
+
+
+def _under(fqn: str, prefix: str) -> bool:
+    return not prefix or fqn == prefix or fqn.startswith(prefix + ".")
+
+
+def _describe(rec: LeafRecord) -> str:
+    if isinstance(rec, TensorLeaf):
+        return f"{rec.lib} tensor {rec.dtype}{list(rec.shape)}"
+    return "pickled object" if isinstance(rec, PickleLeaf) else "value"
+
+
+def load_tree(
+    tree: Any,
+    backend: Backend,
+    manifest: Manifest,
+    *,
+    strict: bool,
+    allow_pickle: bool,
+    options: LoadOptions,
+) -> Any:
+    """Load ``manifest``'s checkpoint into ``tree`` in place; returns the loaded tree."""
+    flat = flatten_tree(tree, allow_pickle=True)
+    ck = manifest.records
+    # Statefuls whose state follows the checkpoint's structure (not modules).
+    open_prefixes = [s.fqn for s in flat.statefuls if not isinstance(s.obj, torch.nn.Module)]
+
+    missing = [f for f in flat.records if f not in ck]
+    unexpected = [
+        f for f in ck if f not in flat.records and not any(_under(f, p) for p in open_prefixes)
+    ]
+    mismatched = []
+    for fqn, trec in flat.records.items():
+        crec = ck.get(fqn)
+        if crec is None:
+            continue
+        if isinstance(trec, TensorLeaf) != isinstance(crec, TensorLeaf):
+            mismatched.append(f"{fqn} (template {_describe(trec)}, checkpoint {_describe(crec)})")
+        elif (
+            isinstance(trec, TensorLeaf)
+            and isinstance(crec, TensorLeaf)
+            and (trec.dtype != crec.dtype or trec.shape != crec.shape)
+        ):
+            mismatched.append(
+                f"{fqn} (template {trec.dtype}{list(trec.shape)}, checkpoint "
+                f"{crec.dtype}{list(crec.shape)})"
+            )
+    if mismatched or (strict and (missing or unexpected)):
+        raise LoadMismatchError(
+            missing=missing if strict else (),
+            unexpected=unexpected if strict else (),
+            mismatched=mismatched,
+        )
+
+    # Destinations: template tensors in place; materialised ones for open Statefuls.
+    targets: dict[str, Any] = {}
+    for fqn, rec in ck.items():
+        if not isinstance(rec, TensorLeaf):
+            if isinstance(rec, PickleLeaf) and (
+                fqn in flat.records or _in_open(fqn, open_prefixes)
+            ):
+                value_of(fqn, rec, allow_pickle=allow_pickle)  # refuse before any byte changes
+            continue
+        if fqn in flat.records:
+            obj = flat.leaves[fqn]
+            targets[fqn] = obj if isinstance(obj, torch.Tensor | np.ndarray) else allocate(rec)
+        elif _in_open(fqn, open_prefixes):
+            targets[fqn] = allocate(rec)
+    read_into(backend, manifest, targets, options)
+
+    def ck_leaf(fqn: str) -> Any:
+        rec = ck[fqn]
+        if isinstance(rec, TensorLeaf):
+            if fqn not in targets:
+                raise ManifestError(f"{fqn!r}: tensor was not loaded")
+            return finish_leaf(targets[fqn], rec)
+        return value_of(fqn, rec, allow_pickle=allow_pickle)
+
+    def leaf(fqn: str, obj: Any) -> Any:
+        if fqn not in ck:
+            return obj  # missing, allowed by strict=False
+        return ck_leaf(fqn)
+
+    def stateful(ref: StatefulRef) -> Any:
+        if isinstance(ref.obj, torch.nn.Module):
+            state = map_tree(ref.obj.state_dict(), _prefixed(ref.fqn, leaf), _no_stateful)
+            ref.obj.load_state_dict(state, strict=strict)
+            return ref.obj
+        node = find_subtree(manifest.structure, ref.path)
+        if node is None:
+            if strict:
+                raise LoadMismatchError(missing=[ref.fqn or "<root>"])
+            return ref.obj
+        ref.obj.load_state_dict(build_tree(node, ck_leaf))
+        return ref.obj
+
+    return map_tree(tree, leaf, stateful)
+
+
+def _in_open(fqn: str, prefixes: list[str]) -> bool:
+    return any(_under(fqn, p) for p in prefixes)
+
+
+def _prefixed(prefix: str, leaf: Any) -> Any:
+    def inner(fqn: str, obj: Any) -> Any:
+        return leaf(f"{prefix}.{fqn}" if prefix and fqn else (prefix or fqn), obj)
+
+    return inner
+
+
+def _no_stateful(ref: StatefulRef) -> Any:
+    return ref.obj

@@ -1,0 +1,173 @@
+"""One save: flatten, describe, plan, write, commit, agree.
+
+The order of durable operations is what makes a commit atomic and last:
+
+1. rank 0 creates ``data-<save_id>/`` (a name no committed manifest uses);
+2. every rank writes and fsyncs its data files, then its chunk index;
+3. rank 0 fsyncs the data directory, then commits ``manifest.json`` by an
+   atomic replace (temp file, fsync, rename, fsync of the directory);
+4. only then are the previous checkpoint's files removed.
+
+A failure before step 3 leaves the previous manifest and its files untouched;
+the failed save's directory is removed on a best-effort basis.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import secrets
+from dataclasses import dataclass
+from typing import Any
+
+from treeckpt.core.dtypes import dtype_info
+from treeckpt.core.leaves import TensorLeaf
+from treeckpt.core.manifest import ChunkIndex, IndexRef, Manifest
+from treeckpt.core.options import SaveOptions
+from treeckpt.core.plan import SavePlan, plan_save
+from treeckpt.core.specs import ShardSpec
+from treeckpt.core.tree import FlatTree, flatten_tree
+from treeckpt.errors import CheckpointError
+from treeckpt.shell.coord import Coordinator
+from treeckpt.shell.tensors import chunk_source, local_shards
+from treeckpt.store import layout
+from treeckpt.store.backends import Backend
+from treeckpt.store.checksum import checksum
+from treeckpt.store.chunks import WriteJob, write_chunks
+from treeckpt.store.manifest import encode_index, encode_manifest
+from treeckpt.store.reader import read_manifest
+
+__all__ = ["SaveResult", "save_tree"]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SaveResult:
+    """What a committed save wrote."""
+
+    path: str
+    save_id: str
+    plan: SavePlan
+
+
+def save_tree(
+    tree: Any,
+    backend: Backend,
+    *,
+    options: SaveOptions,
+    coord: Coordinator,
+    allow_pickle: bool = False,
+    user_metadata: dict[str, Any] | None = None,
+) -> SaveResult:
+    """Save ``tree`` to ``backend`` from every rank of ``coord``."""
+    flat: FlatTree | None = None
+    local: dict[str, list[tuple[Any, Any]]] = {}
+    specs: list[ShardSpec] = []
+    err: BaseException | None = None
+    try:
+        flat = flatten_tree(tree, allow_pickle=allow_pickle)
+        for fqn, rec in flat.records.items():
+            if isinstance(rec, TensorLeaf):
+                spec, shards = local_shards(fqn, flat.leaves[fqn], rec)
+                specs.append(spec)
+                local[fqn] = shards
+    except BaseException as exc:
+        err = exc
+    coord.agree("describe", err)
+    assert flat is not None
+
+    gathered = coord.gather(specs, "plan")
+    proposal: tuple[SavePlan, str, str | None] | BaseException | None = None
+    if coord.is_coordinator:
+        try:
+            assert gathered is not None
+            plan = plan_save(gathered, chunk_bytes=options.chunk_bytes)
+            save_id = secrets.token_hex(8)
+            previous = _previous_save_id(backend)
+            backend.makedirs(layout.data_dir(save_id))
+            if options.sync and backend.supports_fsync:
+                backend.sync_dir()
+            proposal = (plan, save_id, previous)
+        except BaseException as exc:
+            proposal = exc
+    proposal = coord.broadcast(proposal, "plan")
+    coord.agree("plan", proposal if isinstance(proposal, BaseException) else None)
+    assert isinstance(proposal, tuple)
+    plan, save_id, previous = proposal
+
+    committed = False
+    try:
+        ref: IndexRef | None = None
+        err = None
+        try:
+            ref = _write_rank(backend, plan, save_id, coord.rank, local, options)
+        except BaseException as exc:
+            err = exc
+        coord.agree("write", err)
+        refs = coord.gather(ref, "write")
+
+        err = None
+        if coord.is_coordinator:
+            try:
+                assert refs is not None
+                manifest = Manifest(
+                    format_version=1,
+                    save_id=save_id,
+                    world_size=coord.world_size,
+                    structure=flat.structure,
+                    records=flat.records,
+                    indexes=tuple(r for r in refs if r is not None),
+                    user_metadata=dict(user_metadata or {}),
+                )
+                if options.sync and backend.supports_fsync:
+                    backend.sync_dir(layout.data_dir(save_id))
+                backend.commit_file(layout.MANIFEST, encode_manifest(manifest), sync=options.sync)
+                committed = True
+            except BaseException as exc:
+                err = exc
+        coord.agree("commit", err)
+        committed = True
+    finally:
+        if not committed and coord.is_coordinator:
+            with contextlib.suppress(Exception):
+                backend.remove_tree(layout.data_dir(save_id))
+    if coord.is_coordinator and previous is not None and previous != save_id:
+        with contextlib.suppress(Exception):
+            backend.remove_tree(layout.data_dir(previous))
+    return SaveResult(path=backend.root, save_id=save_id, plan=plan)
+
+
+def _previous_save_id(backend: Backend) -> str | None:
+    """The save id of the checkpoint being replaced, if a valid one is committed."""
+    if backend.size(layout.MANIFEST) is None:
+        return None
+    try:
+        return read_manifest(backend).save_id
+    except CheckpointError:
+        return None
+
+
+def _write_rank(
+    backend: Backend,
+    plan: SavePlan,
+    save_id: str,
+    rank: int,
+    local: dict[str, list[tuple[Any, Any]]],
+    options: SaveOptions,
+) -> IndexRef | None:
+    items = plan.items[rank]
+    if not items:
+        return None
+    jobs = []
+    for item in items:
+        data = next(d for box, d in local[item.fqn] if box == item.shard)
+        jobs.append(
+            WriteJob(
+                item=item,
+                itemsize=dtype_info(item.dtype).itemsize,
+                source=chunk_source(data, item.shard, item.chunk),
+            )
+        )
+    files, chunks = write_chunks(backend, save_id, rank, jobs, options)
+    blob = encode_index(ChunkIndex(save_id=save_id, rank=rank, files=files, chunks=chunks))
+    name = layout.index_file(save_id, rank)
+    backend.commit_file(name, blob, sync=options.sync)
+    return IndexRef(rank=rank, file=name, size=len(blob), checksum=checksum(blob))

@@ -1,0 +1,113 @@
+"""Tensor adapters: leaf objects to shard specs, byte sources and byte destinations.
+
+This is where torch tensors and numpy arrays meet the byte-level store: a
+chunk's raw bytes are a zero-copy uint8 view of the tensor's memory whenever
+the chunk is a contiguous run of a contiguous CPU tensor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import torch
+
+from treeckpt.core.box import Box, full_box
+from treeckpt.core.dtypes import dtype_info, torch_dtype
+from treeckpt.core.leaves import TensorLeaf
+from treeckpt.core.specs import ShardSpec
+
+__all__ = ["Destination", "allocate", "chunk_source", "destination", "local_shards"]
+
+Bytes1D = npt.NDArray[np.uint8]
+
+
+def local_shards(fqn: str, obj: Any, rec: TensorLeaf) -> tuple[ShardSpec, list[tuple[Box, Any]]]:
+    """The spec of what this rank holds of ``obj``, and (box, local data) pairs."""
+    box = full_box(rec.shape)
+    spec = ShardSpec(fqn=fqn, dtype=rec.dtype, shape=rec.shape, boxes=(box,))
+    return spec, [(box, obj)]
+
+
+def _as_bytes(t: torch.Tensor) -> Bytes1D:
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    t = t.resolve_conj().resolve_neg().contiguous()
+    return t.reshape(-1).view(torch.uint8).numpy()
+
+
+def chunk_source(data: Any, shard: Box, chunk: Box) -> Callable[[], Bytes1D]:
+    """A function giving the raw bytes of region ``chunk`` of the local ``data`` (region ``shard``)."""
+    slices = chunk.relative_to(shard).slices()
+
+    def source() -> Bytes1D:
+        if isinstance(data, torch.Tensor):
+            return _as_bytes(data[slices] if slices else data)
+        arr = np.asarray(data)
+        sub = np.ascontiguousarray(arr[slices] if slices else arr)
+        return sub.reshape(-1).view(np.uint8)
+
+    return source
+
+
+@dataclass(frozen=True, slots=True)
+class Destination:
+    """Where a tensor's bytes land: ``array`` (shape ``(*shape, itemsize)``, uint8).
+
+    ``finish()`` copies staged bytes into the real destination when it could
+    not be written in place (non-contiguous or non-CPU tensors).
+    """
+
+    array: npt.NDArray[np.uint8]
+    finish: Callable[[], None]
+
+
+def _noop() -> None:
+    return None
+
+
+def destination(obj: Any, rec: TensorLeaf) -> Destination:
+    """Byte view of a template leaf to load into, in place when possible."""
+    itemsize = dtype_info(rec.dtype).itemsize
+    shape = (*rec.shape, itemsize)
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach()
+        if t.device.type == "cpu" and t.is_contiguous() and not t.is_conj() and not t.is_neg():
+            return Destination(t.reshape(-1).view(torch.uint8).numpy().reshape(shape), _noop)
+        staging = torch.empty(rec.shape, dtype=t.dtype)
+        arr = staging.reshape(-1).view(torch.uint8).numpy().reshape(shape)
+
+        def finish_tensor() -> None:
+            with torch.no_grad():
+                t.copy_(staging)
+
+        return Destination(arr, finish_tensor)
+    assert isinstance(obj, np.ndarray)
+    if obj.flags.c_contiguous and obj.flags.writeable:
+        return Destination(obj.reshape(-1).view(np.uint8).reshape(shape), _noop)
+    staging_np = np.empty(obj.shape, dtype=obj.dtype)
+
+    def finish_array() -> None:
+        np.copyto(obj, staging_np)
+
+    return Destination(staging_np.reshape(-1).view(np.uint8).reshape(shape), finish_array)
+
+
+def allocate(rec: TensorLeaf) -> Any:
+    """A fresh, uninitialised leaf for ``rec`` (torch tensor, numpy array or numpy scalar)."""
+    if rec.lib == "torch":
+        return torch.empty(rec.shape, dtype=torch_dtype(rec.dtype))
+    np_name = dtype_info(rec.dtype).numpy
+    assert np_name is not None
+    return np.empty(rec.shape, dtype=np.dtype(np_name))
+
+
+def finish_leaf(obj: Any, rec: TensorLeaf) -> Any:
+    """What stands in the loaded tree for a filled leaf (numpy scalars are rebuilt)."""
+    if rec.lib == "numpy-scalar":
+        return np.asarray(obj)[()]
+    return obj

@@ -1,0 +1,130 @@
+"""Local disk: direct syscalls, fsync of files and directories, commit by rename."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import threading
+
+from treeckpt.store.backends._base import Backend, Writer
+
+
+class _LocalWriter(Writer):
+    def __init__(self, path: str) -> None:
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        self._pos = 0
+
+    def write(self, data: bytes | memoryview) -> None:
+        view = memoryview(data).cast("B")
+        while view:
+            n = os.write(self._fd, view)
+            self._pos += n
+            view = view[n:]
+
+    def tell(self) -> int:
+        return self._pos
+
+    def close(self, *, sync: bool) -> None:
+        try:
+            if sync:
+                os.fsync(self._fd)
+        finally:
+            os.close(self._fd)
+
+    def abort(self) -> None:
+        with contextlib.suppress(OSError):
+            os.close(self._fd)
+
+
+class LocalBackend(Backend):
+    supports_fsync = True
+
+    def __init__(self, root: str) -> None:
+        self.root = os.path.abspath(os.path.expanduser(root))
+        self._fds: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def _path(self, name: str) -> str:
+        return os.path.join(self.root, name) if name else self.root
+
+    def makedirs(self, name: str) -> None:
+        os.makedirs(self._path(name), exist_ok=True)
+
+    def open_writer(self, name: str) -> Writer:
+        return _LocalWriter(self._path(name))
+
+    def _fd(self, name: str) -> int:
+        with self._lock:
+            fd = self._fds.get(name)
+            if fd is None:
+                fd = self._fds[name] = os.open(self._path(name), os.O_RDONLY)
+            return fd
+
+    def readinto(self, name: str, offset: int, out: memoryview) -> int:
+        fd = self._fd(name)
+        view = out.cast("B") if out.format != "B" else out
+        total = 0
+        while total < len(view):
+            n = os.preadv(fd, [view[total:]], offset + total)
+            if n == 0:
+                break
+            total += n
+        return total
+
+    def read_file(self, name: str, max_bytes: int) -> bytes:
+        with open(self._path(name), "rb") as f:
+            data = f.read(max_bytes + 1)
+        if len(data) > max_bytes:
+            raise ValueError(f"{name} is larger than {max_bytes} bytes")
+        return data
+
+    def commit_file(self, name: str, data: bytes, *, sync: bool) -> None:
+        final = self._path(name)
+        tmp = f"{final}.tmp-{os.getpid()}-{threading.get_ident()}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            if sync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        try:
+            os.replace(tmp, final)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        if sync:
+            self.sync_dir(os.path.dirname(name))
+
+    def size(self, name: str) -> int | None:
+        try:
+            return os.stat(self._path(name)).st_size
+        except FileNotFoundError:
+            return None
+
+    def listdir(self, name: str = "") -> list[str]:
+        try:
+            return sorted(os.listdir(self._path(name)))
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+
+    def remove_tree(self, name: str) -> None:
+        shutil.rmtree(self._path(name), ignore_errors=True)
+
+    def sync_dir(self, name: str = "") -> None:
+        fd = os.open(self._path(name), os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def close(self) -> None:
+        with self._lock:
+            for fd in self._fds.values():
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            self._fds.clear()

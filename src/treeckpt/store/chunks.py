@@ -1,0 +1,230 @@
+"""Chunk I/O: the write pipeline and the read pipeline of one rank.
+
+Writing: a rank's chunks are spread over ``io_threads`` threads by size;
+each thread encodes (shuffle, zstd) and appends to its own data file, so
+compression and I/O of different chunks overlap (zstandard, numpy copies and
+file writes all release the GIL) and each file is written sequentially. A
+thread holds at most one chunk in flight, so extra memory stays at a few
+chunks per thread.
+
+Reading: chunks are read with ranged reads in parallel, checksummed before
+they are decoded, and decoded straight into the destination's memory when the
+destination region is contiguous (raw chunks are read directly into it).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+import zstandard
+
+from treeckpt.core.box import Box
+from treeckpt.core.manifest import ChunkRef, DataFile
+from treeckpt.core.options import SaveOptions
+from treeckpt.core.plan import WriteItem
+from treeckpt.errors import CorruptChunkError
+from treeckpt.store import layout
+from treeckpt.store.backends import Backend, Writer
+from treeckpt.store.checksum import checksum
+from treeckpt.store.codecs import decode_into, encode
+
+__all__ = ["ReadTarget", "ReadTask", "WriteJob", "read_chunks", "write_chunks"]
+
+Bytes1D = npt.NDArray[np.uint8]
+
+
+@dataclass(frozen=True, slots=True)
+class WriteJob:
+    """One chunk to write: its plan item and a function giving its raw bytes (1-d uint8)."""
+
+    item: WriteItem
+    itemsize: int
+    source: Callable[[], Bytes1D]
+
+
+def write_chunks(
+    backend: Backend,
+    save_id: str,
+    rank: int,
+    jobs: Sequence[WriteJob],
+    options: SaveOptions,
+) -> tuple[tuple[DataFile, ...], tuple[ChunkRef, ...]]:
+    """Encode and write ``jobs``; returns the data files and chunk refs (in job order)."""
+    nthreads = max(1, min(options.io_threads, len(jobs)))
+    lanes: list[list[int]] = [[] for _ in range(nthreads)]
+    load = [0] * nthreads
+    for n in sorted(range(len(jobs)), key=lambda n: -jobs[n].item.nbytes):
+        k = min(range(nthreads), key=lambda k: (load[k], k))
+        lanes[k].append(n)
+        load[k] += jobs[n].item.nbytes
+    for lane in lanes:
+        lane.sort()
+    refs: list[ChunkRef | None] = [None] * len(jobs)
+    files: list[DataFile | None] = [None] * nthreads
+    abort = threading.Event()
+
+    def run_lane(k: int) -> None:
+        name = layout.data_file(save_id, rank, k)
+        writer = backend.open_writer(name)
+        try:
+            _write_lane(writer, name, [(n, jobs[n]) for n in lanes[k]], refs, options, abort)
+            size = writer.tell()
+            writer.close(sync=options.sync)
+        except BaseException:
+            abort.set()
+            writer.abort()
+            raise
+        files[k] = DataFile(name=name, size=size)
+
+    if not jobs:
+        return (), ()
+    _run_all(run_lane, range(nthreads), nthreads)
+    return tuple(f for f in files if f is not None), tuple(r for r in refs if r is not None)
+
+
+def _write_lane(
+    writer: Writer,
+    name: str,
+    lane: list[tuple[int, WriteJob]],
+    refs: list[ChunkRef | None],
+    options: SaveOptions,
+    abort: threading.Event,
+) -> None:
+    cctx = zstandard.ZstdCompressor(level=options.zstd_level, write_content_size=True)
+    mode = options.compress
+    for n, job in lane:
+        if abort.is_set():
+            raise RuntimeError("aborted: another writer thread failed")
+        raw = job.source()
+        enc = encode(
+            raw,
+            itemsize=job.itemsize,
+            mode=mode,
+            level=options.zstd_level,
+            min_ratio=options.min_ratio,
+            cctx=cctx,
+        )
+        offset = writer.tell()
+        writer.write(enc.payload)
+        refs[n] = ChunkRef(
+            fqn=job.item.fqn,
+            box=job.item.chunk,
+            file=name,
+            offset=offset,
+            length=len(enc.payload),
+            codec=enc.codec,
+            raw_length=raw.nbytes,
+            checksum=checksum(enc.payload),
+        )
+
+
+def _run_all(fn: Callable[[int], None], args: Sequence[int] | range, nthreads: int) -> None:
+    """Run ``fn`` over ``args`` on ``nthreads`` threads; re-raise the first failure."""
+    if nthreads == 1:
+        for a in args:
+            fn(a)
+        return
+    with ThreadPoolExecutor(max_workers=nthreads, thread_name_prefix="treeckpt-io") as pool:
+        futures = [pool.submit(fn, a) for a in args]
+        wait(futures, return_when=FIRST_EXCEPTION)
+        for f in futures:
+            if f.done() and f.exception() is not None:
+                for g in futures:
+                    g.cancel()
+                raise f.exception()  # type: ignore[misc]
+        for f in futures:
+            f.result()
+
+
+# ------------------------------------------------------------------ reading
+
+
+@dataclass(frozen=True, slots=True)
+class ReadTarget:
+    """Copy region ``src`` of the chunk into region ``dst`` of ``dest``.
+
+    ``dest`` is the destination's bytes as a C-contiguous uint8 array of shape
+    ``(*dest_box.sizes, itemsize)``; ``src`` is relative to the chunk box and
+    ``dst`` relative to the destination box.
+    """
+
+    src: Box
+    dst: Box
+    dest: npt.NDArray[np.uint8]
+
+
+@dataclass(frozen=True, slots=True)
+class ReadTask:
+    """One stored chunk and every destination region it feeds."""
+
+    chunk: ChunkRef
+    itemsize: int
+    targets: tuple[ReadTarget, ...]
+
+
+def read_chunks(backend: Backend, tasks: Sequence[ReadTask], *, io_threads: int) -> None:
+    """Read, verify and decode every task's chunk into its targets."""
+    ordered = sorted(tasks, key=lambda t: (t.chunk.file, t.chunk.offset))
+    nthreads = max(1, min(io_threads, len(ordered)))
+    local = threading.local()
+
+    def run(n: int) -> None:
+        dctx = getattr(local, "dctx", None)
+        if dctx is None:
+            dctx = local.dctx = zstandard.ZstdDecompressor()
+        _read_one(backend, ordered[n], dctx)
+
+    _run_all(run, range(len(ordered)), nthreads)
+
+
+def _direct_region(task: ReadTask) -> Bytes1D | None:
+    """The destination bytes as one contiguous 1-d view when the chunk lands whole in it."""
+    if len(task.targets) != 1:
+        return None
+    t = task.targets[0]
+    if t.src.offsets != (0,) * t.src.ndim or t.src.sizes != task.chunk.box.sizes:
+        return None
+    region = t.dest[t.dst.slices()]
+    if not region.flags.c_contiguous:
+        return None
+    return region.reshape(-1)
+
+
+def _read_one(backend: Backend, task: ReadTask, dctx: zstandard.ZstdDecompressor) -> None:
+    c = task.chunk
+    where = f"{c.file} at offset {c.offset} (tensor {c.fqn!r})"
+    direct = _direct_region(task)
+    if c.codec == "raw" and direct is not None:
+        try:
+            n = backend.readinto(c.file, c.offset, direct.data)
+        except FileNotFoundError:
+            raise CorruptChunkError(f"{where}: the data file is missing") from None
+        if n != c.length:
+            raise CorruptChunkError(
+                f"{where}: the data file is truncated ({n} of {c.length} bytes)"
+            )
+        if checksum(direct.data) != c.checksum:
+            raise CorruptChunkError(f"{where}: checksum mismatch (the data file is damaged)")
+        return
+    payload = bytearray(c.length)
+    try:
+        n = backend.readinto(c.file, c.offset, memoryview(payload))
+    except FileNotFoundError:
+        raise CorruptChunkError(f"{where}: the data file is missing") from None
+    if n != c.length:
+        raise CorruptChunkError(f"{where}: the data file is truncated ({n} of {c.length} bytes)")
+    if checksum(payload) != c.checksum:
+        raise CorruptChunkError(f"{where}: checksum mismatch (the data file is damaged)")
+    if direct is not None:
+        decode_into(payload, c.codec, itemsize=task.itemsize, out=direct, dctx=dctx, where=where)
+        return
+    decoded = np.empty(c.raw_length, dtype=np.uint8)
+    decode_into(payload, c.codec, itemsize=task.itemsize, out=decoded, dctx=dctx, where=where)
+    block = decoded.reshape(*c.box.sizes, task.itemsize)
+    for t in task.targets:
+        t.dest[t.dst.slices()] = block[t.src.slices()]

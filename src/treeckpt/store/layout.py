@@ -1,0 +1,53 @@
+"""File names inside a checkpoint directory.
+
+::
+
+    manifest.json                      the commit record (root manifest)
+    data-<save_id>/r<rank>-<k>.bin     chunk data written by rank <rank>, I/O thread <k>
+    data-<save_id>/index-r<rank>.json  the chunk index of rank <rank>
+
+Names are generated here and nowhere else, and every name read from a
+manifest must match these patterns exactly: relative, no ``..``, no
+separators beyond the one shown, bound to the save id of the commit.
+"""
+
+from __future__ import annotations
+
+import re
+
+__all__ = [
+    "MANIFEST",
+    "data_dir",
+    "data_file",
+    "index_file",
+    "is_data_file",
+    "is_save_id",
+]
+
+MANIFEST = "manifest.json"
+_SAVE_ID = re.compile(r"[0-9a-f]{16}")
+
+
+def is_save_id(value: object) -> bool:
+    return isinstance(value, str) and _SAVE_ID.fullmatch(value) is not None
+
+
+def data_dir(save_id: str) -> str:
+    return f"data-{save_id}"
+
+
+def data_file(save_id: str, rank: int, k: int) -> str:
+    return f"data-{save_id}/r{rank}-{k}.bin"
+
+
+def index_file(save_id: str, rank: int) -> str:
+    return f"data-{save_id}/index-r{rank}.json"
+
+
+def is_data_file(name: object, save_id: str, rank: int) -> bool:
+    """True when ``name`` is a data file name rank ``rank`` of save ``save_id`` may write."""
+    return (
+        isinstance(name, str)
+        and re.fullmatch(rf"data-{re.escape(save_id)}/r{rank}-(0|[1-9][0-9]{{0,5}})\.bin", name)
+        is not None
+    )

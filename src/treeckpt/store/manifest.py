@@ -1,0 +1,364 @@
+"""Encode, decode and validate manifests and chunk indexes.
+
+A checkpoint is untrusted input. Decoding checks, before anything is used:
+the size cap, JSON syntax, the magic and format version, the checksum, the
+type and range of every field, that every name is one treeckpt generates for
+this save id (no path escapes), that dtypes come from the closed table, that
+the structure's leaves and the leaf records agree, and that every chunk lies
+inside its tensor and its file. Each rejected case raises ``ManifestError``
+naming the file and the field.
+
+Both documents share one envelope::
+
+    {"magic": "treeckpt" | "treeckpt-index", "format_version": 1,
+     "checksum": "xxh3-64:<hex>", "body": {...}}
+
+where the checksum covers the body serialised compactly (``separators=(",",
+":")``, ASCII, keys in stored order). Numbers in a body are integers only:
+floats are stored as their IEEE-754 bits in hex, big integers as strings.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import re
+import struct
+from typing import Any
+
+from treeckpt.core.box import Box
+from treeckpt.core.dtypes import DTYPES
+from treeckpt.core.leaves import LeafRecord, PickleLeaf, TensorLeaf, ValueLeaf
+from treeckpt.core.manifest import (
+    FORMAT_VERSION,
+    ChunkIndex,
+    ChunkRef,
+    DataFile,
+    IndexRef,
+    Manifest,
+)
+from treeckpt.core.tree import iter_leaf_fqns
+from treeckpt.errors import ManifestError
+from treeckpt.store import layout
+from treeckpt.store.checksum import checksum, is_checksum
+from treeckpt.store.codecs import CODECS
+
+__all__ = [
+    "MAX_INDEX_BYTES",
+    "MAX_MANIFEST_BYTES",
+    "decode_index",
+    "decode_manifest",
+    "encode_index",
+    "encode_manifest",
+]
+
+MAX_MANIFEST_BYTES = 256 << 20
+MAX_INDEX_BYTES = 1 << 30
+_MAX_INT = 1 << 62
+_MAX_NDIM = 64
+_MAX_ZSTD_RATIO = 1 << 16
+
+
+def _envelope(magic: str, body: dict[str, Any]) -> bytes:
+    text = _dumps(body)
+    head = f'{{"magic":{json.dumps(magic)},"format_version":{FORMAT_VERSION},'
+    return f'{head}"checksum":"{checksum(text.encode())}","body":{text}}}'.encode()
+
+
+def _dumps(obj: Any) -> str:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+
+
+def _open(data: bytes, magic: str, where: str) -> dict[str, Any]:
+    try:
+        doc = json.loads(data)
+    except (ValueError, RecursionError) as exc:
+        raise ManifestError(f"{where}: not valid JSON ({str(exc)[:80]})") from None
+    if not isinstance(doc, dict) or doc.get("magic") != magic:
+        raise ManifestError(f"{where}: not a treeckpt {magic} file (bad magic)")
+    version = doc.get("format_version")
+    if type(version) is not int:
+        raise ManifestError(f"{where}: format_version is missing")
+    if version > FORMAT_VERSION:
+        raise ManifestError(
+            f"{where}: format version {version} is newer than this treeckpt reads "
+            f"({FORMAT_VERSION}); upgrade treeckpt"
+        )
+    if version < 1:
+        raise ManifestError(f"{where}: bad format version {version}")
+    body = doc.get("body")
+    if not isinstance(body, dict):
+        raise ManifestError(f"{where}: body is missing")
+    try:
+        text = _dumps(body)
+    except (ValueError, RecursionError):
+        raise ManifestError(f"{where}: body holds non-finite numbers or is too deep") from None
+    if doc.get("checksum") != checksum(text.encode()):
+        raise ManifestError(f"{where}: checksum mismatch (the file is damaged)")
+    return body
+
+
+# ------------------------------------------------------------------ values
+
+
+def encode_record(rec: LeafRecord) -> dict[str, Any]:
+    if isinstance(rec, TensorLeaf):
+        return {"kind": "tensor", "lib": rec.lib, "dtype": rec.dtype, "shape": list(rec.shape)}
+    if isinstance(rec, PickleLeaf):
+        return {"kind": "pickle", "data": base64.b64encode(rec.data).decode()}
+    v = rec.value
+    if v is None:
+        return {"kind": "none"}
+    if isinstance(v, bool):
+        return {"kind": "bool", "value": v}
+    if isinstance(v, int):
+        return {"kind": "int", "value": str(v)}
+    if isinstance(v, float):
+        return {"kind": "float", "value": struct.pack(">d", v).hex()}
+    if isinstance(v, str):
+        return {"kind": "str", "value": v}
+    return {"kind": "bytes", "value": base64.b64encode(v).decode()}
+
+
+def decode_record(raw: Any, where: str) -> LeafRecord:
+    if not isinstance(raw, dict):
+        raise ManifestError(f"{where}: leaf record is not an object")
+    kind = raw.get("kind")
+    value = raw.get("value")
+    try:
+        if kind == "tensor":
+            lib, dtype, shape = raw.get("lib"), raw.get("dtype"), raw.get("shape")
+            if lib not in ("torch", "numpy", "numpy-scalar"):
+                raise ManifestError(f"{where}: unknown tensor library {str(lib)[:40]!r}")
+            if dtype not in DTYPES:
+                raise ManifestError(f"{where}: dtype {str(dtype)[:40]!r} is not in the dtype table")
+            dims = _int_list(shape, f"{where}: shape")
+            if len(dims) > _MAX_NDIM or math.prod(dims) * DTYPES[dtype].itemsize >= _MAX_INT:
+                raise ManifestError(f"{where}: shape {dims[:8]} is absurdly large")
+            if lib == "numpy-scalar" and dims:
+                raise ManifestError(f"{where}: a numpy scalar must have shape []")
+            return TensorLeaf(lib=lib, dtype=dtype, shape=tuple(dims))
+        if kind == "none":
+            return ValueLeaf(value=None)
+        if kind == "bool" and isinstance(value, bool):
+            return ValueLeaf(value=value)
+        if kind == "int" and isinstance(value, str) and re.fullmatch(r"-?[0-9]{1,4300}", value):
+            return ValueLeaf(value=int(value))
+        if kind == "float" and isinstance(value, str) and re.fullmatch(r"[0-9a-f]{16}", value):
+            return ValueLeaf(value=struct.unpack(">d", bytes.fromhex(value))[0])
+        if kind == "str" and isinstance(value, str):
+            return ValueLeaf(value=value)
+        if kind == "bytes" and isinstance(value, str):
+            return ValueLeaf(value=base64.b64decode(value, validate=True))
+        if kind == "pickle" and isinstance(raw.get("data"), str):
+            return PickleLeaf(data=base64.b64decode(raw["data"], validate=True))
+    except (ValueError, TypeError) as exc:
+        raise ManifestError(f"{where}: bad {kind} value ({str(exc)[:60]})") from None
+    raise ManifestError(f"{where}: bad leaf record of kind {str(kind)[:40]!r}")
+
+
+def _int(value: Any, where: str, *, lo: int = 0, hi: int = _MAX_INT) -> int:
+    if type(value) is not int or not lo <= value < hi:
+        raise ManifestError(
+            f"{where}: expected an integer in [{lo}, {hi}), got {str(value)[:40]!r}"
+        )
+    return value
+
+
+def _int_list(value: Any, where: str) -> list[int]:
+    if not isinstance(value, list) or len(value) > _MAX_NDIM:
+        raise ManifestError(f"{where}: expected a list of at most {_MAX_NDIM} integers")
+    return [_int(v, where) for v in value]
+
+
+# ---------------------------------------------------------------- manifest
+
+
+def encode_manifest(m: Manifest) -> bytes:
+    body = {
+        "save_id": m.save_id,
+        "world_size": m.world_size,
+        "tree": m.structure,
+        "leaves": {fqn: encode_record(r) for fqn, r in m.records.items()},
+        "indexes": [
+            {"rank": i.rank, "file": i.file, "size": i.size, "checksum": i.checksum}
+            for i in m.indexes
+        ],
+        "user_metadata": m.user_metadata,
+    }
+    return _envelope("treeckpt", body)
+
+
+def decode_manifest(data: bytes, where: str = layout.MANIFEST) -> Manifest:
+    """Decode and validate a root manifest (raises ManifestError)."""
+    if len(data) > MAX_MANIFEST_BYTES:
+        raise ManifestError(f"{where}: manifest of {len(data)} bytes exceeds the cap")
+    body = _open(data, "treeckpt", where)
+    raw_id = body.get("save_id")
+    if not isinstance(raw_id, str) or not layout.is_save_id(raw_id):
+        raise ManifestError(f"{where}: bad save_id {str(raw_id)[:40]!r}")
+    save_id: str = raw_id
+    world = _int(body.get("world_size"), f"{where}: world_size", lo=1, hi=1 << 24)
+    raw_leaves = body.get("leaves")
+    if not isinstance(raw_leaves, dict):
+        raise ManifestError(f"{where}: leaves is missing")
+    records = {fqn: decode_record(r, f"{where}: leaf {fqn!r}") for fqn, r in raw_leaves.items()}
+    tree = body.get("tree")
+    if not isinstance(tree, dict):
+        raise ManifestError(f"{where}: tree structure is missing")
+    try:
+        fqns = iter_leaf_fqns(tree)
+        consistent = len(fqns) == len(set(fqns)) and set(fqns) == set(records)
+    except (AttributeError, TypeError, KeyError):
+        raise ManifestError(f"{where}: tree structure is malformed") from None
+    if not consistent:
+        raise ManifestError(f"{where}: tree structure and leaf records name different leaves")
+    raw_indexes = body.get("indexes")
+    if not isinstance(raw_indexes, list) or len(raw_indexes) > world:
+        raise ManifestError(f"{where}: indexes must be a list of at most world_size entries")
+    indexes = []
+    seen: set[int] = set()
+    for n, ri in enumerate(raw_indexes):
+        w = f"{where}: indexes[{n}]"
+        if not isinstance(ri, dict):
+            raise ManifestError(f"{w}: not an object")
+        rank = _int(ri.get("rank"), f"{w}.rank", hi=world)
+        if rank in seen:
+            raise ManifestError(f"{w}: rank {rank} listed twice")
+        seen.add(rank)
+        if ri.get("file") != layout.index_file(save_id, rank):
+            raise ManifestError(
+                f"{w}: file name {str(ri.get('file'))[:80]!r} is not this save's index"
+            )
+        if not is_checksum(ri.get("checksum")):
+            raise ManifestError(f"{w}: bad checksum field")
+        size = _int(ri.get("size"), f"{w}.size", hi=MAX_INDEX_BYTES + 1)
+        indexes.append(IndexRef(rank=rank, file=ri["file"], size=size, checksum=ri["checksum"]))
+    meta = body.get("user_metadata", {})
+    if not isinstance(meta, dict):
+        raise ManifestError(f"{where}: user_metadata must be an object")
+    return Manifest(
+        format_version=FORMAT_VERSION,
+        save_id=save_id,
+        world_size=world,
+        structure=tree,
+        records=records,
+        indexes=tuple(indexes),
+        user_metadata=meta,
+    )
+
+
+# ------------------------------------------------------------------- index
+
+
+def encode_index(ix: ChunkIndex) -> bytes:
+    file_no = {f.name: n for n, f in enumerate(ix.files)}
+    body = {
+        "save_id": ix.save_id,
+        "rank": ix.rank,
+        "files": [[f.name, f.size] for f in ix.files],
+        "chunks": [
+            [
+                c.fqn,
+                list(c.box.offsets),
+                list(c.box.sizes),
+                file_no[c.file],
+                c.offset,
+                c.length,
+                c.codec,
+                c.raw_length,
+                c.checksum,
+            ]
+            for c in ix.chunks
+        ],
+    }
+    return _envelope("treeckpt-index", body)
+
+
+def decode_index(data: bytes, ref: IndexRef, manifest: Manifest) -> ChunkIndex:
+    """Decode and validate the chunk index ``ref`` points to, against ``manifest``.
+
+    Checks the index belongs to this commit (its checksum is the one the root
+    recorded; its save id and rank match), that data file names are this
+    rank's files of this save, and that every chunk lies inside its tensor and
+    its file with a consistent raw length.
+    """
+    where = ref.file
+    if len(data) != ref.size:
+        raise ManifestError(f"{where}: {len(data)} bytes, the manifest recorded {ref.size}")
+    if checksum(data) != ref.checksum:
+        raise ManifestError(f"{where}: does not match the checksum the manifest recorded")
+    body = _open(data, "treeckpt-index", where)
+    if body.get("save_id") != manifest.save_id or body.get("rank") != ref.rank:
+        raise ManifestError(f"{where}: belongs to another save or rank")
+    raw_files = body.get("files")
+    if not isinstance(raw_files, list):
+        raise ManifestError(f"{where}: files is missing")
+    files = []
+    for n, rf in enumerate(raw_files):
+        if not (isinstance(rf, list) and len(rf) == 2):
+            raise ManifestError(f"{where}: files[{n}] malformed")
+        name, size = rf
+        if not layout.is_data_file(name, manifest.save_id, ref.rank):
+            raise ManifestError(
+                f"{where}: files[{n}] name {str(name)[:80]!r} is not one of this save's"
+            )
+        files.append(DataFile(name=name, size=_int(size, f"{where}: files[{n}] size")))
+    raw_chunks = body.get("chunks")
+    if not isinstance(raw_chunks, list):
+        raise ManifestError(f"{where}: chunks is missing")
+    chunks = [_decode_chunk(rc, n, files, manifest, where) for n, rc in enumerate(raw_chunks)]
+    return ChunkIndex(
+        save_id=manifest.save_id, rank=ref.rank, files=tuple(files), chunks=tuple(chunks)
+    )
+
+
+def _decode_chunk(
+    rc: Any, n: int, files: list[DataFile], manifest: Manifest, where: str
+) -> ChunkRef:
+    w = f"{where}: chunks[{n}]"
+    if not (isinstance(rc, list) and len(rc) == 9):
+        raise ManifestError(f"{w}: malformed")
+    fqn, offs, sizes, file_no, offset, length, codec, raw_length, chk = rc
+    rec = manifest.records.get(fqn) if isinstance(fqn, str) else None
+    if not isinstance(rec, TensorLeaf):
+        raise ManifestError(f"{w}: {str(fqn)[:80]!r} is not a tensor of this checkpoint")
+    w = f"{w} ({fqn})"
+    offs_l, sizes_l = _int_list(offs, f"{w} offsets"), _int_list(sizes, f"{w} sizes")
+    if len(offs_l) != len(rec.shape) or len(sizes_l) != len(rec.shape):
+        raise ManifestError(f"{w}: box has the wrong number of dimensions")
+    box = Box(offsets=tuple(offs_l), sizes=tuple(sizes_l))
+    if any(o + s > d for o, s, d in zip(offs_l, sizes_l, rec.shape, strict=True)) or box.is_empty():
+        raise ManifestError(f"{w}: box lies outside the tensor shape {list(rec.shape)} or is empty")
+    fno = _int(file_no, f"{w} file", hi=max(1, len(files)))
+    if fno >= len(files):
+        raise ManifestError(f"{w}: file number {fno} out of range")
+    f = files[fno]
+    off = _int(offset, f"{w} offset")
+    ln = _int(length, f"{w} length")
+    if off + ln > f.size:
+        raise ManifestError(
+            f"{w}: bytes [{off}, {off + ln}) lie beyond the end of {f.name} ({f.size} bytes)"
+        )
+    if codec not in CODECS:
+        raise ManifestError(f"{w}: unknown codec {str(codec)[:40]!r}")
+    raw = _int(raw_length, f"{w} raw_length")
+    if raw != box.volume * DTYPES[rec.dtype].itemsize:
+        raise ManifestError(f"{w}: raw_length {raw} does not match its box")
+    if codec == "raw" and ln != raw:
+        raise ManifestError(f"{w}: raw chunk of {ln} bytes, expected {raw}")
+    if codec != "raw" and raw > ln * _MAX_ZSTD_RATIO + (1 << 20):
+        raise ManifestError(f"{w}: declared raw size {raw} is impossible for {ln} compressed bytes")
+    if not is_checksum(chk):
+        raise ManifestError(f"{w}: bad checksum field")
+    return ChunkRef(
+        fqn=fqn,
+        box=box,
+        file=f.name,
+        offset=off,
+        length=ln,
+        codec=codec,
+        raw_length=raw,
+        checksum=chk,
+    )
