@@ -7,14 +7,16 @@ runs in one process.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from treeckpt.core.dtypes import dtype_info
 from treeckpt.core.leaves import LeafRecord, PickleLeaf, TensorLeaf, ValueLeaf
 from treeckpt.core.manifest import Manifest
 from treeckpt.core.options import LoadOptions, SaveOptions
 from treeckpt.shell.coord import Coordinator, LocalCoordinator
+from treeckpt.shell.dist import DistCoordinator, distributed_active
 from treeckpt.shell.load import load_tree, restore_tree
 from treeckpt.shell.save import SaveResult, save_tree
 from treeckpt.store.backends import Backend, open_backend
@@ -22,9 +24,41 @@ from treeckpt.store.reader import read_indexes, read_manifest
 
 __all__ = ["CheckpointInfo", "TensorInfo", "load", "metadata", "restore", "save"]
 
+T = TypeVar("T")
 
-def _coordinator(process_group: Any) -> Coordinator:
+
+def _coordinator(process_group: Any, timeout_s: float) -> Coordinator:
+    """The ranks taking part: a process group when one is initialised, else this process."""
+    if distributed_active(process_group):
+        return DistCoordinator(process_group, timeout_s=timeout_s)
     return LocalCoordinator()
+
+
+def _read_manifest(backend: Backend, coord: Coordinator) -> Manifest:
+    """Rank 0 reads and validates the manifest once; every rank gets it or the error."""
+    got: Manifest | Exception | None = None
+    if coord.is_coordinator:
+        try:
+            got = read_manifest(backend)
+        except Exception as exc:  # every rank must raise it
+            got = exc
+    got = coord.broadcast(got, "manifest")
+    if isinstance(got, Exception):
+        raise got
+    assert isinstance(got, Manifest)
+    return got
+
+
+def _agreed(coord: Coordinator, phase: str, fn: Callable[[], T]) -> T:
+    """Run ``fn`` on every rank; if it fails anywhere, raise everywhere."""
+    result: T | None = None
+    err: Exception | None = None
+    try:
+        result = fn()
+    except Exception as exc:
+        err = exc
+    coord.agree(phase, err)
+    return result  # type: ignore[return-value]
 
 
 def _backend(path: Any) -> Backend:
@@ -61,14 +95,15 @@ def save(
         FQNCollisionError: two paths render to the same FQN.
         CheckpointError: any other failure; the previous checkpoint is intact.
     """
+    options = options or SaveOptions()
     backend = _backend(path)
     backend.makedirs("")
     try:
         return save_tree(
             tree,
             backend,
-            options=options or SaveOptions(),
-            coord=_coordinator(process_group),
+            options=options,
+            coord=_coordinator(process_group, options.timeout_s),
             allow_pickle=allow_pickle,
             user_metadata=user_metadata,
         )
@@ -103,22 +138,29 @@ def load(
         LoadMismatchError: the template does not match (every problem listed).
         CorruptChunkError / ManifestError: damaged data (file and FQN named).
     """
+    options = options or LoadOptions()
+    coord = _coordinator(process_group, options.timeout_s)
     backend = _backend(path)
     try:
-        manifest = read_manifest(backend)
-        return load_tree(
-            tree,
-            backend,
-            manifest,
-            strict=strict,
-            allow_pickle=allow_pickle,
-            options=options or LoadOptions(),
+        manifest = _read_manifest(backend, coord)
+        return _agreed(
+            coord,
+            "load",
+            lambda: load_tree(
+                tree, backend, manifest, strict=strict, allow_pickle=allow_pickle, options=options
+            ),
         )
     finally:
         backend.close()
 
 
-def restore(path: Any, *, allow_pickle: bool = False, options: LoadOptions | None = None) -> Any:
+def restore(
+    path: Any,
+    *,
+    allow_pickle: bool = False,
+    options: LoadOptions | None = None,
+    process_group: Any = None,
+) -> Any:
     """The saved tree with no template: same containers, keys and order, tensors on CPU.
 
     Modules and other ``Stateful`` objects come back as their state dicts;

@@ -27,6 +27,9 @@ class SaveOptions:
             writes its own data file.
         sync: fsync data files, the manifest and the directory (durability).
             Turn off only for throwaway checkpoints.
+        timeout_s: with several ranks, how long any rank waits for the others
+            in one phase before every surviving rank raises, naming the ranks
+            that never arrived.
     """
 
     chunk_bytes: int = 16 * MiB
@@ -35,6 +38,7 @@ class SaveOptions:
     min_ratio: float = 1.08
     io_threads: int = 2
     sync: bool = True
+    timeout_s: float = 600.0
 
     def __post_init__(self) -> None:
         if self.chunk_bytes < 1:
@@ -43,6 +47,8 @@ class SaveOptions:
             raise ValueError(f"compress must be 'auto', 'always' or 'never', got {self.compress!r}")
         if self.io_threads < 1:
             raise ValueError(f"io_threads must be at least 1, got {self.io_threads}")
+        if self.timeout_s <= 0:
+            raise ValueError(f"timeout_s must be positive, got {self.timeout_s}")
         if not -7 <= self.zstd_level <= 22:
             raise ValueError(f"zstd_level must be in [-7, 22], got {self.zstd_level}")
 
@@ -53,9 +59,11 @@ class LoadOptions:
 
     Attributes:
         io_threads: threads per rank that read, verify and decode chunks.
+        timeout_s: with several ranks, how long any rank waits for the others.
     """
 
     io_threads: int = 4
+    timeout_s: float = 600.0
 
     def __post_init__(self) -> None:
         if self.io_threads < 1:

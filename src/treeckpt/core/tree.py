@@ -24,6 +24,7 @@ import dataclasses
 import keyword
 import pickle
 import re
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -124,15 +125,21 @@ def _is_tensor_like(obj: Any) -> bool:
 def describe_leaf(fqn: str, obj: Any, *, allow_pickle: bool = False) -> LeafRecord:
     """Classify one leaf, or refuse it with an error naming the FQN and the type."""
     if isinstance(obj, torch.Tensor):
-        if obj.is_quantized or obj.is_sparse or obj.layout != torch.strided:
+        plain = type(obj) is torch.Tensor or type(obj) is torch.nn.Parameter
+        if plain and (obj.is_quantized or obj.is_sparse or obj.layout != torch.strided):
             raise UnsupportedLeafError(
                 f"{fqn!r}: tensor layout {obj.layout} / quantized={obj.is_quantized} is not "
                 "supported; convert it to a dense tensor"
             )
-        code = torch_dtype_code(obj.dtype)
+        with warnings.catch_warnings():
+            # ShardedTensor warns on every attribute access that it is deprecated;
+            # supporting it is deliberate, so do not pass that on to the user.
+            warnings.simplefilter("ignore", FutureWarning)
+            dtype, shape = obj.dtype, tuple(int(s) for s in obj.shape)
+        code = torch_dtype_code(dtype)
         if code is None:
-            raise UnsupportedLeafError(f"{fqn!r}: torch dtype {obj.dtype} is not supported")
-        return TensorLeaf(lib="torch", dtype=code, shape=tuple(int(s) for s in obj.shape))
+            raise UnsupportedLeafError(f"{fqn!r}: torch dtype {dtype} is not supported")
+        return TensorLeaf(lib="torch", dtype=code, shape=shape)
     if isinstance(obj, np.ndarray | np.generic):
         code = numpy_dtype_code(obj.dtype)
         if code is None:

@@ -13,7 +13,7 @@ from typing import Any
 
 from treeckpt.errors import CheckpointError, RankFailureError
 
-__all__ = ["Coordinator", "LocalCoordinator"]
+__all__ = ["Coordinator", "LocalCoordinator", "describe_error"]
 
 
 class Coordinator(ABC):
@@ -35,6 +35,10 @@ class Coordinator(ABC):
         """Rank 0's ``obj`` on every rank."""
 
     @abstractmethod
+    def scatter(self, objs: list[Any] | None, phase: str) -> Any:
+        """Rank r receives ``objs[r]`` from rank 0 (``objs`` is ignored elsewhere)."""
+
+    @abstractmethod
     def agree(self, phase: str, error: BaseException | None) -> None:
         """Raise on every rank if ``error`` is set on any rank; return on all otherwise."""
 
@@ -51,13 +55,17 @@ class LocalCoordinator(Coordinator):
     def broadcast(self, obj: Any, phase: str) -> Any:
         return obj
 
+    def scatter(self, objs: list[Any] | None, phase: str) -> Any:
+        assert objs is not None and len(objs) == 1
+        return objs[0]
+
     def agree(self, phase: str, error: BaseException | None) -> None:
         if error is None:
             return
         if isinstance(error, CheckpointError):
             raise error
-        raise RankFailureError(phase, {0: _describe(error)}) from error
+        raise RankFailureError(phase, {0: describe_error(error)}) from error
 
 
-def _describe(error: BaseException) -> str:
+def describe_error(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}"

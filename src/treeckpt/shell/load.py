@@ -17,16 +17,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from treeckpt.core.box import full_box
+from treeckpt.core.box import Box
 from treeckpt.core.dtypes import dtype_info
 from treeckpt.core.leaves import LeafRecord, PickleLeaf, TensorLeaf, ValueLeaf
 from treeckpt.core.manifest import Manifest
 from treeckpt.core.options import LoadOptions
-from treeckpt.core.plan import LoadPlan, plan_load
+from treeckpt.core.plan import LoadPlan, ReadItem, plan_load
 from treeckpt.core.specs import ShardSpec
 from treeckpt.core.tree import StatefulRef, build_tree, find_subtree, flatten_tree, map_tree
 from treeckpt.errors import LoadMismatchError, ManifestError, UnsupportedLeafError
-from treeckpt.shell.tensors import Destination, allocate, destination, finish_leaf
+from treeckpt.shell.tensors import Destination, allocate, destination, finish_leaf, local_shards
 from treeckpt.store.backends import Backend
 from treeckpt.store.chunks import ReadTarget, ReadTask, read_chunks
 from treeckpt.store.reader import read_indexes, stored_tensors
@@ -54,37 +54,38 @@ def read_into(
     targets: Mapping[str, Any],
     options: LoadOptions,
 ) -> LoadPlan:
-    """Fill ``targets`` (FQN -> full-size tensor or array) from the checkpoint; returns the plan."""
-    recs: dict[str, TensorLeaf] = {}
-    for fqn in targets:
+    """Fill ``targets`` (FQN -> tensor, DTensor, ShardedTensor or array) in place.
+
+    Each target asks for the boxes this rank holds of it (the whole tensor for
+    plain tensors), and only the chunks covering those boxes are read.
+    """
+    requests: list[ShardSpec] = []
+    dests: dict[tuple[str, Box], Destination] = {}
+    itemsizes: dict[str, int] = {}
+    for fqn, obj in targets.items():
         rec = manifest.records[fqn]
         assert isinstance(rec, TensorLeaf)
-        recs[fqn] = rec
+        spec, pairs = local_shards(fqn, obj, rec)
+        requests.append(spec)
+        itemsizes[fqn] = dtype_info(rec.dtype).itemsize
+        for box, local in pairs:
+            dests[(fqn, box)] = destination(local, rec.dtype, box.sizes)
     indexes = read_indexes(backend, manifest)
-    stored = stored_tensors(manifest, indexes)
-    requests = [
-        ShardSpec(fqn=fqn, dtype=rec.dtype, shape=rec.shape, boxes=(full_box(rec.shape),))
-        for fqn, rec in recs.items()
-    ]
-    plan = plan_load(stored, requests)
-    dests: dict[str, Destination] = {
-        fqn: destination(targets[fqn], rec) for fqn, rec in recs.items()
-    }
-    grouped: dict[tuple[str, int], list[Any]] = {}
+    plan = plan_load(stored_tensors(manifest, indexes), requests)
+    grouped: dict[tuple[str, int], list[ReadItem]] = {}
     for item in plan.items:
         grouped.setdefault((item.chunk.file, item.chunk.offset), []).append(item)
-    tasks = []
-    for items in grouped.values():
-        chunk = items[0].chunk
-        tasks.append(
-            ReadTask(
-                chunk=chunk,
-                itemsize=dtype_info(recs[chunk.fqn].dtype).itemsize,
-                targets=tuple(
-                    ReadTarget(src=i.src, dst=i.dst, dest=dests[i.fqn].array) for i in items
-                ),
-            )
+    tasks = [
+        ReadTask(
+            chunk=items[0].chunk,
+            itemsize=itemsizes[items[0].fqn],
+            targets=tuple(
+                ReadTarget(src=i.src, dst=i.dst, dest=dests[(i.fqn, i.request)].array)
+                for i in items
+            ),
         )
+        for items in grouped.values()
+    ]
     read_chunks(backend, tasks, io_threads=options.io_threads)
     for d in dests.values():
         d.finish()

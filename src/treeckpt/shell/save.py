@@ -23,10 +23,10 @@ from treeckpt.core.dtypes import dtype_info
 from treeckpt.core.leaves import TensorLeaf
 from treeckpt.core.manifest import ChunkIndex, IndexRef, Manifest
 from treeckpt.core.options import SaveOptions
-from treeckpt.core.plan import SavePlan, plan_save
+from treeckpt.core.plan import SavePlan, WriteItem, plan_save
 from treeckpt.core.specs import ShardSpec
 from treeckpt.core.tree import FlatTree, flatten_tree
-from treeckpt.errors import CheckpointError
+from treeckpt.errors import CheckpointError, PlanError
 from treeckpt.shell.coord import Coordinator
 from treeckpt.shell.tensors import chunk_source, local_shards
 from treeckpt.store import layout
@@ -41,11 +41,11 @@ __all__ = ["SaveResult", "save_tree"]
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class SaveResult:
-    """What a committed save wrote."""
+    """What a committed save wrote (``plan`` is the whole plan on rank 0, ``None`` elsewhere)."""
 
     path: str
     save_id: str
-    plan: SavePlan
+    plan: SavePlan | None
 
 
 def save_tree(
@@ -69,37 +69,40 @@ def save_tree(
                 spec, shards = local_shards(fqn, flat.leaves[fqn], rec)
                 specs.append(spec)
                 local[fqn] = shards
-    except BaseException as exc:
+    except Exception as exc:
         err = exc
     coord.agree("describe", err)
     assert flat is not None
 
     gathered = coord.gather(specs, "plan")
-    proposal: tuple[SavePlan, str, str | None] | BaseException | None = None
+    plan: SavePlan | None = None
+    previous: str | None = None
+    proposals: list[Any] | None = None
     if coord.is_coordinator:
         try:
             assert gathered is not None
             plan = plan_save(gathered, chunk_bytes=options.chunk_bytes)
+            _check_same_tree(plan, flat)
             save_id = secrets.token_hex(8)
             previous = _previous_save_id(backend)
             backend.makedirs(layout.data_dir(save_id))
             if options.sync and backend.supports_fsync:
                 backend.sync_dir()
-            proposal = (plan, save_id, previous)
-        except BaseException as exc:
-            proposal = exc
-    proposal = coord.broadcast(proposal, "plan")
-    coord.agree("plan", proposal if isinstance(proposal, BaseException) else None)
-    assert isinstance(proposal, tuple)
-    plan, save_id, previous = proposal
+            proposals = [(items, save_id) for items in plan.items]
+        except Exception as exc:
+            proposals = [exc] * coord.world_size
+    mine = coord.scatter(proposals, "plan")
+    failed = isinstance(mine, BaseException) and coord.is_coordinator
+    coord.agree("plan", mine if failed else None)
+    my_items, save_id = mine
 
     committed = False
     try:
         ref: IndexRef | None = None
         err = None
         try:
-            ref = _write_rank(backend, plan, save_id, coord.rank, local, options)
-        except BaseException as exc:
+            ref = _write_rank(backend, my_items, save_id, coord.rank, local, options)
+        except Exception as exc:
             err = exc
         coord.agree("write", err)
         refs = coord.gather(ref, "write")
@@ -121,7 +124,7 @@ def save_tree(
                     backend.sync_dir(layout.data_dir(save_id))
                 backend.commit_file(layout.MANIFEST, encode_manifest(manifest), sync=options.sync)
                 committed = True
-            except BaseException as exc:
+            except Exception as exc:
                 err = exc
         coord.agree("commit", err)
         committed = True
@@ -129,10 +132,12 @@ def save_tree(
         if not committed and coord.is_coordinator:
             with contextlib.suppress(Exception):
                 backend.remove_tree(layout.data_dir(save_id))
-    if coord.is_coordinator and previous is not None and previous != save_id:
-        with contextlib.suppress(Exception):
-            backend.remove_tree(layout.data_dir(previous))
-    return SaveResult(path=backend.root, save_id=save_id, plan=plan)
+    if coord.is_coordinator:
+        if previous is not None and previous != save_id:
+            with contextlib.suppress(Exception):
+                backend.remove_tree(layout.data_dir(previous))
+        return SaveResult(path=backend.root, save_id=save_id, plan=plan)
+    return SaveResult(path=backend.root, save_id=save_id, plan=None)
 
 
 def _previous_save_id(backend: Backend) -> str | None:
@@ -145,15 +150,24 @@ def _previous_save_id(backend: Backend) -> str | None:
         return None
 
 
+def _check_same_tree(plan: SavePlan, flat: FlatTree) -> None:
+    """Every tensor some rank holds must be a tensor leaf of the coordinator's tree."""
+    for meta in plan.tensors:
+        if not isinstance(flat.records.get(meta.fqn), TensorLeaf):
+            raise PlanError(
+                f"{meta.fqn}: a tensor on another rank but not on rank 0; every rank must "
+                "save a tree with the same keys"
+            )
+
+
 def _write_rank(
     backend: Backend,
-    plan: SavePlan,
+    items: tuple[WriteItem, ...],
     save_id: str,
     rank: int,
     local: dict[str, list[tuple[Any, Any]]],
     options: SaveOptions,
 ) -> IndexRef | None:
-    items = plan.items[rank]
     if not items:
         return None
     jobs = []

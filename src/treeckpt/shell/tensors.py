@@ -7,6 +7,7 @@ the chunk is a contiguous run of a contiguous CPU tensor.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +20,7 @@ from treeckpt.core.box import Box, full_box
 from treeckpt.core.dtypes import dtype_info, torch_dtype
 from treeckpt.core.leaves import TensorLeaf
 from treeckpt.core.specs import ShardSpec
+from treeckpt.errors import UnsupportedLeafError
 
 __all__ = ["Destination", "allocate", "chunk_source", "destination", "local_shards"]
 
@@ -26,10 +28,54 @@ Bytes1D = npt.NDArray[np.uint8]
 
 
 def local_shards(fqn: str, obj: Any, rec: TensorLeaf) -> tuple[ShardSpec, list[tuple[Box, Any]]]:
-    """The spec of what this rank holds of ``obj``, and (box, local data) pairs."""
-    box = full_box(rec.shape)
-    spec = ShardSpec(fqn=fqn, dtype=rec.dtype, shape=rec.shape, boxes=(box,))
-    return spec, [(box, obj)]
+    """The spec of what this rank holds of ``obj``, and (global box, local tensor) pairs.
+
+    A plain tensor or array is held whole. A DTensor's local shard is placed
+    by ``__create_chunk_list__`` (which also handles FSDP2's strided
+    sharding, uneven splits and empty shards); a ShardedTensor lists its local
+    shards with their metadata. The local tensors share memory with ``obj``,
+    so a load fills them in place.
+    """
+    try:
+        pairs = _distributed_shards(obj)
+    except Exception as exc:
+        raise UnsupportedLeafError(f"{fqn!r}: cannot describe its shards: {exc}") from exc
+    if pairs is None:
+        pairs = [(full_box(rec.shape), obj)]
+    spec = ShardSpec(fqn=fqn, dtype=rec.dtype, shape=rec.shape, boxes=tuple(b for b, _ in pairs))
+    return spec, pairs
+
+
+def _distributed_shards(obj: Any) -> list[tuple[Box, Any]] | None:
+    if not isinstance(obj, torch.Tensor) or type(obj) is torch.Tensor:
+        return None
+    try:
+        from torch.distributed._shard.sharded_tensor import ShardedTensor
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch built without distributed
+        return None
+    if isinstance(obj, DTensor):
+        local = obj.to_local()
+        chunks = obj.__create_chunk_list__()
+        if len(chunks) != 1:
+            raise NotImplementedError(f"DTensor with {len(chunks)} local chunks")
+        c = chunks[0]
+        box = Box(offsets=tuple(int(o) for o in c.offsets), sizes=tuple(int(s) for s in c.sizes))
+        return [(box, local.view(box.sizes) if tuple(local.shape) != box.sizes else local)]
+    if isinstance(obj, ShardedTensor):
+        out = []
+        with warnings.catch_warnings():  # ShardedTensor warns it is deprecated on every access
+            warnings.simplefilter("ignore", FutureWarning)
+            shards = obj.local_shards()
+        for shard in shards:
+            md = shard.metadata
+            box = Box(
+                offsets=tuple(int(o) for o in md.shard_offsets),
+                sizes=tuple(int(s) for s in md.shard_sizes),
+            )
+            out.append((box, shard.tensor))
+        return out
+    return None
 
 
 def _as_bytes(t: torch.Tensor) -> Bytes1D:
@@ -70,31 +116,31 @@ def _noop() -> None:
     return None
 
 
-def destination(obj: Any, rec: TensorLeaf) -> Destination:
-    """Byte view of a template leaf to load into, in place when possible."""
-    itemsize = dtype_info(rec.dtype).itemsize
-    shape = (*rec.shape, itemsize)
+def destination(obj: Any, dtype: str, shape: tuple[int, ...]) -> Destination:
+    """Byte view of a local tensor or array to load into, in place when possible."""
+    itemsize = dtype_info(dtype).itemsize
+    byte_shape = (*shape, itemsize)
     if isinstance(obj, torch.Tensor):
         t = obj.detach()
         if t.device.type == "cpu" and t.is_contiguous() and not t.is_conj() and not t.is_neg():
-            return Destination(t.reshape(-1).view(torch.uint8).numpy().reshape(shape), _noop)
-        staging = torch.empty(rec.shape, dtype=t.dtype)
-        arr = staging.reshape(-1).view(torch.uint8).numpy().reshape(shape)
+            return Destination(t.reshape(-1).view(torch.uint8).numpy().reshape(byte_shape), _noop)
+        staging = torch.empty(shape, dtype=t.dtype)
+        arr = staging.reshape(-1).view(torch.uint8).numpy().reshape(byte_shape)
 
         def finish_tensor() -> None:
             with torch.no_grad():
-                t.copy_(staging)
+                t.copy_(staging.view(t.shape))
 
         return Destination(arr, finish_tensor)
     assert isinstance(obj, np.ndarray)
     if obj.flags.c_contiguous and obj.flags.writeable:
-        return Destination(obj.reshape(-1).view(np.uint8).reshape(shape), _noop)
+        return Destination(obj.reshape(-1).view(np.uint8).reshape(byte_shape), _noop)
     staging_np = np.empty(obj.shape, dtype=obj.dtype)
 
     def finish_array() -> None:
         np.copyto(obj, staging_np)
 
-    return Destination(staging_np.reshape(-1).view(np.uint8).reshape(shape), finish_array)
+    return Destination(staging_np.reshape(-1).view(np.uint8).reshape(byte_shape), finish_array)
 
 
 def allocate(rec: TensorLeaf) -> Any:

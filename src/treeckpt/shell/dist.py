@@ -1,0 +1,149 @@
+"""Coordination over ``torch.distributed``.
+
+Small object collectives (specs, plans, chunk refs, verdicts) run on a gloo
+group, whatever the training backend is: NCCL jobs keep their GPU group for
+training and get a CPU group here, created once per (group, timeout). Every
+collective is bounded by the timeout, and before each phase every rank
+records its arrival in the rendezvous store, so when a collective fails
+(a peer died or stalled), the survivors name the ranks that never arrived.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+from datetime import timedelta
+from typing import Any
+
+import torch.distributed as dist
+
+from treeckpt.errors import CheckpointError, CollectiveError, RankFailureError
+from treeckpt.shell.coord import Coordinator, describe_error
+
+__all__ = ["DistCoordinator", "distributed_active"]
+
+_GROUPS: dict[tuple[int, float], Any] = {}
+_SEQ = itertools.count()
+
+
+def distributed_active(process_group: Any = None) -> bool:
+    """True when a process group is initialised (and has more than one rank)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return False
+    return int(dist.get_world_size(process_group)) > 1
+
+
+def _cpu_group(process_group: Any, timeout_s: float) -> Any:
+    pg = process_group if process_group is not None else dist.group.WORLD
+    if pg is not dist.group.WORLD and dist.get_backend(pg) == "gloo":
+        return pg  # a user's gloo subgroup: its own timeout applies
+    key = (id(pg), timeout_s)
+    group = _GROUPS.get(key)
+    if group is None:
+        # new_group is collective over the default group: every rank saves or
+        # loads together, so every rank reaches this call in the same order.
+        ranks = dist.get_process_group_ranks(pg) if pg is not dist.group.WORLD else None
+        group = _GROUPS[key] = dist.new_group(
+            ranks=ranks, backend="gloo", timeout=timedelta(seconds=timeout_s)
+        )
+    return group
+
+
+class DistCoordinator(Coordinator):
+    """The ranks of a ``torch.distributed`` process group; group rank 0 coordinates."""
+
+    def __init__(self, process_group: Any = None, *, timeout_s: float = 600.0) -> None:
+        self.group = _cpu_group(process_group, timeout_s)
+        self.rank = int(dist.get_rank(self.group))
+        self.world_size = int(dist.get_world_size(self.group))
+        self.timeout_s = timeout_s
+        self.op = next(_SEQ)
+        self._store = _default_store()
+
+    # Arrival records: "treeckpt/<op>/<phase>/<rank>" in the rendezvous store.
+    def _arrive(self, phase: str) -> None:
+        if self._store is not None:
+            with contextlib.suppress(Exception):
+                self._store.set(f"treeckpt/{self.op}/{phase}/{self.rank}", "1")
+
+    def _absent(self, phase: str) -> list[int]:
+        if self._store is None:
+            return []
+        absent = []
+        for r in range(self.world_size):
+            try:
+                if not self._store.check([f"treeckpt/{self.op}/{phase}/{r}"]):
+                    absent.append(r)
+            except Exception:
+                return []
+        return absent
+
+    def _run(self, phase: str, fn: Any) -> Any:
+        self._arrive(phase)
+        try:
+            return fn()
+        except CheckpointError:
+            raise
+        except Exception as exc:
+            absent = self._absent(phase)
+            who = (
+                f"rank(s) {', '.join(map(str, absent))} did not reach it (dead or stalled)"
+                if absent
+                else "a peer failed or timed out"
+            )
+            raise CollectiveError(
+                f"phase {phase!r} failed on rank {self.rank} within the {self.timeout_s:g} s "
+                f"timeout: {who} ({type(exc).__name__}: {str(exc)[:200]})"
+            ) from exc
+
+    def gather(self, obj: Any, phase: str) -> list[Any] | None:
+        out: list[Any] | None = [None] * self.world_size if self.rank == 0 else None
+
+        def go() -> None:
+            dist.gather_object(obj, out, group=self.group, group_dst=0)
+
+        self._run(phase, go)
+        return out
+
+    def broadcast(self, obj: Any, phase: str) -> Any:
+        box = [obj]
+
+        def go() -> None:
+            dist.broadcast_object_list(box, group=self.group, group_src=0)
+
+        self._run(phase, go)
+        return box[0]
+
+    def scatter(self, objs: list[Any] | None, phase: str) -> Any:
+        out: list[Any] = [None]
+
+        def go() -> None:
+            dist.scatter_object_list(
+                out, objs if self.rank == 0 else None, group=self.group, group_src=0
+            )
+
+        self._run(phase, go)
+        return out[0]
+
+    def agree(self, phase: str, error: BaseException | None) -> None:
+        mine = None if error is None else describe_error(error)
+        verdicts: list[Any] = [None] * self.world_size
+
+        def go() -> None:
+            dist.all_gather_object(verdicts, mine, group=self.group)
+
+        self._run(f"{phase}:agree", go)
+        failures = {r: v for r, v in enumerate(verdicts) if v is not None}
+        if not failures:
+            return
+        raise RankFailureError(phase, failures) from error
+
+
+def _default_store() -> Any:
+    """The rendezvous store, to record arrivals (``None`` if unavailable)."""
+    try:
+        from torch.distributed.distributed_c10d import _get_default_store
+
+        return _get_default_store()
+    except Exception:
+        return None
