@@ -139,6 +139,7 @@ def load_tree(
     options: LoadOptions,
 ) -> Any:
     """Load ``manifest``'s checkpoint into ``tree`` in place; returns the loaded tree."""
+    _init_optimizer_states(tree)
     flat = flatten_tree(tree, allow_pickle=True)
     ck = manifest.records
     # Statefuls whose state follows the checkpoint's structure (not modules).
@@ -214,6 +215,53 @@ def load_tree(
         return ref.obj
 
     return map_tree(tree, leaf, stateful)
+
+
+def _init_optimizer_states(tree: Any) -> None:
+    """Give every torch optimizer in ``tree`` its state tensors before loading.
+
+    A fresh optimizer has no state yet, so its state dict offers no tensors to
+    load into; materialising them from the checkpoint would give plain tensors
+    where the parameters are sharded (DTensor). One step with zero gradients
+    and a learning rate of 0 creates the state with the parameters' own
+    layout and leaves the parameters unchanged (the loaded state then
+    overwrites it, step counters included), as torch's own state-dict
+    utilities do.
+    """
+    for ref in flatten_tree_statefuls(tree):
+        opt = ref.obj
+        if not isinstance(opt, torch.optim.Optimizer):
+            continue
+        params = [p for g in opt.param_groups for p in g["params"] if p.requires_grad]
+        if not params or all(p in opt.state and opt.state[p] for p in params):
+            continue
+        lrs = [g["lr"] for g in opt.param_groups]
+        zeroed = []
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+                zeroed.append(p)
+        try:
+            for g in opt.param_groups:
+                g["lr"] = torch.zeros_like(g["lr"]) if isinstance(g["lr"], torch.Tensor) else 0.0
+            opt.step()
+        finally:
+            for g, lr in zip(opt.param_groups, lrs, strict=True):
+                g["lr"] = lr
+            for p in zeroed:
+                p.grad = None
+
+
+def flatten_tree_statefuls(tree: Any) -> list[StatefulRef]:
+    """The Stateful objects of ``tree`` (outermost), without flattening their state."""
+    found: list[StatefulRef] = []
+
+    def stateful(ref: StatefulRef) -> Any:
+        found.append(ref)
+        return ref.obj
+
+    map_tree(tree, lambda fqn, obj: obj, stateful)
+    return found
 
 
 def _in_open(fqn: str, prefixes: list[str]) -> bool:
