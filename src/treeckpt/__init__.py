@@ -5,7 +5,16 @@
 >>> state = treeckpt.load({"model": model, "optim": optimizer, "step": 0}, "ckpt/")  # doctest: +SKIP
 """
 
-from treeckpt.api import CheckpointInfo, TensorInfo, load, metadata, restore, save
+from treeckpt.api import (
+    CheckpointInfo,
+    TensorInfo,
+    load,
+    metadata,
+    plan_reshard,
+    read_tensor,
+    restore,
+    save,
+)
 from treeckpt.core.box import Box
 from treeckpt.core.options import LoadOptions, SaveOptions
 from treeckpt.core.plan import LoadPlan, ReadItem, SavePlan, WriteItem, plan_load, plan_save
@@ -56,7 +65,9 @@ __all__ = [
     "load",
     "metadata",
     "plan_load",
+    "plan_reshard",
     "plan_save",
+    "read_tensor",
     "restore",
     "save",
 ]

@@ -7,22 +7,36 @@ runs in one process.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from treeckpt.core.box import Box, full_box
 from treeckpt.core.dtypes import dtype_info
 from treeckpt.core.leaves import LeafRecord, PickleLeaf, TensorLeaf, ValueLeaf
 from treeckpt.core.manifest import Manifest
 from treeckpt.core.options import LoadOptions, SaveOptions
+from treeckpt.core.plan import LoadPlan, plan_load
+from treeckpt.core.specs import ShardSpec
+from treeckpt.errors import CheckpointError, PlanError
 from treeckpt.shell.coord import Coordinator, LocalCoordinator
 from treeckpt.shell.dist import DistCoordinator, distributed_active
-from treeckpt.shell.load import load_tree, restore_tree
+from treeckpt.shell.load import load_tree, read_regions, restore_tree
 from treeckpt.shell.save import SaveResult, save_tree
+from treeckpt.shell.tensors import allocate
 from treeckpt.store.backends import Backend, open_backend
-from treeckpt.store.reader import read_indexes, read_manifest
+from treeckpt.store.reader import read_indexes, read_manifest, stored_tensors
 
-__all__ = ["CheckpointInfo", "TensorInfo", "load", "metadata", "restore", "save"]
+__all__ = [
+    "CheckpointInfo",
+    "TensorInfo",
+    "load",
+    "metadata",
+    "plan_reshard",
+    "read_tensor",
+    "restore",
+    "save",
+]
 
 T = TypeVar("T")
 
@@ -97,7 +111,13 @@ def save(
     """
     options = options or SaveOptions()
     backend = _backend(path)
-    backend.makedirs("")
+    try:
+        backend.makedirs("")
+    except OSError as exc:
+        backend.close()
+        raise CheckpointError(
+            f"{backend.root}: cannot create the checkpoint directory ({exc})"
+        ) from exc
     try:
         return save_tree(
             tree,
@@ -175,6 +195,70 @@ def restore(
         )
     finally:
         backend.close()
+
+
+def read_tensor(path: Any, fqn: str, region: Box | tuple[slice, ...] | None = None) -> Any:
+    """Read one tensor, or one region of it, reading only the chunks that cover it.
+
+    ``region`` is a :class:`Box` in global coordinates or a tuple of
+    unit-step slices (``(slice(0, 10), slice(None))``); ``None`` reads the
+    whole tensor. Returns a CPU torch tensor (or numpy array, as saved).
+
+    Raises:
+        KeyError: ``fqn`` is not a tensor of the checkpoint.
+    """
+    backend = _backend(path)
+    try:
+        manifest = read_manifest(backend)
+        rec = manifest.records.get(fqn)
+        if not isinstance(rec, TensorLeaf):
+            raise KeyError(f"{fqn!r} is not a tensor of the checkpoint at {backend.root}")
+        box = _region_box(rec.shape, region)
+        out = allocate(
+            TensorLeaf(
+                lib="numpy" if rec.lib != "torch" else "torch", dtype=rec.dtype, shape=box.sizes
+            )
+        )
+        read_regions(backend, manifest, {fqn: [(box, out)]}, LoadOptions())
+        return out
+    finally:
+        backend.close()
+
+
+def _region_box(shape: tuple[int, ...], region: Box | tuple[slice, ...] | None) -> Box:
+    if region is None:
+        return full_box(shape)
+    if isinstance(region, Box):
+        if not full_box(shape).contains(region) or region.ndim != len(shape):
+            raise PlanError(f"region {region} lies outside the tensor shape {list(shape)}")
+        return region
+    slices = tuple(region) + (slice(None),) * (len(shape) - len(region))
+    if len(slices) != len(shape):
+        raise PlanError(f"{len(region)} slices for a {len(shape)}-d tensor")
+    offs, sizes = [], []
+    for sl, dim in zip(slices, shape, strict=True):
+        start, stop, step = sl.indices(dim)
+        if step != 1:
+            raise PlanError("only unit-step slices can be read")
+        offs.append(start)
+        sizes.append(max(0, stop - start))
+    return Box(offsets=tuple(offs), sizes=tuple(sizes))
+
+
+def plan_reshard(path: Any, specs_by_rank: Sequence[Sequence[ShardSpec]]) -> list[LoadPlan]:
+    """Dry run: the load plan of each target rank, before any tensor byte is read.
+
+    ``specs_by_rank[r]`` lists what rank r would hold (a target layout on any
+    world size). Each returned plan reports bytes needed, bytes read, files
+    and read amplification (``LoadPlan.report()``).
+    """
+    backend = _backend(path)
+    try:
+        manifest = read_manifest(backend)
+        stored = stored_tensors(manifest, read_indexes(backend, manifest))
+    finally:
+        backend.close()
+    return [plan_load(stored, specs) for specs in specs_by_rank]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -59,14 +59,30 @@ def read_into(
     Each target asks for the boxes this rank holds of it (the whole tensor for
     plain tensors), and only the chunks covering those boxes are read.
     """
-    requests: list[ShardSpec] = []
-    dests: dict[tuple[str, Box], Destination] = {}
-    itemsizes: dict[str, int] = {}
+    regions: dict[str, list[tuple[Box, Any]]] = {}
     for fqn, obj in targets.items():
         rec = manifest.records[fqn]
         assert isinstance(rec, TensorLeaf)
-        spec, pairs = local_shards(fqn, obj, rec)
-        requests.append(spec)
+        regions[fqn] = local_shards(fqn, obj, rec)[1]
+    return read_regions(backend, manifest, regions, options)
+
+
+def read_regions(
+    backend: Backend,
+    manifest: Manifest,
+    regions: Mapping[str, list[tuple[Box, Any]]],
+    options: LoadOptions,
+) -> LoadPlan:
+    """Fill each (global box, local tensor or array) pair of ``regions`` from the checkpoint."""
+    requests: list[ShardSpec] = []
+    dests: dict[tuple[str, Box], Destination] = {}
+    itemsizes: dict[str, int] = {}
+    for fqn, pairs in regions.items():
+        rec = manifest.records[fqn]
+        assert isinstance(rec, TensorLeaf)
+        requests.append(
+            ShardSpec(fqn=fqn, dtype=rec.dtype, shape=rec.shape, boxes=tuple(b for b, _ in pairs))
+        )
         itemsizes[fqn] = dtype_info(rec.dtype).itemsize
         for box, local in pairs:
             dests[(fqn, box)] = destination(local, rec.dtype, box.sizes)

@@ -1,0 +1,86 @@
+"""Reading one region of one tensor, and dry-run resharding reports."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import treeckpt
+from treeckpt import Box, ShardSpec
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, torch.Tensor]:
+    path = str(tmp_path_factory.mktemp("partial") / "ckpt")
+    x = torch.randn(50, 13, generator=torch.Generator().manual_seed(3)).bfloat16()
+    treeckpt.save({"x": x, "v": 1}, path, options=treeckpt.SaveOptions(chunk_bytes=100))
+    return path, x
+
+
+@settings(max_examples=40, deadline=None)
+@given(a=st.integers(0, 50), b=st.integers(0, 50), c=st.integers(0, 13), d=st.integers(0, 13))
+def test_read_slice_matches_indexing(
+    ckpt: tuple[str, torch.Tensor], a: int, b: int, c: int, d: int
+) -> None:
+    path, x = ckpt
+    lo0, hi0 = sorted((a, b))
+    lo1, hi1 = sorted((c, d))
+    got = treeckpt.read_tensor(path, "x", (slice(lo0, hi0), slice(lo1, hi1)))
+    assert torch.equal(got.view(torch.uint8), x[lo0:hi0, lo1:hi1].contiguous().view(torch.uint8))
+
+
+def test_read_reads_only_covering_chunks(ckpt: tuple[str, torch.Tensor]) -> None:
+    path, _ = ckpt
+    (plan,) = treeckpt.plan_reshard(
+        path,
+        [
+            [
+                ShardSpec(
+                    fqn="x",
+                    dtype="bfloat16",
+                    shape=(50, 13),
+                    boxes=(Box(offsets=(0, 0), sizes=(1, 13)),),
+                )
+            ]
+        ],
+    )
+    info = treeckpt.metadata(path)
+    assert len(plan.chunks) == 1 < info.tensors["x"].chunks
+    assert plan.read_raw_bytes < info.tensors["x"].raw_bytes
+
+
+def test_read_whole_tensor_and_errors(ckpt: tuple[str, torch.Tensor]) -> None:
+    path, x = ckpt
+    assert torch.equal(treeckpt.read_tensor(path, "x"), x)
+    with pytest.raises(KeyError, match="'v' is not a tensor"):
+        treeckpt.read_tensor(path, "v")
+    with pytest.raises(treeckpt.PlanError, match="outside"):
+        treeckpt.read_tensor(path, "x", Box(offsets=(40, 0), sizes=(20, 13)))
+    with pytest.raises(treeckpt.PlanError, match="unit-step"):
+        treeckpt.read_tensor(path, "x", (slice(0, 10, 2),))
+
+
+def test_dry_run_report_for_three_ranks(ckpt: tuple[str, torch.Tensor]) -> None:
+    path, _ = ckpt
+    specs = [
+        [
+            ShardSpec(
+                fqn="x",
+                dtype="bfloat16",
+                shape=(50, 13),
+                boxes=(Box(offsets=(r * 17, 0), sizes=(min(17, 50 - r * 17), 13)),),
+            )
+        ]
+        for r in range(3)
+    ]
+    plans = treeckpt.plan_reshard(path, specs)
+    assert sum(p.needed_bytes for p in plans) == 50 * 13 * 2
+    for p in plans:
+        assert p.read_amplification >= 1.0
+        assert "read amplification" in p.report()
+    with pytest.raises(treeckpt.PlanError, match="x: checkpoint has dtype bfloat16"):
+        treeckpt.plan_reshard(
+            path, [[ShardSpec(fqn="x", dtype="float32", shape=(50, 13), boxes=())]]
+        )
