@@ -7,6 +7,7 @@ runs in one process.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -18,7 +19,7 @@ from treeckpt.core.manifest import Manifest
 from treeckpt.core.options import LoadOptions, SaveOptions
 from treeckpt.core.plan import LoadPlan, plan_load
 from treeckpt.core.specs import ShardSpec
-from treeckpt.errors import CheckpointError, PlanError
+from treeckpt.errors import CheckpointError, LeafNotFoundError, PlanError, UnsupportedLeafError
 from treeckpt.shell.coord import Coordinator, LocalCoordinator
 from treeckpt.shell.dist import DistCoordinator, distributed_active
 from treeckpt.shell.load import load_tree, read_regions, restore_tree
@@ -110,9 +111,13 @@ def save(
         CheckpointError: any other failure; the previous checkpoint is intact.
     """
     options = options or SaveOptions()
+    _check_user_metadata(user_metadata)
     backend = _backend(path)
     try:
+        new_dir = backend.size("") is None and not backend.listdir()
         backend.makedirs("")
+        if new_dir and options.sync and backend.supports_fsync:
+            backend.sync_dir("..")  # make the new directory's own entry durable
     except OSError as exc:
         backend.close()
         raise CheckpointError(
@@ -129,6 +134,23 @@ def save(
         )
     finally:
         backend.close()
+
+
+def _check_user_metadata(user_metadata: dict[str, Any] | None) -> None:
+    """Refuse metadata the manifest cannot hold, before any byte is written."""
+    if user_metadata is None:
+        return
+    if not isinstance(user_metadata, dict):
+        raise UnsupportedLeafError(
+            f"user_metadata must be a dict, got {type(user_metadata).__name__}"
+        )
+    try:
+        json.dumps(user_metadata, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise UnsupportedLeafError(
+            f"user_metadata must be JSON (str keys; str, int, float, bool, None, lists, dicts; "
+            f"no nan or inf): {exc}"
+        ) from None
 
 
 def load(
@@ -205,14 +227,14 @@ def read_tensor(path: Any, fqn: str, region: Box | tuple[slice, ...] | None = No
     whole tensor. Returns a CPU torch tensor (or numpy array, as saved).
 
     Raises:
-        KeyError: ``fqn`` is not a tensor of the checkpoint.
+        LeafNotFoundError: ``fqn`` is not a tensor of the checkpoint (also a ``KeyError``).
     """
     backend = _backend(path)
     try:
         manifest = read_manifest(backend)
         rec = manifest.records.get(fqn)
         if not isinstance(rec, TensorLeaf):
-            raise KeyError(f"{fqn!r} is not a tensor of the checkpoint at {backend.root}")
+            raise LeafNotFoundError(f"{fqn!r} is not a tensor of the checkpoint at {backend.root}")
         box = _region_box(rec.shape, region)
         out = allocate(
             TensorLeaf(

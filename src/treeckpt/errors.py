@@ -18,6 +18,7 @@ __all__ = [
     "CorruptChunkError",
     "FQNCollisionError",
     "IncompleteCheckpointError",
+    "LeafNotFoundError",
     "LoadMismatchError",
     "ManifestError",
     "PlanError",
@@ -40,6 +41,13 @@ class IncompleteCheckpointError(CheckpointNotFoundError):
 
 class ManifestError(CheckpointError, ValueError):
     """The manifest or a chunk index is malformed, inconsistent or fails its checksum."""
+
+
+class LeafNotFoundError(CheckpointError, KeyError):
+    """The checkpoint has no tensor (or leaf) of the requested FQN."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
 
 
 class CorruptChunkError(CheckpointError, ValueError):

@@ -69,6 +69,8 @@ _FACTORIES: dict[str, Callable[[], Any] | None] = {
 }
 _FACTORY_NAMES = {f: n for n, f in _FACTORIES.items() if f is not None}
 _MAX_DEPTH = 200
+_MAX_INT_DIGITS = 4300  # what the manifest reader accepts (Python's str/int limit)
+_INT_LIMIT = 10**_MAX_INT_DIGITS
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -149,6 +151,11 @@ def describe_leaf(fqn: str, obj: Any, *, allow_pickle: bool = False) -> LeafReco
             )
         lib: TensorLib = "numpy-scalar" if isinstance(obj, np.generic) else "numpy"
         return TensorLeaf(lib=lib, dtype=code, shape=tuple(int(s) for s in np.shape(obj)))
+    if type(obj) is int and abs(obj) >= _INT_LIMIT:
+        raise UnsupportedLeafError(
+            f"{fqn!r}: an int of more than {_MAX_INT_DIGITS} digits cannot be stored; "
+            "store it as bytes or a str"
+        )
     if obj is None or type(obj) in (bool, int, float, str, bytes):
         return ValueLeaf(value=obj)
     if allow_pickle:
@@ -230,19 +237,19 @@ def _container_kind(obj: Any) -> str | None:
         return "dataclass"
     if optree.is_namedtuple_instance(obj):
         return "namedtuple"
-    if isinstance(obj, collections.defaultdict):
-        return "ddict"
-    if isinstance(obj, collections.OrderedDict):
-        return "odict"
-    if isinstance(obj, dict):
-        return "dict"
-    if isinstance(obj, list):
-        return "list"
-    if isinstance(obj, tuple):
-        return "tuple"
-    if isinstance(obj, collections.deque):
-        return "deque"
-    return None
+    # Exact types only: optree and build_tree know just these. A subclass
+    # (torch.Size, a user's dict subclass) is a leaf, refused unless pickled.
+    return _CONTAINER_KINDS.get(type(obj))
+
+
+_CONTAINER_KINDS: dict[type, str] = {
+    collections.defaultdict: "ddict",
+    collections.OrderedDict: "odict",
+    dict: "dict",
+    list: "list",
+    tuple: "tuple",
+    collections.deque: "deque",
+}
 
 
 def _check_key(key: Any, path: Path) -> PathEntry:
@@ -331,12 +338,14 @@ def _build(node: Any, leaf: Callable[[str], Any], depth: int, types: dict[Any, A
                 f"tree structure {kind} node has {len(children)} children but bad keys"
             )
         items = [(_decode_key(k), c) for k, c in zip(keys, children, strict=True)]
+        if len(dict(items)) != len(items):
+            raise ManifestError(f"tree structure {kind} node has a repeated key")
         if kind == "dict":
             return dict(items)
         if kind == "odict":
             return collections.OrderedDict(items)
         factory = node.get("factory", "none")
-        if factory not in _FACTORIES:
+        if not isinstance(factory, str) or factory not in _FACTORIES:
             raise ManifestError(
                 f"tree structure defaultdict factory {str(factory)[:40]!r} is not allowed"
             )
@@ -347,7 +356,7 @@ def _build(node: Any, leaf: Callable[[str], Any], depth: int, types: dict[Any, A
         return tuple(children)
     if kind == "deque":
         maxlen = node.get("maxlen")
-        if maxlen is not None and (type(maxlen) is not int or maxlen < 0):
+        if maxlen is not None and (type(maxlen) is not int or maxlen < 0 or maxlen < len(children)):
             raise ManifestError("tree structure deque has a bad maxlen")
         return collections.deque(children, maxlen=maxlen)
     if kind in ("namedtuple", "dataclass"):
@@ -358,6 +367,8 @@ def _build(node: Any, leaf: Callable[[str], Any], depth: int, types: dict[Any, A
             or len(fields) != len(children)
             or not all(isinstance(f, str) and _is_identifier(f) for f in [name, *fields])
             or len(set(fields)) != len(fields)
+            # namedtuple() refuses field names with a leading underscore.
+            or (kind == "namedtuple" and any(f.startswith("_") for f in fields))
         ):
             raise ManifestError(f"tree structure {kind} node has a bad name or fields")
         key = (kind, name, tuple(fields))

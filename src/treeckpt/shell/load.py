@@ -155,7 +155,6 @@ def load_tree(
     options: LoadOptions,
 ) -> Any:
     """Load ``manifest``'s checkpoint into ``tree`` in place; returns the loaded tree."""
-    _init_optimizer_states(tree)
     flat = flatten_tree(tree, allow_pickle=True)
     ck = manifest.records
     # Statefuls whose state follows the checkpoint's structure (not modules).
@@ -187,6 +186,11 @@ def load_tree(
             unexpected=unexpected if strict else (),
             mismatched=mismatched,
         )
+
+    # Only now that the template is known to match: give fresh optimizers their
+    # state (with the parameters' sharding), then look at the template again.
+    if _init_optimizer_states(tree):
+        flat = flatten_tree(tree, allow_pickle=True)
 
     # Destinations: template tensors in place; materialised ones for open Statefuls.
     targets: dict[str, Any] = {}
@@ -233,7 +237,7 @@ def load_tree(
     return map_tree(tree, leaf, stateful)
 
 
-def _init_optimizer_states(tree: Any) -> None:
+def _init_optimizer_states(tree: Any) -> bool:
     """Give every torch optimizer in ``tree`` its state tensors before loading.
 
     A fresh optimizer has no state yet, so its state dict offers no tensors to
@@ -242,8 +246,11 @@ def _init_optimizer_states(tree: Any) -> None:
     and a learning rate of 0 creates the state with the parameters' own
     layout and leaves the parameters unchanged (the loaded state then
     overwrites it, step counters included), as torch's own state-dict
-    utilities do.
+    utilities do. Optimizers whose ``step`` needs a closure (LBFGS) are left
+    alone: their state is materialised from the checkpoint instead. Returns
+    whether any state was created.
     """
+    created = False
     for ref in flatten_tree_statefuls(tree):
         opt = ref.obj
         if not isinstance(opt, torch.optim.Optimizer):
@@ -261,11 +268,15 @@ def _init_optimizer_states(tree: Any) -> None:
             for g in opt.param_groups:
                 g["lr"] = torch.zeros_like(g["lr"]) if isinstance(g["lr"], torch.Tensor) else 0.0
             opt.step()
+            created = True
+        except TypeError:
+            pass  # step() needs a closure
         finally:
             for g, lr in zip(opt.param_groups, lrs, strict=True):
                 g["lr"] = lr
             for p in zeroed:
                 p.grad = None
+    return created
 
 
 def flatten_tree_statefuls(tree: Any) -> list[StatefulRef]:

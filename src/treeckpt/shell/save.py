@@ -21,7 +21,7 @@ from typing import Any
 
 from treeckpt.core.dtypes import dtype_info
 from treeckpt.core.leaves import TensorLeaf
-from treeckpt.core.manifest import ChunkIndex, IndexRef, Manifest
+from treeckpt.core.manifest import FORMAT_VERSION, ChunkIndex, IndexRef, Manifest
 from treeckpt.core.options import SaveOptions
 from treeckpt.core.plan import SavePlan, WriteItem, plan_save
 from treeckpt.core.specs import ShardSpec
@@ -79,17 +79,22 @@ def save_tree(
     previous: str | None = None
     proposals: list[Any] | None = None
     if coord.is_coordinator:
+        created: str | None = None
         try:
             assert gathered is not None
             plan = plan_save(gathered, chunk_bytes=options.chunk_bytes)
             _check_same_tree(plan, flat)
             save_id = secrets.token_hex(8)
             previous = _previous_save_id(backend)
+            created = save_id
             backend.makedirs(layout.data_dir(save_id))
             if options.sync and backend.supports_fsync:
                 backend.sync_dir()
             proposals = [(items, save_id) for items in plan.items]
         except Exception as exc:
+            if created is not None:
+                with contextlib.suppress(Exception):
+                    backend.remove_tree(layout.data_dir(created))
             proposals = [exc] * coord.world_size
     mine = coord.scatter(proposals, "plan")
     failed = isinstance(mine, BaseException) and coord.is_coordinator
@@ -112,7 +117,7 @@ def save_tree(
             try:
                 assert refs is not None
                 manifest = Manifest(
-                    format_version=1,
+                    format_version=FORMAT_VERSION,
                     save_id=save_id,
                     world_size=coord.world_size,
                     structure=flat.structure,
@@ -126,6 +131,10 @@ def save_tree(
                 committed = True
             except Exception as exc:
                 err = exc
+                # The rename may have taken effect before a later step (the
+                # directory fsync) failed: then the new manifest is live and its
+                # data must stay. Report the failure, delete nothing.
+                committed = _previous_save_id(backend) == save_id
         coord.agree("commit", err)
         committed = True
     finally:

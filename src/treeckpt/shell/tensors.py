@@ -20,7 +20,7 @@ from treeckpt.core.box import Box, full_box
 from treeckpt.core.dtypes import dtype_info, torch_dtype
 from treeckpt.core.leaves import TensorLeaf
 from treeckpt.core.specs import ShardSpec
-from treeckpt.errors import UnsupportedLeafError
+from treeckpt.errors import CheckpointError, UnsupportedLeafError
 
 __all__ = ["Destination", "allocate", "chunk_source", "destination", "local_shards"]
 
@@ -144,12 +144,21 @@ def destination(obj: Any, dtype: str, shape: tuple[int, ...]) -> Destination:
 
 
 def allocate(rec: TensorLeaf) -> Any:
-    """A fresh, uninitialised leaf for ``rec`` (torch tensor, numpy array or numpy scalar)."""
-    if rec.lib == "torch":
-        return torch.empty(rec.shape, dtype=torch_dtype(rec.dtype))
-    np_name = dtype_info(rec.dtype).numpy
-    assert np_name is not None
-    return np.empty(rec.shape, dtype=np.dtype(np_name))
+    """A fresh, uninitialised leaf for ``rec`` (torch tensor, numpy array or numpy scalar).
+
+    Raises CheckpointError (not a bare RuntimeError or MemoryError) when the
+    declared shape cannot be allocated: shapes come from the manifest.
+    """
+    try:
+        if rec.lib == "torch":
+            return torch.empty(rec.shape, dtype=torch_dtype(rec.dtype))
+        np_name = dtype_info(rec.dtype).numpy
+        assert np_name is not None
+        return np.empty(rec.shape, dtype=np.dtype(np_name))
+    except (RuntimeError, MemoryError, ValueError) as exc:
+        raise CheckpointError(
+            f"cannot allocate a {rec.dtype} tensor of shape {list(rec.shape)[:8]}: {str(exc)[:120]}"
+        ) from None
 
 
 def finish_leaf(obj: Any, rec: TensorLeaf) -> Any:
