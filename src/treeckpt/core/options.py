@@ -35,7 +35,7 @@ class SaveOptions:
     chunk_bytes: int = 16 * MiB
     compress: Literal["auto", "always", "never"] = "auto"
     zstd_level: int = 1
-    min_ratio: float = 1.08
+    min_ratio: float = 1.3
     io_threads: int = 2
     sync: bool = True
     timeout_s: float = 600.0

@@ -1,0 +1,1 @@
+"""Shared pieces of the treeckpt benchmark harness (not part of the library)."""
