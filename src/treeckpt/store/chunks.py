@@ -27,7 +27,7 @@ from treeckpt.core.box import Box
 from treeckpt.core.manifest import ChunkRef, DataFile
 from treeckpt.core.options import SaveOptions
 from treeckpt.core.plan import WriteItem
-from treeckpt.errors import CorruptChunkError
+from treeckpt.errors import CheckpointError, CorruptChunkError
 from treeckpt.store import layout
 from treeckpt.store.backends import Backend, Writer
 from treeckpt.store.checksum import checksum
@@ -70,7 +70,11 @@ def write_chunks(
 
     def run_lane(k: int) -> None:
         name = layout.data_file(save_id, rank, k)
-        writer = backend.open_writer(name)
+        try:
+            writer = backend.open_writer(name)
+        except BaseException:
+            abort.set()
+            raise
         try:
             _write_lane(writer, name, [(n, jobs[n]) for n in lanes[k]], refs, options, abort)
             size = writer.tell()
@@ -99,7 +103,7 @@ def _write_lane(
     mode = options.compress
     for n, job in lane:
         if abort.is_set():
-            raise RuntimeError("aborted: another writer thread failed")
+            raise _Aborted("aborted: another writer thread failed")
         raw = job.source()
         enc = encode(
             raw,
@@ -123,8 +127,17 @@ def _write_lane(
         )
 
 
+class _Aborted(RuntimeError):
+    """A writer thread stopped because another one failed (never the root cause)."""
+
+
 def _run_all(fn: Callable[[int], None], args: Sequence[int] | range, nthreads: int) -> None:
-    """Run ``fn`` over ``args`` on ``nthreads`` threads; re-raise the first failure."""
+    """Run ``fn`` over ``args`` on ``nthreads`` threads; re-raise the root failure.
+
+    After the first failure, work not yet started is cancelled and running work
+    is waited for; the error raised is the first one that is not a mere
+    :class:`_Aborted` consequence of it.
+    """
     if nthreads == 1:
         for a in args:
             fn(a)
@@ -132,13 +145,11 @@ def _run_all(fn: Callable[[int], None], args: Sequence[int] | range, nthreads: i
     with ThreadPoolExecutor(max_workers=nthreads, thread_name_prefix="treeckpt-io") as pool:
         futures = [pool.submit(fn, a) for a in args]
         wait(futures, return_when=FIRST_EXCEPTION)
-        for f in futures:
-            if f.done() and f.exception() is not None:
-                for g in futures:
-                    g.cancel()
-                raise f.exception()  # type: ignore[misc]
-        for f in futures:
-            f.result()
+        for g in futures:
+            g.cancel()
+    errors = [f.exception() for f in futures if not f.cancelled() and f.exception() is not None]
+    if errors:
+        raise next((e for e in errors if not isinstance(e, _Aborted)), errors[0])  # type: ignore[misc]
 
 
 # ------------------------------------------------------------------ reading
@@ -204,6 +215,8 @@ def _read_one(backend: Backend, task: ReadTask, dctx: zstandard.ZstdDecompressor
             n = backend.readinto(c.file, c.offset, direct.data)
         except FileNotFoundError:
             raise CorruptChunkError(f"{where}: the data file is missing") from None
+        except OSError as exc:
+            raise CheckpointError(f"{where}: read failed ({exc})") from exc
         if n != c.length:
             raise CorruptChunkError(
                 f"{where}: the data file is truncated ({n} of {c.length} bytes)"
@@ -216,6 +229,8 @@ def _read_one(backend: Backend, task: ReadTask, dctx: zstandard.ZstdDecompressor
         n = backend.readinto(c.file, c.offset, memoryview(payload))
     except FileNotFoundError:
         raise CorruptChunkError(f"{where}: the data file is missing") from None
+    except OSError as exc:
+        raise CheckpointError(f"{where}: read failed ({exc})") from exc
     if n != c.length:
         raise CorruptChunkError(f"{where}: the data file is truncated ({n} of {c.length} bytes)")
     if checksum(payload) != c.checksum:

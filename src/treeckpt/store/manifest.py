@@ -38,8 +38,8 @@ from treeckpt.core.manifest import (
     IndexRef,
     Manifest,
 )
-from treeckpt.core.tree import iter_leaf_fqns
-from treeckpt.errors import ManifestError
+from treeckpt.core.tree import build_tree, iter_leaf_fqns
+from treeckpt.errors import ManifestError, UnsupportedLeafError
 from treeckpt.store import layout
 from treeckpt.store.checksum import checksum, is_checksum
 from treeckpt.store.codecs import CODECS
@@ -58,6 +58,8 @@ MAX_INDEX_BYTES = 1 << 30
 _MAX_INT = 1 << 62
 _MAX_NDIM = 64
 _MAX_ZSTD_RATIO = 1 << 16
+_MAX_INT_DIGITS = 4300
+_INT_LIMIT = 10**_MAX_INT_DIGITS
 
 
 def _envelope(magic: str, body: dict[str, Any]) -> bytes:
@@ -113,6 +115,9 @@ def encode_record(rec: LeafRecord) -> dict[str, Any]:
     if isinstance(v, bool):
         return {"kind": "bool", "value": v}
     if isinstance(v, int):
+        # The reader accepts at most _MAX_INT_DIGITS digits, whatever this interpreter allows.
+        if abs(v) >= _INT_LIMIT:
+            raise ValueError(f"an int of more than {_MAX_INT_DIGITS} digits cannot be stored")
         return {"kind": "int", "value": str(v)}
     if isinstance(v, float):
         return {"kind": "float", "value": struct.pack(">d", v).hex()}
@@ -138,12 +143,18 @@ def decode_record(raw: Any, where: str) -> LeafRecord:
                 raise ManifestError(f"{where}: shape {dims[:8]} is absurdly large")
             if lib == "numpy-scalar" and dims:
                 raise ManifestError(f"{where}: a numpy scalar must have shape []")
+            if lib != "torch" and DTYPES[dtype].numpy is None:
+                raise ManifestError(f"{where}: numpy has no dtype {dtype}")
             return TensorLeaf(lib=lib, dtype=dtype, shape=tuple(dims))
         if kind == "none":
             return ValueLeaf(value=None)
         if kind == "bool" and isinstance(value, bool):
             return ValueLeaf(value=value)
-        if kind == "int" and isinstance(value, str) and re.fullmatch(r"-?[0-9]{1,4300}", value):
+        if (
+            kind == "int"
+            and isinstance(value, str)
+            and re.fullmatch(rf"-?[0-9]{{1,{_MAX_INT_DIGITS}}}", value)
+        ):
             return ValueLeaf(value=int(value))
         if kind == "float" and isinstance(value, str) and re.fullmatch(r"[0-9a-f]{16}", value):
             return ValueLeaf(value=struct.unpack(">d", bytes.fromhex(value))[0])
@@ -153,6 +164,8 @@ def decode_record(raw: Any, where: str) -> LeafRecord:
             return ValueLeaf(value=base64.b64decode(value, validate=True))
         if kind == "pickle" and isinstance(raw.get("data"), str):
             return PickleLeaf(data=base64.b64decode(raw["data"], validate=True))
+    except ManifestError:
+        raise
     except (ValueError, TypeError) as exc:
         raise ManifestError(f"{where}: bad {kind} value ({str(exc)[:60]})") from None
     raise ManifestError(f"{where}: bad leaf record of kind {str(kind)[:40]!r}")
@@ -180,7 +193,7 @@ def encode_manifest(m: Manifest) -> bytes:
         "save_id": m.save_id,
         "world_size": m.world_size,
         "tree": m.structure,
-        "leaves": {fqn: encode_record(r) for fqn, r in m.records.items()},
+        "leaves": {fqn: _encode_leaf(fqn, r) for fqn, r in m.records.items()},
         "indexes": [
             {"rank": i.rank, "file": i.file, "size": i.size, "checksum": i.checksum}
             for i in m.indexes
@@ -188,6 +201,13 @@ def encode_manifest(m: Manifest) -> bytes:
         "user_metadata": m.user_metadata,
     }
     return _envelope("treeckpt", body)
+
+
+def _encode_leaf(fqn: str, rec: LeafRecord) -> dict[str, Any]:
+    try:
+        return encode_record(rec)
+    except ValueError as exc:
+        raise UnsupportedLeafError(f"{fqn!r}: {exc}") from None
 
 
 def decode_manifest(data: bytes, where: str = layout.MANIFEST) -> Manifest:
@@ -214,6 +234,10 @@ def decode_manifest(data: bytes, where: str = layout.MANIFEST) -> Manifest:
         raise ManifestError(f"{where}: tree structure is malformed") from None
     if not consistent:
         raise ManifestError(f"{where}: tree structure and leaf records name different leaves")
+    try:  # validate every structure node now, so errors name this file
+        build_tree(tree, lambda fqn: None)
+    except ManifestError as exc:
+        raise ManifestError(f"{where}: {exc}") from None
     raw_indexes = body.get("indexes")
     if not isinstance(raw_indexes, list) or len(raw_indexes) > world:
         raise ManifestError(f"{where}: indexes must be a list of at most world_size entries")

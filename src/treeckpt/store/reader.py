@@ -8,6 +8,7 @@ from treeckpt.core.leaves import TensorLeaf
 from treeckpt.core.manifest import ChunkIndex, ChunkRef, IndexRef, Manifest
 from treeckpt.core.plan import StoredTensor
 from treeckpt.errors import (
+    CheckpointError,
     CheckpointNotFoundError,
     CorruptChunkError,
     IncompleteCheckpointError,
@@ -35,7 +36,7 @@ def read_manifest(backend: Backend) -> Manifest:
     """
     try:
         data = backend.read_file(layout.MANIFEST, MAX_MANIFEST_BYTES)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         leftovers = [n for n in backend.listdir() if n.startswith("data-")]
         if leftovers:
             raise IncompleteCheckpointError(
@@ -49,6 +50,8 @@ def read_manifest(backend: Backend) -> Manifest:
         raise ManifestError(
             f"{backend.root}/{layout.MANIFEST}: larger than the {MAX_MANIFEST_BYTES} byte cap"
         ) from None
+    except OSError as exc:
+        raise CheckpointError(f"{backend.root}/{layout.MANIFEST}: cannot be read ({exc})") from exc
     return decode_manifest(data, f"{backend.root}/{layout.MANIFEST}")
 
 
@@ -62,9 +65,14 @@ def read_index(backend: Backend, manifest: Manifest, ref: IndexRef) -> ChunkInde
         raise ManifestError(
             f"{backend.root}/{ref.file}: larger than the {ref.size} bytes the manifest recorded"
         ) from None
+    except OSError as exc:
+        raise CheckpointError(f"{backend.root}/{ref.file}: cannot be read ({exc})") from exc
     index = decode_index(data, ref, manifest)
     for f in index.files:
-        actual = backend.size(f.name)
+        try:
+            actual = backend.size(f.name)
+        except OSError as exc:
+            raise CheckpointError(f"{backend.root}/{f.name}: cannot be read ({exc})") from exc
         if actual is None:
             raise CorruptChunkError(f"{backend.root}/{f.name}: data file is missing")
         if actual != f.size:

@@ -26,15 +26,22 @@ class _LocalWriter(Writer):
         return self._pos
 
     def close(self, *, sync: bool) -> None:
+        fd, self._fd = self._fd, -1
+        if fd < 0:
+            return
         try:
             if sync:
-                os.fsync(self._fd)
+                os.fsync(fd)
         finally:
-            os.close(self._fd)
+            os.close(fd)
 
     def abort(self) -> None:
-        with contextlib.suppress(OSError):
-            os.close(self._fd)
+        # Close at most once: after a failed close() the fd number may already
+        # belong to a file another thread opened.
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
 
 class LocalBackend(Backend):
@@ -73,11 +80,20 @@ class LocalBackend(Backend):
         return total
 
     def read_file(self, name: str, max_bytes: int) -> bytes:
-        with open(self._path(name), "rb") as f:
-            data = f.read(max_bytes + 1)
-        if len(data) > max_bytes:
+        with open(self._path(name), "rb", buffering=0) as f:
+            # Never allocate max_bytes up front (a cap, not a size): read what is there.
+            size = os.fstat(f.fileno()).st_size
+            if size > max_bytes:
+                raise ValueError(f"{name} is larger than {max_bytes} bytes")
+            buf = bytearray()
+            while len(buf) <= max_bytes:
+                piece = f.read(max(size - len(buf), 0) + 1)
+                if not piece:
+                    break
+                buf += piece
+        if len(buf) > max_bytes:
             raise ValueError(f"{name} is larger than {max_bytes} bytes")
-        return data
+        return bytes(buf)
 
     def commit_file(self, name: str, data: bytes, *, sync: bool) -> None:
         final = self._path(name)

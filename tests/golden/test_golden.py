@@ -1,0 +1,153 @@
+"""The committed golden checkpoint of format version 1 still loads, value for value.
+
+``v1/`` was written once by ``make_golden.py`` and is never regenerated: if a
+change to treeckpt makes this test fail, it broke every checkpoint users have
+already written. The expected values are spelled out here, independently of
+the script.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import struct
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import pytest
+import torch
+
+import treeckpt
+
+GOLDEN = Path(__file__).resolve().parent / "v1"
+SAVE_ID = "79dda21be53b617e"
+
+
+class Pair(NamedTuple):
+    a: Any
+    b: Any
+
+
+def _bits(t: torch.Tensor) -> bytes:
+    return t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def _expected_weights() -> dict[str, torch.Tensor]:
+    return {
+        "f32": torch.tensor(
+            [[0.0, 0.125, 0.25, 0.375], [0.5, 0.625, 0.75, 0.875], [1.0, 1.125, 1.25, 1.375]],
+            dtype=torch.float32,
+        ),
+        "bf16": torch.tensor([-2.5, -1.5, -0.5, 0.5, 1.5, 2.5], dtype=torch.bfloat16),
+        "f16": torch.tensor([0.5, -2.0, math.inf, -0.0], dtype=torch.float16),
+        "f64_t": torch.tensor([[0.0, 3.75], [1.25, 5.0], [2.5, 6.25]], dtype=torch.float64),
+        "i64": torch.tensor([-3, -2, -1, 0, 1, 2], dtype=torch.int64) * 1099511627776,
+        "u8": torch.tensor([0, 37, 74, 111, 148, 185, 222], dtype=torch.uint8),
+        "u8_zeros": torch.zeros(1000, dtype=torch.uint8),
+        "bool": torch.tensor([True, False, True]),
+        "c64": torch.tensor([complex(1, 2), complex(-0.0, -0.5)], dtype=torch.complex64),
+        "big": torch.arange(2048, dtype=torch.float32),
+        "empty": torch.zeros(0, 3, dtype=torch.float32),
+    }
+
+
+def _check(tree: Any, *, template_types: bool) -> None:
+    expected = _expected_weights()
+    assert list(tree["weights"]) == list(expected)
+    for k, e in expected.items():
+        got = tree["weights"][k]
+        assert isinstance(got, torch.Tensor), k
+        assert got.dtype == e.dtype and got.shape == e.shape, k
+        assert _bits(got) == _bits(e), k
+    pair = tree["pair"]
+    assert type(pair).__name__ == "Pair" and pair._fields == ("a", "b")
+    if template_types:
+        assert type(pair) is Pair
+    assert pair.a.dtype == torch.int32 and pair.a.shape == () and int(pair.a) == 7
+    assert pair.b == (1, "two", None) and type(pair.b) is tuple
+    assert type(tree["np"]) is np.ndarray and tree["np"].dtype == np.int16
+    assert tree["np"].tolist() == [0, 1, 2, 3, 4]
+    assert type(tree["np_scalar"]) is np.float64 and tree["np_scalar"] == 0.25
+    values = tree["values"]
+    assert list(values) == ["step", "big", "lr", "negzero", "name", "blob", "flag", "none"]
+    assert values["step"] == 1234 and type(values["step"]) is int
+    assert values["big"] == 1267650600228229401496703205376
+    assert struct.pack(">d", values["lr"]) == struct.pack(">d", 3e-4)
+    assert struct.pack(">d", values["negzero"]) == bytes.fromhex("8000000000000000")
+    assert values["name"] == "golden \u2603"
+    assert values["blob"] == b"\x00\xff"
+    assert values["flag"] is True and values["none"] is None
+    assert list(tree["int_keys"]) == [1, 2]
+    assert tree["int_keys"][1] == "one"
+    assert _bits(tree["int_keys"][2]) == _bits(torch.tensor([2.0]))
+    assert tree["empty"] == []
+    assert list(tree) == ["weights", "pair", "np", "np_scalar", "values", "int_keys", "empty"]
+
+
+def _template() -> dict[str, Any]:
+    w = {k: torch.full(v.shape, 9, dtype=v.dtype) for k, v in _expected_weights().items()}
+    w["f64_t"] = torch.zeros(2, 3, dtype=torch.float64).t()  # non-contiguous, filled in place
+    return {
+        "weights": w,
+        "pair": Pair(a=torch.zeros((), dtype=torch.int32), b=(0, "", None)),
+        "np": np.zeros(5, dtype=np.int16),
+        "np_scalar": np.float64(0),
+        "values": {
+            k: None for k in ["step", "big", "lr", "negzero", "name", "blob", "flag", "none"]
+        },
+        "int_keys": {1: None, 2: torch.zeros(1)},
+        "empty": [],
+    }
+
+
+@pytest.fixture
+def golden(tmp_path: Path) -> str:
+    """A read-only copy, so no test can touch the committed files."""
+    dst = tmp_path / "v1"
+    shutil.copytree(GOLDEN, dst)
+    for p in dst.rglob("*"):
+        p.chmod(0o555 if p.is_dir() else 0o444)
+    dst.chmod(0o555)
+    return str(dst)
+
+
+def test_golden_files_are_small_and_committed() -> None:
+    files = [p for p in GOLDEN.rglob("*") if p.is_file()]
+    names = sorted(str(p.relative_to(GOLDEN)) for p in files)
+    assert names == [
+        f"data-{SAVE_ID}/index-r0.json",
+        f"data-{SAVE_ID}/r0-0.bin",
+        f"data-{SAVE_ID}/r0-1.bin",
+        "manifest.json",
+    ]
+    assert sum(p.stat().st_size for p in files) < 50_000
+    doc = json.loads((GOLDEN / "manifest.json").read_bytes())
+    assert doc["magic"] == "treeckpt" and doc["format_version"] == 1
+
+
+def test_golden_restore(golden: str) -> None:
+    _check(treeckpt.restore(golden), template_types=False)
+
+
+def test_golden_load_into_template(golden: str) -> None:
+    template = _template()
+    out = treeckpt.load(template, golden)
+    _check(out, template_types=True)
+    assert out["weights"]["big"] is template["weights"]["big"]
+    assert _bits(template["weights"]["f64_t"]) == _bits(_expected_weights()["f64_t"])
+
+
+def test_golden_metadata(golden: str) -> None:
+    info = treeckpt.metadata(golden)
+    assert info.save_id == SAVE_ID and info.world_size == 1
+    assert info.user_metadata == {"golden": "v1"}
+    codecs = {fqn: t.codecs for fqn, t in info.tensors.items()}
+    assert codecs["weights.big"] == {"shuffle-zstd": 2}
+    assert codecs["weights.u8_zeros"] == {"zstd": 1}
+    assert codecs["weights.bf16"] == {"raw": 1}
+    assert codecs["weights.empty"] == {}
+    assert info.tensors["weights.bf16"].dtype == "bfloat16"
+    assert info.tensors["np_scalar"].lib == "numpy-scalar"
+    assert info.values["values.step"] == 1234

@@ -1,0 +1,218 @@
+"""Manifest and chunk index encoding: round trips, the envelope, validation."""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from typing import Any
+
+import pytest
+
+from treeckpt.core.box import Box
+from treeckpt.core.leaves import PickleLeaf, TensorLeaf, ValueLeaf
+from treeckpt.core.manifest import ChunkIndex, ChunkRef, DataFile, IndexRef, Manifest
+from treeckpt.errors import ManifestError
+from treeckpt.store import layout
+from treeckpt.store.checksum import checksum
+from treeckpt.store.manifest import (
+    decode_index,
+    decode_manifest,
+    decode_record,
+    encode_index,
+    encode_manifest,
+    encode_record,
+)
+
+SAVE_ID = "0123456789abcdef"
+
+
+def _values() -> dict[str, Any]:
+    return {
+        "none": None,
+        "t": True,
+        "f": False,
+        "zero": 0,
+        "big": 2**200,
+        "neg": -(2**200) - 1,
+        "pi": math.pi,
+        "negzero": -0.0,
+        "inf": math.inf,
+        "ninf": -math.inf,
+        "nan": struct.unpack(">d", bytes.fromhex("7ff8000000000abc"))[0],
+        "str": "héllo \u2603 \U0001f600 \x00",
+        "surrogate": "a\ud800b",
+        "bytes": bytes(range(256)),
+        "empty_bytes": b"",
+    }
+
+
+def _manifest() -> tuple[Manifest, ChunkIndex]:
+    records: dict[str, Any] = {
+        "w": TensorLeaf(lib="torch", dtype="bfloat16", shape=(4, 3)),
+        "a": TensorLeaf(lib="numpy", dtype="int64", shape=(0,)),
+        "s": TensorLeaf(lib="numpy-scalar", dtype="float64", shape=()),
+        "p": PickleLeaf(data=b"\x80\x05N."),
+    }
+    for k, v in _values().items():
+        records[f"v.{k}"] = ValueLeaf(value=v)
+    structure = {
+        "type": "dict",
+        "keys": ["w", "a", "s", "p", "v"],
+        "children": [
+            {"leaf": "w"},
+            {"leaf": "a"},
+            {"leaf": "s"},
+            {"leaf": "p"},
+            {
+                "type": "dict",
+                "keys": list(_values()),
+                "children": [{"leaf": f"v.{k}"} for k in _values()],
+            },
+        ],
+    }
+    data = layout.data_file(SAVE_ID, 0, 0)
+    chunks = (
+        ChunkRef(
+            fqn="w",
+            box=Box(offsets=(0, 0), sizes=(2, 3)),
+            file=data,
+            offset=0,
+            length=12,
+            codec="raw",
+            raw_length=12,
+            checksum=checksum(b"a"),
+        ),
+        ChunkRef(
+            fqn="w",
+            box=Box(offsets=(2, 0), sizes=(2, 3)),
+            file=data,
+            offset=12,
+            length=9,
+            codec="shuffle-zstd",
+            raw_length=12,
+            checksum=checksum(b"b"),
+        ),
+        ChunkRef(
+            fqn="s",
+            box=Box(offsets=(), sizes=()),
+            file=data,
+            offset=21,
+            length=8,
+            codec="raw",
+            raw_length=8,
+            checksum=checksum(b"c"),
+        ),
+    )
+    index = ChunkIndex(
+        save_id=SAVE_ID, rank=0, files=(DataFile(name=data, size=29),), chunks=chunks
+    )
+    blob = encode_index(index)
+    m = Manifest(
+        format_version=1,
+        save_id=SAVE_ID,
+        world_size=2,
+        structure=structure,
+        records=records,
+        indexes=(
+            IndexRef(
+                rank=0, file=layout.index_file(SAVE_ID, 0), size=len(blob), checksum=checksum(blob)
+            ),
+        ),
+        user_metadata={"run": "x", "n": [1, 2, {"a": None}]},
+    )
+    return m, index
+
+
+def _bits(v: Any) -> Any:
+    return struct.pack(">d", v) if isinstance(v, float) else (type(v), v)
+
+
+def test_manifest_round_trip() -> None:
+    m, _ = _manifest()
+    data = encode_manifest(m)
+    assert data.isascii()
+    back = decode_manifest(data)
+    assert back.save_id == m.save_id
+    assert back.world_size == m.world_size
+    assert back.structure == m.structure
+    assert back.indexes == m.indexes
+    assert back.user_metadata == m.user_metadata
+    assert list(back.records) == list(m.records)
+    for fqn, rec in m.records.items():
+        got = back.records[fqn]
+        if isinstance(rec, ValueLeaf):
+            assert isinstance(got, ValueLeaf)
+            assert _bits(got.value) == _bits(rec.value), fqn
+        else:
+            assert got == rec
+    assert encode_manifest(back) == data
+
+
+def test_index_round_trip() -> None:
+    m, index = _manifest()
+    blob = encode_index(index)
+    back = decode_index(blob, m.indexes[0], m)
+    assert back == index
+    assert encode_index(back) == blob
+
+
+def test_envelope_format_and_checksum() -> None:
+    m, _ = _manifest()
+    doc = json.loads(encode_manifest(m))
+    assert list(doc) == ["magic", "format_version", "checksum", "body"]
+    assert doc["magic"] == "treeckpt"
+    assert doc["format_version"] == 1
+    text = json.dumps(doc["body"], separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+    assert doc["checksum"] == checksum(text.encode())
+    _, index = _manifest()
+    idoc = json.loads(encode_index(index))
+    assert idoc["magic"] == "treeckpt-index"
+
+
+def test_manifest_has_no_floats_and_no_pickle_by_default() -> None:
+    m, _ = _manifest()
+    doc = json.loads(encode_manifest(m), parse_float=lambda s: pytest.fail(f"float {s}"))
+    assert doc["body"]["leaves"]["v.nan"] == {"kind": "float", "value": "7ff8000000000abc"}
+    assert doc["body"]["leaves"]["v.big"] == {"kind": "int", "value": str(2**200)}
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        {"kind": "float", "value": 1.5},
+        {"kind": "float", "value": "7FF8000000000000"},
+        {"kind": "float", "value": "00"},
+        {"kind": "int", "value": 3},
+        {"kind": "int", "value": "1e5"},
+        {"kind": "int", "value": "9" * 4301},
+        {"kind": "bool", "value": 1},
+        {"kind": "bytes", "value": "!!!"},
+        {"kind": "pickle", "data": 3},
+        {"kind": "tensor", "lib": "jax", "dtype": "float32", "shape": []},
+        {"kind": "tensor", "lib": "torch", "dtype": "float128", "shape": []},
+        {"kind": "tensor", "lib": "torch", "dtype": "float32", "shape": [-1]},
+        {"kind": "tensor", "lib": "torch", "dtype": "float32", "shape": [1.0]},
+        {"kind": "tensor", "lib": "torch", "dtype": "float32", "shape": [True]},
+        {"kind": "tensor", "lib": "torch", "dtype": "float32", "shape": [2**62]},
+        {"kind": "tensor", "lib": "torch", "dtype": "float32", "shape": [2**31, 2**31]},
+        {"kind": "tensor", "lib": "torch", "dtype": "float32", "shape": [1] * 65},
+        {"kind": "tensor", "lib": "numpy-scalar", "dtype": "float32", "shape": [1]},
+        {"kind": "module", "value": "os.system"},
+        "none",
+        None,
+    ],
+)
+def test_decode_record_rejects(raw: Any) -> None:
+    with pytest.raises(ManifestError, match="leaf 'x'"):
+        decode_record(raw, "leaf 'x'")
+
+
+@pytest.mark.parametrize("value", list(_values().values()), ids=list(_values()))
+def test_record_round_trip(value: Any) -> None:
+    rec = ValueLeaf(value=value)
+    enc = encode_record(rec)
+    json.dumps(enc, allow_nan=False)
+    back = decode_record(json.loads(json.dumps(enc)), "here")
+    assert isinstance(back, ValueLeaf)
+    assert _bits(back.value) == _bits(value)
