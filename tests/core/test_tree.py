@@ -599,3 +599,36 @@ def test_namedtuple_renamed_fields_cannot_be_rebuilt_without_their_class() -> No
     assert optree.is_namedtuple_instance(_NT(1))
     assert _rebuild(flatten_tree(_NT(1)))._fields == ("a",)
     assert isinstance(ExampleState(1, 2), ExampleState)
+
+
+def test_stateful_whose_state_dict_returns_a_stateful_is_refused() -> None:
+    class Loop:
+        def state_dict(self) -> Loop:
+            return self
+
+        def load_state_dict(self, sd: object) -> None:
+            pass
+
+    with pytest.raises(
+        UnsupportedLeafError, match=r"'x': state_dict\(\) of .*Loop returned another Stateful"
+    ):
+        flatten_tree({"x": Loop()})
+
+
+def test_flatten_is_thread_safe_with_mixed_key_order() -> None:
+    import threading
+
+    tree = {f"k{i}": {"b": 1, "a": 2, 3: 4} for i in range(200)}
+    expected = flatten_tree(tree).structure
+    results: list[object] = []
+
+    def work() -> None:
+        for _ in range(20):
+            results.append(flatten_tree(tree).structure)
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert len(results) == 80 and all(r == expected for r in results)

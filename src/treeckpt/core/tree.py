@@ -1,7 +1,8 @@
 """Flatten training state into FQN-keyed leaves, and build it back.
 
-The traversal uses optree's node registry (one level at a time, dicts in
-insertion order) and adds what training state needs on top: ``Stateful``
+The traversal uses optree's node registry one level at a time (dicts are
+read in insertion order directly, not through optree's process-wide
+``dict_insertion_ordered`` switch, so flattening is thread-safe) and adds what training state needs on top: ``Stateful``
 objects at any depth are replaced by their state dicts, dataclasses are
 traversed field by field, and the structure is recorded as plain JSON-able
 data so a tree can be rebuilt with no template and no pickle.
@@ -25,7 +26,7 @@ import keyword
 import pickle
 import re
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,6 +47,7 @@ __all__ = [
     "find_subtree",
     "flatten_tree",
     "is_stateful",
+    "iter_leaf_fqns",
     "map_tree",
     "render_fqn",
 ]
@@ -187,7 +189,13 @@ class _Flattener:
             )
         if is_stateful(obj) and not _is_tensor_like(obj):
             self.statefuls.append(StatefulRef(path=path, obj=obj))
-            inner = self.walk(obj.state_dict(), path)
+            state = obj.state_dict()
+            if is_stateful(state) and not _is_tensor_like(state):
+                raise UnsupportedLeafError(
+                    f"{render_fqn(path) or '<root>'!r}: state_dict() of {type(obj).__qualname__} "
+                    "returned another Stateful object; it must return its state (a dict)"
+                )
+            inner = self.walk(state, path)
             return {**inner, "stateful": True}
         kind = _container_kind(obj)
         if kind is None:
@@ -272,15 +280,18 @@ def _children(obj: Any, kind: str, path: Path) -> tuple[list[Any], list[PathEntr
                 "fields": names,
             },
         )
-    with optree.dict_insertion_ordered(True, namespace=NAMESPACE):
-        out = optree.tree_flatten_one_level(obj, none_is_leaf=True, namespace=NAMESPACE)
-    children = list(out.children)
     if kind in ("dict", "odict", "ddict"):
-        keys = [_check_key(k, path) for k in out.entries]
+        # Insertion order, read directly: optree's dict_insertion_ordered is a
+        # process-wide switch, unsafe while another thread flattens.
+        keys = [_check_key(k, path) for k in obj]
+        children = [obj[k] for k in keys]
         extra: Node = {"keys": [_encode_key(k) for k in keys]}
         if kind == "ddict":
             extra["factory"] = _FACTORY_NAMES.get(obj.default_factory, "none")
         return children, keys, extra
+    children = list(
+        optree.tree_flatten_one_level(obj, none_is_leaf=True, namespace=NAMESPACE).children
+    )
     if kind == "namedtuple":
         fields = list(type(obj)._fields)
         return children, fields, {"name": type(obj).__name__, "fields": fields}
@@ -457,11 +468,11 @@ def _map(
             if not f.init:
                 object.__setattr__(out, f.name, v)
         return out
-    with optree.dict_insertion_ordered(True, namespace=NAMESPACE):
-        one = optree.tree_flatten_one_level(obj, none_is_leaf=True, namespace=NAMESPACE)
+    if kind == "dict":
+        return dict(zip(entries, new, strict=True))
+    if kind == "odict":
+        return collections.OrderedDict(zip(entries, new, strict=True))
+    if kind == "ddict":
+        return collections.defaultdict(obj.default_factory, zip(entries, new, strict=True))
+    one = optree.tree_flatten_one_level(obj, none_is_leaf=True, namespace=NAMESPACE)
     return one.unflatten_func(one.metadata, new)
-
-
-def flatten_mapping(tree: Mapping[str, Any]) -> dict[str, Any]:
-    """Convenience: the FQN -> leaf mapping of ``tree`` (no records)."""
-    return flatten_tree(tree).leaves
