@@ -14,19 +14,19 @@ from typing import Any, TypeVar
 
 from treeckpt.core.box import Box, full_box
 from treeckpt.core.dtypes import dtype_info
-from treeckpt.core.leaves import LeafRecord, PickleLeaf, TensorLeaf, ValueLeaf
+from treeckpt.core.leaves import LeafRecord, PickleLeaf, TensorLeaf, TensorLib, ValueLeaf
 from treeckpt.core.manifest import Manifest
 from treeckpt.core.options import LoadOptions, SaveOptions
-from treeckpt.core.plan import LoadPlan, plan_load
+from treeckpt.core.plan import LoadPlan, StoredTensor, plan_load
 from treeckpt.core.specs import ShardSpec
 from treeckpt.errors import CheckpointError, LeafNotFoundError, PlanError, UnsupportedLeafError
 from treeckpt.shell.coord import Coordinator, LocalCoordinator
 from treeckpt.shell.dist import DistCoordinator, distributed_active
-from treeckpt.shell.load import load_tree, read_regions, restore_tree
+from treeckpt.shell.load import load_tree, read_regions, read_stored, restore_tree
 from treeckpt.shell.save import SaveResult, save_tree
 from treeckpt.shell.tensors import allocate
 from treeckpt.store.backends import Backend, open_backend
-from treeckpt.store.reader import read_indexes, read_manifest, stored_tensors
+from treeckpt.store.reader import read_indexes, read_manifest
 
 __all__ = [
     "CheckpointInfo",
@@ -49,18 +49,22 @@ def _coordinator(process_group: Any, timeout_s: float) -> Coordinator:
     return LocalCoordinator()
 
 
-def _read_manifest(backend: Backend, coord: Coordinator) -> Manifest:
-    """Rank 0 reads and validates the manifest once; every rank gets it or the error."""
-    got: Manifest | Exception | None = None
+def _read_checkpoint(
+    backend: Backend, coord: Coordinator
+) -> tuple[Manifest, dict[str, StoredTensor]]:
+    """Rank 0 reads and validates the manifest and the chunk indexes once; every
+    rank gets them, or the error. Each rank then plans only its own reads."""
+    got: tuple[Manifest, dict[str, StoredTensor]] | Exception | None = None
     if coord.is_coordinator:
         try:
-            got = read_manifest(backend)
+            manifest = read_manifest(backend)
+            got = (manifest, read_stored(backend, manifest))
         except Exception as exc:  # every rank must raise it
             got = exc
     got = coord.broadcast(got, "manifest")
     if isinstance(got, Exception):
         raise got
-    assert isinstance(got, Manifest)
+    assert isinstance(got, tuple)
     return got
 
 
@@ -184,12 +188,18 @@ def load(
     coord = _coordinator(process_group, options.timeout_s)
     backend = _backend(path)
     try:
-        manifest = _read_manifest(backend, coord)
+        manifest, stored = _read_checkpoint(backend, coord)
         return _agreed(
             coord,
             "load",
             lambda: load_tree(
-                tree, backend, manifest, strict=strict, allow_pickle=allow_pickle, options=options
+                tree,
+                backend,
+                manifest,
+                stored,
+                strict=strict,
+                allow_pickle=allow_pickle,
+                options=options,
             ),
         )
     finally:
@@ -209,11 +219,17 @@ def restore(
     namedtuples and dataclasses as types of the same name and fields made on
     the fly (no code is imported from a checkpoint).
     """
+    options = options or LoadOptions()
+    coord = _coordinator(process_group, options.timeout_s)
     backend = _backend(path)
     try:
-        manifest = read_manifest(backend)
-        return restore_tree(
-            backend, manifest, allow_pickle=allow_pickle, options=options or LoadOptions()
+        manifest, stored = _read_checkpoint(backend, coord)
+        return _agreed(
+            coord,
+            "restore",
+            lambda: restore_tree(
+                backend, manifest, stored, allow_pickle=allow_pickle, options=options
+            ),
         )
     finally:
         backend.close()
@@ -236,12 +252,12 @@ def read_tensor(path: Any, fqn: str, region: Box | tuple[slice, ...] | None = No
         if not isinstance(rec, TensorLeaf):
             raise LeafNotFoundError(f"{fqn!r} is not a tensor of the checkpoint at {backend.root}")
         box = _region_box(rec.shape, region)
-        out = allocate(
-            TensorLeaf(
-                lib="numpy" if rec.lib != "torch" else "torch", dtype=rec.dtype, shape=box.sizes
-            )
-        )
-        read_regions(backend, manifest, {fqn: [(box, out)]}, LoadOptions())
+        stored = read_stored(backend, manifest)
+        spec = ShardSpec(fqn=fqn, dtype=rec.dtype, shape=rec.shape, boxes=(box,))
+        plan_load(stored, [spec])  # coverage before allocation: shapes are untrusted
+        lib: TensorLib = "numpy" if rec.lib != "torch" else "torch"
+        out = allocate(TensorLeaf(lib=lib, dtype=rec.dtype, shape=box.sizes), fqn)
+        read_regions(backend, manifest, stored, {fqn: [(box, out)]}, LoadOptions())
         return out
     finally:
         backend.close()
@@ -277,7 +293,7 @@ def plan_reshard(path: Any, specs_by_rank: Sequence[Sequence[ShardSpec]]) -> lis
     backend = _backend(path)
     try:
         manifest = read_manifest(backend)
-        stored = stored_tensors(manifest, read_indexes(backend, manifest))
+        stored = read_stored(backend, manifest)
     finally:
         backend.close()
     return [plan_load(stored, specs) for specs in specs_by_rank]

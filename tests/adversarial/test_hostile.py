@@ -203,13 +203,6 @@ def test_huge_shape_without_the_chunks_to_back_it(ck: Ckpt) -> None:
         treeckpt.restore(str(ck.path))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="shell.load.restore_tree allocates every tensor from the manifest's shape before the "
-    "chunk indexes are read and coverage is planned; the allocation failure (shell.tensors."
-    "allocate) names neither the FQN nor the manifest, and a forged shape that does fit in "
-    "virtual memory is allocated before the PlanError",
-)
 def test_huge_shape_error_names_the_tensor(ck: Ckpt) -> None:
     _huge_u8(ck)
     with pytest.raises(CheckpointError, match="u8"):

@@ -5,6 +5,7 @@ committed, and the previous checkpoint stays intact."""
 from __future__ import annotations
 
 import os
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,8 @@ def _fault(kind: str) -> Any:
             raise OSError("disk on fire")
         if kind == "exit":
             os._exit(3)
+        if kind == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
         time.sleep(60)  # stall
 
     return bad
@@ -81,9 +84,10 @@ def test_rank_raising_makes_every_rank_raise(tmp_path: Path, old_ckpt: str, phas
     _assert_old_intact(old_ckpt)
 
 
-def test_rank_exiting_mid_write(tmp_path: Path, old_ckpt: str) -> None:
+@pytest.mark.parametrize(("kind", "phase"), [("exit", "write"), ("kill", "read")])
+def test_rank_dying_mid_phase(tmp_path: Path, old_ckpt: str, kind: str, phase: str) -> None:
     results = run_ranks(
-        2, _save_with_fault, tmp_path, old_ckpt, "exit", "write", timeout=60, allow_dead=True
+        2, _save_with_fault, tmp_path, old_ckpt, kind, phase, timeout=60, allow_dead=True
     )
     assert results[1] is DEAD
     msg, elapsed = results[0]
@@ -92,9 +96,10 @@ def test_rank_exiting_mid_write(tmp_path: Path, old_ckpt: str) -> None:
     _assert_old_intact(old_ckpt)
 
 
-def test_rank_stalling_is_named_within_timeout(tmp_path: Path, old_ckpt: str) -> None:
+@pytest.mark.parametrize("phase", ["describe", "write"])
+def test_rank_stalling_is_named_within_timeout(tmp_path: Path, old_ckpt: str, phase: str) -> None:
     results = run_ranks(
-        2, _save_with_fault, tmp_path, old_ckpt, "stall", "write", timeout=40, allow_dead=True
+        2, _save_with_fault, tmp_path, old_ckpt, "stall", phase, timeout=40, allow_dead=True
     )
     msg, elapsed = results[0]
     assert msg.startswith("CollectiveError"), msg

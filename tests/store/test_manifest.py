@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import struct
@@ -216,3 +217,30 @@ def test_record_round_trip(value: Any) -> None:
     back = decode_record(json.loads(json.dumps(enc)), "here")
     assert isinstance(back, ValueLeaf)
     assert _bits(back.value) == _bits(value)
+
+
+def _with_blocks(index: ChunkIndex, blocks: tuple[str, ...], block_bytes: int) -> ChunkIndex:
+    c = dataclasses.replace(index.chunks[-1], block_bytes=block_bytes, blocks=blocks)
+    return dataclasses.replace(index, chunks=(*index.chunks[:-1], c))
+
+
+def _decode_alone(m: Manifest, index: ChunkIndex) -> ChunkIndex:
+    blob = encode_index(index)
+    ref = IndexRef(
+        rank=0, file=layout.index_file(SAVE_ID, 0), size=len(blob), checksum=checksum(blob)
+    )
+    return decode_index(blob, ref, dataclasses.replace(m, indexes=(ref,)))
+
+
+def test_block_checksums_round_trip_and_are_validated() -> None:
+    m, index = _manifest()
+    good = _with_blocks(index, (checksum(b"1"), checksum(b"2")), 4)  # 8-byte raw chunk
+    assert _decode_alone(m, good) == good
+    for blocks, bb in [
+        ((checksum(b"1"),), 4),  # does not cover the chunk
+        ((checksum(b"1"), checksum(b"2"), checksum(b"3")), 4),  # too many
+        ((checksum(b"1"), "crc:00"), 4),  # not a checksum
+        ((checksum(b"1"), checksum(b"2")), 0),  # no block size
+    ]:
+        with pytest.raises(ManifestError, match="block"):
+            _decode_alone(m, _with_blocks(index, blocks, bb))

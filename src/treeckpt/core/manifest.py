@@ -24,6 +24,10 @@ class ChunkRef:
     ``box`` is the chunk's region of the global tensor. ``length`` bytes at
     ``offset`` of ``file`` hold it, encoded with ``codec``; decoding gives
     exactly ``raw_length`` bytes. ``checksum`` is taken over the stored bytes.
+
+    A raw chunk may also carry ``blocks``: the checksums of its consecutive
+    ``block_bytes``-byte pieces (the last one shorter), so a reader that needs
+    only part of the chunk reads and verifies only the blocks holding it.
     """
 
     fqn: str
@@ -34,6 +38,15 @@ class ChunkRef:
     codec: str
     raw_length: int
     checksum: str
+    block_bytes: int = 0
+    blocks: tuple[str, ...] = ()
+
+    def block_range(self, start: int, stop: int) -> tuple[int, int]:
+        """The byte range ``[start, stop)`` widened to whole blocks (the whole chunk without blocks)."""
+        if not self.blocks:
+            return 0, self.length
+        bb = self.block_bytes
+        return start - start % bb, min(self.length, -(-stop // bb) * bb)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

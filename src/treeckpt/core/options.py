@@ -30,6 +30,9 @@ class SaveOptions:
         timeout_s: with several ranks, how long any rank waits for the others
             in one phase before every surviving rank raises, naming the ranks
             that never arrived.
+        block_bytes: raw chunks larger than this also get one checksum per
+            block of this size, so a load that needs part of a chunk (another
+            sharding) reads and verifies only those blocks. 0 turns it off.
     """
 
     chunk_bytes: int = 16 * MiB
@@ -39,8 +42,11 @@ class SaveOptions:
     io_threads: int = 2
     sync: bool = True
     timeout_s: float = 600.0
+    block_bytes: int = 1 << 20
 
     def __post_init__(self) -> None:
+        if self.block_bytes < 0:
+            raise ValueError(f"block_bytes must be >= 0, got {self.block_bytes}")
         if self.chunk_bytes < 1:
             raise ValueError(f"chunk_bytes must be positive, got {self.chunk_bytes}")
         if self.compress not in ("auto", "always", "never"):

@@ -25,6 +25,8 @@ __all__ = [
     "StoredTensor",
     "TensorMeta",
     "WriteItem",
+    "chunk_read_ranges",
+    "contiguous_range",
     "plan_load",
     "plan_save",
 ]
@@ -175,7 +177,9 @@ class ReadItem:
     """Copy region ``src`` of a chunk into region ``dst`` of the requested box.
 
     ``src`` is relative to ``chunk.box``, ``dst`` relative to ``request``
-    (the destination's box in global coordinates).
+    (the destination's box in global coordinates). ``byte_range`` is set when
+    ``src`` is one contiguous run of the chunk's row-major raw bytes: the
+    ``[start, stop)`` byte range holding it.
     """
 
     fqn: str
@@ -183,6 +187,7 @@ class ReadItem:
     request: Box
     src: Box
     dst: Box
+    byte_range: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -190,7 +195,8 @@ class LoadPlan:
     """What one rank reads. Reports the cost before any I/O.
 
     ``needed_bytes`` is what the destinations hold; ``read_raw_bytes`` is the
-    raw size of every chunk touched (a chunk is decoded whole), so
+    raw size of what is read (a compressed chunk is decoded whole; a raw chunk
+    with block checksums only from its first to its last needed block), so
     ``read_amplification`` = read / needed (1.0 is ideal).
     """
 
@@ -203,6 +209,11 @@ class LoadPlan:
     @property
     def read_amplification(self) -> float:
         return self.read_raw_bytes / self.needed_bytes if self.needed_bytes else 1.0
+
+    @property
+    def ranges(self) -> dict[tuple[str, int], tuple[int, int]]:
+        """Per chunk (file, offset): the byte range of it to read, whole blocks."""
+        return chunk_read_ranges(self.items)
 
     @property
     def chunks(self) -> tuple[ChunkRef, ...]:
@@ -264,13 +275,17 @@ def plan_load(stored: Mapping[str, StoredTensor], requests: Sequence[ShardSpec])
                 covered += inter.volume
                 touched[(chunk.file, chunk.offset)] = chunk
                 parts.append(inter.relative_to(box))
+                src = inter.relative_to(chunk.box)
                 items.append(
                     ReadItem(
                         fqn=req.fqn,
                         chunk=chunk,
                         request=box,
-                        src=inter.relative_to(chunk.box),
+                        src=src,
                         dst=parts[-1],
+                        byte_range=contiguous_range(chunk.box, src, itemsize)
+                        if chunk.codec == "raw"
+                        else None,
                     )
                 )
             if covered >= box.volume:
@@ -282,14 +297,68 @@ def plan_load(stored: Mapping[str, StoredTensor], requests: Sequence[ShardSpec])
                     f"the requested region offsets {list(box.offsets)} sizes {list(box.sizes)}"
                 )
             needed += box.volume * itemsize
+    ranges = chunk_read_ranges(items)
     chunks = touched.values()
+    read = sum(hi - lo for lo, hi in ranges.values())
     return LoadPlan(
         items=tuple(items),
         needed_bytes=needed,
-        read_raw_bytes=sum(c.raw_length for c in chunks),
-        read_stored_bytes=sum(c.length for c in chunks),
+        read_raw_bytes=sum(
+            (c.raw_length if c.codec != "raw" else _span(ranges[(c.file, c.offset)]))
+            for c in chunks
+        ),
+        read_stored_bytes=read,
         files=tuple(sorted({c.file for c in chunks})),
     )
+
+
+def _span(r: tuple[int, int]) -> int:
+    return r[1] - r[0]
+
+
+def contiguous_range(chunk: Box, src: Box, itemsize: int) -> tuple[int, int] | None:
+    """The row-major byte range of region ``src`` (relative to ``chunk``), if it is one run.
+
+    A region is one run when, past its first dimension of size > 1, it spans
+    every later dimension whole.
+
+    >>> contiguous_range(Box(offsets=(0, 0), sizes=(4, 3)), Box(offsets=(1, 0), sizes=(2, 3)), 4)
+    (12, 36)
+    >>> contiguous_range(Box(offsets=(0, 0), sizes=(4, 3)), Box(offsets=(1, 0), sizes=(2, 2)), 4) is None
+    True
+    """
+    dims = chunk.sizes
+    first = next((d for d, s in enumerate(src.sizes) if s > 1), len(dims) - 1)
+    if any(src.sizes[d] != dims[d] for d in range(first + 1, len(dims))):
+        return None
+    start = 0
+    for d in range(len(dims)):
+        start = start * dims[d] + src.offsets[d]
+    return start * itemsize, (start + src.volume) * itemsize
+
+
+def chunk_read_ranges(items: Sequence[ReadItem]) -> dict[tuple[str, int], tuple[int, int]]:
+    """For each chunk the items touch, the stored byte range to read.
+
+    A raw chunk with block checksums is read from the first to the last block
+    any item needs (ranged read); any other chunk is read whole.
+    """
+    out: dict[tuple[str, int], tuple[int, int]] = {}
+    whole: set[tuple[str, int]] = set()
+    for item in items:
+        c = item.chunk
+        key = (c.file, c.offset)
+        if key in whole:
+            continue
+        if item.byte_range is None or not c.blocks:
+            out[key] = (0, c.length)
+            whole.add(key)
+            continue
+        lo, hi = c.block_range(*item.byte_range)
+        if key in out:
+            lo, hi = min(lo, out[key][0]), max(hi, out[key][1])
+        out[key] = (lo, hi)
+    return out
 
 
 class _ChunkIndex:

@@ -22,8 +22,8 @@ from treeckpt.core.dtypes import dtype_info
 from treeckpt.core.leaves import LeafRecord, PickleLeaf, TensorLeaf, ValueLeaf
 from treeckpt.core.manifest import Manifest
 from treeckpt.core.options import LoadOptions
-from treeckpt.core.plan import LoadPlan, ReadItem, plan_load
-from treeckpt.core.specs import ShardSpec
+from treeckpt.core.plan import LoadPlan, ReadItem, StoredTensor, plan_load
+from treeckpt.core.specs import ShardSpec, full_spec
 from treeckpt.core.tree import StatefulRef, build_tree, find_subtree, flatten_tree, map_tree
 from treeckpt.errors import LoadMismatchError, ManifestError, UnsupportedLeafError
 from treeckpt.shell.tensors import Destination, allocate, destination, finish_leaf, local_shards
@@ -51,6 +51,7 @@ def value_of(fqn: str, rec: LeafRecord, *, allow_pickle: bool) -> Any:
 def read_into(
     backend: Backend,
     manifest: Manifest,
+    stored: Mapping[str, StoredTensor],
     targets: Mapping[str, Any],
     options: LoadOptions,
 ) -> LoadPlan:
@@ -64,12 +65,13 @@ def read_into(
         rec = manifest.records[fqn]
         assert isinstance(rec, TensorLeaf)
         regions[fqn] = local_shards(fqn, obj, rec)[1]
-    return read_regions(backend, manifest, regions, options)
+    return read_regions(backend, manifest, stored, regions, options)
 
 
 def read_regions(
     backend: Backend,
     manifest: Manifest,
+    stored: Mapping[str, StoredTensor],
     regions: Mapping[str, list[tuple[Box, Any]]],
     options: LoadOptions,
 ) -> LoadPlan:
@@ -86,21 +88,27 @@ def read_regions(
         itemsizes[fqn] = dtype_info(rec.dtype).itemsize
         for box, local in pairs:
             dests[(fqn, box)] = destination(local, rec.dtype, box.sizes)
-    indexes = read_indexes(backend, manifest)
-    plan = plan_load(stored_tensors(manifest, indexes), requests)
+    plan = plan_load(stored, requests)
     grouped: dict[tuple[str, int], list[ReadItem]] = {}
     for item in plan.items:
         grouped.setdefault((item.chunk.file, item.chunk.offset), []).append(item)
+    ranges = plan.ranges
     tasks = [
         ReadTask(
             chunk=items[0].chunk,
             itemsize=itemsizes[items[0].fqn],
             targets=tuple(
-                ReadTarget(src=i.src, dst=i.dst, dest=dests[(i.fqn, i.request)].array)
+                ReadTarget(
+                    src=i.src,
+                    dst=i.dst,
+                    dest=dests[(i.fqn, i.request)].array,
+                    byte_range=i.byte_range,
+                )
                 for i in items
             ),
+            read_range=ranges[key],
         )
-        for items in grouped.values()
+        for key, items in grouped.items()
     ]
     read_chunks(backend, tasks, io_threads=options.io_threads)
     for d in dests.values():
@@ -108,15 +116,40 @@ def read_regions(
     return plan
 
 
+def read_stored(backend: Backend, manifest: Manifest) -> dict[str, StoredTensor]:
+    """Every tensor of the checkpoint with its chunks (reads every chunk index)."""
+    return stored_tensors(manifest, read_indexes(backend, manifest))
+
+
+def allocate_covered(
+    manifest: Manifest, stored: Mapping[str, StoredTensor], fqns: list[str]
+) -> dict[str, Any]:
+    """Fresh leaves for ``fqns``, allocated only once their stored chunks are known to cover them.
+
+    Shapes come from the manifest (untrusted): planning first means a forged
+    shape with no chunks behind it is a PlanError, never a huge allocation.
+    """
+    recs = {f: manifest.records[f] for f in fqns}
+    plan_load(
+        stored,
+        [full_spec(f, r.dtype, r.shape) for f, r in recs.items() if isinstance(r, TensorLeaf)],
+    )
+    return {f: allocate(r, f) for f, r in recs.items() if isinstance(r, TensorLeaf)}
+
+
 def restore_tree(
-    backend: Backend, manifest: Manifest, *, allow_pickle: bool, options: LoadOptions
+    backend: Backend,
+    manifest: Manifest,
+    stored: Mapping[str, StoredTensor],
+    *,
+    allow_pickle: bool,
+    options: LoadOptions,
 ) -> Any:
     """The whole tree, materialised on CPU, with no template."""
-    targets = {
-        fqn: allocate(rec) for fqn, rec in manifest.records.items() if isinstance(rec, TensorLeaf)
-    }
     _check_pickles(manifest, allow_pickle)
-    read_into(backend, manifest, targets, options)
+    tensor_fqns = [f for f, r in manifest.records.items() if isinstance(r, TensorLeaf)]
+    targets = allocate_covered(manifest, stored, tensor_fqns)
+    read_into(backend, manifest, stored, targets, options)
 
     def leaf(fqn: str) -> Any:
         rec = manifest.records[fqn]
@@ -149,6 +182,7 @@ def load_tree(
     tree: Any,
     backend: Backend,
     manifest: Manifest,
+    stored: Mapping[str, StoredTensor],
     *,
     strict: bool,
     allow_pickle: bool,
@@ -194,6 +228,7 @@ def load_tree(
 
     # Destinations: template tensors in place; materialised ones for open Statefuls.
     targets: dict[str, Any] = {}
+    fresh: list[str] = []
     for fqn, rec in ck.items():
         if not isinstance(rec, TensorLeaf):
             if isinstance(rec, PickleLeaf) and (
@@ -201,12 +236,13 @@ def load_tree(
             ):
                 value_of(fqn, rec, allow_pickle=allow_pickle)  # refuse before any byte changes
             continue
-        if fqn in flat.records:
-            obj = flat.leaves[fqn]
-            targets[fqn] = obj if isinstance(obj, torch.Tensor | np.ndarray) else allocate(rec)
-        elif _in_open(fqn, open_prefixes):
-            targets[fqn] = allocate(rec)
-    read_into(backend, manifest, targets, options)
+        obj = flat.leaves.get(fqn)
+        if isinstance(obj, torch.Tensor | np.ndarray):
+            targets[fqn] = obj
+        elif fqn in flat.records or _in_open(fqn, open_prefixes):
+            fresh.append(fqn)  # numpy scalars, and state a fresh Stateful lacks
+    targets.update(allocate_covered(manifest, stored, fresh))
+    read_into(backend, manifest, stored, targets, options)
 
     def ck_leaf(fqn: str) -> Any:
         rec = ck[fqn]

@@ -143,7 +143,7 @@ def destination(obj: Any, dtype: str, shape: tuple[int, ...]) -> Destination:
     return Destination(staging_np.reshape(-1).view(np.uint8).reshape(byte_shape), finish_array)
 
 
-def allocate(rec: TensorLeaf) -> Any:
+def allocate(rec: TensorLeaf, fqn: str = "") -> Any:
     """A fresh, uninitialised leaf for ``rec`` (torch tensor, numpy array or numpy scalar).
 
     Raises CheckpointError (not a bare RuntimeError or MemoryError) when the
@@ -157,7 +157,8 @@ def allocate(rec: TensorLeaf) -> Any:
         return np.empty(rec.shape, dtype=np.dtype(np_name))
     except (RuntimeError, MemoryError, ValueError) as exc:
         raise CheckpointError(
-            f"cannot allocate a {rec.dtype} tensor of shape {list(rec.shape)[:8]}: {str(exc)[:120]}"
+            f"{fqn!r}: cannot allocate a {rec.dtype} tensor of shape {list(rec.shape)[:8]}: "
+            f"{str(exc)[:120]}"
         ) from None
 
 

