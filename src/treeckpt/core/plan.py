@@ -12,9 +12,11 @@ import bisect
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from treeckpt.core.box import Box, check_tiling, split_box
+from treeckpt.core.box import Box, check_tiling
 from treeckpt.core.dtypes import dtype_info
+from treeckpt.core.items import TensorMeta, WriteItem, fmt_bytes
 from treeckpt.core.manifest import ChunkRef
+from treeckpt.core.plan_table import local_table, plan_save_table
 from treeckpt.core.specs import ShardSpec
 from treeckpt.errors import PlanError
 
@@ -30,30 +32,6 @@ __all__ = [
     "plan_load",
     "plan_save",
 ]
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class TensorMeta:
-    """A tensor's global description."""
-
-    fqn: str
-    dtype: str
-    shape: tuple[int, ...]
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class WriteItem:
-    """Rank ``rank`` writes region ``chunk`` of ``fqn``, taken from its local ``shard`` box."""
-
-    fqn: str
-    dtype: str
-    rank: int
-    shard: Box
-    chunk: Box
-
-    @property
-    def nbytes(self) -> int:
-        return self.chunk.volume * dtype_info(self.dtype).itemsize
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -75,10 +53,10 @@ class SavePlan:
         """A dry-run cost report: raw bytes and chunks each rank will write."""
         total = sum(self.bytes_by_rank)
         lines = [
-            f"save plan: {len(self.tensors)} tensors, {_fmt_bytes(total)} raw, {len(self.items)} ranks"
+            f"save plan: {len(self.tensors)} tensors, {fmt_bytes(total)} raw, {len(self.items)} ranks"
         ]
         for r, (b, c) in enumerate(zip(self.bytes_by_rank, self.chunks_by_rank, strict=True)):
-            lines.append(f"  rank {r}: {_fmt_bytes(b)} in {c} chunks")
+            lines.append(f"  rank {r}: {fmt_bytes(b)} in {c} chunks")
         return "\n".join(lines)
 
 
@@ -97,66 +75,18 @@ def plan_save(specs_by_rank: Sequence[Sequence[ShardSpec]], *, chunk_bytes: int)
         PlanError: ranks disagree, or the boxes of a tensor do not tile it
             (the FQN and the ranks or boxes are named).
     """
-    world = len(specs_by_rank)
-    metas: dict[str, TensorMeta] = {}
-    meta_rank: dict[str, int] = {}
-    holders: dict[str, dict[Box, list[int]]] = {}
-    for rank, specs in enumerate(specs_by_rank):
-        seen_here: set[str] = set()
-        for spec in specs:
-            if spec.fqn in seen_here:
-                raise PlanError(f"{spec.fqn}: rank {rank} describes the tensor twice")
-            seen_here.add(spec.fqn)
-            meta = TensorMeta(fqn=spec.fqn, dtype=spec.dtype, shape=spec.shape)
-            prev = metas.setdefault(spec.fqn, meta)
-            if prev != meta:
-                first = meta_rank[spec.fqn]
-                raise PlanError(
-                    f"{spec.fqn}: rank {first} has dtype {prev.dtype} shape {list(prev.shape)} but "
-                    f"rank {rank} has dtype {meta.dtype} shape {list(meta.shape)}"
-                )
-            meta_rank.setdefault(spec.fqn, rank)
-            by_box = holders.setdefault(spec.fqn, {})
-            for box in spec.boxes:
-                if box.ndim != len(spec.shape):
-                    raise PlanError(
-                        f"{spec.fqn}: rank {rank} gives a {box.ndim}-d box for a {len(spec.shape)}-d tensor"
-                    )
-                ranks = by_box.setdefault(box, [])
-                if rank not in ranks:
-                    ranks.append(rank)
-
-    for fqn, by_box in holders.items():
-        check_tiling(metas[fqn].shape, list(by_box), what=fqn)
-
-    load = [0] * world
-    assigned: list[tuple[str, Box, int]] = []
-    replicated: list[tuple[int, str, Box, list[int]]] = []
-    for fqn, by_box in holders.items():
-        itemsize = dtype_info(metas[fqn].dtype).itemsize
-        for box, ranks in by_box.items():
-            nbytes = box.volume * itemsize
-            if len(ranks) == 1:
-                load[ranks[0]] += nbytes
-                assigned.append((fqn, box, ranks[0]))
-            else:
-                replicated.append((nbytes, fqn, box, ranks))
-    replicated.sort(key=lambda t: -t[0])  # stable: equal sizes keep tree order
-    for nbytes, fqn, box, ranks in replicated:
-        rank = min(ranks, key=lambda r: (load[r], r))
-        load[rank] += nbytes
-        assigned.append((fqn, box, rank))
-
-    order = {fqn: i for i, fqn in enumerate(holders)}
-    assigned.sort(key=lambda t: (order[t[0]], t[1].offsets))
-    items: list[list[WriteItem]] = [[] for _ in range(world)]
-    for fqn, box, rank in assigned:
-        meta = metas[fqn]
-        for chunk in split_box(box, dtype_info(meta.dtype).itemsize, chunk_bytes):
-            items[rank].append(
-                WriteItem(fqn=fqn, dtype=meta.dtype, rank=rank, shard=box, chunk=chunk)
-            )
-    return SavePlan(tensors=tuple(metas.values()), items=tuple(tuple(i) for i in items))
+    table = plan_save_table(
+        [local_table(specs, rank) for rank, specs in enumerate(specs_by_rank)],
+        chunk_bytes=chunk_bytes,
+    )
+    t = table.tensors
+    return SavePlan(
+        tensors=tuple(
+            TensorMeta(fqn=f, dtype=d, shape=s)
+            for f, d, s in zip(t.fqns, t.dtypes, t.shapes, strict=True)
+        ),
+        items=tuple(table.items_for(r) for r in range(table.world)),
+    )
 
 
 # ------------------------------------------------------------------ loading
@@ -226,8 +156,8 @@ class LoadPlan:
     def report(self) -> str:
         return (
             f"load plan: {len(self.items)} read items from {len(self.chunks)} chunks in "
-            f"{len(self.files)} files; needed {_fmt_bytes(self.needed_bytes)}, reads "
-            f"{_fmt_bytes(self.read_stored_bytes)} stored / {_fmt_bytes(self.read_raw_bytes)} raw "
+            f"{len(self.files)} files; needed {fmt_bytes(self.needed_bytes)}, reads "
+            f"{fmt_bytes(self.read_stored_bytes)} stored / {fmt_bytes(self.read_raw_bytes)} raw "
             f"(read amplification {self.read_amplification:.3f})"
         )
 
@@ -388,11 +318,3 @@ class _ChunkIndex:
         lo = bisect.bisect_right(self.max_ends, box.offsets[0])
         hi = bisect.bisect_left(self.starts, box.offsets[0] + box.sizes[0])
         return self.chunks[lo:hi]
-
-
-def _fmt_bytes(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024  # type: ignore[assignment]
-    return f"{n} B"

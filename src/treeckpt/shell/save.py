@@ -20,10 +20,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from treeckpt.core.dtypes import dtype_info
+from treeckpt.core.items import WriteItem
 from treeckpt.core.leaves import TensorLeaf
 from treeckpt.core.manifest import FORMAT_VERSION, ChunkIndex, IndexRef, Manifest
 from treeckpt.core.options import SaveOptions
-from treeckpt.core.plan import SavePlan, WriteItem, plan_save
+from treeckpt.core.plan_table import LocalTable, SavePlanTable, local_table, plan_save_table
 from treeckpt.core.specs import ShardSpec
 from treeckpt.core.tree import FlatTree, flatten_tree
 from treeckpt.errors import CheckpointError, PlanError
@@ -45,7 +46,7 @@ class SaveResult:
 
     path: str
     save_id: str
-    plan: SavePlan | None
+    plan: SavePlanTable | None
 
 
 def save_tree(
@@ -61,6 +62,7 @@ def save_tree(
     flat: FlatTree | None = None
     local: dict[str, list[tuple[Any, Any]]] = {}
     specs: list[ShardSpec] = []
+    table: LocalTable | None = None
     err: BaseException | None = None
     try:
         flat = flatten_tree(tree, allow_pickle=allow_pickle)
@@ -69,20 +71,23 @@ def save_tree(
                 spec, shards = local_shards(fqn, flat.leaves[fqn], rec)
                 specs.append(spec)
                 local[fqn] = shards
+        table = local_table(specs, coord.rank)
     except Exception as exc:
         err = exc
     coord.agree("describe", err)
     assert flat is not None
 
-    gathered = coord.gather(specs, "plan")
-    plan: SavePlan | None = None
+    # Columns, not an object per box: the coordinator of thousands of ranks
+    # plans millions of boxes in seconds, and each rank gets only its rows.
+    gathered = coord.gather(table, "plan")
+    plan: SavePlanTable | None = None
     previous: str | None = None
     proposals: list[Any] | None = None
     if coord.is_coordinator:
         created: str | None = None
         try:
             assert gathered is not None
-            plan = plan_save(gathered, chunk_bytes=options.chunk_bytes)
+            plan = plan_save_table(gathered, chunk_bytes=options.chunk_bytes)
             _check_same_tree(plan, flat)
             save_id = secrets.token_hex(8)
             previous = _previous_save_id(backend)
@@ -90,7 +95,7 @@ def save_tree(
             backend.makedirs(layout.data_dir(save_id))
             if options.sync and backend.supports_fsync:
                 backend.sync_dir()
-            proposals = [(items, save_id) for items in plan.items]
+            proposals = [(plan.for_rank(r), save_id) for r in range(coord.world_size)]
         except Exception as exc:
             if created is not None:
                 with contextlib.suppress(Exception):
@@ -99,7 +104,8 @@ def save_tree(
     mine = coord.scatter(proposals, "plan")
     failed = isinstance(mine, BaseException) and coord.is_coordinator
     coord.agree("plan", mine if failed else None)
-    my_items, save_id = mine
+    my_rows, save_id = mine
+    my_items = my_rows.items_for(coord.rank)
 
     committed = False
     try:
@@ -159,12 +165,12 @@ def _previous_save_id(backend: Backend) -> str | None:
         return None
 
 
-def _check_same_tree(plan: SavePlan, flat: FlatTree) -> None:
+def _check_same_tree(plan: SavePlanTable, flat: FlatTree) -> None:
     """Every tensor some rank holds must be a tensor leaf of the coordinator's tree."""
-    for meta in plan.tensors:
-        if not isinstance(flat.records.get(meta.fqn), TensorLeaf):
+    for fqn in plan.tensors.fqns:
+        if not isinstance(flat.records.get(fqn), TensorLeaf):
             raise PlanError(
-                f"{meta.fqn}: a tensor on another rank but not on rank 0; every rank must "
+                f"{fqn}: a tensor on another rank but not on rank 0; every rank must "
                 "save a tree with the same keys"
             )
 
