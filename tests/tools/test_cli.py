@@ -9,9 +9,11 @@ import os
 import shutil
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 import zstandard
@@ -75,14 +77,14 @@ def test_inspect_lists_fqns_shapes_dtypes_values_and_totals(
     code, out, _ = run(["inspect", str(saved)], capsys)
     assert code == 0
     assert "model.0.weight" in out and "[16, 8]" in out and "float32" in out
-    assert "optim.state.model.2.bias.exp_avg_sq" in out
+    assert "optim.state.3.exp_avg_sq" in out
     assert "optim.param_groups.0.lr" in out and "0.001" in out
     assert "'run-1'" in out
     info = treeckpt.metadata(str(saved))
     assert f"save {info.save_id}" in out
     assert f"total: {len(info.tensors)} tensors" in out
     # tree order: the model's tensors come before the optimizer's
-    assert out.index("model.0.weight") < out.index("optim.state.model.0.weight.exp_avg")
+    assert out.index("model.0.weight") < out.index("optim.state.0.exp_avg")
 
 
 def test_inspect_json_is_one_document_with_every_leaf(
@@ -114,9 +116,7 @@ def test_inspect_filter_matches_fqn_globs(saved: Path, capsys: pytest.CaptureFix
         ["inspect", str(saved), "--json", "--filter", "*.exp_avg", "--filter", "step"], capsys
     )
     doc = json.loads(out)
-    assert {t["fqn"] for t in doc["tensors"]} == {
-        f"optim.state.model.{m}.{p}.exp_avg" for m in (0, 2) for p in ("weight", "bias")
-    }
+    assert {t["fqn"] for t in doc["tensors"]} == {f"optim.state.{i}.exp_avg" for i in range(4)}
     assert [v["fqn"] for v in doc["values"]] == ["step"]
 
 
@@ -124,9 +124,11 @@ def test_inspect_on_a_terminal_prints_a_rich_table(
     saved: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(cli, "_is_terminal", lambda stream: True)
-    code, out, _ = run(["inspect", str(saved), "--filter", "model.0.*"], capsys)
+    monkeypatch.setenv("COLUMNS", "200")
+    code, out, _ = run(["inspect", str(saved), "--filter", "model.0.*", "--filter", "step"], capsys)
     assert code == 0
-    assert "model.0.weight" in out and "tensors" in out and "total:" in out
+    assert "model.0.weight" in out and "codecs" in out and "─" in out
+    assert "values" in out and "total:" in out
 
 
 def test_inspect_values_that_json_cannot_hold(
@@ -279,6 +281,19 @@ def test_verify_multi_chunk_compressed_checkpoint(
     assert f"{len(chunks) - 1} of {len(chunks)} chunks intact" in out
 
 
+def test_verify_and_diff_over_fsspec_with_progress_bars(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(cli, "_is_terminal", lambda stream: True)
+    root = f"memory://treeckpt-cli-{uuid.uuid4().hex}"
+    treeckpt.save({"w": torch.arange(3000.0)}, f"{root}/a", options=SMALL_CHUNKS)
+    treeckpt.save({"w": torch.arange(3000.0)}, f"{root}/b", options=FAST)
+    code, out, _ = run(["verify", f"{root}/a"], capsys)
+    assert code == 0 and "OK:" in out and "3 chunks" in out
+    code, out, _ = run(["diff", f"{root}/a", f"{root}/b"], capsys)
+    assert code == 0 and "1 same (1 by data)" in out
+
+
 # ------------------------------------------------------------------ diff
 
 
@@ -422,6 +437,58 @@ def test_diff_of_a_missing_or_damaged_checkpoint_exits_2(
     treeckpt.save(model_state(), str(ckpt), options=SaveOptions(chunk_bytes=64, sync=False))
     code, _, err = run(["diff", str(ckpt), str(other)], capsys)
     assert code == 2 and "checksum mismatch" in err and "model.0.weight" in err
+
+
+def test_diff_kinds_numpy_ints_empty_and_all(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    a = {
+        "arr": np.arange(12, dtype=np.int32).reshape(3, 4),
+        "flags": torch.tensor([True, False, True]),
+        "empty": torch.zeros(0, 5),
+        "kind": torch.ones(2),
+        "same": "x",
+    }
+    b = {
+        "arr": np.arange(12, dtype=np.int32).reshape(3, 4) * np.int32(-1),
+        "flags": torch.tensor([True, True, True]),
+        "empty": torch.zeros(0, 5),
+        "kind": 2.0,
+        "same": "x",
+        "new": torch.zeros(3),
+    }
+    treeckpt.save(a, str(tmp_path / "a"), options=FAST)
+    treeckpt.save(b, str(tmp_path / "b"), options=FAST)
+    code, out, _ = run(["diff", str(tmp_path / "a"), str(tmp_path / "b"), "--json"], capsys)
+    entries = {e["fqn"]: e for e in json.loads(out)["entries"]}
+    assert code == 1
+    assert entries["arr"]["status"] == "different" and entries["arr"]["max_abs"] == 22.0
+    assert entries["arr"]["mismatched"] == 11  # 0 == -0 for ints
+    assert entries["flags"]["mismatched"] == 1 and entries["flags"]["max_abs"] is None
+    assert entries["empty"]["status"] == "same"
+    assert entries["kind"]["reason"] == "a tensor in A, a value in B"
+    assert entries["new"]["status"] == "only_b"
+    code, out, _ = run(["diff", str(tmp_path / "a"), str(tmp_path / "b"), "--all"], capsys)
+    assert code == 1
+    assert any(line.startswith("same") and " empty " in line for line in out.splitlines())
+    assert any(line.startswith("only in B") and "new" in line for line in out.splitlines())
+
+
+def test_verify_raw_chunks_with_block_checksums_and_empty_tensors(
+    tmp_ckpt: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    tree = {"big": torch.randn(1 << 18), "empty": torch.zeros(0, 3), "n": 1}
+    treeckpt.save(tree, tmp_ckpt, options=SaveOptions(compress="never", sync=False))
+    (c,) = [c for c in chunks_of(Path(tmp_ckpt)) if c.fqn == "big"]
+    assert len(c.blocks) > 1
+    code, out, _ = run(["verify", tmp_ckpt], capsys)
+    assert code == 0 and "OK:" in out
+    data = Path(tmp_ckpt) / c.file
+    raw = bytearray(data.read_bytes())
+    raw[c.offset + c.length - 1] ^= 0x01
+    data.write_bytes(bytes(raw))
+    code, out, _ = run(["verify", tmp_ckpt], capsys)
+    assert code == 1 and "tensor big: checksum mismatch" in out
 
 
 # ------------------------------------------------------------------ the command itself

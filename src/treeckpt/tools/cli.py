@@ -18,6 +18,7 @@ import json
 import math
 import os
 import sys
+import textwrap
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict
 from typing import IO, Any
@@ -25,7 +26,7 @@ from typing import IO, Any
 import treeckpt
 from treeckpt.api import CheckpointInfo, TensorInfo
 from treeckpt.core.tree import iter_leaf_fqns
-from treeckpt.errors import CheckpointError
+from treeckpt.errors import CheckpointError, CorruptChunkError, ManifestError
 from treeckpt.tools.diff import DiffEntry, DiffReport, diff, entries_by_status
 from treeckpt.tools.verify import Problem, VerifyReport, verify
 
@@ -34,19 +35,16 @@ __all__ = ["build_parser", "main"]
 _FMT = argparse.RawDescriptionHelpFormatter
 
 _EPILOG = """\
-commands, with an example each:
-  inspect   what a checkpoint holds, read from its manifest (no tensor data)
-              treeckpt inspect ckpt/ --filter 'model.layers.0.*'
-  verify    read every stored chunk and check its checksum and decoding
-              treeckpt verify ckpt/ --threads 8
-  diff      compare two checkpoints leaf by leaf
-              treeckpt diff ckpt-1000/ ckpt-2000/ --atol 1e-6
+examples:
+  treeckpt inspect ckpt/ --filter 'model.layers.0.*'    what is stored, no tensor data read
+  treeckpt verify ckpt/ --threads 8                      is every stored byte intact?
+  treeckpt diff ckpt-1000/ ckpt-2000/ --atol 1e-6        what changed between two checkpoints?
 
 exit codes: 0 yes (intact / identical), 1 no (damaged / different),
             2 could not answer (usage error, no checkpoint, unreadable)
 
-Every command takes --json for one machine-readable JSON document on stdout.
-Run 'treeckpt COMMAND --help' for the details of one command.
+Every command takes --json for one JSON document on stdout.
+Run 'treeckpt COMMAND --help' for the details and more examples of one command.
 """
 
 
@@ -54,8 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``treeckpt`` command."""
     parser = argparse.ArgumentParser(
         prog="treeckpt",
-        description="Inspect, verify and compare treeckpt checkpoints "
-        "(a directory path or an fsspec URL such as s3://bucket/ckpt).",
+        description=_text(
+            "Inspect, verify and compare treeckpt checkpoints "
+            "(a directory path or an fsspec URL such as s3://bucket/ckpt)."
+        ),
         epilog=_EPILOG,
         formatter_class=_FMT,
     )
@@ -65,9 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "inspect",
         help="show the tensors and values of a checkpoint (reads no tensor data)",
-        description="Show every leaf of a checkpoint in tree order: tensors with shape, dtype, "
-        "raw and stored size, compression ratio, chunks and codecs; values with their value; "
-        "then the totals. Reads only the manifest and chunk indexes, never tensor data.",
+        description=_text(
+            "Show every leaf of a checkpoint in tree order: tensors with shape, dtype, "
+            "raw and stored size, compression ratio, chunks and codecs; values with their value; "
+            "then the totals. Reads only the manifest and chunk indexes, never tensor data."
+        ),
         epilog="examples:\n"
         "  treeckpt inspect ckpt/\n"
         "  treeckpt inspect ckpt/ --filter 'optim.state.*.exp_avg' --filter step\n"
@@ -87,12 +89,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "verify",
         help="read every chunk and check checksums and decoding; exit 1 on damage",
-        description="Read every stored chunk of every writer and check it as a load would: the "
-        "data file holds all its bytes, the checksum of the stored bytes matches, and a "
-        "compressed chunk decodes to exactly its declared size. Also checks the manifest, every "
-        "chunk index, data file sizes and that each tensor is fully covered. Reports every "
-        "problem with its file, byte offset and tensor FQN.\n\n"
-        "exit codes: 0 intact, 1 damage found, 2 no checkpoint at PATH or usage error",
+        description=_text(
+            "Read every stored chunk of every writer and check it as a load would: the "
+            "data file holds all its bytes, the checksum of the stored bytes matches, and a "
+            "compressed chunk decodes to exactly its declared size. Also checks the manifest, every "
+            "chunk index, data file sizes and that each tensor is fully covered. Reports every "
+            "problem with its file, byte offset and tensor FQN.",
+            "exit codes: 0 intact, 1 damage found, 2 no checkpoint at PATH or usage error",
+        ),
         epilog="examples:\n  treeckpt verify ckpt/\n  treeckpt verify ckpt/ --threads 16 --json",
         formatter_class=_FMT,
     )
@@ -110,14 +114,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "diff",
         help="compare two checkpoints leaf by leaf; exit 1 when they differ",
-        description="Compare two checkpoints FQN by FQN: same, different, only in A, only in B. "
-        "Tensors with different dtype or shape differ at once; tensors stored in the same chunks "
-        "with equal checksums are the same without reading data; all others are read and "
-        "compared bit for bit, with the count of differing elements and the largest absolute "
-        "and relative difference (|a-b| / |b|). Values compare by type and value (floats by "
-        "bits: nan equals nan).\n\n"
-        "exit codes: 0 identical (or close, within --atol/--rtol), 1 different, "
-        "2 a checkpoint is missing or damaged, or usage error",
+        description=_text(
+            "Compare two checkpoints FQN by FQN: same, different, only in A, only in B. "
+            "Tensors with different dtype or shape differ at once; tensors stored in the same chunks "
+            "with equal checksums are the same without reading data; all others are read and "
+            "compared bit for bit, with the count of differing elements and the largest absolute "
+            "and relative difference (|a-b| / |b|). Values compare by type and value (floats by "
+            "bits: nan equals nan).",
+            "exit codes: 0 identical (or close, within --atol/--rtol), 1 different, "
+            "2 a checkpoint is missing or damaged, or usage error",
+        ),
         epilog="examples:\n"
         "  treeckpt diff ckpt-a/ ckpt-b/\n"
         "  treeckpt diff run1/step-100 run2/step-100 --rtol 1e-5 --atol 1e-8\n"
@@ -137,6 +143,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON document (every leaf)")
     p.set_defaults(run=_cmd_diff)
     return parser
+
+
+def _text(*paragraphs: str) -> str:
+    """Paragraphs wrapped for the help screen (the raw formatter keeps the examples as written)."""
+    return "\n\n".join(textwrap.fill(p, 79) for p in paragraphs)
 
 
 def _positive_int(text: str) -> int:
@@ -173,7 +184,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
     except (CheckpointError, OSError, ValueError, ImportError) as exc:
-        print(f"treeckpt {args.command}: error: {exc}", file=sys.stderr)
+        hint = ""
+        if isinstance(exc, (CorruptChunkError, ManifestError)) and args.command != "verify":
+            hint = " (run 'treeckpt verify' on it to list every problem)"
+        print(f"treeckpt {args.command}: error: {exc}{hint}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"treeckpt {args.command}: interrupted", file=sys.stderr)
@@ -295,7 +309,7 @@ def _inspect_plain(
             print(line)
     if values:
         print()
-        rows = [["value", "", "type"]]
+        rows = [["FQN", "value", "type"]]
         rows += [[f, _value_text(v), type(v).__name__] for f, v in values]
         for line in _aligned(rows, set()):
             print(line)
@@ -323,6 +337,7 @@ def _inspect_rich(
     values: list[tuple[str, Any]],
     globs: list[str] | None,
 ) -> None:
+    from rich import box
     from rich.console import Console
     from rich.markup import escape
     from rich.table import Table
@@ -330,14 +345,30 @@ def _inspect_rich(
     console = Console(file=sys.stdout)
     console.print(f"[bold]checkpoint[/bold] {escape(info.path)}")
     if tensors:
-        table = Table(title="tensors", title_justify="left", header_style="bold")
+        table = Table(
+            title="tensors",
+            title_justify="left",
+            header_style="bold",
+            box=box.SIMPLE_HEAD,
+            pad_edge=False,
+        )
         for i, h in enumerate(_TENSOR_HEADERS):
-            table.add_column(h, justify="right" if i in _RIGHT else "left", overflow="fold")
+            table.add_column(
+                h,
+                justify="right" if i in _RIGHT else "left",
+                overflow="fold",
+            )
         for t in tensors:
             table.add_row(*(escape(c) for c in _tensor_row(t)))
         console.print(table)
     if values:
-        table = Table(title="values", title_justify="left", header_style="bold")
+        table = Table(
+            title="values",
+            title_justify="left",
+            header_style="bold",
+            box=box.SIMPLE_HEAD,
+            pad_edge=False,
+        )
         table.add_column("FQN", overflow="fold")
         table.add_column("value", overflow="fold")
         table.add_column("type")
@@ -563,10 +594,10 @@ def _entry_text(e: DiffEntry) -> str:
         parts.append(f"max abs diff {e.max_abs:.6g}, max rel diff {e.max_rel:.6g}")
     if e.nan_mismatched:
         parts.append(f"nan in one only: {e.nan_mismatched:,}")
-    if e.status == "same" or e.how == "data":
+    if e.status in ("same", "close"):
         parts.append(f"by {e.how}")
     if e.status in ("only_a", "only_b"):
-        parts.append(e.kind)
+        parts.append(f"a {e.kind}")
     return "; ".join(parts)
 
 

@@ -133,7 +133,7 @@ def diff(
         for fqn, rb in recs_b.items():
             if fqn not in recs_a:
                 entries.append(DiffEntry(fqn=fqn, status="only_b", kind=_kind(rb), how="metadata"))
-        counts = {s: sum(e.status == s for e in entries) for s in STATUSES}
+        counts: dict[str, int] = {s: sum(e.status == s for e in entries) for s in STATUSES}
         return DiffReport(
             a=side_a.backend.root, b=side_b.backend.root, entries=tuple(entries), counts=counts
         )
@@ -240,6 +240,7 @@ def _compare_tensor(
             fqn=fqn, status="same", kind="tensor", how="checksums", numel=numel, mismatched=0
         )
     stats = _Stats(numeric=_numeric(ra.dtype))
+    scalars = ""
     for box in _slabs(ra.shape, dtype_info(ra.dtype).itemsize, SLAB_BYTES):
         ta = _read(side_a, fqn, ra, box)
         if on_read is not None:
@@ -248,6 +249,8 @@ def _compare_tensor(
         if on_read is not None:
             on_read(tb.numel() * tb.element_size())
         stats.add(ta, tb, tol)
+        if numel == 1:  # a step counter, a loss: show both values
+            scalars = f"{_short(ta.item())} != {_short(tb.item())}"
     if stats.mismatched == 0:
         return DiffEntry(
             fqn=fqn, status="same", kind="tensor", how="data", numel=numel, mismatched=0
@@ -258,7 +261,7 @@ def _compare_tensor(
         status="close" if close else "different",
         kind="tensor",
         how="data",
-        reason=f"{stats.mismatched:,} of {numel:,} elements differ",
+        reason=scalars or f"{stats.mismatched:,} of {numel:,} elements differ",
         numel=numel,
         mismatched=stats.mismatched,
         nan_mismatched=stats.nan_mismatched if stats.numeric else None,
