@@ -9,7 +9,7 @@ and reductions:
 
 - exact replicas are adjacent after one sort, so deduplication is a diff;
 - a tensor's boxes must have the volume of its shape, and for the layouts
-  sharding produces (slabs cut along one dimension) disjointness is checked
+  sharding produces (slabs cut along one dimension) that no two overlap is checked
   between neighbours along that dimension; any other layout, and any tensor
   whose columns look wrong, goes through ``check_tiling`` box by box, which
   also words the error;
@@ -81,15 +81,15 @@ def local_table(specs: Sequence[ShardSpec], rank: int = 0) -> LocalTable:
     offsets: list[tuple[int, ...]] = []
     sizes: list[tuple[int, ...]] = []
     for i, s in enumerate(specs):
-        nd = len(s.shape)
+        ndims = len(s.shape)
         for box in s.boxes:
-            if box.ndim != nd:
+            if box.ndim != ndims:
                 raise PlanError(
-                    f"{s.fqn}: rank {rank} gives a {box.ndim}-d box for a {nd}-d tensor"
+                    f"{s.fqn}: rank {rank} gives a {box.ndim}-d box for a {ndims}-d tensor"
                 )
             tensor.append(i)
-            offsets.append(box.offsets + pad0[nd:])
-            sizes.append(box.sizes + pad1[nd:])
+            offsets.append(box.offsets + pad0[ndims:])
+            sizes.append(box.sizes + pad1[ndims:])
     return LocalTable(
         tensors=TensorTable(
             fqns=fqns, dtypes=tuple(s.dtype for s in specs), shapes=tuple(s.shape for s in specs)
@@ -217,19 +217,19 @@ class SavePlanTable:
         out = []
         for i in range(int(self.starts[rank]), int(self.starts[rank + 1])):
             ti = int(self.tensor[i])
-            nd = len(self.tensors.shapes[ti])
+            ndims = len(self.tensors.shapes[ti])
             out.append(
                 WriteItem(
                     fqn=self.tensors.fqns[ti],
                     dtype=self.tensors.dtypes[ti],
                     rank=rank,
                     shard=Box(
-                        offsets=tuple(int(x) for x in self.shard_offsets[i, :nd]),
-                        sizes=tuple(int(x) for x in self.shard_sizes[i, :nd]),
+                        offsets=tuple(int(x) for x in self.shard_offsets[i, :ndims]),
+                        sizes=tuple(int(x) for x in self.shard_sizes[i, :ndims]),
                     ),
                     chunk=Box(
-                        offsets=tuple(int(x) for x in self.chunk_offsets[i, :nd]),
-                        sizes=tuple(int(x) for x in self.chunk_sizes[i, :nd]),
+                        offsets=tuple(int(x) for x in self.chunk_offsets[i, :ndims]),
+                        sizes=tuple(int(x) for x in self.chunk_sizes[i, :ndims]),
                     ),
                 )
             )
@@ -310,17 +310,17 @@ def plan_save_table(tables: Sequence[LocalTable], *, chunk_bytes: int) -> SavePl
     rows_co, rows_cs = [g_off[fits]], [g_size[fits]]
     for g in np.flatnonzero(~fits):
         ti = int(g_tensor[g])
-        nd = len(t.tensors.shapes[ti])
+        ndims = len(t.tensors.shapes[ti])
         box = Box(
-            offsets=tuple(int(x) for x in g_off[g, :nd]),
-            sizes=tuple(int(x) for x in g_size[g, :nd]),
+            offsets=tuple(int(x) for x in g_off[g, :ndims]),
+            sizes=tuple(int(x) for x in g_size[g, :ndims]),
         )
         chunks = split_box(box, int(itemsize[ti]), chunk_bytes)
         k = len(chunks)
         co = np.zeros((k, dims), dtype=np.int64)
         cs = np.ones((k, dims), dtype=np.int64)
         for j, c in enumerate(chunks):
-            co[j, :nd], cs[j, :nd] = c.offsets, c.sizes
+            co[j, :ndims], cs[j, :ndims] = c.offsets, c.sizes
         rows_t.append(np.full(k, ti, dtype=np.int64))
         rows_r.append(np.full(k, g_rank[g], dtype=np.int64))
         rows_so.append(np.repeat(g_off[g : g + 1], k, axis=0))
@@ -395,7 +395,7 @@ def _tiling_error(
     g_size: Ints | None = None,
 ) -> None:
     """Check tensor ``ti`` box by box; raises the worded PlanError (returns if it tiles)."""
-    nd = len(t.tensors.shapes[ti])
+    ndims = len(t.tensors.shapes[ti])
     if g_tensor is None or g_off is None or g_size is None:
         rows = np.flatnonzero(t.tensor == ti)
         offs, sizes = t.offsets[rows], t.sizes[rows]
@@ -403,7 +403,7 @@ def _tiling_error(
         rows = np.flatnonzero(g_tensor == ti)
         offs, sizes = g_off[rows], g_size[rows]
     boxes = [
-        Box(offsets=tuple(int(x) for x in o[:nd]), sizes=tuple(int(x) for x in s[:nd]))
+        Box(offsets=tuple(int(x) for x in o[:ndims]), sizes=tuple(int(x) for x in s[:ndims]))
         for o, s in zip(offs, sizes, strict=True)
     ]
     check_tiling(t.tensors.shapes[ti], boxes, what=t.tensors.fqns[ti])
