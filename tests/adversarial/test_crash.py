@@ -138,8 +138,8 @@ def test_manifest_commit_that_fails_after_taking_effect(
     path = str(tmp_path / "ckpt")
     _fresh(path)
     _, err = _save_through(
-        monkeypatch, path, NEW, fail_at=1, mode="after", ops={"commit_file"}
-    )  # commit #0 is the index, #1 the manifest
+        monkeypatch, path, NEW, fail_at=0, mode="after", ops={"commit_file"}
+    )  # the manifest is the only file committed by rename
     assert isinstance(err, CheckpointError)
     assert _loaded(path) == "new"
 
@@ -151,7 +151,7 @@ def test_manifest_commit_failing_after_rename_is_detected_by_readers(
     path = str(tmp_path / "ckpt")
     for mode in ("before", "torn", "after"):
         _fresh(path)
-        _save_through(monkeypatch, path, NEW, fail_at=1, mode=mode, ops={"commit_file"})
+        _save_through(monkeypatch, path, NEW, fail_at=0, mode=mode, ops={"commit_file"})
         assert _loaded(path) in ("old", "new")
 
 

@@ -92,9 +92,9 @@ def save_tree(
             save_id = secrets.token_hex(8)
             previous = _previous_save_id(backend)
             created = save_id
+            # Its entry in the checkpoint directory becomes durable with the
+            # directory fsync that follows the manifest's rename.
             backend.makedirs(layout.data_dir(save_id))
-            if options.sync and backend.supports_fsync:
-                backend.sync_dir()
             proposals = [(plan.for_rank(r), save_id) for r in range(coord.world_size)]
         except Exception as exc:
             if created is not None:
@@ -198,5 +198,13 @@ def _write_rank(
     files, chunks = write_chunks(backend, save_id, rank, jobs, options)
     blob = encode_index(ChunkIndex(save_id=save_id, rank=rank, files=files, chunks=chunks))
     name = layout.index_file(save_id, rank)
-    backend.commit_file(name, blob, sync=options.sync)
+    # A new file in this save's own directory: no rename needed (nothing reads
+    # it before the manifest names it); rank 0 fsyncs the directory once.
+    writer = backend.open_writer(name)
+    try:
+        writer.write(blob)
+        writer.close(sync=options.sync)
+    except BaseException:
+        writer.abort()
+        raise
     return IndexRef(rank=rank, file=name, size=len(blob), checksum=checksum(blob))
