@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -137,3 +138,19 @@ def test_damaged_block_is_detected_by_a_ranged_read(tmp_path: Path) -> None:
         treeckpt.read_tensor(str(path), "x", (slice(99, 102),))
     with pytest.raises(treeckpt.CorruptChunkError, match="checksum mismatch"):
         treeckpt.restore(str(path))
+
+
+@pytest.mark.parametrize(
+    ("make", "field"),
+    [
+        (lambda: treeckpt.SaveOptions(chunk_bytes=0), "chunk_bytes"),
+        (lambda: treeckpt.SaveOptions(compress="maybe"), "compress"),  # type: ignore[arg-type]
+        (lambda: treeckpt.SaveOptions(block_bytes=-1), "block_bytes"),
+        (lambda: treeckpt.LoadOptions(io_threads=0), "io_threads"),
+        (lambda: treeckpt.LoadOptions(timeout_s=0), "timeout_s"),
+    ],
+)
+def test_bad_options_are_checkpoint_errors(make: Any, field: str) -> None:
+    with pytest.raises(treeckpt.OptionsError, match=field) as info:
+        make()
+    assert isinstance(info.value, treeckpt.CheckpointError) and isinstance(info.value, ValueError)

@@ -21,6 +21,7 @@ __all__ = [
     "LeafNotFoundError",
     "LoadMismatchError",
     "ManifestError",
+    "OptionsError",
     "PlanError",
     "RankFailureError",
     "UnsupportedLeafError",
@@ -29,6 +30,10 @@ __all__ = [
 
 class CheckpointError(Exception):
     """Base class of every error raised by treeckpt."""
+
+
+class OptionsError(CheckpointError, ValueError):
+    """An option of SaveOptions or LoadOptions is out of range."""
 
 
 class CheckpointNotFoundError(CheckpointError, FileNotFoundError):

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from treeckpt.errors import OptionsError
+
 __all__ = ["LoadOptions", "SaveOptions"]
 
 MiB = 1 << 20
@@ -46,17 +48,19 @@ class SaveOptions:
 
     def __post_init__(self) -> None:
         if self.block_bytes < 0:
-            raise ValueError(f"block_bytes must be >= 0, got {self.block_bytes}")
+            raise OptionsError(f"block_bytes must be >= 0, got {self.block_bytes}")
         if self.chunk_bytes < 1:
-            raise ValueError(f"chunk_bytes must be positive, got {self.chunk_bytes}")
+            raise OptionsError(f"chunk_bytes must be positive, got {self.chunk_bytes}")
         if self.compress not in ("auto", "always", "never"):
-            raise ValueError(f"compress must be 'auto', 'always' or 'never', got {self.compress!r}")
+            raise OptionsError(
+                f"compress must be 'auto', 'always' or 'never', got {self.compress!r}"
+            )
         if self.io_threads < 1:
-            raise ValueError(f"io_threads must be at least 1, got {self.io_threads}")
+            raise OptionsError(f"io_threads must be at least 1, got {self.io_threads}")
         if self.timeout_s <= 0:
-            raise ValueError(f"timeout_s must be positive, got {self.timeout_s}")
+            raise OptionsError(f"timeout_s must be positive, got {self.timeout_s}")
         if not -7 <= self.zstd_level <= 22:
-            raise ValueError(f"zstd_level must be in [-7, 22], got {self.zstd_level}")
+            raise OptionsError(f"zstd_level must be in [-7, 22], got {self.zstd_level}")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -73,4 +77,6 @@ class LoadOptions:
 
     def __post_init__(self) -> None:
         if self.io_threads < 1:
-            raise ValueError(f"io_threads must be at least 1, got {self.io_threads}")
+            raise OptionsError(f"io_threads must be at least 1, got {self.io_threads}")
+        if self.timeout_s <= 0:
+            raise OptionsError(f"timeout_s must be positive, got {self.timeout_s}")
