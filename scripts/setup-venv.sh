@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Create or update .venv with treeckpt installed in editable mode.
 #
-#   scripts/setup-venv.sh             # extras: test, lint, docs
-#   scripts/setup-venv.sh lightning   # ...plus more extras (several: "lightning s3")
+#   scripts/setup-venv.sh             # extras: test, lint, docs, s3, lightning, safetensors, notebooks
+#   scripts/setup-venv.sh bench       # ...plus more extras (several: "bench other")
 #
 # Idempotent: when pyproject.toml and the extras have not changed since the last
 # successful run, it installs nothing. PYTHON=python3.12 picks the interpreter.
@@ -14,7 +14,7 @@ cd "$(dirname "$0")/.."
 TORCH_VERSION="2.13.0"
 PYTHON="${PYTHON:-python3}"
 
-extras="test,lint,docs"
+extras="test,lint,docs,s3,lightning,safetensors,notebooks"
 for extra in "$@"; do
     extras="${extras},${extra// /,}"
 done
