@@ -61,10 +61,13 @@ def _group_line(g: Group) -> str:
     n_values = len(g.fqns()) - len(t)
     raw = sum(h.nbytes for h in t.values())
     stored = sum(h.stored_bytes for h in t.values())
-    parts = [
-        f"{len(t)} tensors, {fmt_size(raw)} raw, {fmt_size(stored)} stored ({_ratio(raw, stored)})"
-    ]
-    if n_values:
+    parts = []
+    if t:
+        parts.append(
+            f"{len(t)} tensors, {fmt_size(raw)} raw, {fmt_size(stored)} stored "
+            f"({_ratio(raw, stored)})"
+        )
+    if n_values or not t:
         parts.append(f"{n_values} values")
     return "; ".join(parts)
 
