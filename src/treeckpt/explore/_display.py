@@ -93,16 +93,17 @@ def handle_text(h: TensorHandle) -> str:
 
 def render_text(g: Group, *, max_lines: int | None) -> str:
     lines = [_header(g)]
-    total = 0
+    skipped = 0
 
     def walk(grp: Group, depth: int) -> None:
-        nonlocal total
+        nonlocal skipped
         pad = "  " * depth
         for name, child in grp._children():
-            total += 1
-            if max_lines is not None and len(lines) > max_lines:
-                continue
+            full = max_lines is not None and len(lines) > max_lines
             if isinstance(child, str):
+                if full:
+                    skipped += 1
+                    continue
                 rec = grp._record(child)
                 if isinstance(rec, TensorLeaf):
                     h = grp._handle(child)
@@ -113,15 +114,15 @@ def render_text(g: Group, *, max_lines: int | None) -> str:
                     )
                 else:
                     lines.append(f"{pad}{name} = {_value_of(grp, child)}")
+            elif full:
+                skipped += len(child.fqns())
             else:
                 lines.append(f"{pad}{name}/  ({_group_line(child)})")
                 walk(child, depth + 1)
 
     walk(g, 1)
-    if max_lines is not None and len(lines) > max_lines + 1:
-        hidden = total - (max_lines)
-        lines = lines[: max_lines + 1]
-        lines.append(f"  ... {hidden} more entries (print(x.summary()) shows all)")
+    if skipped:
+        lines.append(f"  ... {skipped} more leaves (.summary() shows them all)")
     return "\n".join(lines)
 
 
