@@ -16,7 +16,7 @@ import torch
 
 from treeckpt.core.box import Box, full_box
 from treeckpt.core.dtypes import dtype_info, torch_dtype
-from treeckpt.core.leaves import LeafRecord, PickleLeaf, TensorLeaf, ValueLeaf
+from treeckpt.core.leaves import LeafRecord, PickleLeaf, TensorLeaf, TensorLib, ValueLeaf
 from treeckpt.core.manifest import ChunkIndex, Manifest
 from treeckpt.core.options import LoadOptions
 from treeckpt.core.plan import LoadPlan, StoredTensor, plan_load
@@ -172,7 +172,7 @@ class _Source:
         rec = self.manifest.records[fqn]
         assert isinstance(rec, TensorLeaf)
         self.plan(fqn, boxes)  # coverage before allocation: shapes are untrusted
-        lib = "torch" if rec.lib == "torch" else "numpy"
+        lib: TensorLib = "torch" if rec.lib == "torch" else "numpy"
         outs = [allocate(TensorLeaf(lib=lib, dtype=rec.dtype, shape=b.sizes), fqn) for b in boxes]
         plan = read_regions(
             self.backend,
