@@ -388,6 +388,11 @@ class Checkpoint(Group):
         return self._src.manifest.format_version
 
     @property
+    def structure(self) -> dict[str, Any]:
+        """The saved tree's structure record (see the format specification)."""
+        return self._src.manifest.structure
+
+    @property
     def user_metadata(self) -> dict[str, Any]:
         return dict(self._src.manifest.user_metadata)
 
