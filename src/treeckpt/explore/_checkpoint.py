@@ -372,10 +372,12 @@ class Checkpoint(Group):
 
     @property
     def path(self) -> str:
+        """Where the checkpoint is (absolute path, or the URL's path)."""
         return self._src.backend.root
 
     @property
     def save_id(self) -> str:
+        """The id of the save that committed this checkpoint (names its data files)."""
         return self._src.manifest.save_id
 
     @property
@@ -385,6 +387,7 @@ class Checkpoint(Group):
 
     @property
     def format_version(self) -> int:
+        """The on-disk format version of the manifest."""
         return self._src.manifest.format_version
 
     @property
@@ -394,6 +397,7 @@ class Checkpoint(Group):
 
     @property
     def user_metadata(self) -> dict[str, Any]:
+        """The ``user_metadata`` dict given to ``save``."""
         return dict(self._src.manifest.user_metadata)
 
     @property
@@ -407,6 +411,7 @@ class Checkpoint(Group):
         return self._src.bytes_read
 
     def close(self) -> None:
+        """Release cached storage handles (a later read opens what it needs again)."""
         self._src.backend.close()
 
     def __enter__(self) -> Checkpoint:
@@ -437,6 +442,7 @@ class TensorHandle:
 
     @property
     def shape(self) -> tuple[int, ...]:
+        """The global shape (of the whole tensor, however it was sharded)."""
         return self._rec.shape
 
     @property
@@ -446,6 +452,7 @@ class TensorHandle:
 
     @property
     def torch_dtype(self) -> torch.dtype:
+        """The ``torch.dtype`` of :attr:`dtype`."""
         return torch_dtype(self._rec.dtype)
 
     @property
@@ -455,10 +462,12 @@ class TensorHandle:
 
     @property
     def ndim(self) -> int:
+        """Number of dimensions."""
         return len(self._rec.shape)
 
     @property
     def numel(self) -> int:
+        """Number of elements."""
         n = 1
         for d in self._rec.shape:
             n *= d
@@ -476,6 +485,7 @@ class TensorHandle:
 
     @property
     def stored_bytes(self) -> int:
+        """Bytes its chunks take in the data files (reads the chunk indexes once)."""
         return sum(c.stored_bytes for c in self.chunks)
 
     @property
