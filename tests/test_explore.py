@@ -108,9 +108,9 @@ def test_browse_by_fqn_prefix_and_path(raw_ckpt: str) -> None:
         tree = ckpt.tree
         assert tree["step"] == 7 and isinstance(tree["model"]["0.weight"], TensorHandle)
         with pytest.raises(
-            LeafNotFoundError, match=r"'model\.0\.weigth'.*did you mean 'model\.0\.weight'"
+            LeafNotFoundError, match=r"'model\.0\.weights'.*did you mean 'model\.0\.weight'"
         ):
-            ckpt["model.0.weigth"]
+            ckpt["model.0.weights"]
         with pytest.raises(KeyError):
             model["nope"]
 
