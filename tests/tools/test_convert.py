@@ -142,6 +142,18 @@ def test_dcp_written_by_torch_converts_bit_exact(tmp_path: Path) -> None:
     assert_bit_exact(tensors_of(got), tensors_of(sd))
 
 
+def test_damaged_dcp_source_is_a_checkpoint_error(tmp_path: Path) -> None:
+    d = tmp_path / "dcp"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.save({"w": torch.randn(64, 64)}, checkpoint_id=str(d), no_dist=True)
+    for f in d.glob("*.distcp"):
+        f.write_bytes(f.read_bytes()[:100])  # truncated data files
+    with pytest.raises(CheckpointError, match=r"dcp: DCP cannot read this checkpoint \("):
+        convert(d, tmp_path / "out", to="treeckpt", allow_pickle=True)
+    assert not (tmp_path / "out").exists()
+
+
 def test_torch_save_file_source(tmp_path: Path) -> None:
     sd = {"a": torch.randn(4, 4).bfloat16(), "b": [torch.arange(3), 7], "c": "text"}
     f = tmp_path / "model.pt"
@@ -160,6 +172,30 @@ def test_torch_save_file_source(tmp_path: Path) -> None:
     t2 = tmp_path / "copy.pt"
     convert(f, t2, to="torch")
     assert_bit_exact(tensors_of(torch.load(t2, weights_only=True)), tensors_of(sd))
+
+
+def test_tied_weights_to_safetensors(tmp_path: Path) -> None:
+    emb = torch.randn(10, 4)
+    f = tmp_path / "tied.pt"
+    torch.save({"embed.weight": emb, "head.weight": emb, "head.bias": torch.zeros(10)}, f)
+    st = tmp_path / "tied.safetensors"
+    res = convert(f, st, to="safetensors")
+    got = load_file(str(st))
+    assert res.tensors == 3 and torch.equal(got["embed.weight"], emb)
+    assert torch.equal(got["head.weight"], emb)
+
+
+def test_trees_dcp_cannot_hold_are_checkpoint_errors(tmp_path: Path) -> None:
+    from collections import namedtuple
+
+    point = namedtuple("point", ["x", "y"])
+    src = tmp_path / "nt"
+    treeckpt.save({"p": point(torch.ones(2), 3)}, str(src), options=FAST)
+    # restore() rebuilds the namedtuple as a fresh type, which DCP cannot pickle.
+    with pytest.raises(CheckpointError, match="DCP cannot write this checkpoint"):
+        convert(src, tmp_path / "d", to="dcp")
+    assert not (tmp_path / "d").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".d.")]
 
 
 def test_torch_file_with_code_is_refused(tmp_path: Path) -> None:

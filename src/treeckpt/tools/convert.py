@@ -209,10 +209,16 @@ def _read(
                 f"{src}: reading a DCP checkpoint unpickles its {_DCP_METADATA} file (runs code "
                 "from the checkpoint); pass allow_pickle=True (--allow-pickle) if you trust it"
             )
+        from torch.distributed.checkpoint.api import CheckpointException
         from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
 
-        with _single_process():
-            tree = _load_state_dict_from_keys(checkpoint_id=src)
+        try:
+            with _single_process():
+                tree = _load_state_dict_from_keys(checkpoint_id=src)
+        except (Exception, CheckpointException) as exc:  # DCP's own error is a BaseException
+            raise CheckpointError(
+                f"{src}: DCP cannot read this checkpoint ({_last_line(exc)})"
+            ) from None
     elif fmt == "torch":
         try:
             tree = torch.load(src, map_location="cpu", weights_only=True)
@@ -269,8 +275,16 @@ def _write_dcp(tree: Any, dst: str) -> None:
 
     def write(tmp: str) -> None:
         os.makedirs(tmp)
-        with _single_process():
-            dcp.save(state, checkpoint_id=tmp, no_dist=True)
+        from torch.distributed.checkpoint.api import CheckpointException
+
+        try:
+            with _single_process():
+                dcp.save(state, checkpoint_id=tmp, no_dist=True)
+        # DCP pickles values, so some trees it cannot write; its error is a BaseException.
+        except (Exception, CheckpointException) as exc:
+            raise CheckpointError(
+                f"{dst}: DCP cannot write this checkpoint ({_last_line(exc)})"
+            ) from None
 
     _replace_into(dst, write)
 
@@ -279,12 +293,18 @@ def _write_safetensors(tensors: dict[str, Any], dst: str) -> None:
     from safetensors.torch import save_file
 
     out = {}
+    storages: set[int] = set()
     for fqn, v in tensors.items():
         t = torch.from_numpy(np.ascontiguousarray(v)) if not isinstance(v, torch.Tensor) else v
-        out[fqn] = t.detach().contiguous()
+        t = t.detach().contiguous()
+        ptr = t.untyped_storage().data_ptr()
+        if ptr in storages and t.numel():  # tied weights: safetensors refuses shared storage
+            t = t.clone()
+        storages.add(ptr)
+        out[fqn] = t
     try:
         _replace_into(dst, lambda tmp: save_file(out, tmp, metadata={"format": "pt"}))
-    except (ValueError, TypeError, KeyError) as exc:
+    except (ValueError, TypeError, KeyError, RuntimeError) as exc:
         raise CheckpointError(f"{dst}: safetensors cannot store this checkpoint ({exc})") from None
 
 
@@ -318,6 +338,12 @@ def _remove(p: Path) -> None:
 
 
 # ------------------------------------------------------------------ helpers
+
+
+def _last_line(exc: BaseException) -> str:
+    """The gist of an error whose text may carry whole tracebacks (DCP's do)."""
+    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+    return (lines[-1] if lines else type(exc).__name__)[:300]
 
 
 @contextlib.contextmanager
