@@ -14,7 +14,9 @@ chunks, the checksummed blocks) that cover what was asked for.
 >>> w.stats()  # doctest: +SKIP
 """
 
-from treeckpt.explore._checkpoint import Checkpoint, ChunkInfo, Group, TensorHandle, open
+from treeckpt.explore._checkpoint import Checkpoint, Group, open
+from treeckpt.explore._handle import TensorHandle
+from treeckpt.explore._source import ChunkInfo
 from treeckpt.explore._stats import TensorStats
 
 __all__ = ["Checkpoint", "ChunkInfo", "Group", "TensorHandle", "TensorStats", "open"]
