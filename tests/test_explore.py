@@ -13,7 +13,12 @@ import torch
 
 import treeckpt
 from treeckpt import SaveOptions
-from treeckpt.errors import CorruptChunkError, LeafNotFoundError, UnsupportedLeafError
+from treeckpt.errors import (
+    CheckpointNotFoundError,
+    CorruptChunkError,
+    LeafNotFoundError,
+    UnsupportedLeafError,
+)
 from treeckpt.explore import Checkpoint, TensorHandle, TensorStats
 from treeckpt.store.backends import Backend, open_backend
 from treeckpt.testing.faults import FaultyBackend
@@ -357,3 +362,18 @@ def test_multi_rank_layout_and_reads(tmp_path: Path) -> None:
         assert sum(b.volume for bs in layout.values() for b in bs) == full.numel()
         assert torch.equal(h[30:34], full[30:34]) and torch.equal(h.read(), full)
         assert "2 writer rank(s)" in repr(h)
+
+
+def test_open_nothing_and_html_cap(
+    tmp_path: Path, raw_ckpt: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with pytest.raises(CheckpointNotFoundError, match="no checkpoint here"):
+        treeckpt.open(tmp_path / "nothing")
+    from treeckpt.explore import _display
+
+    monkeypatch.setattr(_display, "MAX_HTML_LEAVES", 3)
+    with treeckpt.open(raw_ckpt) as ckpt:
+        page = ckpt._repr_html_()
+        total = len(ckpt.fqns())
+    assert page.count("<tr title=") == 3
+    assert f"... {total - 3} more leaves not shown" in page
