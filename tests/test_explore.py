@@ -169,12 +169,12 @@ def test_slice_reads_only_the_chunks_that_cover_it(
         x = h[0:10, 5]
         assert torch.equal(x, big[0:10, 5])
         assert backend.data_bytes == plan.read_stored_bytes == ckpt.bytes_read
-        # One chunk of 16 (raw: its first blocks only).
-        assert 0 < backend.data_bytes <= stored // 16
+        # One chunk of 16 (raw: only the blocks it needs), whatever each chunk compressed to.
+        assert 0 < backend.data_bytes <= stored // 10
         before = backend.data_bytes
         row = h[700]
         assert torch.equal(row, big[700])
-        assert backend.data_bytes - before <= stored // 16
+        assert backend.data_bytes - before <= stored // 10
         if opts is RAW_CHUNKS:  # whole rows 0..9 are one run in the first 64 KiB block
             before = backend.data_bytes
             assert torch.equal(h[0:10], big[0:10])
