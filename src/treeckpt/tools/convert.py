@@ -337,7 +337,7 @@ def _remove(p: Path) -> None:
             p.unlink()
 
 
-# ------------------------------------------------------------------ helpers
+# ------------------------------------------------------------------ checks and sizes
 
 
 def _last_line(exc: BaseException) -> str:
