@@ -32,6 +32,8 @@ step "codespell" "$bin/codespell" src docs tests scripts README.md CHANGELOG.md 
 if [[ -f mkdocs.yml ]]; then
     step "mkdocs build" env NO_MKDOCS_2_WARNING=1 "$bin/mkdocs" build --strict
 fi
+# The notebooks run top to bottom in a fresh kernel (their committed outputs are not compared).
+step "notebooks" "$bin/pytest" --nbmake notebooks/ -p no:cacheprovider -q
 # Last, so that its summary line closes the output. Exit 5 (no test collected) fails too.
 step "pytest" "$bin/pytest"
 

@@ -36,6 +36,7 @@ from treeckpt.errors import (
     RankFailureError,
     UnsupportedLeafError,
 )
+from treeckpt.explore import open
 from treeckpt.shell.save import SaveResult
 
 __version__ = "0.1.0"
@@ -72,6 +73,7 @@ __all__ = [
     "is_stateful",
     "load",
     "metadata",
+    "open",
     "plan_load",
     "plan_reshard",
     "plan_save",

@@ -39,6 +39,7 @@ examples:
   treeckpt inspect ckpt/ --filter 'model.layers.0.*'    what is stored, no tensor data read
   treeckpt verify ckpt/ --threads 8                      is every stored byte intact?
   treeckpt diff ckpt-1000/ ckpt-2000/ --atol 1e-6        what changed between two checkpoints?
+  treeckpt convert ckpt/ model.safetensors --to safetensors   publish the weights
 
 exit codes: 0 yes (intact / identical), 1 no (damaged / different),
             2 could not answer (usage error, no checkpoint, unreadable)
@@ -142,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--all", action="store_true", help="also list the leaves that are the same")
     p.add_argument("--json", action="store_true", help="print one JSON document (every leaf)")
     p.set_defaults(run=_cmd_diff)
+    _add_convert(sub)
     return parser
 
 
@@ -623,3 +625,106 @@ def _diff_plain(report: DiffReport, *, show_same: bool) -> None:
     )
     verdict = "identical" if report.identical else "DIFFERENT"
     print(f"{verdict}: {summary}")
+
+
+# ------------------------------------------------------------------ convert
+
+
+def _add_convert(sub: Any) -> None:
+    from treeckpt.tools.convert import FORMATS
+
+    p = sub.add_parser(
+        "convert",
+        help="convert between treeckpt, DCP, torch.save and safetensors",
+        description=_text(
+            "Convert the checkpoint at SRC into another format at DST. SRC may be a treeckpt "
+            "checkpoint (directory or URL), a DCP directory written by "
+            "torch.distributed.checkpoint, a torch.save file or a safetensors file; its format "
+            "is recognised from its contents. --to safetensors writes the tensor leaves only, "
+            "keyed by FQN (non-tensor leaves are listed as dropped). --to torch from a treeckpt "
+            "checkpoint consolidates it into one torch.save file in bounded memory.",
+            "torch.save files are read with weights_only=True. A DCP checkpoint's .metadata is a "
+            "pickle, so reading DCP needs --allow-pickle. An existing DST is never replaced "
+            "without --overwrite.",
+            "exit codes: 0 converted, 2 usage error, no checkpoint at SRC, DST exists, or the "
+            "target format cannot hold a leaf",
+        ),
+        epilog="examples:\n"
+        "  treeckpt convert ckpt/ model.safetensors --to safetensors\n"
+        "  treeckpt convert dcp-ckpt/ ckpt/ --to treeckpt --allow-pickle\n"
+        "  treeckpt convert ckpt/ dcp-ckpt/ --to dcp\n"
+        "  treeckpt convert model.pt s3://bucket/ckpt --to treeckpt\n"
+        "  treeckpt convert ckpt/ full.pt --to torch --max-memory 8GiB --overwrite",
+        formatter_class=_FMT,
+    )
+    p.add_argument("src", metavar="SRC", help="checkpoint to read (directory, file or URL)")
+    p.add_argument("dst", metavar="DST", help="where to write (URLs for --to treeckpt only)")
+    p.add_argument("--to", required=True, choices=FORMATS, help="the format to write")
+    p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    p.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="allow unpickling (DCP metadata, pickled treeckpt leaves): trusted sources only",
+    )
+    p.add_argument(
+        "--max-memory",
+        type=_byte_size,
+        metavar="SIZE",
+        help="--to torch from treeckpt: most memory to use (bytes, or 512MiB, 8GiB...)",
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON document")
+    p.set_defaults(run=_cmd_convert)
+
+
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "kib": 1 << 10,
+    "mib": 1 << 20,
+    "gib": 1 << 30,
+    "tib": 1 << 40,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+}
+
+
+def _byte_size(text: str) -> int:
+    import re
+
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*", text)
+    unit = m.group(2).lower() if m else ""
+    if m is None or unit not in _UNITS:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 4096, 512MiB, 8GiB)")
+    n = int(float(m.group(1)) * _UNITS[unit])
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 byte, got {text!r}")
+    return n
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from treeckpt.tools.convert import convert
+
+    with _bar("converting") as bar:
+        result = convert(
+            args.src,
+            args.dst,
+            to=args.to,
+            overwrite=args.overwrite,
+            allow_pickle=args.allow_pickle,
+            max_memory=args.max_memory,
+            on_start=bar.start,
+            on_bytes=bar.advance,
+        )
+    if args.json:
+        _print_json(asdict(result))
+        return 0
+    print(
+        f"converted {result.src} ({result.src_format}) -> {result.dst} ({result.dst_format}): "
+        f"{result.tensors} tensors, {_size(result.raw_bytes)}"
+    )
+    if result.dropped:
+        shown = ", ".join(result.dropped[:5]) + (" ..." if len(result.dropped) > 5 else "")
+        print(f"dropped {len(result.dropped)} non-tensor leaves ({result.dst_format}): {shown}")
+    return 0
