@@ -1,0 +1,553 @@
+"""Checkpoints written by torch's own DCP: read them without running their pickles.
+
+A DCP checkpoint is a directory with a pickled ``.metadata`` and data files
+(``__<rank>_<n>.distcp``) holding one ``torch.save`` blob per tensor chunk or
+per non-tensor value, each optionally passed through a stream transform
+(torch's ``stream.zstd`` extension). Reading it with torch runs
+``pickle.load`` on ``.metadata`` and ``torch.load(weights_only=False)`` on
+values, so a hostile checkpoint runs code. Here:
+
+- ``.metadata`` goes through an allow-listed unpickler that builds exactly
+  the classes DCP writes (``Metadata``, ``TensorStorageMetadata``,
+  ``ChunkStorageMetadata``, ``MetadataIndex``, ``_StorageInfo``, ...) and
+  refuses any other global with a :class:`~treeckpt.ManifestError` naming the
+  file and the class; what it builds is then checked field by field;
+- tensor chunks and values are read with ``torch.load(weights_only=True)``;
+- file names are checked to stay inside the checkpoint, byte ranges against
+  the file sizes, and decompression stops at a bound derived from the
+  declared chunk size.
+
+The functional API (:func:`read_dcp_metadata`, :func:`read_dcp_tensor`,
+:func:`read_dcp_value`, :func:`restore_dcp`, :func:`load_dcp`) reads only the
+items a request needs; a request is a :class:`~treeckpt.Box` of the global
+tensor, and resharding is box intersection with the stored chunks.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import pickle
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import fsspec
+import torch
+from torch.distributed.checkpoint import filesystem as _fs
+from torch.distributed.checkpoint import metadata as _md
+
+from treeckpt.core.box import Box, check_tiling, full_box
+from treeckpt.core.dtypes import dtype_info, torch_dtype, torch_dtype_code
+from treeckpt.core.leaves import TensorLeaf
+from treeckpt.core.tree import flatten_tree, map_tree
+from treeckpt.errors import (
+    CheckpointError,
+    CheckpointNotFoundError,
+    CorruptChunkError,
+    LeafNotFoundError,
+    LoadMismatchError,
+    ManifestError,
+    PlanError,
+)
+from treeckpt.shell.tensors import local_shards
+
+__all__ = [
+    "DcpCheckpoint",
+    "DcpItem",
+    "DcpTensor",
+    "is_dcp_checkpoint",
+    "load_dcp",
+    "read_dcp_metadata",
+    "read_dcp_tensor",
+    "read_dcp_value",
+    "restore_dcp",
+]
+
+METADATA_NAME = ".metadata"
+MAX_METADATA_BYTES = 1 << 30
+"""Largest ``.metadata`` file read (a pickle is held in memory to be checked)."""
+MAX_VALUE_BYTES = 1 << 28
+"""Largest decoded non-tensor value (a bound on what a zstd stream may expand to)."""
+_ITEM_OVERHEAD = 1 << 20  # torch.save's zip framing around a tensor's bytes
+
+_MD = "torch.distributed.checkpoint.metadata"
+_ALLOWED: dict[tuple[str, str], Any] = {
+    (_MD, "Metadata"): _md.Metadata,
+    (_MD, "TensorStorageMetadata"): _md.TensorStorageMetadata,
+    (_MD, "BytesStorageMetadata"): _md.BytesStorageMetadata,
+    (_MD, "ChunkStorageMetadata"): _md.ChunkStorageMetadata,
+    (_MD, "TensorProperties"): _md.TensorProperties,
+    (_MD, "_MEM_FORMAT_ENCODING"): _md._MEM_FORMAT_ENCODING,
+    (_MD, "MetadataIndex"): _md.MetadataIndex,
+    (_MD, "StorageMeta"): _md.StorageMeta,
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"): _fs._StorageInfo,
+    ("torch", "Size"): torch.Size,
+    ("collections", "OrderedDict"): dict,
+}
+_LAYOUTS = {"torch.strided": torch.strided}
+_PATHS = {"PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath", "Path"}
+_SAFE_NAME = re.compile(r"[A-Za-z0-9_.\-]+")
+
+
+def _get_layout(name: str) -> torch.layout:
+    if name not in _LAYOUTS:
+        raise ManifestError(f"unknown tensor layout {name!r}")
+    return _LAYOUTS[name]
+
+
+def _as_str(*parts: Any) -> str:
+    return "/".join(str(p) for p in parts)
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Builds only the classes DCP writes into ``.metadata``; any other global is refused."""
+
+    def __init__(self, data: bytes, where: str) -> None:
+        super().__init__(io.BytesIO(data))
+        self.where = where
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _ALLOWED:
+            return _ALLOWED[(module, name)]
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        if (module, name) == ("torch.serialization", "_get_layout"):
+            return _get_layout
+        if module in ("pathlib", "pathlib._local") and name in _PATHS:
+            return _as_str  # storage_meta.checkpoint_id: kept as a string, never a class
+        raise ManifestError(
+            f"{self.where}: refusing to load {module}.{name}; a DCP .metadata holds only "
+            "checkpoint metadata classes (this file would run code)"
+        )
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise ManifestError(f"{self.where}: unexpected persistent id in the metadata pickle")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DcpItem:
+    """One stored item: ``length`` bytes at ``offset`` of ``file``, then ``transforms``."""
+
+    file: str
+    offset: int
+    length: int
+    transforms: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DcpTensor:
+    """A tensor of a DCP checkpoint: global shape and dtype (a treeckpt dtype code), chunks."""
+
+    fqn: str
+    dtype: str
+    shape: tuple[int, ...]
+    chunks: tuple[tuple[Box, DcpItem], ...]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DcpCheckpoint:
+    """What a DCP checkpoint holds, validated; no tensor or value bytes read yet.
+
+    ``paths`` maps each FQN to its path in the nested state dict that was
+    saved (DCP's ``planner_data``), so :func:`restore_dcp` rebuilds the nesting.
+    """
+
+    path: str
+    version: str | None
+    tensors: dict[str, DcpTensor]
+    values: dict[str, DcpItem]
+    paths: dict[str, tuple[str | int, ...]]
+
+    @property
+    def fqns(self) -> list[str]:
+        return list(self.paths)
+
+
+def _fs_and_root(path: Any) -> tuple[fsspec.AbstractFileSystem, str]:
+    fs, root = fsspec.core.url_to_fs(str(path))
+    return fs, root.rstrip("/")
+
+
+def is_dcp_checkpoint(path: Any) -> bool:
+    """True when ``path`` holds a ``.metadata`` file (a checkpoint torch's DCP wrote)."""
+    fs, root = _fs_and_root(path)
+    return bool(fs.isfile(f"{root}/{METADATA_NAME}"))
+
+
+def read_dcp_metadata(path: Any) -> DcpCheckpoint:
+    """Read and check ``path/.metadata`` without running code from it.
+
+    Raises:
+        CheckpointNotFoundError: no ``.metadata`` at ``path``.
+        ManifestError: a class outside DCP's metadata classes, or malformed
+            content (file and FQN named).
+    """
+    fs, root = _fs_and_root(path)
+    where = f"{root}/{METADATA_NAME}"
+    try:
+        size = fs.size(where)
+    except FileNotFoundError:
+        raise CheckpointNotFoundError(f"{root}: no DCP checkpoint ({METADATA_NAME} not found)") from None
+    if size is None or size > MAX_METADATA_BYTES:
+        raise ManifestError(f"{where}: {size} bytes, more than the {MAX_METADATA_BYTES} allowed")
+    with fs.open(where, "rb") as f:
+        data = f.read()
+    try:
+        md = _MetadataUnpickler(data, where).load()
+    except CheckpointError:
+        raise
+    except Exception as exc:
+        raise ManifestError(f"{where}: not a DCP metadata pickle ({str(exc)[:200]})") from None
+    sizes = _file_sizes(fs, root)
+    return _check_metadata(md, where, root, sizes)
+
+
+def _file_sizes(fs: fsspec.AbstractFileSystem, root: str) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for info in fs.find(root, detail=True).values():
+        name = str(info["name"]).rstrip("/")
+        rel = name[len(root) + 1 :] if name.startswith(root + "/") else name
+        out[rel] = int(info.get("size") or 0)
+    return out
+
+
+def _bad(where: str, what: str) -> ManifestError:
+    return ManifestError(f"{where}: {what}")
+
+
+def _ints(v: Any, where: str, what: str) -> tuple[int, ...]:
+    if not isinstance(v, tuple | list) or not all(type(x) is int and x >= 0 for x in v):
+        raise _bad(where, f"{what} must be non-negative integers, got {str(v)[:80]}")
+    return tuple(v)
+
+
+def _check_metadata(md: Any, where: str, root: str, sizes: dict[str, int]) -> DcpCheckpoint:
+    if not isinstance(md, _md.Metadata) or not isinstance(md.state_dict_metadata, dict):
+        raise _bad(where, f"expected a Metadata record, got {type(md).__name__}")
+    storage = md.storage_data
+    if not isinstance(storage, dict):
+        raise _bad(where, "storage_data is not a dict (not written by FileSystemWriter)")
+    items: dict[tuple[str, tuple[int, ...] | None], DcpItem] = {}
+    for key, info in storage.items():
+        if not isinstance(key, _md.MetadataIndex) or not isinstance(info, _fs._StorageInfo):
+            raise _bad(where, "storage_data holds something other than MetadataIndex -> _StorageInfo")
+        fqn = key.fqn
+        if not isinstance(fqn, str):
+            raise _bad(where, "an FQN is not a string")
+        off = None if key.offset is None else _ints(key.offset, where, f"{fqn!r} chunk offset")
+        items[(fqn, off)] = _check_item(info, where, fqn, sizes)
+    tensors: dict[str, DcpTensor] = {}
+    values: dict[str, DcpItem] = {}
+    for fqn, entry in md.state_dict_metadata.items():
+        if not isinstance(fqn, str):
+            raise _bad(where, "an FQN is not a string")
+        if isinstance(entry, _md.BytesStorageMetadata):
+            if (fqn, None) not in items:
+                raise _bad(where, f"{fqn!r}: value has no storage entry")
+            values[fqn] = items[(fqn, None)]
+        elif isinstance(entry, _md.TensorStorageMetadata):
+            tensors[fqn] = _check_tensor(fqn, entry, items, where)
+        else:
+            raise _bad(where, f"{fqn!r}: unknown storage type {type(entry).__name__}")
+    paths = _check_paths(md.planner_data, list(md.state_dict_metadata), where)
+    version = md.version if isinstance(md.version, str) else None
+    return DcpCheckpoint(path=root, version=version, tensors=tensors, values=values, paths=paths)
+
+
+def _check_item(info: Any, where: str, fqn: str, sizes: dict[str, int]) -> DcpItem:
+    rel = info.relative_path
+    if (
+        not isinstance(rel, str)
+        or not rel
+        or any(p in ("", ".", "..") or not _SAFE_NAME.fullmatch(p) for p in rel.split("/"))
+    ):
+        raise _bad(where, f"{fqn!r}: data file name {str(rel)[:80]!r} is not a plain relative name")
+    offset, length = info.offset, info.length
+    if type(offset) is not int or type(length) is not int or offset < 0 or length < 0:
+        raise _bad(where, f"{fqn!r}: bad byte range {offset!r}+{length!r} in {rel}")
+    if rel not in sizes:
+        raise CheckpointError(f"{where}: {fqn!r} is stored in {rel}, which is missing")
+    if offset + length > sizes[rel]:
+        raise _bad(where, f"{fqn!r}: bytes {offset}..{offset + length} lie past the end of {rel} "
+                   f"({sizes[rel]} bytes)")
+    transforms = tuple(getattr(info, "transform_descriptors", None) or ())
+    for t in transforms:
+        if t != "stream.zstd/1":
+            raise _bad(where, f"{fqn!r}: unsupported stream transform {str(t)[:60]!r} in {rel}")
+    return DcpItem(file=rel, offset=offset, length=length, transforms=transforms)
+
+
+def _check_tensor(fqn: str, entry: Any, items: Mapping[Any, DcpItem], where: str) -> DcpTensor:
+    props = entry.properties
+    dtype = getattr(props, "dtype", None)
+    code = torch_dtype_code(dtype) if isinstance(dtype, torch.dtype) else None
+    if code is None:
+        raise _bad(where, f"{fqn!r}: unsupported dtype {dtype!r}")
+    shape = _ints(entry.size, where, f"{fqn!r} size")
+    whole = full_box(shape)
+    chunks = []
+    if not isinstance(entry.chunks, list):
+        raise _bad(where, f"{fqn!r}: chunks is not a list")
+    for c in entry.chunks:
+        if not isinstance(c, _md.ChunkStorageMetadata):
+            raise _bad(where, f"{fqn!r}: a chunk is a {type(c).__name__}")
+        box = Box(
+            offsets=_ints(c.offsets, where, f"{fqn!r} chunk offsets"),
+            sizes=_ints(c.sizes, where, f"{fqn!r} chunk sizes"),
+        )
+        if box.ndim != len(shape) or not whole.contains(box):
+            raise _bad(where, f"{fqn!r}: chunk {box} lies outside the shape {list(shape)}")
+        item = items.get((fqn, box.offsets))
+        if item is None:
+            raise _bad(where, f"{fqn!r}: chunk at {list(box.offsets)} has no storage entry")
+        chunks.append((box, item))
+    try:
+        check_tiling(shape, sorted({b for b, _ in chunks}, key=lambda b: b.offsets), what=fqn)
+    except PlanError as exc:
+        raise _bad(where, str(exc)) from None
+    return DcpTensor(fqn=fqn, dtype=code, shape=shape, chunks=tuple(chunks))
+
+
+def _check_paths(planner_data: Any, fqns: list[str], where: str) -> dict[str, tuple[str | int, ...]]:
+    """FQN -> nested path; a flat path where DCP recorded none (``flatten_state_dict=False``)."""
+    paths: dict[str, tuple[str | int, ...]] = {}
+    pd = planner_data if isinstance(planner_data, dict) else {}
+    for fqn in fqns:
+        p = pd.get(fqn)
+        if p is None:
+            paths[fqn] = (fqn,)
+            continue
+        if (
+            not isinstance(p, tuple | list)
+            or not p
+            or not all(type(k) is str or (type(k) is int and 0 <= k < len(fqns)) for k in p)
+        ):
+            raise _bad(where, f"{fqn!r}: malformed path {str(p)[:80]} in planner_data")
+        paths[fqn] = tuple(p)
+    return paths
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading items
+
+
+def _read_item(ckpt: DcpCheckpoint, item: DcpItem, fqn: str, limit: int) -> bytes:
+    fs, _ = _fs_and_root(ckpt.path)
+    where = f"{ckpt.path}/{item.file}"
+    with fs.open(where, "rb") as f:
+        f.seek(item.offset)
+        data = f.read(item.length)
+    if len(data) != item.length:
+        raise CorruptChunkError(f"{where}: {fqn!r} is truncated ({len(data)} of {item.length} bytes)")
+    for _ in item.transforms:  # only stream.zstd/1 passes the metadata check
+        data = _unzstd(data, limit, where, fqn)
+    return data
+
+
+def _unzstd(data: bytes, limit: int, where: str, fqn: str) -> bytes:
+    import zstandard
+
+    try:
+        with zstandard.ZstdDecompressor().stream_reader(io.BytesIO(data)) as r:
+            out = r.read(limit + 1)
+    except zstandard.ZstdError as exc:
+        raise CorruptChunkError(f"{where}: {fqn!r} does not decompress ({exc})") from None
+    if len(out) > limit:
+        raise CorruptChunkError(f"{where}: {fqn!r} decompresses to more than {limit} bytes")
+    return out
+
+
+def _safe_load(data: bytes, where: str, fqn: str) -> Any:
+    try:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(
+            f"{where}: {fqn!r} holds an object that needs pickle to load; it is refused "
+            f"(only tensors and plain values are read): {str(exc).splitlines()[0][:200]}"
+        ) from None
+    except Exception as exc:
+        raise CorruptChunkError(f"{where}: {fqn!r} cannot be read: {str(exc)[:200]}") from None
+
+
+def _chunk_tensor(ckpt: DcpCheckpoint, t: DcpTensor, box: Box, item: DcpItem) -> torch.Tensor:
+    where = f"{ckpt.path}/{item.file}"
+    limit = box.volume * dtype_info(t.dtype).itemsize + _ITEM_OVERHEAD
+    got = _safe_load(_read_item(ckpt, item, t.fqn, limit), where, t.fqn)
+    if not isinstance(got, torch.Tensor) or type(got) is not torch.Tensor:
+        raise CorruptChunkError(f"{where}: {t.fqn!r} chunk is a {type(got).__name__}, not a tensor")
+    if tuple(got.shape) != box.sizes or torch_dtype_code(got.dtype) != t.dtype:
+        raise CorruptChunkError(
+            f"{where}: {t.fqn!r} chunk is {got.dtype}{list(got.shape)}, the metadata says "
+            f"{t.dtype}{list(box.sizes)}"
+        )
+    return got
+
+
+def _tensor(ckpt: DcpCheckpoint, fqn: str) -> DcpTensor:
+    t = ckpt.tensors.get(fqn)
+    if t is None:
+        raise LeafNotFoundError(f"{fqn!r} is not a tensor of the DCP checkpoint at {ckpt.path}")
+    return t
+
+
+def read_dcp_tensor(
+    ckpt: DcpCheckpoint, fqn: str, box: Box | None = None, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The region ``box`` (default: all) of tensor ``fqn``, reading only the chunks it meets.
+
+    ``out`` (a tensor of ``box``'s sizes and the stored dtype) is filled in
+    place when given. Raises :class:`~treeckpt.PlanError` when the stored
+    chunks do not cover ``box``.
+    """
+    t = _tensor(ckpt, fqn)
+    box = box or full_box(t.shape)
+    if box.ndim != len(t.shape) or not full_box(t.shape).contains(box):
+        raise PlanError(f"{fqn!r}: region {box} lies outside the shape {list(t.shape)}")
+    parts = [(b, item, b.intersect(box)) for b, item in t.chunks]  # chunks tile the tensor
+    if out is None:
+        out = torch.empty(box.sizes, dtype=torch_dtype(t.dtype))
+    if box.ndim == 0:
+        if not t.chunks:
+            raise PlanError(f"{fqn!r}: a 0-d tensor with no stored chunk")
+        b, item = t.chunks[0]
+        out.copy_(_chunk_tensor(ckpt, t, b, item))
+        return out
+    done: set[tuple[int, ...]] = set()
+    for b, item, common in parts:
+        if common is None or common.offsets in done:
+            continue  # replicas of one chunk are read once
+        done.add(common.offsets)
+        src = _chunk_tensor(ckpt, t, b, item)[common.relative_to(b).slices()]
+        out[common.relative_to(box).slices()].copy_(src)
+    return out
+
+
+def read_dcp_value(ckpt: DcpCheckpoint, fqn: str) -> Any:
+    """A non-tensor value, loaded with ``torch.load(weights_only=True)`` (no code runs)."""
+    item = ckpt.values.get(fqn)
+    if item is None:
+        raise LeafNotFoundError(f"{fqn!r} is not a value of the DCP checkpoint at {ckpt.path}")
+    where = f"{ckpt.path}/{item.file}"
+    return _safe_load(_read_item(ckpt, item, fqn, MAX_VALUE_BYTES), where, fqn)
+
+
+def nest(flat: Mapping[str, Any], paths: Mapping[str, tuple[str | int, ...]]) -> dict[str, Any]:
+    """The nested state dict DCP flattened: dicts for str keys, lists for int keys."""
+    root: dict[str, Any] = {}
+    for fqn, value in flat.items():
+        path = paths.get(fqn, (fqn,))
+        cur: Any = root
+        for key, nxt in zip(path[:-1], path[1:], strict=True):
+            cur = _child(cur, key, {} if type(nxt) is str else [], fqn)
+        _put(cur, path[-1], value, fqn)
+    return root
+
+
+def _child(cur: Any, key: str | int, default: Any, fqn: str) -> Any:
+    if isinstance(cur, dict):
+        got = cur.setdefault(key, default)
+    else:
+        _put(cur, key, None, fqn, keep=True)
+        assert isinstance(key, int)
+        if cur[key] is None:
+            cur[key] = default
+        got = cur[key]
+    if not isinstance(got, dict | list):
+        raise ManifestError(f"{fqn!r}: its path runs through a value")
+    return got
+
+
+def _put(cur: Any, key: str | int, value: Any, fqn: str, keep: bool = False) -> None:
+    if isinstance(cur, dict):
+        cur[key] = value
+        return
+    if type(key) is not int:
+        raise ManifestError(f"{fqn!r}: a string key inside a list")
+    while len(cur) <= key:
+        cur.append(None)
+    if not keep:
+        cur[key] = value
+
+
+def iter_leaves(ckpt: DcpCheckpoint) -> Iterator[str]:
+    """FQNs in the order DCP recorded them."""
+    yield from ckpt.paths
+
+
+def restore_dcp(path: Any) -> dict[str, Any]:
+    """The whole nested state dict of a DCP checkpoint, tensors on CPU."""
+    ckpt = read_dcp_metadata(path)
+    flat = {
+        fqn: read_dcp_tensor(ckpt, fqn) if fqn in ckpt.tensors else read_dcp_value(ckpt, fqn)
+        for fqn in ckpt.paths
+    }
+    return nest(flat, ckpt.paths)
+
+
+def load_dcp(tree: Any, path: Any, *, strict: bool = True) -> Any:
+    """Load a DCP checkpoint into a template ``tree`` in place; returns the loaded tree.
+
+    Like :func:`treeckpt.load`: tensors of the template (plain, DTensor,
+    ShardedTensor; any sharding, any world size) are filled in place, each
+    rank reading only the chunks its shards meet; values come from the
+    checkpoint; ``Stateful`` objects get ``load_state_dict``. Missing and
+    unexpected keys (with ``strict``) and shape or dtype mismatches are all
+    reported together before anything changes. No collective is needed.
+    """
+    ckpt = read_dcp_metadata(path)
+    flat = flatten_tree(tree, allow_pickle=True)
+    known = set(ckpt.paths)
+    missing = [f for f in flat.records if f not in known]
+    unexpected = [f for f in ckpt.paths if f not in flat.records]
+    mismatched = []
+    for fqn, rec in flat.records.items():
+        if fqn not in known:
+            continue
+        t = ckpt.tensors.get(fqn)
+        if isinstance(rec, TensorLeaf) != (t is not None):
+            mismatched.append(f"{fqn} (template {'tensor' if t is None else 'value'}, checkpoint "
+                              f"{'value' if t is None else 'tensor'})")
+        elif t is not None and isinstance(rec, TensorLeaf) and (rec.dtype, rec.shape) != (t.dtype, t.shape):
+            mismatched.append(f"{fqn} (template {rec.dtype}{list(rec.shape)}, checkpoint "
+                              f"{t.dtype}{list(t.shape)})")
+    if mismatched or (strict and (missing or unexpected)):
+        raise LoadMismatchError(
+            missing=missing if strict else (),
+            unexpected=unexpected if strict else (),
+            mismatched=mismatched,
+        )
+    for fqn, obj in flat.leaves.items():
+        rec = flat.records[fqn]
+        if fqn not in ckpt.tensors or not isinstance(rec, TensorLeaf):
+            continue
+        if not isinstance(obj, torch.Tensor):
+            raise LoadMismatchError(mismatched=[f"{fqn} (template {type(obj).__name__}, checkpoint tensor)"])
+        _, pairs = local_shards(fqn, obj, rec)
+        for box, local in pairs:
+            if box.volume == 0 and box.ndim:
+                continue
+            with torch.no_grad():
+                local.copy_(read_dcp_tensor(ckpt, fqn, box).view(local.shape))
+
+    def leaf(fqn: str, obj: Any) -> Any:
+        if fqn in ckpt.values:
+            return read_dcp_value(ckpt, fqn)
+        return obj
+
+    def stateful(ref: Any) -> Any:
+        prefix = ref.fqn
+
+        def inner(fqn: str, obj: Any) -> Any:
+            return leaf(f"{prefix}.{fqn}" if prefix and fqn else (prefix or fqn), obj)
+
+        state = map_tree(ref.obj.state_dict(), inner, lambda r: r.obj)
+        ref.obj.load_state_dict(state)
+        return ref.obj
+
+    return map_tree(tree, leaf, stateful)
+
+
+def nbytes(t: DcpTensor) -> int:
+    return math.prod(t.shape) * dtype_info(t.dtype).itemsize
