@@ -41,7 +41,7 @@ from torch.distributed.checkpoint import metadata as _md
 from treeckpt.core.box import Box, check_tiling, full_box
 from treeckpt.core.dtypes import dtype_info, torch_dtype, torch_dtype_code
 from treeckpt.core.leaves import TensorLeaf
-from treeckpt.core.tree import flatten_tree, map_tree
+from treeckpt.core.tree import map_tree
 from treeckpt.errors import (
     CheckpointError,
     CheckpointNotFoundError,
@@ -311,10 +311,13 @@ def _check_tensor(fqn: str, entry: Any, items: Mapping[Any, DcpItem], where: str
 
 
 def _check_paths(planner_data: Any, fqns: list[str], where: str) -> dict[str, tuple[str | int, ...]]:
-    """FQN -> nested path; a flat path where DCP recorded none (``flatten_state_dict=False``)."""
+    """FQN -> nested path, in the saved order; a flat path where DCP recorded none
+    (``flatten_state_dict=False``)."""
     paths: dict[str, tuple[str | int, ...]] = {}
     pd = planner_data if isinstance(planner_data, dict) else {}
-    for fqn in fqns:
+    known = set(fqns)
+    ordered = [f for f in pd if isinstance(f, str) and f in known]
+    for fqn in ordered + [f for f in fqns if f not in pd]:
         p = pd.get(fqn)
         if p is None:
             paths[fqn] = (fqn,)
@@ -486,67 +489,92 @@ def restore_dcp(path: Any) -> dict[str, Any]:
     return nest(flat, ckpt.paths)
 
 
+def dcp_flatten(tree: Any, prefix: tuple[Any, ...] = ()) -> Iterator[tuple[tuple[Any, ...], Any]]:
+    """DCP's flattening: into dicts, and into lists that hold tensors or containers."""
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            yield from dcp_flatten(v, (*prefix, k))
+    elif isinstance(tree, list | tuple) and any(
+        isinstance(v, dict | list | tuple | torch.Tensor) or hasattr(v, "shape") for v in tree
+    ):
+        for i, v in enumerate(tree):
+            yield from dcp_flatten(v, (*prefix, i))
+    else:
+        yield prefix, tree
+
+
+def _set(root: Any, path: tuple[Any, ...], value: Any) -> None:
+    cur = root
+    for key in path[:-1]:
+        cur = cur[key]
+    if isinstance(cur, tuple):
+        raise CheckpointError(f"{'.'.join(map(str, path))!r}: cannot load a value into a tuple")
+    cur[path[-1]] = value
+
+
 def load_dcp(tree: Any, path: Any, *, strict: bool = True) -> Any:
     """Load a DCP checkpoint into a template ``tree`` in place; returns the loaded tree.
 
     Like :func:`treeckpt.load`: tensors of the template (plain, DTensor,
     ShardedTensor; any sharding, any world size) are filled in place, each
     rank reading only the chunks its shards meet; values come from the
-    checkpoint; ``Stateful`` objects get ``load_state_dict``. Missing and
-    unexpected keys (with ``strict``) and shape or dtype mismatches are all
-    reported together before anything changes. No collective is needed.
+    checkpoint; ``Stateful`` objects get ``load_state_dict``. Keys are DCP's
+    (a list of plain values is one value). Missing and unexpected keys (with
+    ``strict``) and shape or dtype mismatches are all reported together
+    before anything changes. No collective is needed.
     """
     ckpt = read_dcp_metadata(path)
-    flat = flatten_tree(tree, allow_pickle=True)
-    known = set(ckpt.paths)
-    missing = [f for f in flat.records if f not in known]
-    unexpected = [f for f in ckpt.paths if f not in flat.records]
+    statefuls: list[Any] = []
+
+    def to_state(ref: Any) -> Any:
+        statefuls.append(ref)
+        return ref.obj.state_dict()
+
+    plain = map_tree(tree, lambda fqn, obj: obj, to_state)
+    entries = {".".join(map(str, p)): (p, obj) for p, obj in dcp_flatten(plain) if p}
+    missing = [f for f in entries if f not in ckpt.paths]
+    unexpected = [f for f in ckpt.paths if f not in entries]
     mismatched = []
-    for fqn, rec in flat.records.items():
-        if fqn not in known:
-            continue
+    for fqn, (_, obj) in entries.items():
         t = ckpt.tensors.get(fqn)
-        if isinstance(rec, TensorLeaf) != (t is not None):
-            mismatched.append(f"{fqn} (template {'tensor' if t is None else 'value'}, checkpoint "
-                              f"{'value' if t is None else 'tensor'})")
-        elif t is not None and isinstance(rec, TensorLeaf) and (rec.dtype, rec.shape) != (t.dtype, t.shape):
-            mismatched.append(f"{fqn} (template {rec.dtype}{list(rec.shape)}, checkpoint "
-                              f"{t.dtype}{list(t.shape)})")
+        if fqn not in ckpt.paths or (t is None and not isinstance(obj, torch.Tensor)):
+            continue
+        if t is None or not isinstance(obj, torch.Tensor):
+            what = ("value", "tensor") if t is not None else ("tensor", "value")
+            mismatched.append(f"{fqn} (template {what[0]}, checkpoint {what[1]})")
+            continue
+        code = torch_dtype_code(obj.dtype)
+        if (code, tuple(obj.shape)) != (t.dtype, t.shape):
+            mismatched.append(
+                f"{fqn} (template {code}{list(obj.shape)}, checkpoint {t.dtype}{list(t.shape)})"
+            )
     if mismatched or (strict and (missing or unexpected)):
         raise LoadMismatchError(
             missing=missing if strict else (),
             unexpected=unexpected if strict else (),
             mismatched=mismatched,
         )
-    for fqn, obj in flat.leaves.items():
-        rec = flat.records[fqn]
-        if fqn not in ckpt.tensors or not isinstance(rec, TensorLeaf):
-            continue
-        if not isinstance(obj, torch.Tensor):
-            raise LoadMismatchError(mismatched=[f"{fqn} (template {type(obj).__name__}, checkpoint tensor)"])
-        _, pairs = local_shards(fqn, obj, rec)
-        for box, local in pairs:
-            if box.volume == 0 and box.ndim:
-                continue
-            with torch.no_grad():
-                local.copy_(read_dcp_tensor(ckpt, fqn, box).view(local.shape))
-
-    def leaf(fqn: str, obj: Any) -> Any:
-        if fqn in ckpt.values:
-            return read_dcp_value(ckpt, fqn)
-        return obj
-
-    def stateful(ref: Any) -> Any:
-        prefix = ref.fqn
-
-        def inner(fqn: str, obj: Any) -> Any:
-            return leaf(f"{prefix}.{fqn}" if prefix and fqn else (prefix or fqn), obj)
-
-        state = map_tree(ref.obj.state_dict(), inner, lambda r: r.obj)
-        ref.obj.load_state_dict(state)
-        return ref.obj
-
-    return map_tree(tree, leaf, stateful)
+    for fqn, (p, obj) in entries.items():
+        if fqn in ckpt.tensors:
+            rec = TensorLeaf(lib="torch", dtype=ckpt.tensors[fqn].dtype, shape=tuple(obj.shape))
+            _, pairs = local_shards(fqn, obj, rec)
+            for box, local in pairs:
+                if box.ndim and box.is_empty():
+                    continue
+                with torch.no_grad():
+                    local.copy_(read_dcp_tensor(ckpt, fqn, box).view(local.shape))
+        elif fqn in ckpt.values:
+            _set(plain, p, read_dcp_value(ckpt, fqn))
+    for ref in statefuls:
+        sub = plain
+        for key in ref.path:
+            sub = sub[key]
+        ref.obj.load_state_dict(sub)
+        if ref.path:
+            _set(plain, tuple(ref.path), ref.obj)
+        else:
+            plain = ref.obj
+    return plain
 
 
 def nbytes(t: DcpTensor) -> int:

@@ -32,6 +32,7 @@ from treeckpt.core.leaves import TensorLeaf
 from treeckpt.core.options import LoadOptions
 from treeckpt.core.tree import build_tree
 from treeckpt.dcp._torch_format import (
+    dcp_flatten,
     is_dcp_checkpoint,
     nest,
     read_dcp_metadata,
@@ -197,20 +198,6 @@ def write_torch_save(tree: Any, fetch: Fetch, path: Any) -> None:
 # torch DCP format
 
 
-def _dcp_flatten(tree: Any, prefix: tuple[Any, ...] = ()) -> Iterator[tuple[tuple[Any, ...], Any]]:
-    """DCP's flattening: into dicts, and into lists that hold tensors or containers."""
-    if isinstance(tree, dict):
-        for k, v in tree.items():
-            yield from _dcp_flatten(v, (*prefix, k))
-    elif isinstance(tree, list | tuple) and any(
-        isinstance(v, dict | list | tuple | LazyTensor | torch.Tensor) for v in tree
-    ):
-        for i, v in enumerate(tree):
-            yield from _dcp_flatten(v, (*prefix, i))
-    else:
-        yield prefix, tree
-
-
 def write_dcp(tree: Any, fetch: Fetch, path: Any) -> None:
     """Write a checkpoint in torch DCP's own format (``.metadata`` + ``__0_0.distcp``).
 
@@ -229,7 +216,7 @@ def write_dcp(tree: Any, fetch: Fetch, path: Any) -> None:
     storage: dict[Any, Any] = {}
     planner: dict[str, tuple[Any, ...]] = {}
     with open(root / data_name, "wb") as f:
-        for key_path, obj in _dcp_flatten(tree):
+        for key_path, obj in dcp_flatten(tree):
             fqn = ".".join(str(k) for k in key_path)
             if fqn in planner:
                 raise CheckpointError(f"{fqn!r}: two paths give this DCP key")
