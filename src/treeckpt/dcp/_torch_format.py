@@ -362,13 +362,20 @@ def _unzstd(data: bytes, limit: int, where: str, fqn: str) -> bytes:
     return out
 
 
+def unpickling_reason(exc: BaseException) -> str:
+    """The line of torch's weights-only refusal that names the class."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    named = [ln for ln in lines if "Unsupported" in ln or "global" in ln.lower()]
+    return (named or lines or [""])[0][:200]
+
+
 def _safe_load(data: bytes, where: str, fqn: str) -> Any:
     try:
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise CheckpointError(
             f"{where}: {fqn!r} holds an object that needs pickle to load; it is refused "
-            f"(only tensors and plain values are read): {str(exc).splitlines()[0][:200]}"
+            f"(only tensors and plain values are read): {unpickling_reason(exc)}"
         ) from None
     except Exception as exc:
         raise CorruptChunkError(f"{where}: {fqn!r} cannot be read: {str(exc)[:200]}") from None

@@ -39,6 +39,7 @@ from torch.futures import Future
 
 from treeckpt.core.options import SaveOptions
 from treeckpt.dcp._torch_format import restore_dcp
+from treeckpt.dcp._torch_format import unpickling_reason as _reason
 from treeckpt.dcp._torch_format_write import open_lazy, write_dcp, write_torch_save
 from treeckpt.errors import CheckpointError, CheckpointNotFoundError
 from treeckpt.shell.coord import LocalCoordinator
@@ -83,7 +84,7 @@ def _load_torch_save(path: str | os.PathLike[str]) -> Any:
     except pickle.UnpicklingError as exc:
         raise CheckpointError(
             f"{path}: holds objects that need pickle to load; refused (only tensors and plain "
-            f"values are read): {str(exc).splitlines()[0][:200]}"
+            f"values are read): {_reason(exc)}"
         ) from None
 
 
@@ -187,7 +188,7 @@ class BroadcastingTorchSaveReader(_tfu.BroadcastingTorchSaveReader):
         dist.broadcast_object_list(verdict, src=self.coordinator_rank)
         if verdict[0] is not None:
             raise CheckpointError(f"{self.checkpoint_id}: {verdict[0]}")
-        device = dist.distributed_c10d._get_pg_default_device()
+        device = torch.device(dist.distributed_c10d._get_object_coll_device())
         for fqn in wanted:
             md = cast(TensorStorageMetadata, metadata.state_dict_metadata[fqn])
             if self.is_coordinator:
@@ -196,7 +197,11 @@ class BroadcastingTorchSaveReader(_tfu.BroadcastingTorchSaveReader):
                 tensor = torch.empty(md.size, dtype=md.properties.dtype, device=device)
             dist.broadcast(tensor, src=self.coordinator_rank)
             for req in by_fqn.get(fqn, []):
-                part = narrow_tensor_by_index(tensor, req.storage_offsets, req.lengths)
+                # storage_offsets are relative to the stored chunk, which starts at
+                # storage_index.offset of the full tensor broadcast here.
+                base = req.storage_index.offset or [0] * len(req.storage_offsets)
+                starts = [a + b for a, b in zip(base, req.storage_offsets, strict=True)]
+                part = narrow_tensor_by_index(tensor, starts, req.lengths)
                 target = planner.resolve_tensor(req).detach()
                 target.copy_(part)
                 planner.commit_tensor(req, target)
