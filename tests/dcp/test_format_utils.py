@@ -20,6 +20,7 @@ from torch.distributed.tensor import DTensor
 
 import treeckpt
 import treeckpt.dcp._torch_format_write as tw
+from tests.dist_utils import run_ranks
 from treeckpt import CheckpointError, CheckpointNotFoundError
 from treeckpt.dcp.format_utils import (
     BroadcastingTorchSaveReader,
@@ -28,7 +29,6 @@ from treeckpt.dcp.format_utils import (
     main,
     torch_save_to_dcp,
 )
-from tests.dist_utils import run_ranks
 
 Pair = collections.namedtuple("Pair", ["a", "b"])
 
@@ -53,8 +53,10 @@ def _state() -> dict[str, Any]:
     torch.manual_seed(0)
     return {
         "model": {"w": torch.randn(64, 32), "b": torch.randn(32).to(torch.bfloat16)},
-        "optim": {"state": {"w": {"step": torch.tensor(3.0), "exp_avg": torch.randn(64, 32)}},
-                  "param_groups": [{"lr": 0.1, "params": ["w"]}]},
+        "optim": {
+            "state": {"w": {"step": torch.tensor(3.0), "exp_avg": torch.randn(64, 32)}},
+            "param_groups": [{"lr": 0.1, "params": ["w"]}],
+        },
         "ints": torch.arange(10, dtype=torch.int64),
         "empty": torch.zeros(0, 3),
         "pair": Pair(torch.ones(2), 5),
@@ -143,8 +145,19 @@ def test_command_line(tmp_path: Path, capsys: Any) -> None:
     assert "missing" in capsys.readouterr().err
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     run = subprocess.run(
-        [sys.executable, "-m", "treeckpt.dcp.format_utils", "dcp_to_torch", str(tmp_path / "dcp"), str(tmp_path / "cli.pt")],
-        capture_output=True, text=True, env=env, timeout=120, check=False,
+        [
+            sys.executable,
+            "-m",
+            "treeckpt.dcp.format_utils",
+            "dcp_to_torch",
+            str(tmp_path / "dcp"),
+            str(tmp_path / "cli.pt"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=False,
     )
     assert run.returncode == 0, run.stderr
     _same(state, torch.load(tmp_path / "cli.pt", weights_only=True))
@@ -160,8 +173,12 @@ def _broadcast_load(rank: int, world: int, path: str, bad: bool) -> Any:
     fully_shard(model, mesh=mesh)
     sd = {"model": model.state_dict()}
     try:
-        tdcp.load(sd, storage_reader=BroadcastingTorchSaveReader(), planner=DynamicMetaLoadPlanner(),
-                  checkpoint_id=path)
+        tdcp.load(
+            sd,
+            storage_reader=BroadcastingTorchSaveReader(),
+            planner=DynamicMetaLoadPlanner(),
+            checkpoint_id=path,
+        )
     except BaseException as exc:  # torch wraps the CheckpointError in its CheckpointException
         return str(exc)
     assert isinstance(sd["model"]["0.weight"], DTensor)

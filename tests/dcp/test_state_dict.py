@@ -18,6 +18,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
 
 import treeckpt
+from tests.dist_utils import run_ranks
 from treeckpt.dcp.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -27,7 +28,6 @@ from treeckpt.dcp.state_dict import (
     set_optimizer_state_dict,
     set_state_dict,
 )
-from tests.dist_utils import run_ranks
 
 pytestmark = pytest.mark.distributed
 
@@ -88,7 +88,11 @@ def _save(rank: int, world: int, path: str, kind: str, flat: bool) -> dict[str, 
 
 
 def _load(rank: int, world: int, path: str, kind: str, flat: bool) -> dict[str, torch.Tensor]:
-    model = _wrap(torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3)), kind, world)
+    model = _wrap(
+        torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3)),
+        kind,
+        world,
+    )
     opt = torch.optim.AdamW(model.parameters(), lr=5.0)
     opts = StateDictOptions(flatten_optimizer_state_dict=flat)
     msd, osd = get_state_dict(model, opt, options=opts)  # optimizer state initialised

@@ -21,10 +21,10 @@ from torch.distributed.tensor import DTensor
 
 import treeckpt
 import treeckpt.dcp._torch_format as tf
+from tests.dist_utils import run_ranks
 from treeckpt import Box, CheckpointError, LoadMismatchError, ManifestError
 from treeckpt.dcp.format_utils import dcp_to_treeckpt, treeckpt_to_dcp
 from treeckpt.dcp.state_dict import get_state_dict
-from tests.dist_utils import run_ranks
 
 
 def _same(a: Any, b: Any, where: str = "") -> None:
@@ -32,7 +32,9 @@ def _same(a: Any, b: Any, where: str = "") -> None:
     if isinstance(a, torch.Tensor):
         assert isinstance(b, torch.Tensor), where
         assert a.dtype == b.dtype and a.shape == b.shape, where
-        assert torch.equal(a.view(torch.uint8) if a.dim() else a, b.view(torch.uint8) if b.dim() else b), where
+        assert torch.equal(
+            a.view(torch.uint8) if a.dim() else a, b.view(torch.uint8) if b.dim() else b
+        ), where
     elif isinstance(a, dict):
         assert isinstance(b, dict) and list(a) == list(b), where
         for k in a:
@@ -123,11 +125,15 @@ def test_metadata_restore_and_region_reads(fsdp_ckpt: tuple[str, Any], monkeypat
     # A box inside rank 1's chunk reads that chunk only.
     reads: list[str] = []
     real = tf._read_item
-    monkeypatch.setattr(tf, "_read_item", lambda c, item, fqn, lim: reads.append(fqn) or real(c, item, fqn, lim))
+    monkeypatch.setattr(
+        tf, "_read_item", lambda c, item, fqn, lim: reads.append(fqn) or real(c, item, fqn, lim)
+    )
     got = tf.read_dcp_tensor(ckpt, "model.0.weight", Box(offsets=(4, 2), sizes=(2, 5)))
     _same(full["model"]["0.weight"][4:6, 2:7], got)
     assert len(reads) == 1
-    got = tf.read_dcp_tensor(ckpt, "model.0.weight", Box(offsets=(1, 0), sizes=(4, 8)))  # spans both
+    got = tf.read_dcp_tensor(
+        ckpt, "model.0.weight", Box(offsets=(1, 0), sizes=(4, 8))
+    )  # spans both
     _same(full["model"]["0.weight"][1:5], got)
 
 
@@ -142,7 +148,9 @@ def _load_resharded(rank: int, world: int, path: str) -> Any:
 
 
 @pytest.mark.distributed
-def test_load_into_a_sharded_template_on_another_world_size(fsdp_ckpt: tuple[str, Any], tmp_path: Path) -> None:
+def test_load_into_a_sharded_template_on_another_world_size(
+    fsdp_ckpt: tuple[str, Any], tmp_path: Path
+) -> None:
     path, full = fsdp_ckpt
     for got in run_ranks(3, _load_resharded, tmp_path, path):
         _same(full, got)
@@ -190,7 +198,9 @@ def test_single_process_values_and_nesting(tmp_path: Path) -> None:
     }
     _same(state, tf.load_dcp(template, tmp_path / "c"))
     bad = {**template, "t": torch.zeros(3, 4, dtype=torch.float32), "more": 1}
-    with pytest.raises(LoadMismatchError, match=r"t \(template float32\[3, 4\], checkpoint float64\[3, 4\]\).*") as ei:
+    with pytest.raises(
+        LoadMismatchError, match=r"t \(template float32\[3, 4\], checkpoint float64\[3, 4\]\).*"
+    ) as ei:
         tf.load_dcp(bad, tmp_path / "c")
     assert ei.value.missing == ("more",)
     assert tf.is_dcp_checkpoint(tmp_path / "c") and not tf.is_dcp_checkpoint(tmp_path)
@@ -227,7 +237,9 @@ def test_value_that_needs_pickle_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "c"
     tdcp.save({"w": torch.ones(2), "obj": _Evil()}, checkpoint_id=str(path), no_dist=True)
     ckpt = tf.read_dcp_metadata(path)
-    with pytest.raises(CheckpointError, match=r"__0_0\.distcp: 'obj' holds an object that needs pickle"):
+    with pytest.raises(
+        CheckpointError, match=r"__0_0\.distcp: 'obj' holds an object that needs pickle"
+    ):
         tf.read_dcp_value(ckpt, "obj")
 
 
@@ -238,7 +250,10 @@ def test_value_that_needs_pickle_is_refused(tmp_path: Path) -> None:
         (lambda i: _StorageInfo("/etc/passwd", i.offset, i.length), "not a plain relative name"),
         (lambda i: _StorageInfo(i.relative_path, i.offset, 10**12), "lie past the end"),
         (lambda i: _StorageInfo(i.relative_path, -1, i.length), "bad byte range"),
-        (lambda i: _StorageInfo(i.relative_path, i.offset, i.length, ["stream.evil/1"]), "unsupported stream transform"),
+        (
+            lambda i: _StorageInfo(i.relative_path, i.offset, i.length, ["stream.evil/1"]),
+            "unsupported stream transform",
+        ),
     ],
 )
 def test_storage_entries_are_checked(tmp_path: Path, edit: Any, message: str) -> None:

@@ -26,6 +26,7 @@ tensor, and resharding is box intersection with the stored chunks.
 from __future__ import annotations
 
 import io
+import itertools
 import math
 import pickle
 import re
@@ -189,7 +190,9 @@ def read_dcp_metadata(path: Any) -> DcpCheckpoint:
     try:
         size = fs.size(where)
     except FileNotFoundError:
-        raise CheckpointNotFoundError(f"{root}: no DCP checkpoint ({METADATA_NAME} not found)") from None
+        raise CheckpointNotFoundError(
+            f"{root}: no DCP checkpoint ({METADATA_NAME} not found)"
+        ) from None
     if size is None or size > MAX_METADATA_BYTES:
         raise ManifestError(f"{where}: {size} bytes, more than the {MAX_METADATA_BYTES} allowed")
     with fs.open(where, "rb") as f:
@@ -232,7 +235,9 @@ def _check_metadata(md: Any, where: str, root: str, sizes: dict[str, int]) -> Dc
     items: dict[tuple[str, tuple[int, ...] | None], DcpItem] = {}
     for key, info in storage.items():
         if not isinstance(key, _md.MetadataIndex) or not isinstance(info, _fs._StorageInfo):
-            raise _bad(where, "storage_data holds something other than MetadataIndex -> _StorageInfo")
+            raise _bad(
+                where, "storage_data holds something other than MetadataIndex -> _StorageInfo"
+            )
         fqn = key.fqn
         if not isinstance(fqn, str):
             raise _bad(where, "an FQN is not a string")
@@ -270,8 +275,11 @@ def _check_item(info: Any, where: str, fqn: str, sizes: dict[str, int]) -> DcpIt
     if rel not in sizes:
         raise CheckpointError(f"{where}: {fqn!r} is stored in {rel}, which is missing")
     if offset + length > sizes[rel]:
-        raise _bad(where, f"{fqn!r}: bytes {offset}..{offset + length} lie past the end of {rel} "
-                   f"({sizes[rel]} bytes)")
+        raise _bad(
+            where,
+            f"{fqn!r}: bytes {offset}..{offset + length} lie past the end of {rel} "
+            f"({sizes[rel]} bytes)",
+        )
     transforms = tuple(getattr(info, "transform_descriptors", None) or ())
     for t in transforms:
         if t != "stream.zstd/1":
@@ -310,7 +318,9 @@ def _check_tensor(fqn: str, entry: Any, items: Mapping[Any, DcpItem], where: str
     return DcpTensor(fqn=fqn, dtype=code, shape=shape, chunks=tuple(chunks))
 
 
-def _check_paths(planner_data: Any, fqns: list[str], where: str) -> dict[str, tuple[str | int, ...]]:
+def _check_paths(
+    planner_data: Any, fqns: list[str], where: str
+) -> dict[str, tuple[str | int, ...]]:
     """FQN -> nested path, in the saved order; a flat path where DCP recorded none
     (``flatten_state_dict=False``)."""
     paths: dict[str, tuple[str | int, ...]] = {}
@@ -343,7 +353,9 @@ def _read_item(ckpt: DcpCheckpoint, item: DcpItem, fqn: str, limit: int) -> byte
         f.seek(item.offset)
         data = f.read(item.length)
     if len(data) != item.length:
-        raise CorruptChunkError(f"{where}: {fqn!r} is truncated ({len(data)} of {item.length} bytes)")
+        raise CorruptChunkError(
+            f"{where}: {fqn!r} is truncated ({len(data)} of {item.length} bytes)"
+        )
     for _ in item.transforms:  # only stream.zstd/1 passes the metadata check
         data = _unzstd(data, limit, where, fqn)
     return data
@@ -449,7 +461,7 @@ def nest(flat: Mapping[str, Any], paths: Mapping[str, tuple[str | int, ...]]) ->
     for fqn, value in flat.items():
         path = paths.get(fqn, (fqn,))
         cur: Any = root
-        for key, nxt in zip(path[:-1], path[1:], strict=True):
+        for key, nxt in itertools.pairwise(path):
             cur = _child(cur, key, {} if type(nxt) is str else [], fqn)
         _put(cur, path[-1], value, fqn)
     return root

@@ -27,7 +27,7 @@ from torch.distributed.checkpoint import filesystem as _fs
 from torch.distributed.checkpoint import metadata as _md
 
 from treeckpt.core.box import full_box
-from treeckpt.core.dtypes import torch_dtype, torch_dtype_code
+from treeckpt.core.dtypes import torch_dtype
 from treeckpt.core.leaves import TensorLeaf
 from treeckpt.core.options import LoadOptions
 from treeckpt.core.tree import build_tree
@@ -87,7 +87,9 @@ def open_lazy(path: Any) -> Iterator[tuple[Any, Fetch]]:
             rec = manifest.records[fqn]
             assert isinstance(rec, TensorLeaf)
             out = allocate(TensorLeaf(lib="torch", dtype=rec.dtype, shape=rec.shape), fqn)
-            read_regions(backend, manifest, stored, {fqn: [(full_box(rec.shape), out)]}, LoadOptions())
+            read_regions(
+                backend, manifest, stored, {fqn: [(full_box(rec.shape), out)]}, LoadOptions()
+            )
             assert isinstance(out, torch.Tensor)
             return out
 
@@ -210,7 +212,9 @@ def write_dcp(tree: Any, fetch: Fetch, path: Any) -> None:
     root = Path(path)
     root.mkdir(parents=True, exist_ok=True)
     if (root / ".metadata").exists():
-        raise CheckpointError(f"{root}: a DCP checkpoint already exists there; pick an empty directory")
+        raise CheckpointError(
+            f"{root}: a DCP checkpoint already exists there; pick an empty directory"
+        )
     data_name = "__0_0.distcp"
     sd_md: dict[str, Any] = {}
     storage: dict[Any, Any] = {}
@@ -223,7 +227,12 @@ def write_dcp(tree: Any, fetch: Fetch, path: Any) -> None:
             planner[fqn] = key_path
             buf = io.BytesIO()
             if isinstance(obj, LazyTensor | torch.Tensor):
-                t = (fetch(obj.fqn) if isinstance(obj, LazyTensor) else obj).detach().cpu().contiguous()
+                t = (
+                    (fetch(obj.fqn) if isinstance(obj, LazyTensor) else obj)
+                    .detach()
+                    .cpu()
+                    .contiguous()
+                )
                 if t.untyped_storage().nbytes() != t.numel() * t.element_size():
                     t = t.clone()
                 torch.save(t, buf)
@@ -263,5 +272,3 @@ def write_dcp(tree: Any, fetch: Fetch, path: Any) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-

@@ -163,7 +163,8 @@ class BroadcastingTorchSaveReader(_tfu.BroadcastingTorchSaveReader):
         metadata = dplanner.metadata
         assert metadata is not None
         wanted = sorted(
-            fqn for fqn, md in metadata.state_dict_metadata.items()
+            fqn
+            for fqn, md in metadata.state_dict_metadata.items()
             if isinstance(md, TensorStorageMetadata)
         )
         by_fqn: dict[str, list[Any]] = {}
@@ -182,7 +183,9 @@ class BroadcastingTorchSaveReader(_tfu.BroadcastingTorchSaveReader):
                     from torch.distributed.checkpoint._nested_dict import flatten_state_dict
 
                     source, _ = flatten_state_dict(source)
-                verdict[0] = _check_source(source, metadata.state_dict_metadata, wanted, self.checkpoint_id)
+                verdict[0] = _check_source(
+                    source, metadata.state_dict_metadata, wanted, self.checkpoint_id
+                )
             except Exception as exc:
                 verdict[0] = f"{type(exc).__name__}: {exc}"
         dist.broadcast_object_list(verdict, src=self.coordinator_rank)
@@ -224,7 +227,9 @@ def _check_source(
             problems.append(
                 f"{fqn} (file {got.dtype}{list(got.shape)}, model {want.properties.dtype}{list(want.size)})"
             )
-    return f"cannot load {len(problems)} tensor(s): " + "; ".join(problems[:8]) if problems else None
+    return (
+        f"cannot load {len(problems)} tensor(s): " + "; ".join(problems[:8]) if problems else None
+    )
 
 
 _MODES = {
