@@ -205,6 +205,15 @@ def test_ignore_frozen_params_and_strict(tmp_path: Path) -> None:
     assert torch.equal(fresh[0].weight, frozen_before)  # untouched
     for k in msd:
         assert torch.equal(fresh.state_dict()[k], msd[k]), k
+    # keep_submodule_prefixes=False: one submodule's state under its own names.
+    sub = get_model_state_dict(
+        model, submodules={model[2]}, options=StateDictOptions(keep_submodule_prefixes=False)
+    )
+    assert sorted(sub) == ["bias", "weight"]
+    treeckpt.save(sub, tmp_path / "sub")
+    target = torch.nn.Linear(16, 3)
+    target.load_state_dict(treeckpt.load(dict(target.state_dict()), tmp_path / "sub"))
+    assert torch.equal(target.weight, model[2].weight)
     # The full template of the fresh model has a key the checkpoint lacks: treeckpt says which.
     with pytest.raises(treeckpt.LoadMismatchError, match=r"0\.weight"):
         treeckpt.load(get_model_state_dict(fresh), path)

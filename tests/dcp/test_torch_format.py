@@ -17,7 +17,7 @@ import torch.distributed.checkpoint as tdcp
 from torch.distributed.checkpoint._extension import ZStandard
 from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 import treeckpt
 import treeckpt.dcp._torch_format as tf
@@ -63,6 +63,10 @@ def _full(v: Any) -> Any:
     return v.clone() if isinstance(v, torch.Tensor) else v
 
 
+def model_mesh(world: int) -> Any:
+    return init_device_mesh("cpu", (world,))
+
+
 def _fsdp(model: torch.nn.Module, world: int) -> torch.nn.Module:
     from torch.distributed.fsdp import fully_shard
 
@@ -81,9 +85,12 @@ def _dcp_save_fsdp(rank: int, world: int, path: str, zstd: bool) -> Any:
     model(torch.randn(4, 8, dtype=torch.bfloat16)).sum().backward()
     opt.step()
     msd, osd = get_state_dict(model, opt)
+    torch.manual_seed(2)
+    cols = distribute_tensor(torch.randn(5, 7, dtype=torch.float64), model_mesh(world), [Shard(1)])
     state = {
         "model": msd,
         "optim": osd,
+        "cols": cols,  # uneven column shards: 4 + 3
         "extra": {"step": 7, "blob": b"\x00\xffbytes", "names": ["a", "b"], "loss": 0.25},
     }
     writer = tdcp.FileSystemWriter(path, _extensions=[ZStandard()] if zstd else None)
@@ -118,6 +125,7 @@ def test_metadata_restore_and_region_reads(fsdp_ckpt: tuple[str, Any], monkeypat
     w = ckpt.tensors["model.0.weight"]
     assert (w.dtype, w.shape, len(w.chunks)) == ("bfloat16", (6, 8), 2)  # one chunk per rank
     assert ckpt.tensors["optim.state.2.weight.exp_avg"].shape == (5, 6)
+    assert [b.sizes for b, _ in ckpt.tensors["cols"].chunks] == [(5, 4), (5, 3)]
     assert set(ckpt.values) >= {"extra.step", "extra.blob", "extra.names", "extra.loss"}
     _same(full, tf.restore_dcp(path))
     assert tf.read_dcp_value(ckpt, "extra.blob") == b"\x00\xffbytes"
@@ -131,10 +139,12 @@ def test_metadata_restore_and_region_reads(fsdp_ckpt: tuple[str, Any], monkeypat
     got = tf.read_dcp_tensor(ckpt, "model.0.weight", Box(offsets=(4, 2), sizes=(2, 5)))
     _same(full["model"]["0.weight"][4:6, 2:7], got)
     assert len(reads) == 1
-    got = tf.read_dcp_tensor(
-        ckpt, "model.0.weight", Box(offsets=(1, 0), sizes=(4, 8))
-    )  # spans both
+    # Boxes across both chunks, along dim 0 (FSDP2) and dim 1 (Shard(1)).
+    got = tf.read_dcp_tensor(ckpt, "model.0.weight", Box(offsets=(1, 0), sizes=(4, 8)))
     _same(full["model"]["0.weight"][1:5], got)
+    got = tf.read_dcp_tensor(ckpt, "cols", Box(offsets=(1, 3), sizes=(3, 2)))
+    _same(full["cols"][1:4, 3:5], got)
+    assert len(reads) == 5
 
 
 def _load_resharded(rank: int, world: int, path: str) -> Any:
@@ -142,8 +152,10 @@ def _load_resharded(rank: int, world: int, path: str) -> Any:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     msd, osd = get_state_dict(model, opt)
     extra = {"step": 0, "blob": b"", "names": [], "loss": 0.0}
-    got = tf.load_dcp({"model": msd, "optim": osd, "extra": extra}, path)
+    cols = distribute_tensor(torch.zeros(5, 7, dtype=torch.float64), model_mesh(world), [Shard(1)])
+    got = tf.load_dcp({"model": msd, "optim": osd, "cols": cols, "extra": extra}, path)
     assert isinstance(got["model"]["0.weight"], DTensor)
+    assert got["cols"] is cols and cols.to_local().shape == (5, [3, 3, 1][rank])
     return _full(got)
 
 
