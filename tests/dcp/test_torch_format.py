@@ -322,3 +322,30 @@ def test_zstd_bomb_is_bounded(tmp_path: Path) -> None:
 def test_missing_metadata(tmp_path: Path) -> None:
     with pytest.raises(treeckpt.CheckpointNotFoundError, match=r"no DCP checkpoint"):
         tf.read_dcp_metadata(tmp_path)
+
+
+def test_malformed_paths_are_bounded(tmp_path: Path) -> None:
+    path = _saved(tmp_path)
+    _rewrite_metadata(path, lambda md: md.planner_data.update({"w": ("w", 10**9)}))
+    with pytest.raises(ManifestError, match=r"'w': malformed path"):
+        tf.read_dcp_metadata(path)
+
+
+def test_fsspec_url_and_stateful_template(tmp_path: Path) -> None:
+    import fsspec
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    tdcp.save(
+        {"model": model.state_dict(), "step": 4}, checkpoint_id=str(tmp_path / "c"), no_dist=True
+    )
+    fs = fsspec.filesystem("memory")
+    fs.put(str(tmp_path / "c"), "/dcp-url-test", recursive=True)
+    try:
+        assert tf.is_dcp_checkpoint("memory://dcp-url-test")
+        fresh = torch.nn.Linear(3, 2)
+        got = tf.load_dcp({"model": fresh, "step": 0}, "memory://dcp-url-test")
+        assert got["model"] is fresh and got["step"] == 4
+        _same(dict(model.state_dict()), dict(fresh.state_dict()))
+    finally:
+        fs.rm("/dcp-url-test", recursive=True)

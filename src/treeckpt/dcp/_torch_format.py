@@ -80,9 +80,9 @@ _ITEM_OVERHEAD = 1 << 20  # torch.save's zip framing around a tensor's bytes
 
 
 def _read_item(ckpt: DcpCheckpoint, item: DcpItem, fqn: str, limit: int) -> bytes:
-    fs, _ = fs_and_root(ckpt.path)
+    fs, root = fs_and_root(ckpt.path)
     where = f"{ckpt.path}/{item.file}"
-    with fs.open(where, "rb") as f:
+    with fs.open(f"{root}/{item.file}", "rb") as f:
         f.seek(item.offset)
         data = f.read(item.length)
     if len(data) != item.length:

@@ -171,7 +171,7 @@ def read_dcp_metadata(path: Any) -> DcpCheckpoint:
     except Exception as exc:
         raise ManifestError(f"{where}: not a DCP metadata pickle ({str(exc)[:200]})") from None
     sizes = _file_sizes(fs, root)
-    return _check_metadata(md, where, root, sizes)
+    return _check_metadata(md, where, str(path).rstrip("/"), sizes)
 
 
 def _file_sizes(fs: fsspec.AbstractFileSystem, root: str) -> dict[str, int]:
@@ -193,7 +193,7 @@ def _ints(v: Any, where: str, what: str) -> tuple[int, ...]:
     return tuple(v)
 
 
-def _check_metadata(md: Any, where: str, root: str, sizes: dict[str, int]) -> DcpCheckpoint:
+def _check_metadata(md: Any, where: str, url: str, sizes: dict[str, int]) -> DcpCheckpoint:
     if not isinstance(md, _md.Metadata) or not isinstance(md.state_dict_metadata, dict):
         raise _bad(where, f"expected a Metadata record, got {type(md).__name__}")
     storage = md.storage_data
@@ -225,7 +225,7 @@ def _check_metadata(md: Any, where: str, root: str, sizes: dict[str, int]) -> Dc
             raise _bad(where, f"{fqn!r}: unknown storage type {type(entry).__name__}")
     paths = _check_paths(md.planner_data, list(md.state_dict_metadata), where)
     version = md.version if isinstance(md.version, str) else None
-    return DcpCheckpoint(path=root, version=version, tensors=tensors, values=values, paths=paths)
+    return DcpCheckpoint(path=url, version=version, tensors=tensors, values=values, paths=paths)
 
 
 def _check_item(info: Any, where: str, fqn: str, sizes: dict[str, int]) -> DcpItem:
