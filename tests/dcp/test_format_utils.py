@@ -58,6 +58,8 @@ def _state() -> dict[str, Any]:
             "param_groups": [{"lr": 0.1, "params": ["w"]}],
         },
         "ints": torch.arange(10, dtype=torch.int64),
+        "f8": torch.randn(3, 2).to(torch.float8_e4m3fn),  # no typed storage class
+        "u16": torch.arange(4, dtype=torch.int32).to(torch.uint16),
         "empty": torch.zeros(0, 3),
         "pair": Pair(torch.ones(2), 5),
         "meta": {"step": 7, "name": "run", "blob": b"\x00\x01", "none": None},

@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import io
+import math
 import os
 import pickle
 import sys
@@ -116,14 +117,23 @@ def _plain(obj: Any) -> Any:
 
 
 class _StorageRef:
-    __slots__ = ("key", "lazy", "tensor")
+    """A storage to be written later: its record key, dtype, element count and source."""
 
-    def __init__(self, key: str, lazy: LazyTensor | None, tensor: torch.Tensor | None) -> None:
-        self.key, self.lazy, self.tensor = key, lazy, tensor
+    __slots__ = ("dtype", "key", "lazy", "numel", "tensor")
+
+    def __init__(
+        self, key: str, dtype: torch.dtype, numel: int, lazy: LazyTensor | None, tensor: Any
+    ) -> None:
+        self.key, self.dtype, self.numel, self.lazy, self.tensor = key, dtype, numel, lazy, tensor
 
 
 class _Pickler(pickle.Pickler):
-    """Pickles a lazy tree as ``torch.save`` would pickle the real one, recording storages."""
+    """Pickles a lazy tree as ``torch.save`` would pickle the real one, recording storages.
+
+    Dtypes with a typed storage class (float32, bfloat16, ...) go through
+    ``_rebuild_tensor_v2``; the others (float8, uint16/32/64, complex32) as
+    an untyped storage through ``_rebuild_tensor_v3``, as ``torch.save`` does.
+    """
 
     def __init__(self, buf: io.BytesIO) -> None:
         super().__init__(buf, protocol=2)
@@ -131,29 +141,35 @@ class _Pickler(pickle.Pickler):
 
     def reducer_override(self, obj: Any) -> Any:
         if isinstance(obj, LazyTensor):
-            dtype, shape, ref = torch_dtype(obj.dtype), obj.shape, _StorageRef("", obj, None)
+            dtype, shape, lazy, tensor = torch_dtype(obj.dtype), obj.shape, obj, None
         elif type(obj) is torch.Tensor:
-            t = obj.detach()
-            dtype, shape, ref = t.dtype, tuple(t.shape), _StorageRef("", None, t)
+            tensor = obj.detach()
+            dtype, shape, lazy = tensor.dtype, tuple(tensor.shape), None
         else:
             return NotImplemented
-        ref.key = str(len(self.storages))
+        ref = _StorageRef(str(len(self.storages)), dtype, math.prod(shape), lazy, tensor)
         self.storages.append(ref)
         stride = torch.empty(shape, dtype=dtype, device="meta").stride()
-        return (
-            torch._utils._rebuild_tensor_v2,
-            (ref, 0, torch.Size(shape), stride, False, collections.OrderedDict()),
+        args: tuple[Any, ...] = (
+            ref,
+            0,
+            torch.Size(shape),
+            stride,
+            False,
+            collections.OrderedDict(),
         )
+        if dtype in torch.storage._dtype_to_storage_type_map():
+            return (torch._utils._rebuild_tensor_v2, args)
+        return (torch._utils._rebuild_tensor_v3, (*args, dtype))
 
     def persistent_id(self, obj: Any) -> Any:
         if not isinstance(obj, _StorageRef):
             return None
-        dtype = torch_dtype(obj.lazy.dtype) if obj.lazy else obj.tensor.dtype  # type: ignore[union-attr]
-        numel = 1
-        for s in obj.lazy.shape if obj.lazy else obj.tensor.shape:  # type: ignore[union-attr]
-            numel *= s
-        storage_type = getattr(torch, torch.storage._dtype_to_storage_type_map()[dtype])
-        return ("storage", storage_type, obj.key, "cpu", numel)
+        names = torch.storage._dtype_to_storage_type_map()
+        if obj.dtype in names:
+            return ("storage", getattr(torch, names[obj.dtype]), obj.key, "cpu", obj.numel)
+        nbytes = obj.numel * torch.empty((), dtype=obj.dtype).element_size()
+        return ("storage", torch.UntypedStorage, obj.key, "cpu", nbytes)
 
 
 def write_torch_save(tree: Any, fetch: Fetch, path: Any) -> None:
