@@ -7,7 +7,7 @@ runs each conversion in a fresh process and reports that process's peak RSS
 memory (``RssAnon`` sampled every 10 ms) and the same for a process that
 only imports torch, for scale::
 
-    python benchmarks/bench_format_utils.py --gb 1 --dir /tmp/bench-fmt
+    python benchmarks/bench_format_utils.py --gb 1
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import json
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -96,7 +97,11 @@ def _run(which: str, src: Path | str, dst: Path | str) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gb", type=float, default=1.0, help="state size in GiB")
-    parser.add_argument("--dir", default="/tmp/bench-format-utils", help="scratch directory")
+    parser.add_argument(
+        "--dir",
+        default=str(Path(tempfile.gettempdir()) / "bench-format-utils"),
+        help="scratch directory (removed afterwards)",
+    )
     args = parser.parse_args()
     root = Path(args.dir)
     shutil.rmtree(root, ignore_errors=True)

@@ -178,7 +178,7 @@ def write_torch_save(tree: Any, fetch: Fetch, path: Any) -> None:
     The file is the one ``torch.save`` writes (same records, in the same
     order: ``data.pkl``, format records, then one storage per tensor), so
     ``torch.load`` reads it, with ``weights_only=True`` and ``mmap=True``.
-    It is written to a temporary name and renamed into place.
+    It is written to a temporary name, fsynced and renamed into place.
     """
     buf = io.BytesIO()
     pickler = _Pickler(buf)
@@ -207,9 +207,19 @@ def write_torch_save(tree: Any, fetch: Fetch, path: Any) -> None:
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, dst)
+        _sync_dir(dst.parent)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def _sync_dir(path: Path) -> None:
+    """Make a rename into ``path`` durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -283,8 +293,4 @@ def write_dcp(tree: Any, fetch: Fetch, path: Any) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, root / ".metadata")
-    fd = os.open(root, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    _sync_dir(root)

@@ -89,14 +89,22 @@ def _load_torch_save(path: str | os.PathLike[str]) -> Any:
 
 
 def _save_here(tree: Any, path: str | os.PathLike[str]) -> None:
-    """treeckpt.save in this process only, whatever process group is initialised."""
+    """treeckpt.save in this process only, whatever process group is initialised.
+
+    Same steps as :func:`treeckpt.save` with a one-process coordinator
+    (torch's conversions pass ``no_dist=True`` for the same reason).
+    """
+    options = SaveOptions()
     backend = open_backend(str(path))
     try:
+        new_dir = backend.size("") is None and not backend.listdir()
         backend.makedirs("")
+        if new_dir and options.sync and backend.supports_fsync:
+            backend.sync_dir("..")  # the new directory's own entry
         save_tree(
             tree,
             backend,
-            options=SaveOptions(),
+            options=options,
             coord=LocalCoordinator(),
             allow_pickle=False,
             user_metadata=None,
