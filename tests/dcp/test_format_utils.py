@@ -165,26 +165,28 @@ def test_command_line(tmp_path: Path, capsys: Any) -> None:
     _same(state, torch.load(tmp_path / "cli.pt", weights_only=True))
 
 
-def _broadcast_load(rank: int, world: int, path: str, bad: bool) -> Any:
+def _broadcast_load(rank: int, world: int, cases: list[tuple[str, bool]]) -> list[Any]:
+    """Load each (file, wrong model shape) case into an FSDP2 model; a value or the error text."""
     from torch.distributed.fsdp import fully_shard
 
-    model = torch.nn.Sequential(torch.nn.Linear(8, 5), torch.nn.Linear(5, 3))
-    if bad:
-        model[1] = torch.nn.Linear(5, 4)
-    mesh = init_device_mesh("cpu", (world,))
-    fully_shard(model, mesh=mesh)
-    sd = {"model": model.state_dict()}
-    try:
-        tdcp.load(
-            sd,
-            storage_reader=BroadcastingTorchSaveReader(),
-            planner=DynamicMetaLoadPlanner(),
-            checkpoint_id=path,
-        )
-    except BaseException as exc:  # torch wraps the CheckpointError in its CheckpointException
-        return str(exc)
-    assert isinstance(sd["model"]["0.weight"], DTensor)
-    return {k: v.full_tensor() for k, v in model.state_dict().items()}
+    out: list[Any] = []
+    for path, bad in cases:
+        model = torch.nn.Sequential(torch.nn.Linear(8, 5), torch.nn.Linear(5, 4 if bad else 3))
+        fully_shard(model, mesh=init_device_mesh("cpu", (world,)))
+        sd = {"model": model.state_dict()}
+        try:
+            tdcp.load(
+                sd,
+                storage_reader=BroadcastingTorchSaveReader(),
+                planner=DynamicMetaLoadPlanner(),
+                checkpoint_id=path,
+            )
+        except BaseException as exc:  # torch wraps the CheckpointError in its CheckpointException
+            out.append(str(exc))
+            continue
+        assert isinstance(sd["model"]["0.weight"], DTensor)
+        out.append({k: v.full_tensor() for k, v in model.state_dict().items()})
+    return out
 
 
 @pytest.mark.distributed
@@ -192,8 +194,24 @@ def test_broadcasting_reader_into_a_sharded_model(tmp_path: Path) -> None:
     torch.manual_seed(3)
     src = torch.nn.Sequential(torch.nn.Linear(8, 5), torch.nn.Linear(5, 3))
     torch.save({"model": src.state_dict()}, tmp_path / "m.pt")
-    for got in run_ranks(2, _broadcast_load, tmp_path, str(tmp_path / "m.pt"), False):
+    evil = {"model": {**src.state_dict(), "extra": Pair}}  # a class: needs pickle to load
+    torch.save(evil, tmp_path / "evil.pt")
+    good, wrong, refused = zip(
+        *run_ranks(
+            2,
+            _broadcast_load,
+            tmp_path,
+            [
+                (str(tmp_path / "m.pt"), False),
+                (str(tmp_path / "m.pt"), True),
+                (str(tmp_path / "evil.pt"), False),
+            ],
+        ),
+        strict=True,
+    )
+    for got in good:
         _same(dict(src.state_dict()), got)
-    errs = run_ranks(2, _broadcast_load, tmp_path, str(tmp_path / "m.pt"), True)
-    for e in errs:  # every rank fails the same way, naming the tensors
+    for e in wrong:  # every rank fails the same way, naming the tensors
         assert "model.1.weight (file torch.float32[3, 5], model torch.float32[4, 5])" in e
+    for e in refused:
+        assert "evil.pt" in e and "holds objects that need pickle" in e and "Pair" in e
