@@ -153,8 +153,9 @@ def read_dcp_tensor(
     """The region ``box`` (default: all) of tensor ``fqn``, reading only the chunks it meets.
 
     ``out`` (a tensor of ``box``'s sizes and the stored dtype) is filled in
-    place when given. Raises :class:`~treeckpt.PlanError` when the stored
-    chunks do not cover ``box``.
+    place when given. The chunks were checked to tile the tensor when the
+    metadata was read, so every element of ``box`` comes from one of them.
+    Raises :class:`~treeckpt.PlanError` when ``box`` lies outside the shape.
     """
     t = _tensor(ckpt, fqn)
     box = box or full_box(t.shape)
