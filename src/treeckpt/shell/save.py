@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from treeckpt.core.dtypes import dtype_info
+from treeckpt.core.incremental import ReuseTable
 from treeckpt.core.items import WriteItem
 from treeckpt.core.leaves import TensorLeaf
 from treeckpt.core.manifest import FORMAT_VERSION, ChunkIndex, IndexRef, Manifest
@@ -57,8 +58,13 @@ def save_tree(
     coord: Coordinator,
     allow_pickle: bool = False,
     user_metadata: dict[str, Any] | None = None,
+    reuse: ReuseTable | None = None,
 ) -> SaveResult:
-    """Save ``tree`` to ``backend`` from every rank of ``coord``."""
+    """Save ``tree`` to ``backend`` from every rank of ``coord``.
+
+    ``reuse`` (incremental saves, this rank's table) lets chunks whose raw
+    bytes a committed sibling checkpoint stores be referenced, not rewritten.
+    """
     flat: FlatTree | None = None
     local: dict[str, list[tuple[Any, Any]]] = {}
     specs: list[ShardSpec] = []
@@ -112,7 +118,7 @@ def save_tree(
         ref: IndexRef | None = None
         err = None
         try:
-            ref = _write_rank(backend, my_items, save_id, coord.rank, local, options)
+            ref = _write_rank(backend, my_items, save_id, coord.rank, local, options, reuse)
         except Exception as exc:
             err = exc
         coord.agree("write", err)
@@ -182,6 +188,7 @@ def _write_rank(
     rank: int,
     local: dict[str, list[tuple[Any, Any]]],
     options: SaveOptions,
+    reuse: ReuseTable | None = None,
 ) -> IndexRef | None:
     if not items:
         return None
@@ -195,7 +202,7 @@ def _write_rank(
                 source=chunk_source(data, item.shard, item.chunk),
             )
         )
-    files, chunks = write_chunks(backend, save_id, rank, jobs, options)
+    files, chunks = write_chunks(backend, save_id, rank, jobs, options, reuse)
     blob = encode_index(ChunkIndex(save_id=save_id, rank=rank, files=files, chunks=chunks))
     name = layout.index_file(save_id, rank)
     # A new file in this save's own directory: no rename needed (nothing reads
