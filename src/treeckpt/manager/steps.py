@@ -144,6 +144,8 @@ class CheckpointManager:
         #: the step the last ``restore`` returned (after skipping damaged ones)
         self.restored_step: int | None = None
         self._last_save_time: float | None = None
+        #: steps ``restore`` found damaged: a new save of that step replaces them
+        self._damaged: set[int] = set()
         self._local = "://" not in self.root or self.root.startswith("file://")
         self._fs, self._path = fsspec.core.url_to_fs(self.root)
         self._lock: RootLock | None = None
@@ -294,6 +296,10 @@ class CheckpointManager:
                 user_metadata=meta,
                 reuse=reuse,
             )
+        except BaseException:
+            if coord.is_coordinator:
+                self._discard_uncommitted(step)
+            raise
         finally:
             backend.close()
         if coord.is_coordinator:
@@ -313,12 +319,12 @@ class CheckpointManager:
         scan = self._scan()
         name = step_dir(step)
         if step in scan.committed:
-            if self._readable(step):
+            if step not in self._damaged and self._readable(step):
                 raise CheckpointError(
                     f"{self.step_path(step)}: step {step} is already saved; save a new step"
                 )
             self._retire([step], self._in_use([s for s in scan.committed if s != step]))
-        if step in scan.retired:
+        if step in scan.retired or self._fs.exists(self._abs(f"{name}/{RETIRED}")):
             raise CheckpointError(
                 f"{self.step_path(step)}: step {step} was deleted but newer steps still read "
                 "its data files; save under a new step number"
@@ -334,6 +340,13 @@ class CheckpointManager:
         finally:
             backend.close()
         return reuse, now
+
+    def _discard_uncommitted(self, step: int) -> None:
+        """After a failed save: remove the step's directory unless its manifest got committed."""
+        name = step_dir(step)
+        with contextlib.suppress(Exception):
+            if not self._fs.exists(self._abs(f"{name}/{layout.MANIFEST}")):
+                self._fs.rm(self._abs(name), recursive=True)
 
     def _readable(self, step: int) -> bool:
         """Whether a committed step's manifest and chunk indexes are intact."""
@@ -504,6 +517,7 @@ class CheckpointManager:
                     stacklevel=2,
                 )
                 last = exc
+                self._damaged.add(s)
                 continue
             self.restored_step = s
             return result
