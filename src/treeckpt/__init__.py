@@ -35,6 +35,7 @@ from treeckpt.errors import (
     RankFailureError,
     UnsupportedLeafError,
 )
+from treeckpt.manager import CheckpointManager
 from treeckpt.shell.save import SaveResult
 
 __version__ = "0.1.0"
@@ -43,6 +44,7 @@ __all__ = [
     "Box",
     "CheckpointError",
     "CheckpointInfo",
+    "CheckpointManager",
     "CheckpointNotFoundError",
     "CollectiveError",
     "CorruptChunkError",

@@ -155,9 +155,7 @@ def _forged(tmp_path: Path, name: str) -> tuple[bytes, IndexRef, Any]:
     ix = read_index(b, manifest, manifest.indexes[0])
     old = next(f.name for f in ix.files if f.name.startswith("../"))
     files = tuple(dataclasses.replace(f, name=name) if f.name == old else f for f in ix.files)
-    chunks = tuple(
-        dataclasses.replace(c, file=name) if c.file == old else c for c in ix.chunks
-    )
+    chunks = tuple(dataclasses.replace(c, file=name) if c.file == old else c for c in ix.chunks)
     blob = encode_index(ChunkIndex(save_id=ix.save_id, rank=0, files=files, chunks=chunks))
     ref = IndexRef(rank=0, file=manifest.indexes[0].file, size=len(blob), checksum=checksum(blob))
     return blob, ref, manifest

@@ -25,7 +25,6 @@ from treeckpt.manager import (
     StepSkippedWarning,
 )
 from treeckpt.manager import steps as steps_mod
-from treeckpt.store.backends import open_backend
 from treeckpt.testing.faults import FaultyBackend
 
 FAST = treeckpt.SaveOptions(sync=False)

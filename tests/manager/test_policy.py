@@ -11,9 +11,7 @@ from treeckpt.manager.policy import KeepPolicy, SavePolicy, StepRecord, steps_to
 
 
 def _steps(losses: dict[int, float | None]) -> list[StepRecord]:
-    return [
-        StepRecord(step=s, metrics={} if v is None else {"loss": v}) for s, v in losses.items()
-    ]
+    return [StepRecord(step=s, metrics={} if v is None else {"loss": v}) for s, v in losses.items()]
 
 
 def test_no_policy_keeps_everything() -> None:
