@@ -33,6 +33,7 @@ from typing import Any, Literal, TypeVar
 import fsspec
 
 from treeckpt import api
+from treeckpt.asyncsave import AsyncSaver, SaveFuture
 from treeckpt.core.dtypes import dtype_info
 from treeckpt.core.incremental import ReuseTable, build_reuse_table, files_in_use
 from treeckpt.core.leaves import TensorLeaf
@@ -108,6 +109,10 @@ class CheckpointManager:
         process_group: the ranks taking part (default: the default group when
             ``torch.distributed`` is initialised, else this process alone).
         stale_lock_s: a lock whose heartbeat is older than this is stale.
+        async_save: ``save`` returns once the state is staged in host memory
+            (``treeckpt.async_save``); the write, the commit and then retention
+            finish in the background. The next ``save``, ``restore``,
+            ``wait_until_finished`` or ``close`` waits for it and raises its error.
 
     Raises:
         RootLockedError: another live manager uses ``root``.
@@ -128,6 +133,7 @@ class CheckpointManager:
         load_options: LoadOptions | None = None,
         process_group: Any = None,
         stale_lock_s: float = 300.0,
+        async_save: bool = False,
     ) -> None:
         self.root = os.fspath(root).rstrip("/") if not isinstance(root, str) else root.rstrip("/")
         self.keep = KeepPolicy(
@@ -149,6 +155,9 @@ class CheckpointManager:
         self._local = "://" not in self.root or self.root.startswith("file://")
         self._fs, self._path = fsspec.core.url_to_fs(self.root)
         self._lock: RootLock | None = None
+        self._async = async_save
+        self._saver: AsyncSaver | None = AsyncSaver() if async_save else None
+        self._pending: tuple[int, SaveFuture] | None = None
         coord = self._coord()
 
         def open_root() -> None:
@@ -279,12 +288,29 @@ class CheckpointManager:
         if _META_KEY in (user_metadata or {}):
             raise OptionsError(f"user_metadata key {_META_KEY!r} is reserved")
         api._check_user_metadata(meta)
+        self.wait_until_finished()
         coord = self._coord()
         prepared = self._on_root(coord, "manager-prepare", lambda: self._prepare(step, force))
         if prepared is None:
             return False
         reuse, now = prepared
         meta[_META_KEY]["time"] = now
+        if self._saver is not None:
+            future = self._saver.save(
+                tree,
+                self.step_path(step),
+                options=self.options,
+                allow_pickle=allow_pickle,
+                user_metadata=meta,
+                process_group=self.process_group,
+                reuse=reuse,
+            )
+            if coord.is_coordinator:
+                self._last_save_time = now
+            self._pending = (step, future)
+            if future.done() and future.exception() is not None:
+                self.wait_until_finished()  # planning failed: raise now
+            return True
         backend = open_backend(self.step_path(step))
         try:
             save_tree(
@@ -340,6 +366,21 @@ class CheckpointManager:
         finally:
             backend.close()
         return reuse, now
+
+    def wait_until_finished(self) -> None:
+        """Wait for a running asynchronous save, then apply retention; raise its error."""
+        if self._pending is None:
+            return
+        step, future = self._pending
+        self._pending = None
+        coord = self._coord()
+        try:
+            future.result()
+        except BaseException:
+            if coord.is_coordinator:
+                self._discard_uncommitted(step)
+            raise
+        self._on_root(coord, "manager-retain", lambda: self._retain(step))
 
     def _discard_uncommitted(self, step: int) -> None:
         """After a failed save: remove the step's directory unless its manifest got committed."""
@@ -463,6 +504,7 @@ class CheckpointManager:
             CheckpointNotFoundError: no step (or not ``step``) is committed, or none loads.
             LoadMismatchError: the template does not match the step.
         """
+        self.wait_until_finished()
         coord = self._coord()
 
         def choose() -> tuple[list[int], list[int]]:
@@ -528,9 +570,14 @@ class CheckpointManager:
     # ------------------------------------------------------------- closing
 
     def close(self) -> None:
-        """Release the root (the lock); the manager saves no more."""
-        if self._lock is not None:
-            self._lock.release()
+        """Finish a running save, then release the root (the lock); the manager saves no more."""
+        try:
+            self.wait_until_finished()
+        finally:
+            if self._saver is not None:
+                self._saver.close()
+            if self._lock is not None:
+                self._lock.release()
 
     def __enter__(self) -> CheckpointManager:
         return self
