@@ -48,6 +48,8 @@ def test_manager_on_s3(bucket: str) -> None:
             m.save(step, {"frozen": frozen, "head": torch.full((8,), float(step))})
         assert m.all_steps() == [3]
         out = m.restore()
-        assert torch.equal(out["frozen"], frozen) and torch.equal(out["head"], torch.full((8,), 3.0))
+        assert torch.equal(out["frozen"], frozen) and torch.equal(
+            out["head"], torch.full((8,), 3.0)
+        )
         got = treeckpt.restore(m.step_path(3))
         assert torch.equal(got["frozen"], frozen)
