@@ -13,7 +13,7 @@ import torch
 import treeckpt
 from treeckpt.core.manifest import ChunkIndex, DataFile, IndexRef
 from treeckpt.errors import CorruptChunkError, ManifestError
-from treeckpt.manager import CheckpointManager
+from treeckpt.manager import CheckpointManager, StepSkippedWarning
 from treeckpt.store.backends import open_backend
 from treeckpt.store.checksum import checksum
 from treeckpt.store.manifest import decode_index, encode_index
@@ -203,3 +203,24 @@ def test_malformed_digests_are_refused(tmp_path: Path, digests: Any) -> None:
     ref = IndexRef(rank=0, file=ref.file, size=len(data), checksum=checksum(data))
     with pytest.raises(ManifestError, match="digests"):
         decode_index(data, ref, manifest)
+
+
+def test_a_save_after_finding_damage_reuses_nothing_of_the_damaged_steps(tmp_path: Path) -> None:
+    base = _model(0)
+    with CheckpointManager(tmp_path / "run", options=OPTS) as m:
+        m.save(1, _state(1, base))
+        m.save(2, _state(2, base))
+        for shared in (tmp_path / "run" / "step-0000000001").rglob("*.bin"):
+            data = bytearray(shared.read_bytes())
+            data[100] ^= 1
+            shared.write_bytes(bytes(data))
+        with (
+            pytest.warns(StepSkippedWarning),
+            pytest.raises(treeckpt.CheckpointNotFoundError, match="all damaged"),
+        ):
+            m.restore()
+        m.save(3, _state(3, base))  # a full save: the bad chunks are not referenced
+        b = open_backend(m.step_path(3))
+        ix = read_index(b, read_manifest(b), read_manifest(b).indexes[0])
+        assert not any(f.name.startswith("../") for f in ix.files)
+        _assert_same(m.restore(), _state(3, base))

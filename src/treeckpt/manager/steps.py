@@ -406,6 +406,8 @@ class CheckpointManager:
         if not self.incremental:
             return None
         for step in reversed(committed):
+            if step in self._damaged:
+                continue  # restore() found a bad chunk in it: reuse nothing of it
             backend = open_backend(self.step_path(step))
             try:
                 manifest = read_manifest(backend)
@@ -442,18 +444,21 @@ class CheckpointManager:
         scan = self._scan()
         records = []
         for step in scan.committed:
-            try:
-                metrics = self.step_info(step).metrics
-            except CheckpointError:
-                metrics = {}
+            metrics: dict[str, float] = {}
+            if self.keep.best_metric is not None:  # only then are manifests read
+                with contextlib.suppress(CheckpointError):
+                    metrics = self.step_info(step).metrics
             records.append(StepRecord(step=step, metrics=metrics))
         keep = steps_to_keep(records, self.keep) | {newest}
         drop = [s for s in scan.committed if s not in keep]
-        in_use = self._in_use(sorted(keep))
-        self._retire(drop, in_use)
         # Leftovers of crashed saves older than the newest step, and retired steps
         # whose files nothing reads any more.
-        self._sweep([s for s in scan.partial if s < newest] + scan.retired, in_use)
+        leftovers = [s for s in scan.partial if s < newest] + scan.retired
+        if not drop and not leftovers:
+            return  # nothing to delete: read no chunk index
+        in_use = self._in_use(sorted(keep))
+        self._retire(drop, in_use)
+        self._sweep(leftovers, in_use)
 
     def _retire(self, steps: list[int], in_use: set[str] | None) -> None:
         """Delete ``steps``: the marker first (the step is gone), then the manifest, then
