@@ -224,3 +224,13 @@ def test_a_save_after_finding_damage_reuses_nothing_of_the_damaged_steps(tmp_pat
         ix = read_index(b, read_manifest(b), read_manifest(b).indexes[0])
         assert not any(f.name.startswith("../") for f in ix.files)
         _assert_same(m.restore(), _state(3, base))
+
+
+def test_plain_saves_are_unchanged_by_the_format_addition(tmp_path: Path) -> None:
+    """No digests, no references: a checkpoint a reader of the earlier format reads."""
+    treeckpt.save(_state(1, _model(0)), tmp_path / "ck", options=OPTS)
+    b = open_backend(str(tmp_path / "ck"))
+    manifest = read_manifest(b)
+    for ref in manifest.indexes:
+        assert b"digests" not in b.read_file(ref.file, ref.size)
+        assert all(not f.name.startswith("../") for f in read_index(b, manifest, ref).files)

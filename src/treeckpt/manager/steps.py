@@ -252,7 +252,12 @@ class CheckpointManager:
         )
 
     def should_save(self, step: int) -> bool:
-        """Whether ``save(step, ...)`` would write under the interval policy."""
+        """Whether ``save(step, ...)`` would write under the interval policy.
+
+        Local to this rank (no collective): exact for ``save_every_steps``; with
+        ``save_every_seconds`` it reads this rank's clock, while ``save`` decides
+        on rank 0 for every rank.
+        """
         return self.interval.is_due(step, last_save_time=self._last_save_time, now=time.time())
 
     # ---------------------------------------------------------------- save
@@ -305,8 +310,7 @@ class CheckpointManager:
                 process_group=self.process_group,
                 reuse=reuse,
             )
-            if coord.is_coordinator:
-                self._last_save_time = now
+            self._last_save_time = now  # rank 0's clock, on every rank
             self._pending = (step, future)
             if future.done() and future.exception() is not None:
                 self.wait_until_finished()  # planning failed: raise now
@@ -328,8 +332,7 @@ class CheckpointManager:
             raise
         finally:
             backend.close()
-        if coord.is_coordinator:
-            self._last_save_time = now
+        self._last_save_time = now  # rank 0's clock, on every rank
         self._on_root(coord, "manager-retain", lambda: self._retain(step))
         return True
 
