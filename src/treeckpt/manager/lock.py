@@ -5,9 +5,10 @@ pid) and the time of its last heartbeat. A manager creates it when it opens
 the root and refuses to open a root whose lock is live; a daemon thread
 rewrites the heartbeat every quarter of ``stale_after_s``. A lock is stale,
 and is taken over with a warning, when its holder is a process of this host
-that no longer exists, when its heartbeat is older than ``stale_after_s``
-(a crashed holder on another host), or when it is unreadable (a crash while
-it was being written). Before every save the manager checks that the lock
+that no longer exists (a holder on this host that is alive is never stale),
+when the holder is on another host and its heartbeat is older than
+``stale_after_s`` (it crashed), or when it is unreadable (a crash while it
+was being written). Before every save the manager checks that the lock
 still holds its token, so a manager whose lock was taken over stops saving.
 
 On a local disk the lock is created with ``O_CREAT | O_EXCL``: of two
@@ -91,8 +92,10 @@ class RootLock:
         t, pid = rec.get("time"), rec.get("pid")
         if not isinstance(t, int | float) or not isinstance(pid, int):
             return True
-        if rec.get("host") == self.host and not _pid_alive(pid):
-            return True
+        if rec.get("host") == self.host:
+            # On this host the process table is the truth: a live holder is live
+            # however long it has been busy, a dead one is gone at once.
+            return not _pid_alive(pid)
         return time.time() - t > self.stale_after_s
 
     @staticmethod

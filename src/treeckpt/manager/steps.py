@@ -108,7 +108,8 @@ class CheckpointManager:
         options / load_options: passed to every save and load.
         process_group: the ranks taking part (default: the default group when
             ``torch.distributed`` is initialised, else this process alone).
-        stale_lock_s: a lock whose heartbeat is older than this is stale.
+        stale_lock_s: a lock held from another host whose heartbeat is older
+            than this is stale (see ``treeckpt.manager.lock``).
         async_save: ``save`` returns once the state is staged in host memory
             (``treeckpt.async_save``); the write, the commit and then retention
             finish in the background. The next ``save``, ``restore``,
