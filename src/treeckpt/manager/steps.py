@@ -167,7 +167,8 @@ class CheckpointManager:
                 self._fs, self._path, stale_after_s=stale_lock_s, local=self._local
             )
             self._lock.acquire()
-            weakref.finalize(self, self._lock.release)
+            # A manager dropped without close(): release its lock when collected.
+            weakref.finalize(self, _release_quietly, self._lock)
 
         self._on_root(coord, "manager-open", open_root)
 
@@ -593,6 +594,12 @@ class CheckpointManager:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _release_quietly(lock: RootLock) -> None:
+    """Best-effort release at collection or exit: never raise from a finalizer."""
+    with contextlib.suppress(Exception):
+        lock.release()
 
 
 def _check_metrics(metrics: dict[str, float] | None) -> None:
