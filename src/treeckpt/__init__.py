@@ -37,6 +37,7 @@ from treeckpt.errors import (
     UnsupportedLeafError,
 )
 from treeckpt.explore import open
+from treeckpt.manager import CheckpointManager
 from treeckpt.shell.save import SaveResult
 
 __version__ = "0.1.0"
@@ -46,6 +47,7 @@ __all__ = [
     "Box",
     "CheckpointError",
     "CheckpointInfo",
+    "CheckpointManager",
     "CheckpointNotFoundError",
     "CollectiveError",
     "CorruptChunkError",

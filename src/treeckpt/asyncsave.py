@@ -28,6 +28,7 @@ from concurrent.futures import wait as futures_wait
 from typing import Any
 
 from treeckpt.api import _check_user_metadata, _coordinator, _save_backend
+from treeckpt.core.incremental import ReuseTable
 from treeckpt.core.options import SaveOptions
 from treeckpt.errors import CheckpointError
 from treeckpt.shell import inflight
@@ -91,8 +92,12 @@ class AsyncSaver:
         allow_pickle: bool = False,
         user_metadata: dict[str, Any] | None = None,
         process_group: Any = None,
+        reuse: ReuseTable | None = None,
     ) -> SaveFuture:
-        """Stage ``tree`` and write it to ``path`` in the background; see :func:`async_save`."""
+        """Stage ``tree`` and write it to ``path`` in the background; see :func:`async_save`.
+
+        ``reuse``: chunks of sibling checkpoints to reference (incremental saves).
+        """
         with self._lock:
             self.wait()
             future = SaveFuture()
@@ -133,6 +138,7 @@ class AsyncSaver:
                         coord=coord,
                         user_metadata=user_metadata,
                         failed=failed,
+                        reuse=reuse,
                     )
                 except BaseException as exc:
                     if not isinstance(exc, CheckpointError):

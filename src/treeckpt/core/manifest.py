@@ -40,6 +40,9 @@ class ChunkRef:
     checksum: str
     block_bytes: int = 0
     blocks: tuple[str, ...] = ()
+    #: ``"xxh3-128:<hex>"`` of the raw (decoded) bytes, recorded by incremental
+    #: saves so that a later save can reuse this chunk; empty when not recorded.
+    digest: str = ""
 
     def block_range(self, start: int, stop: int) -> tuple[int, int]:
         """The byte range ``[start, stop)`` widened to whole blocks (the whole chunk without blocks)."""

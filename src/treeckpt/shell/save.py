@@ -21,6 +21,7 @@ from typing import Any
 
 from treeckpt.core.box import Box
 from treeckpt.core.dtypes import dtype_info
+from treeckpt.core.incremental import ReuseTable
 from treeckpt.core.items import WriteItem
 from treeckpt.core.leaves import TensorLeaf
 from treeckpt.core.manifest import FORMAT_VERSION, ChunkIndex, IndexRef, Manifest
@@ -58,10 +59,17 @@ def save_tree(
     coord: Coordinator,
     allow_pickle: bool = False,
     user_metadata: dict[str, Any] | None = None,
+    reuse: ReuseTable | None = None,
 ) -> SaveResult:
-    """Save ``tree`` to ``backend`` from every rank of ``coord``."""
+    """Save ``tree`` to ``backend`` from every rank of ``coord``.
+
+    ``reuse`` (incremental saves, this rank's table) lets chunks whose raw
+    bytes a committed sibling checkpoint stores be referenced, not rewritten.
+    """
     prepared = prepare_save(tree, backend, options=options, coord=coord, allow_pickle=allow_pickle)
-    return commit_save(prepared, backend, options=options, coord=coord, user_metadata=user_metadata)
+    return commit_save(
+        prepared, backend, options=options, coord=coord, user_metadata=user_metadata, reuse=reuse
+    )
 
 
 @dataclass(slots=True, kw_only=True)
@@ -156,6 +164,7 @@ def commit_save(
     coord: Coordinator,
     user_metadata: dict[str, Any] | None = None,
     failed: BaseException | None = None,
+    reuse: ReuseTable | None = None,
 ) -> SaveResult:
     """Write every rank's items, then commit the manifest on the coordinator.
 
@@ -172,7 +181,7 @@ def commit_save(
         if err is None:
             try:
                 ref = _write_rank(
-                    backend, prepared.items, save_id, coord.rank, prepared.local, options
+                    backend, prepared.items, save_id, coord.rank, prepared.local, options, reuse
                 )
             except Exception as exc:
                 err = exc
@@ -244,6 +253,7 @@ def _write_rank(
     rank: int,
     local: dict[str, list[tuple[Box, Any]]],
     options: SaveOptions,
+    reuse: ReuseTable | None = None,
 ) -> IndexRef | None:
     if not items:
         return None
@@ -257,7 +267,7 @@ def _write_rank(
                 source=chunk_source(data, item.shard, item.chunk),
             )
         )
-    files, chunks = write_chunks(backend, save_id, rank, jobs, options)
+    files, chunks = write_chunks(backend, save_id, rank, jobs, options, reuse)
     blob = encode_index(ChunkIndex(save_id=save_id, rank=rank, files=files, chunks=chunks))
     name = layout.index_file(save_id, rank)
     # A new file in this save's own directory: no rename needed (nothing reads

@@ -12,7 +12,14 @@ import re
 
 import xxhash
 
-__all__ = ["ALGORITHM", "BytesLike", "checksum", "is_checksum"]
+__all__ = [
+    "ALGORITHM",
+    "BytesLike",
+    "checksum",
+    "content_digest",
+    "is_checksum",
+    "is_content_digest",
+]
 
 BytesLike = bytes | bytearray | memoryview
 
@@ -27,3 +34,19 @@ def checksum(data: BytesLike) -> str:
 
 def is_checksum(value: object) -> bool:
     return isinstance(value, str) and _PATTERN.fullmatch(value) is not None
+
+
+_DIGEST = re.compile(r"xxh3-128:[0-9a-f]{32}")
+
+
+def content_digest(data: BytesLike) -> str:
+    """``"xxh3-128:<32 hex digits>"`` of a chunk's raw bytes (incremental saves).
+
+    128 bits make an accidental match between two different chunks negligible
+    (about 2^-64 after 2^32 chunks); the stored checksum still guards every read.
+    """
+    return f"xxh3-128:{xxhash.xxh3_128_hexdigest(data)}"
+
+
+def is_content_digest(value: object) -> bool:
+    return isinstance(value, str) and _DIGEST.fullmatch(value) is not None

@@ -14,6 +14,7 @@ destination region is contiguous (raw chunks are read directly into it).
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
@@ -25,13 +26,14 @@ import numpy.typing as npt
 import zstandard
 
 from treeckpt.core.box import Box
+from treeckpt.core.incremental import ReuseTable
 from treeckpt.core.manifest import ChunkRef, DataFile
 from treeckpt.core.options import SaveOptions
 from treeckpt.core.plan import WriteItem
 from treeckpt.errors import CheckpointError, CorruptChunkError
 from treeckpt.store import layout
 from treeckpt.store.backends import Backend, Writer
-from treeckpt.store.checksum import checksum
+from treeckpt.store.checksum import checksum, content_digest
 from treeckpt.store.codecs import compressor, decode_into, encode
 
 __all__ = ["ReadTarget", "ReadTask", "WriteJob", "read_chunks", "write_chunks"]
@@ -54,8 +56,15 @@ def write_chunks(
     rank: int,
     jobs: Sequence[WriteJob],
     options: SaveOptions,
+    reuse: ReuseTable | None = None,
 ) -> tuple[tuple[DataFile, ...], tuple[ChunkRef, ...]]:
-    """Encode and write ``jobs``; returns the data files and chunk refs (in job order)."""
+    """Encode and write ``jobs``; returns the data files and chunk refs (in job order).
+
+    With ``reuse`` (an incremental save), every chunk's raw bytes are hashed
+    before encoding; a chunk whose content the table holds is referenced
+    (no compression, no write) and its sibling's data file is listed among
+    the files. A lane that writes nothing creates no file.
+    """
     nthreads = max(1, min(options.io_threads, len(jobs)))
     lanes: list[list[int]] = [[] for _ in range(nthreads)]
     load = [0] * nthreads
@@ -71,41 +80,65 @@ def write_chunks(
 
     def run_lane(k: int) -> None:
         name = layout.data_file(save_id, rank, k)
+        lane = _Lane(backend, name)
         try:
-            writer = backend.open_writer(name)
+            _write_lane(lane, [(n, jobs[n]) for n in lanes[k]], refs, options, abort, reuse)
+            if lane.writer is not None:
+                size = lane.writer.tell()
+                lane.writer.close(sync=options.sync)
+                files[k] = DataFile(name=name, size=size)
         except BaseException:
             abort.set()
+            if lane.writer is not None:
+                lane.writer.abort()
             raise
-        try:
-            _write_lane(writer, name, [(n, jobs[n]) for n in lanes[k]], refs, options, abort)
-            size = writer.tell()
-            writer.close(sync=options.sync)
-        except BaseException:
-            abort.set()
-            writer.abort()
-            raise
-        files[k] = DataFile(name=name, size=size)
 
     if not jobs:
         return (), ()
     _run_all(run_lane, range(nthreads), nthreads)
-    return tuple(f for f in files if f is not None), tuple(r for r in refs if r is not None)
+    done = tuple(r for r in refs if r is not None)
+    own = [f for f in files if f is not None]
+    if reuse is not None:
+        used = sorted({r.file for r in done if r.file.startswith("../")})
+        own += [DataFile(name=f, size=reuse.files[f]) for f in used]
+    return tuple(own), done
+
+
+class _Lane:
+    """One writer thread's data file, opened on its first write."""
+
+    def __init__(self, backend: Backend, name: str) -> None:
+        self.backend = backend
+        self.name = name
+        self.writer: Writer | None = None
+
+    def open(self) -> Writer:
+        if self.writer is None:
+            self.writer = self.backend.open_writer(self.name)
+        return self.writer
 
 
 def _write_lane(
-    writer: Writer,
-    name: str,
-    lane: list[tuple[int, WriteJob]],
+    lane: _Lane,
+    jobs: list[tuple[int, WriteJob]],
     refs: list[ChunkRef | None],
     options: SaveOptions,
     abort: threading.Event,
+    reuse: ReuseTable | None,
 ) -> None:
     cctx = compressor(options.zstd_level)
     mode = options.compress
-    for n, job in lane:
+    for n, job in jobs:
         if abort.is_set():
             raise _Aborted("aborted: another writer thread failed")
         raw = job.source()
+        digest = ""
+        if reuse is not None:
+            digest = content_digest(np.ascontiguousarray(raw).data)
+            hit = reuse.find(digest, job.itemsize, raw.nbytes)
+            if hit is not None:
+                refs[n] = dataclasses.replace(hit, fqn=job.item.fqn, box=job.item.chunk)
+                continue
         enc = encode(
             raw,
             itemsize=job.itemsize,
@@ -114,17 +147,19 @@ def _write_lane(
             min_ratio=options.min_ratio,
             cctx=cctx,
         )
+        writer = lane.open()
         offset = writer.tell()
         writer.write(enc.payload)
         refs[n] = ChunkRef(
             fqn=job.item.fqn,
             box=job.item.chunk,
-            file=name,
+            file=lane.name,
             offset=offset,
             length=len(enc.payload),
             codec=enc.codec,
             raw_length=raw.nbytes,
             checksum=checksum(enc.payload),
+            digest=digest,
             **_blocks(enc.payload, enc.codec, options.block_bytes),
         )
 

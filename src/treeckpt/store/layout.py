@@ -21,6 +21,7 @@ __all__ = [
     "data_file",
     "index_file",
     "is_data_file",
+    "is_reference_file",
     "is_save_id",
 ]
 
@@ -51,3 +52,17 @@ def is_data_file(name: object, save_id: str, rank: int) -> bool:
         and re.fullmatch(rf"data-{re.escape(save_id)}/r{rank}-(0|[1-9][0-9]{{0,5}})\.bin", name)
         is not None
     )
+
+
+#: A data file of a sibling checkpoint (an incremental save's reference):
+#: ``../<sibling>/data-<save_id>/r<rank>-<k>.bin``. The sibling name has no dot,
+#: so the only ``..`` is the leading one, and it leaves the checkpoint by
+#: exactly one level: into the directory that holds its siblings.
+_REFERENCE = re.compile(
+    r"\.\./[A-Za-z0-9_-]{1,128}/data-[0-9a-f]{16}/r(0|[1-9][0-9]{0,7})-(0|[1-9][0-9]{0,5})\.bin"
+)
+
+
+def is_reference_file(name: object) -> bool:
+    """True when ``name`` is a data file of a sibling checkpoint (incremental saves)."""
+    return isinstance(name, str) and _REFERENCE.fullmatch(name) is not None

@@ -21,6 +21,7 @@ floats are stored as their IEEE-754 bits in hex, big integers as strings.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import math
 import re
@@ -41,7 +42,7 @@ from treeckpt.core.manifest import (
 from treeckpt.core.tree import build_tree, iter_leaf_fqns
 from treeckpt.errors import ManifestError, UnsupportedLeafError
 from treeckpt.store import layout
-from treeckpt.store.checksum import checksum, is_checksum
+from treeckpt.store.checksum import checksum, is_checksum, is_content_digest
 from treeckpt.store.codecs import CODECS
 
 __all__ = [
@@ -298,6 +299,8 @@ def encode_index(ix: ChunkIndex) -> bytes:
             for c in ix.chunks
         ],
     }
+    if ix.chunks and all(c.digest for c in ix.chunks):
+        body["digests"] = [c.digest for c in ix.chunks]
     return _envelope("treeckpt-index", body)
 
 
@@ -325,7 +328,11 @@ def decode_index(data: bytes, ref: IndexRef, manifest: Manifest) -> ChunkIndex:
         if not (isinstance(rf, list) and len(rf) == 2):
             raise ManifestError(f"{where}: files[{n}] malformed")
         name, size = rf
-        if not layout.is_data_file(name, manifest.save_id, ref.rank):
+        # A file of this save and rank, or (incremental saves) a data file of a
+        # sibling checkpoint, named by the only pattern that may leave this one.
+        if not (
+            layout.is_data_file(name, manifest.save_id, ref.rank) or layout.is_reference_file(name)
+        ):
             raise ManifestError(
                 f"{where}: files[{n}] name {str(name)[:80]!r} is not one of this save's"
             )
@@ -334,6 +341,15 @@ def decode_index(data: bytes, ref: IndexRef, manifest: Manifest) -> ChunkIndex:
     if not isinstance(raw_chunks, list):
         raise ManifestError(f"{where}: chunks is missing")
     chunks = [_decode_chunk(rc, n, files, manifest, where) for n, rc in enumerate(raw_chunks)]
+    digests = body.get("digests")
+    if digests is not None:
+        if not (
+            isinstance(digests, list)
+            and len(digests) == len(chunks)
+            and all(is_content_digest(d) for d in digests)
+        ):
+            raise ManifestError(f"{where}: digests must be one xxh3-128 digest per chunk")
+        chunks = [dataclasses.replace(c, digest=d) for c, d in zip(chunks, digests, strict=True)]
     return ChunkIndex(
         save_id=manifest.save_id, rank=ref.rank, files=tuple(files), chunks=tuple(chunks)
     )

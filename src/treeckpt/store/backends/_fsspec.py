@@ -44,6 +44,8 @@ class FsspecBackend(Backend):
         self.root = path.rstrip("/")
 
     def _path(self, name: str) -> str:
+        if name.startswith("../"):  # a sibling checkpoint's file (validated by the reader)
+            return f"{self.root.rsplit('/', 1)[0]}/{name[3:]}"
         return f"{self.root}/{name}" if name else self.root
 
     def makedirs(self, name: str) -> None:

@@ -53,6 +53,8 @@ class LocalBackend(Backend):
         self._lock = threading.Lock()
 
     def _path(self, name: str) -> str:
+        if name.startswith("../"):  # a sibling checkpoint's file (validated by the reader)
+            return os.path.join(os.path.dirname(self.root), name[3:])
         return os.path.join(self.root, name) if name else self.root
 
     def makedirs(self, name: str) -> None:

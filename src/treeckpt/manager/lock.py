@@ -1,0 +1,198 @@
+"""One manager per root: a lock file with a heartbeat.
+
+``<root>/manager.lock`` holds JSON naming its holder (a random token, host,
+pid) and the time of its last heartbeat. A manager creates it when it opens
+the root and refuses to open a root whose lock is live; a daemon thread
+rewrites the heartbeat every quarter of ``stale_after_s``. A lock is stale,
+and is taken over with a warning, when its holder is a process of this host
+that no longer exists (a holder on this host that is alive is never stale),
+when the holder is on another host and its heartbeat is older than
+``stale_after_s`` (it crashed), or when it is unreadable (a crash while it
+was being written). Before every save the manager checks that the lock
+still holds its token, so a manager whose lock was taken over stops saving.
+
+On a local disk the lock is created with ``O_CREAT | O_EXCL``: of two
+managers racing for a root, exactly one wins. Object stores offer no such
+primitive through fsspec: there the lock is written and read back, which
+closes the race except for two managers starting within the same moment.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import socket
+import threading
+import time
+import warnings
+from typing import Any
+
+from treeckpt.errors import CheckpointError
+
+__all__ = ["LOCK_FILE", "RootLock", "RootLockedError", "StaleLockWarning"]
+
+LOCK_FILE = "manager.lock"
+
+
+class RootLockedError(CheckpointError, RuntimeError):
+    """Another live manager holds the root (or took it over from this one)."""
+
+
+class StaleLockWarning(UserWarning):
+    """A stale lock left by a crashed manager was taken over."""
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
+
+
+class RootLock:
+    """The lock of one manager root (see the module docstring)."""
+
+    def __init__(self, fs: Any, root: str, *, stale_after_s: float, local: bool) -> None:
+        self.fs = fs
+        self.path = f"{root}/{LOCK_FILE}"
+        self.stale_after_s = stale_after_s
+        self.local = local
+        self.token = secrets.token_hex(16)
+        self.host = socket.gethostname()
+        self.pid = os.getpid()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._io = threading.Lock()
+
+    # ---------------------------------------------------------------- records
+
+    def _record(self) -> bytes:
+        return json.dumps(
+            {"token": self.token, "host": self.host, "pid": self.pid, "time": time.time()}
+        ).encode()
+
+    def _read(self) -> dict[str, Any] | None:
+        """The current holder, ``{}`` when unreadable, ``None`` when there is no lock."""
+        try:
+            data = self.fs.cat_file(self.path)
+        except FileNotFoundError:
+            return None
+        try:
+            rec = json.loads(data)
+        except ValueError:
+            return {}
+        return rec if isinstance(rec, dict) else {}
+
+    def _is_stale(self, rec: dict[str, Any]) -> bool:
+        t, pid = rec.get("time"), rec.get("pid")
+        if not isinstance(t, int | float) or not isinstance(pid, int):
+            return True
+        if rec.get("host") == self.host:
+            # On this host the process table is the truth: a live holder is live
+            # however long it has been busy, a dead one is gone at once.
+            return not _pid_alive(pid)
+        return time.time() - t > self.stale_after_s
+
+    @staticmethod
+    def _holder(rec: dict[str, Any]) -> str:
+        age = time.time() - rec["time"] if isinstance(rec.get("time"), int | float) else None
+        seen = f", last heartbeat {age:.0f} s ago" if age is not None else ""
+        return f"pid {rec.get('pid')} on host {rec.get('host')!r}{seen}"
+
+    def _create(self) -> bool:
+        """Create the lock file if there is none; whether this call created it."""
+        data = self._record()
+        if self.local:
+            try:
+                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                return False
+            try:
+                os.write(fd, data)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            return True
+        if self.fs.exists(self.path):
+            return False
+        self.fs.pipe_file(self.path, data)
+        rec = self._read()
+        return rec is not None and rec.get("token") == self.token
+
+    # ------------------------------------------------------------------- API
+
+    def acquire(self) -> None:
+        """Take the lock, taking over a stale one; raise ``RootLockedError`` if it is live."""
+        for _ in range(3):
+            if self._create():
+                self._start_heartbeat()
+                return
+            rec = self._read()
+            if rec is None:
+                continue  # released meanwhile
+            if not self._is_stale(rec):
+                raise RootLockedError(
+                    f"{self.path}: another checkpoint manager uses this root "
+                    f"({self._holder(rec) if rec else 'unreadable lock'}); use one manager "
+                    "per root, or remove the lock file if its holder is gone"
+                )
+            warnings.warn(
+                f"{self.path}: taking over a stale lock "
+                f"({self._holder(rec) if rec else 'unreadable'})",
+                StaleLockWarning,
+                stacklevel=3,
+            )
+            with contextlib.suppress(FileNotFoundError):
+                self.fs.rm_file(self.path)
+        raise RootLockedError(f"{self.path}: could not take the lock (contended)")
+
+    def check(self) -> None:
+        """Raise ``RootLockedError`` unless this manager still holds the lock."""
+        rec = self._read()
+        if rec is None or rec.get("token") != self.token:
+            who = self._holder(rec) if rec else "nobody"
+            raise RootLockedError(
+                f"{self.path}: this manager no longer holds the lock (now {who}); "
+                "another manager took the root over, so this one stops saving"
+            )
+
+    def _beat(self) -> None:
+        with self._io:
+            rec = self._read()
+            if rec is None or rec.get("token") != self.token:
+                return
+            if self.local:
+                tmp = f"{self.path}.tmp-{self.pid}"
+                with open(tmp, "wb") as f:
+                    f.write(self._record())
+                os.replace(tmp, self.path)
+            else:
+                self.fs.pipe_file(self.path, self._record())
+
+    def _start_heartbeat(self) -> None:
+        interval = max(0.05, self.stale_after_s / 4)
+
+        def run() -> None:
+            while not self._stop.wait(interval):
+                with contextlib.suppress(Exception):
+                    self._beat()
+
+        self._thread = threading.Thread(target=run, name="treeckpt-lock", daemon=True)
+        self._thread.start()
+
+    def release(self) -> None:
+        """Stop the heartbeat and remove the lock if it is still this manager's."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+        with self._io:
+            rec = self._read()
+            if rec is not None and rec.get("token") == self.token:
+                with contextlib.suppress(FileNotFoundError):
+                    self.fs.rm_file(self.path)
