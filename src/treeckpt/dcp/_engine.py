@@ -74,7 +74,7 @@ def _on_coordinator(coord: Coordinator, phase: str, fn: Callable[[], T]) -> T:
     got = coord.broadcast(got, phase)
     if isinstance(got, Exception):
         raise got
-    return got  # type: ignore[no-any-return]
+    return got
 
 
 def _guarded(coord: Coordinator, fn: Callable[[], T]) -> T:
@@ -192,15 +192,15 @@ def _save(
     final = _agreed(coord, "plan:finish", lambda: planner.finish_plan(central))
     if isinstance(writer, FileSystemWriter):
         writer.save_items(final, planner, metadata, coord)
-        return metadata  # type: ignore[no-any-return]
+        return metadata
     results = _agreed(coord, "write", lambda: writer.write_data(final, planner).wait())
     all_results = coord.gather(results, "write:gather")
     _agreed(
         coord,
         "finish",
-        lambda: writer.finish(metadata, all_results) if coord.is_coordinator else None,
+        lambda: writer.finish(metadata, all_results or []) if coord.is_coordinator else None,
     )
-    return metadata  # type: ignore[no-any-return]
+    return metadata
 
 
 def _fast_load(planner: LoadPlanner, reader: StorageReader) -> bool:
@@ -293,7 +293,7 @@ def _merge_values(target: Any, loaded: Any) -> None:
         if key not in loaded:
             continue
         new = loaded[key]
-        if isinstance(old, torch.Tensor) or isinstance(old, Stateful):
+        if isinstance(old, torch.Tensor | Stateful):
             continue
         if isinstance(old, dict):
             _merge_values(old, new)

@@ -65,10 +65,7 @@ def set_path(root: Any, path: Path, value: Any) -> None:
     """Put ``value`` at ``path`` in ``root``, creating dicts on the way."""
     node = root
     for key in path[:-1]:
-        if isinstance(node, dict):
-            node = node.setdefault(key, {})
-        else:
-            node = node[key]
+        node = node.setdefault(key, {}) if isinstance(node, dict) else node[key]
     node[path[-1]] = value
 
 

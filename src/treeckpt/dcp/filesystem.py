@@ -94,12 +94,14 @@ class _ShardSet(torch.Tensor):
         dtype: torch.dtype,
         shards: list[tuple[tuple[int, ...], tuple[int, ...], torch.Tensor]],
     ) -> _ShardSet:
-        t = torch.Tensor._make_wrapper_subclass(cls, tuple(shape), dtype=dtype)  # type: ignore[attr-defined]
+        t = torch.Tensor._make_wrapper_subclass(cls, tuple(shape), dtype=dtype)
         t._shards = shards
-        return t  # type: ignore[no-any-return]
+        return t
 
     @classmethod
-    def __torch_dispatch__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+    def __torch_dispatch__(  # type: ignore[override]
+        cls, func: Any, types: Any, args: Any = (), kwargs: Any = None
+    ) -> Any:
         raise TypeError(f"{func} called on a placeholder for explicit shards")
 
     __torch_function__ = torch._C._disabled_torch_function_impl  # type: ignore[assignment]
