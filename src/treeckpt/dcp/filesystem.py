@@ -47,6 +47,7 @@ from treeckpt.core.manifest import Manifest
 from treeckpt.core.options import LoadOptions, SaveOptions
 from treeckpt.core.plan import StoredTensor
 from treeckpt.dcp._flat import encode_bytes
+from treeckpt.dcp.staging import BlockingAsyncStager
 from treeckpt.errors import CheckpointError, LoadMismatchError, UnsupportedLeafError
 from treeckpt.shell.coord import Coordinator
 from treeckpt.shell.load import read_regions, read_stored, value_of
@@ -112,7 +113,7 @@ class _ShardSet(torch.Tensor):
         return self._shards
 
 
-class FileSystemWriter(StorageWriter):
+class FileSystemWriter(StorageWriter, BlockingAsyncStager):
     """Write a treeckpt checkpoint at ``path`` (a directory or fsspec URL).
 
     Args mirror DCP's: ``sync_files`` fsyncs data, manifest and directory;
@@ -122,6 +123,8 @@ class FileSystemWriter(StorageWriter):
     ``per_thread_copy_ahead``, ``cache_staged_state_dict``, ``_extensions`` and
     ``serialization_format`` are accepted for compatibility: treeckpt's layout
     (per-rank, per-thread data files, zstd where it pays) is the same for all.
+    As in DCP, the writer is also a stager for ``async_save``
+    (``cache_staged_state_dict`` reuses its host buffers across saves).
     """
 
     def __init__(
@@ -136,7 +139,8 @@ class FileSystemWriter(StorageWriter):
         _extensions: Sequence[Any] | None = None,
         serialization_format: SerializationFormat = SerializationFormat.TORCH_SAVE,
     ) -> None:
-        super().__init__()
+        StorageWriter.__init__(self)
+        BlockingAsyncStager.__init__(self, cache_staged_state_dict=cache_staged_state_dict)
         self.path = _path_str(path)
         self.single_file_per_rank = single_file_per_rank
         self.sync_files = sync_files
