@@ -237,6 +237,7 @@ class DefaultSavePlanner(SavePlanner):
         self.dedup_save_to_lowest_rank = dedup_save_to_lowest_rank
         self.enable_plan_caching = enable_plan_caching
         self.mappings: dict[str, Any] = {}
+        self.storage_meta: StorageMeta | None = None
         self._cache_key = type(self).__qualname__
 
     def set_up_planner(
