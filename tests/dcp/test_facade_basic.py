@@ -82,13 +82,17 @@ def test_missing_key_is_an_error_unless_partial_load(tmp_ckpt: str) -> None:
     with pytest.raises(dcp.CheckpointException, match="missing from checkpoint.*b"):
         dcp.load(target, checkpoint_id=tmp_ckpt)
     assert torch.equal(target["a"], torch.zeros(2))  # nothing changed
-    dcp.load(target, checkpoint_id=tmp_ckpt, planner=dcp.DefaultLoadPlanner(allow_partial_load=True))
+    dcp.load(
+        target, checkpoint_id=tmp_ckpt, planner=dcp.DefaultLoadPlanner(allow_partial_load=True)
+    )
     assert torch.equal(target["a"], torch.ones(2))
     assert torch.equal(target["b"], torch.zeros(3))
 
 
 def test_subset_load_ignores_keys_the_state_dict_lacks(tmp_ckpt: str) -> None:
-    dcp.save({"model": {"w": torch.arange(4.0)}, "optim": {"m": torch.ones(4)}}, checkpoint_id=tmp_ckpt)
+    dcp.save(
+        {"model": {"w": torch.arange(4.0)}, "optim": {"m": torch.ones(4)}}, checkpoint_id=tmp_ckpt
+    )
     only_model = {"model": {"w": torch.zeros(4)}}
     dcp.load(only_model, checkpoint_id=tmp_ckpt)
     assert torch.equal(only_model["model"]["w"], torch.arange(4.0))
@@ -172,7 +176,9 @@ def test_torch_dcp_directory_without_reader_support_is_a_clean_error(tmp_path: P
     try:
         import treeckpt.dcp._torch_format  # noqa: F401
     except ImportError:
-        with pytest.raises(dcp.CheckpointException, match=r"torch.distributed.checkpoint \(\.metadata"):
+        with pytest.raises(
+            dcp.CheckpointException, match=r"torch.distributed.checkpoint \(\.metadata"
+        ):
             dcp.load({"a": torch.zeros(2)}, checkpoint_id=path)
     else:
         out = {"a": torch.zeros(2)}
@@ -228,14 +234,22 @@ def test_plan_caching_reuses_the_global_plan() -> None:
     plans = _plan([[("a", 10)], [("a", 10)]])
     planner = DefaultSavePlanner(enable_plan_caching=True)
     first = planner.create_global_plan(plans)
-    second = DefaultSavePlanner(enable_plan_caching=True).create_global_plan(_plan([[("a", 10)], [("a", 10)]]))
+    second = DefaultSavePlanner(enable_plan_caching=True).create_global_plan(
+        _plan([[("a", 10)], [("a", 10)]])
+    )
     assert second[0] is first[0] and second[1] is first[1]
-    changed = DefaultSavePlanner(enable_plan_caching=True).create_global_plan(_plan([[("a", 12)], [("a", 12)]]))
+    changed = DefaultSavePlanner(enable_plan_caching=True).create_global_plan(
+        _plan([[("a", 12)], [("a", 12)]])
+    )
     assert changed[1].state_dict_metadata["a"].size == torch.Size([12])
 
 
 def test_shards_that_leave_a_gap_are_refused_before_writing() -> None:
-    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
+    from torch.distributed.checkpoint.metadata import (
+        ChunkStorageMetadata,
+        MetadataIndex,
+        TensorProperties,
+    )
     from torch.distributed.checkpoint.planner import TensorWriteData, WriteItem, WriteItemType
 
     def item(off: int, n: int) -> WriteItem:

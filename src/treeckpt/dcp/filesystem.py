@@ -46,6 +46,8 @@ from treeckpt.core.leaves import TensorLeaf
 from treeckpt.core.manifest import Manifest
 from treeckpt.core.options import LoadOptions, SaveOptions
 from treeckpt.core.plan import StoredTensor
+from treeckpt.core.tree import _decode_key as decode_key
+from treeckpt.core.tree import build_tree
 from treeckpt.dcp._flat import encode_bytes
 from treeckpt.dcp.staging import BlockingAsyncStager
 from treeckpt.errors import CheckpointError, LoadMismatchError, UnsupportedLeafError
@@ -278,36 +280,105 @@ class FileSystemWriter(StorageWriter, BlockingAsyncStager):
 
 @dataclass(frozen=True)
 class TreeckptStorage:
-    """What a reader keeps of a treeckpt checkpoint (in ``Metadata.storage_data``)."""
+    """What a reader keeps of a treeckpt checkpoint (in ``Metadata.storage_data``).
+
+    ``values`` maps each non-tensor item of DCP's view to its node of the
+    manifest's tree structure (one leaf, or a list or tuple of plain values).
+    """
 
     manifest: Manifest
     stored: dict[str, StoredTensor]
+    values: dict[str, Any]
+
+
+_DICTS = ("dict", "odict", "ddict")
+
+
+def _dcp_view(manifest: Manifest) -> tuple[list[str], dict[str, Any]]:
+    """Tensor FQNs and value items as DCP's flattening sees the saved tree.
+
+    Dicts are walked; lists are walked only when they hold tensors or dicts;
+    any other container (a list of numbers, a tuple) is one value item.
+    """
+    tensors: list[str] = []
+    values: dict[str, Any] = {}
+
+    def is_tensor(node: Any) -> bool:
+        return "leaf" in node and isinstance(manifest.records.get(node["leaf"]), TensorLeaf)
+
+    def keep_walking(node: Any) -> bool:
+        if node.get("type") in _DICTS:
+            return True
+        if node.get("type") == "list":
+            return any(
+                is_tensor(c) or ("leaf" not in c and keep_walking(c)) for c in node["children"]
+            )
+        return False
+
+    def walk(node: Any, path: tuple[Any, ...]) -> None:
+        fqn = ".".join(str(p) for p in path)
+        if "leaf" in node:
+            if is_tensor(node) and manifest.records[node["leaf"]].lib == "torch":  # type: ignore[union-attr]
+                tensors.append(node["leaf"])
+            else:
+                values[fqn] = node
+        elif node.get("type") in _DICTS:
+            keys = [decode_key(k) for k in node.get("keys", [])]
+            for k, child in zip(keys, node["children"], strict=True):
+                walk(child, (*path, k))
+        elif node.get("type") == "list" and keep_walking(node):
+            for i, child in enumerate(node["children"]):
+                walk(child, (*path, i))
+        else:
+            values[fqn] = node
+
+    walk(manifest.structure, ())
+    return tensors, values
 
 
 def metadata_of(manifest: Manifest, stored: dict[str, StoredTensor]) -> Metadata:
     """DCP's view of a treeckpt checkpoint: torch tensors by FQN, everything else bytes."""
     from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
 
+    tensors, values = _dcp_view(manifest)
     md: dict[str, Any] = {}
-    for fqn, rec in manifest.records.items():
-        if isinstance(rec, TensorLeaf) and rec.lib == "torch":
-            chunks = [
-                ChunkStorageMetadata(
-                    offsets=torch.Size(c.box.offsets), sizes=torch.Size(c.box.sizes)
-                )
-                for c in (stored[fqn].chunks if fqn in stored else ())
-            ]
-            md[fqn] = TensorStorageMetadata(
-                properties=TensorProperties(dtype=torch_dtype(rec.dtype)),
-                size=torch.Size(rec.shape),
-                chunks=chunks,
-            )
-        else:
-            md[fqn] = BytesStorageMetadata()
+    for fqn in tensors:
+        rec = manifest.records[fqn]
+        assert isinstance(rec, TensorLeaf)
+        chunks = [
+            ChunkStorageMetadata(offsets=torch.Size(c.box.offsets), sizes=torch.Size(c.box.sizes))
+            for c in (stored[fqn].chunks if fqn in stored else ())
+        ]
+        md[fqn] = TensorStorageMetadata(
+            properties=TensorProperties(dtype=torch_dtype(rec.dtype)),
+            size=torch.Size(rec.shape),
+            chunks=chunks,
+        )
+    for fqn in values:
+        md[fqn] = BytesStorageMetadata()
     return Metadata(
         state_dict_metadata=md,
-        storage_data=TreeckptStorage(manifest=manifest, stored=stored),
+        storage_data=TreeckptStorage(manifest=manifest, stored=stored, values=values),
     )
+
+
+def _value_item(storage: TreeckptStorage, fqn: str) -> Any:
+    """The Python value of a non-tensor item of DCP's view (no pickle is ever loaded)."""
+    records = storage.manifest.records
+    node = storage.values.get(fqn)
+    if node is None:
+        raise LoadMismatchError(missing=[fqn])
+
+    def leaf(name: str) -> Any:
+        rec = records[name]
+        if isinstance(rec, TensorLeaf):
+            raise UnsupportedLeafError(
+                f"{fqn!r}: holds arrays or tensors inside a tuple or list of values; read it "
+                "with treeckpt.load"
+            )
+        return value_of(name, rec, allow_pickle=False)
+
+    return build_tree(node, leaf)
 
 
 def is_torch_format(backend: Backend) -> bool:
@@ -375,8 +446,10 @@ class FileSystemReader(StorageReader):
             stored = read_stored(backend, manifest)
         finally:
             backend.close()
-        self.storage = TreeckptStorage(manifest=manifest, stored=stored)
-        return metadata_of(manifest, stored)
+        md = metadata_of(manifest, stored)
+        assert isinstance(md.storage_data, TreeckptStorage)
+        self.storage = md.storage_data
+        return md
 
     def set_up_storage_reader(
         self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any
@@ -410,20 +483,17 @@ class FileSystemReader(StorageReader):
         tensor_items = []
         for item in plan.items:
             fqn = item.storage_index.fqn
-            rec = manifest.records.get(fqn)
-            if rec is None:
-                raise LoadMismatchError(missing=[fqn])
             if item.type == LoadItemType.BYTE_IO:
-                if isinstance(rec, TensorLeaf):
-                    raise UnsupportedLeafError(f"{fqn!r}: a numpy array cannot be read as bytes")
-                value = value_of(fqn, rec, allow_pickle=False)
+                value = _value_item(self.storage, fqn)
                 if fqn in raw_fqns and isinstance(value, bytes):
                     buf = io.BytesIO(value)
                 else:
                     buf = encode_bytes(fqn, value)
                 planner.load_bytes(item, buf)
                 continue
-            assert isinstance(rec, TensorLeaf)
+            rec = manifest.records.get(fqn)
+            if not isinstance(rec, TensorLeaf):
+                raise LoadMismatchError(missing=[fqn])
             base = tuple(int(o) for o in (item.storage_index.offset or ()))
             box = Box(
                 offsets=tuple(b + int(o) for b, o in zip(base, item.storage_offsets, strict=True)),
