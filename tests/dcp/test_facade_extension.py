@@ -162,7 +162,7 @@ class Custom:
 def test_plugin_values_that_need_pickle_are_refused_on_load() -> None:
     store: dict[str, Any] = {}
     dcp.save({"obj": Custom(), "w": torch.ones(1)}, storage_writer=MemoryWriter(store))
-    with pytest.raises(dcp.CheckpointException, match="obj.*weights_only"):
+    with pytest.raises(dcp.CheckpointException, match=r"obj.*weights_only"):
         dcp.load({"obj": None, "w": torch.zeros(1)}, storage_reader=MemoryReader(store))
 
 
