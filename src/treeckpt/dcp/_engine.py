@@ -114,9 +114,17 @@ def storage_reader_for(
 
 
 def _fast_save(planner: SavePlanner, writer: StorageWriter) -> bool:
+    """treeckpt's own save decides everything: no planner option asks otherwise.
+
+    ``dedup_save_to_lowest_rank`` and ``enable_plan_caching`` are planner
+    decisions, so they take the planner path (treeckpt then writes what each
+    rank was assigned).
+    """
     return (
         type(planner) is DefaultSavePlanner
         and planner.flatten_state_dict
+        and not planner.dedup_save_to_lowest_rank
+        and not planner.enable_plan_caching
         and type(writer) is FileSystemWriter
     )
 

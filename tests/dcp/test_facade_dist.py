@@ -1,0 +1,204 @@
+"""DCP's documented usage patterns on real gloo ranks, with ``import treeckpt.dcp as dcp``:
+the FSDP2 example (save on 2 ranks, load on 3), resharding through a custom
+planner, partial load, async_save then wait, no_dist, failures on one rank."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+
+import treeckpt.dcp as dcp
+from tests.dist_utils import run_ranks
+
+pytestmark = pytest.mark.distributed
+
+
+class AppState(dcp.Stateful):
+    """The wrapper of torch's "Getting Started with DCP" tutorial."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        self.model = model
+        self.optimizer = optimizer
+
+    def state_dict(self) -> dict[str, Any]:
+        model_state_dict, optimizer_state_dict = get_state_dict(self.model, self.optimizer)
+        return {"model": model_state_dict, "optim": optimizer_state_dict}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        set_state_dict(
+            self.model,
+            self.optimizer,
+            model_state_dict=state_dict["model"],
+            optim_state_dict=state_dict["optim"],
+        )
+
+
+def _fsdp_model(world: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+    mesh = init_device_mesh("cpu", (world,))
+    for layer in model:
+        if isinstance(layer, torch.nn.Linear):
+            fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model, torch.optim.Adam(model.parameters(), lr=0.1)
+
+
+def _full(model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    out = {k: v.full_tensor() for k, v in model.state_dict().items()}
+    for pid, st in opt.state_dict()["state"].items():
+        for name, v in st.items():
+            out[f"optim.{pid}.{name}"] = v.full_tensor() if isinstance(v, DTensor) else v
+    return out
+
+
+def _fsdp_save(rank: int, world: int, path: str) -> dict[str, torch.Tensor]:
+    model, opt = _fsdp_model(world)
+    torch.manual_seed(1)
+    for _ in range(2):
+        model(torch.randn(4, 8)).sum().backward()
+        opt.step()
+        opt.zero_grad()
+    dcp.save({"app": AppState(model, opt)}, checkpoint_id=path)
+    return _full(model, opt)
+
+
+def _fsdp_load(rank: int, world: int, path: str) -> dict[str, torch.Tensor]:
+    model, opt = _fsdp_model(world)
+    dcp.load({"app": AppState(model, opt)}, checkpoint_id=path)
+    return _full(model, opt)
+
+
+def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_fsdp2_tutorial_save_on_2_load_on_3(tmp_path: Path) -> None:
+    path = str(tmp_path / "ckpt")
+    saved = run_ranks(2, _fsdp_save, tmp_path, path)
+    _same(saved[0], saved[1])
+    for got in run_ranks(3, _fsdp_load, tmp_path, path):
+        _same(saved[0], got)
+
+
+def _sharded(world: int, value: torch.Tensor, dim: int = 0) -> DTensor:
+    mesh = init_device_mesh("cpu", (world,))
+    return distribute_tensor(value.clone(), mesh, [Shard(dim)])
+
+
+def _global(rows: int = 10) -> dict[str, torch.Tensor]:
+    return {"w": torch.arange(rows * 6, dtype=torch.float32).reshape(rows, 6), "b": torch.arange(7.0)}
+
+
+class Prefix(dcp.DefaultSavePlanner):
+    def set_up_planner(self, state_dict: Any, storage_meta: Any = None, is_coordinator: bool = False) -> None:
+        super().set_up_planner({"v2": state_dict}, storage_meta, is_coordinator)
+
+
+class UnPrefix(dcp.DefaultLoadPlanner):
+    def set_up_planner(self, state_dict: Any, metadata: Any = None, is_coordinator: bool = False) -> None:
+        super().set_up_planner({"v2": state_dict}, metadata, is_coordinator)
+
+
+def _planner_save(rank: int, world: int, path: str, planner: str) -> bool:
+    g = _global()
+    sd = {"w": _sharded(world, g["w"]), "b": g["b"].clone(), "step": 3}
+    chosen = {"prefix": Prefix(), "lowest": dcp.DefaultSavePlanner(dedup_save_to_lowest_rank=True)}
+    dcp.save(sd, checkpoint_id=path, planner=chosen[planner])
+    return True
+
+
+def _planner_load(rank: int, world: int, path: str, planner: str) -> bool:
+    g = _global()
+    sd = {"w": _sharded(world, torch.zeros_like(g["w"]), dim=1), "b": torch.zeros(7), "step": 0}
+    dcp.load(sd, checkpoint_id=path, planner=UnPrefix() if planner == "prefix" else None)
+    assert torch.equal(sd["w"].full_tensor(), g["w"])
+    assert torch.equal(sd["b"], g["b"])
+    assert sd["step"] == 3
+    return True
+
+
+@pytest.mark.parametrize("planner", ["prefix", "lowest"])
+def test_planner_save_on_2_reshard_on_3(tmp_path: Path, planner: str) -> None:
+    path = str(tmp_path / "ckpt")
+    assert run_ranks(2, _planner_save, tmp_path, path, planner) == [True, True]
+    assert run_ranks(3, _planner_load, tmp_path, path, planner) == [True] * 3
+
+
+def _partial(rank: int, world: int, path: str) -> bool:
+    g = _global()
+    if rank == 0 and not os.path.exists(path):
+        pass
+    dcp.save({"w": _sharded(world, g["w"])}, checkpoint_id=path)
+    sd = {"w": _sharded(world, torch.zeros_like(g["w"])), "extra": torch.ones(2)}
+    with pytest.raises(dcp.CheckpointException, match="extra"):
+        dcp.load(sd, checkpoint_id=path)
+    assert torch.equal(sd["w"].full_tensor(), torch.zeros_like(g["w"]))
+    dcp.load(sd, checkpoint_id=path, planner=dcp.DefaultLoadPlanner(allow_partial_load=True))
+    assert torch.equal(sd["w"].full_tensor(), g["w"])
+    assert torch.equal(sd["extra"], torch.ones(2))
+    return True
+
+
+def test_partial_load_on_2(tmp_path: Path) -> None:
+    assert run_ranks(2, _partial, tmp_path, str(tmp_path / "ckpt")) == [True, True]
+
+
+def _async(rank: int, world: int, path: str) -> bool:
+    g = _global()
+    w = _sharded(world, g["w"])
+    fut = dcp.async_save({"w": w, "step": 1}, checkpoint_id=path)
+    with torch.no_grad():
+        w.to_local().fill_(-1.0)  # training goes on: the staged copy is saved
+    md = fut.result(timeout=60)
+    assert isinstance(md, dcp.Metadata)
+    back = _sharded(world, torch.zeros_like(g["w"]))
+    dcp.load({"w": back, "step": 0}, checkpoint_id=path)
+    assert torch.equal(back.full_tensor(), g["w"])
+    return True
+
+
+def test_async_save_then_wait_on_2(tmp_path: Path) -> None:
+    assert run_ranks(2, _async, tmp_path, str(tmp_path / "ckpt")) == [True, True]
+
+
+def _no_dist_and_failure(rank: int, world: int, path: str) -> str:
+    # no_dist: each rank saves on its own, no collectives.
+    own = os.path.join(path, f"rank{rank}")
+    dcp.save({"x": torch.full((2,), float(rank))}, checkpoint_id=own, no_dist=True)
+    out = {"x": torch.zeros(2)}
+    dcp.load(out, checkpoint_id=own, no_dist=True)
+    assert torch.equal(out["x"], torch.full((2,), float(rank)))
+    dist.barrier()
+
+    class FailsOnRank1(dcp.DefaultSavePlanner):
+        def create_local_plan(self) -> Any:
+            if dist.get_rank() == 1:
+                raise RuntimeError("disk full on this rank")
+            return super().create_local_plan()
+
+    try:
+        dcp.save({"x": torch.ones(2)}, checkpoint_id=os.path.join(path, "shared"), planner=FailsOnRank1())
+    except dcp.CheckpointException as exc:
+        assert 1 in exc.failures
+        return str(exc)
+    return "no error"
+
+
+def test_no_dist_and_a_failing_rank(tmp_path: Path) -> None:
+    msgs = run_ranks(2, _no_dist_and_failure, tmp_path, str(tmp_path))
+    for msg in msgs:
+        assert "rank(s) 1" in msg and "disk full on this rank" in msg
+    assert not (tmp_path / "shared" / "manifest.json").exists()
