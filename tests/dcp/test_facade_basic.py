@@ -79,8 +79,10 @@ def test_stateful_model_and_optimizer(tmp_ckpt: str) -> None:
 def test_missing_key_is_an_error_unless_partial_load(tmp_ckpt: str) -> None:
     dcp.save({"a": torch.ones(2)}, checkpoint_id=tmp_ckpt)
     target = {"a": torch.zeros(2), "b": torch.zeros(3)}
-    with pytest.raises(dcp.CheckpointException, match=r"missing from checkpoint.*b"):
+    with pytest.raises(dcp.CheckpointException, match=r"missing from checkpoint.*b") as info:
         dcp.load(target, checkpoint_id=tmp_ckpt)
+    assert "allow_partial_load=True" in str(info.value)
+    assert "strict=False" not in str(info.value)
     assert torch.equal(target["a"], torch.zeros(2))  # nothing changed
     dcp.load(
         target, checkpoint_id=tmp_ckpt, planner=dcp.DefaultLoadPlanner(allow_partial_load=True)

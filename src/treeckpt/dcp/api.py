@@ -7,7 +7,7 @@ from typing import Any
 
 from torch.distributed.checkpoint.api import CheckpointException as _TorchCheckpointException
 
-from treeckpt.errors import CheckpointError
+from treeckpt.errors import CheckpointError, LoadMismatchError
 
 __all__ = ["CheckpointException"]
 
@@ -41,4 +41,13 @@ def wrap_failure(exc: BaseException, rank: int) -> CheckpointException:
             )
     else:
         failures[rank] = (exc, traceback.extract_tb(exc.__traceback__))
-    return CheckpointException(f"{type(exc).__name__}: {exc}", failures)
+    text = str(exc)
+    if isinstance(exc, LoadMismatchError):
+        # treeckpt.load's hint names its own argument; DCP's is on the planner.
+        text = text.replace(_STRICT_HINT, "")
+        if exc.missing:
+            text += " (DefaultLoadPlanner(allow_partial_load=True) skips missing keys)"
+    return CheckpointException(f"{type(exc).__name__}: {text}", failures)
+
+
+_STRICT_HINT = " (pass strict=False to load the keys both sides have)"
