@@ -267,3 +267,20 @@ def test_shards_that_leave_a_gap_are_refused_before_writing() -> None:
 
     with pytest.raises(treeckpt.PlanError, match="w"):
         DefaultSavePlanner().create_global_plan([SavePlan([item(0, 4)]), SavePlan([item(6, 4)])])
+
+
+class _Opaque:
+    """An object DCP would pickle."""
+
+
+def test_values_that_need_pickle_are_refused_at_save_naming_the_key(tmp_ckpt: str) -> None:
+    with pytest.raises(dcp.CheckpointException, match=r"'extra\.obj'.*without pickle"):
+        dcp.save({"w": torch.ones(1), "extra": {"obj": _Opaque()}}, checkpoint_id=tmp_ckpt)
+    assert not os.path.exists(os.path.join(tmp_ckpt, "manifest.json"))
+
+
+def test_use_collectives_false_is_an_independent_save(tmp_ckpt: str) -> None:
+    dcp.save({"w": torch.arange(3)}, checkpoint_id=tmp_ckpt, use_collectives=False)
+    out = {"w": torch.zeros(3, dtype=torch.int64)}
+    dcp.load(out, checkpoint_id=tmp_ckpt)
+    assert torch.equal(out["w"], torch.arange(3))

@@ -24,9 +24,9 @@ def _stage_tensor(t: torch.Tensor, cache: dict[int, torch.Tensor] | None, key: i
         DTensor = None  # type: ignore[assignment,misc]
     if DTensor is not None and isinstance(t, DTensor):
         local = _stage_tensor(t.to_local(), cache, key)
-        return DTensor.from_local(
-            local, t.device_mesh, t.placements, run_check=False, shape=t.shape, stride=t.stride()
-        )
+        # Same spec (mesh, placements, global shape), local shard in host
+        # memory; from_local would move it back to the mesh's device.
+        return DTensor(local, t._spec, requires_grad=False)
     if type(t) not in (torch.Tensor, torch.nn.Parameter):
         return t  # ShardedTensor and other subclasses: saved from the original
     src = t.detach()
