@@ -99,16 +99,23 @@ def _sharded(world: int, value: torch.Tensor, dim: int = 0) -> DTensor:
 
 
 def _global(rows: int = 10) -> dict[str, torch.Tensor]:
-    return {"w": torch.arange(rows * 6, dtype=torch.float32).reshape(rows, 6), "b": torch.arange(7.0)}
+    return {
+        "w": torch.arange(rows * 6, dtype=torch.float32).reshape(rows, 6),
+        "b": torch.arange(7.0),
+    }
 
 
 class Prefix(dcp.DefaultSavePlanner):
-    def set_up_planner(self, state_dict: Any, storage_meta: Any = None, is_coordinator: bool = False) -> None:
+    def set_up_planner(
+        self, state_dict: Any, storage_meta: Any = None, is_coordinator: bool = False
+    ) -> None:
         super().set_up_planner({"v2": state_dict}, storage_meta, is_coordinator)
 
 
 class UnPrefix(dcp.DefaultLoadPlanner):
-    def set_up_planner(self, state_dict: Any, metadata: Any = None, is_coordinator: bool = False) -> None:
+    def set_up_planner(
+        self, state_dict: Any, metadata: Any = None, is_coordinator: bool = False
+    ) -> None:
         super().set_up_planner({"v2": state_dict}, metadata, is_coordinator)
 
 
@@ -190,7 +197,9 @@ def _no_dist_and_failure(rank: int, world: int, path: str) -> str:
             return super().create_local_plan()
 
     try:
-        dcp.save({"x": torch.ones(2)}, checkpoint_id=os.path.join(path, "shared"), planner=FailsOnRank1())
+        dcp.save(
+            {"x": torch.ones(2)}, checkpoint_id=os.path.join(path, "shared"), planner=FailsOnRank1()
+        )
     except dcp.CheckpointException as exc:
         assert 1 in exc.failures
         return str(exc)
@@ -202,3 +211,125 @@ def test_no_dist_and_a_failing_rank(tmp_path: Path) -> None:
     for msg in msgs:
         assert "rank(s) 1" in msg and "disk full on this rank" in msg
     assert not (tmp_path / "shared" / "manifest.json").exists()
+
+
+class DirWriter(dcp.StorageWriter):
+    """A user's storage plugin writing one file per item into a shared directory."""
+
+    def __init__(self, root: str) -> None:
+        self.root = root
+
+    def reset(self, checkpoint_id: Any = None) -> None:
+        if checkpoint_id is not None:
+            self.root = str(checkpoint_id)
+
+    def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
+        self.rank = kwargs["rank"]  # DCP passes rank= to writers that take **kwargs
+        os.makedirs(self.root, exist_ok=True)
+
+    def prepare_local_plan(self, plan: Any) -> Any:
+        return plan
+
+    def prepare_global_plan(self, plans: list[Any]) -> list[Any]:
+        return plans
+
+    def write_data(self, plan: Any, planner: Any) -> Any:
+        from torch.futures import Future
+
+        from treeckpt.dcp.storage import WriteResult
+
+        results = []
+        for i, item in enumerate(plan.items):
+            data = planner.resolve_data(item)
+            name = f"r{self.rank}-{i}.pt"
+            torch.save(
+                data.getvalue() if hasattr(data, "getvalue") else data.clone(),
+                os.path.join(self.root, name),
+            )
+            results.append(WriteResult(index=item.index, size_in_bytes=0, storage_data=name))
+        fut: Future[Any] = Future()
+        fut.set_result(results)
+        return fut
+
+    def finish(self, metadata: Any, results: list[list[Any]]) -> None:
+        metadata.storage_data = {r.index: r.storage_data for rs in results for r in rs}
+        torch.save(metadata, os.path.join(self.root, "plugin-metadata.pt"))
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id: Any) -> bool:
+        return True
+
+
+class DirReader(dcp.StorageReader):
+    def __init__(self, root: str) -> None:
+        self.root = root
+
+    def reset(self, checkpoint_id: Any = None) -> None:
+        return None
+
+    def read_metadata(self) -> Any:
+        # The plugin's own choice of format; the test trusts its own files.
+        return torch.load(os.path.join(self.root, "plugin-metadata.pt"), weights_only=False)
+
+    def set_up_storage_reader(self, metadata: Any, is_coordinator: bool) -> None:
+        self.names = metadata.storage_data
+
+    def prepare_local_plan(self, plan: Any) -> Any:
+        return plan
+
+    def prepare_global_plan(self, plans: list[Any]) -> list[Any]:
+        return plans
+
+    def read_data(self, plan: Any, planner: Any) -> Any:
+        import io
+
+        from torch.futures import Future
+
+        from treeckpt.dcp.planner import LoadItemType
+
+        for item in plan.items:
+            stored = torch.load(
+                os.path.join(self.root, self.names[item.storage_index]), weights_only=True
+            )
+            if item.type == LoadItemType.BYTE_IO:
+                planner.load_bytes(item, io.BytesIO(stored))
+                continue
+            for d, (o, n) in enumerate(zip(item.storage_offsets, item.lengths, strict=True)):
+                stored = stored.narrow(d, o, n)
+            target = planner.resolve_tensor(item)
+            target.copy_(stored)
+            planner.commit_tensor(item, target)
+        fut: Future[None] = Future()
+        fut.set_result(None)
+        return fut
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id: Any) -> bool:
+        return True
+
+
+def _plugin_save(rank: int, world: int, path: str) -> bool:
+    g = _global(rows=11)
+    dcp.save(
+        {"w": _sharded(world, g["w"]), "b": g["b"].clone(), "step": 9},
+        storage_writer=DirWriter(path),
+    )
+    return True
+
+
+def _plugin_load(rank: int, world: int, path: str) -> bool:
+    g = _global(rows=11)
+    sd = {"w": _sharded(world, torch.zeros_like(g["w"]), dim=1), "b": torch.zeros(7), "step": 0}
+    dcp.load(sd, storage_reader=DirReader(path))
+    assert torch.equal(sd["w"].full_tensor(), g["w"])
+    assert torch.equal(sd["b"], g["b"]) and sd["step"] == 9
+    return True
+
+
+def test_storage_plugin_save_on_2_reshard_on_3(tmp_path: Path) -> None:
+    path = str(tmp_path / "plugin")
+    assert run_ranks(2, _plugin_save, tmp_path, path) == [True, True]
+    # The replicated "b" was written once, and the value once (by the coordinator).
+    files = sorted(os.listdir(path))
+    assert len(files) == 1 + 2 + 1 + 1, files  # metadata, 2 shards of w, b, step
+    assert run_ranks(3, _plugin_load, tmp_path, path) == [True] * 3
