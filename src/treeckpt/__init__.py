@@ -15,6 +15,7 @@ from treeckpt.api import (
     restore,
     save,
 )
+from treeckpt.asyncsave import AsyncSaver, SaveFuture, async_save
 from treeckpt.core.box import Box
 from treeckpt.core.options import LoadOptions, SaveOptions
 from treeckpt.core.plan import LoadPlan, ReadItem, SavePlan, WriteItem, plan_load, plan_save
@@ -40,6 +41,7 @@ from treeckpt.shell.save import SaveResult
 __version__ = "0.1.0"
 
 __all__ = [
+    "AsyncSaver",
     "Box",
     "CheckpointError",
     "CheckpointInfo",
@@ -57,6 +59,7 @@ __all__ = [
     "PlanError",
     "RankFailureError",
     "ReadItem",
+    "SaveFuture",
     "SaveOptions",
     "SavePlan",
     "SaveResult",
@@ -65,6 +68,7 @@ __all__ = [
     "UnsupportedLeafError",
     "WriteItem",
     "__version__",
+    "async_save",
     "is_stateful",
     "load",
     "metadata",

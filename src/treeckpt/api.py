@@ -20,6 +20,7 @@ from treeckpt.core.options import LoadOptions, SaveOptions
 from treeckpt.core.plan import LoadPlan, StoredTensor, plan_load
 from treeckpt.core.specs import ShardSpec
 from treeckpt.errors import CheckpointError, LeafNotFoundError, PlanError, UnsupportedLeafError
+from treeckpt.shell import inflight
 from treeckpt.shell.coord import Coordinator, LocalCoordinator
 from treeckpt.shell.dist import DistCoordinator, distributed_active
 from treeckpt.shell.load import load_tree, read_regions, read_stored, restore_tree
@@ -42,10 +43,15 @@ __all__ = [
 T = TypeVar("T")
 
 
-def _coordinator(process_group: Any, timeout_s: float) -> Coordinator:
-    """The ranks taking part: a process group when one is initialised, else this process."""
+def _coordinator(process_group: Any, timeout_s: float, *, private: bool = False) -> Coordinator:
+    """The ranks taking part: a process group when one is initialised, else this process.
+
+    Over a process group, saves still running in the background finish first,
+    so that two operations' collectives never interleave.
+    """
     if distributed_active(process_group):
-        return DistCoordinator(process_group, timeout_s=timeout_s)
+        inflight.wait_all()
+        return DistCoordinator(process_group, timeout_s=timeout_s, private=private)
     return LocalCoordinator()
 
 
@@ -116,17 +122,7 @@ def save(
     """
     options = options or SaveOptions()
     _check_user_metadata(user_metadata)
-    backend = _backend(path)
-    try:
-        new_dir = backend.size("") is None and not backend.listdir()
-        backend.makedirs("")
-        if new_dir and options.sync and backend.supports_fsync:
-            backend.sync_dir("..")  # make the new directory's own entry durable
-    except OSError as exc:
-        backend.close()
-        raise CheckpointError(
-            f"{backend.root}: cannot create the checkpoint directory ({exc})"
-        ) from exc
+    backend = _save_backend(path, options)
     try:
         return save_tree(
             tree,
@@ -138,6 +134,22 @@ def save(
         )
     finally:
         backend.close()
+
+
+def _save_backend(path: Any, options: SaveOptions) -> Backend:
+    """The backend of a save, with its directory created (and made durable when new)."""
+    backend = _backend(path)
+    try:
+        new_dir = backend.size("") is None and not backend.listdir()
+        backend.makedirs("")
+        if new_dir and options.sync and backend.supports_fsync:
+            backend.sync_dir("..")  # make the new directory's own entry durable
+    except OSError as exc:
+        backend.close()
+        raise CheckpointError(
+            f"{backend.root}: cannot create the checkpoint directory ({exc})"
+        ) from exc
+    return backend
 
 
 def _check_user_metadata(user_metadata: dict[str, Any] | None) -> None:

@@ -22,7 +22,7 @@ from treeckpt.shell.coord import Coordinator, describe_error
 
 __all__ = ["DistCoordinator", "distributed_active"]
 
-_GROUPS: dict[tuple[int, float], Any] = {}
+_GROUPS: dict[tuple[int, float, bool], Any] = {}
 _SEQ = itertools.count()
 
 
@@ -33,11 +33,11 @@ def distributed_active(process_group: Any = None) -> bool:
     return int(dist.get_world_size(process_group)) > 1
 
 
-def _cpu_group(process_group: Any, timeout_s: float) -> Any:
+def _cpu_group(process_group: Any, timeout_s: float, private: bool = False) -> Any:
     pg = process_group if process_group is not None else dist.group.WORLD
-    if pg is not dist.group.WORLD and dist.get_backend(pg) == "gloo":
+    if not private and pg is not dist.group.WORLD and dist.get_backend(pg) == "gloo":
         return pg  # a user's gloo subgroup: its own timeout applies
-    key = (id(pg), timeout_s)
+    key = (id(pg), timeout_s, private)
     group = _GROUPS.get(key)
     if group is None:
         # new_group is collective over the default group: every rank saves or
@@ -52,8 +52,13 @@ def _cpu_group(process_group: Any, timeout_s: float) -> Any:
 class DistCoordinator(Coordinator):
     """The ranks of a ``torch.distributed`` process group; group rank 0 coordinates."""
 
-    def __init__(self, process_group: Any = None, *, timeout_s: float = 600.0) -> None:
-        self.group = _cpu_group(process_group, timeout_s)
+    def __init__(
+        self, process_group: Any = None, *, timeout_s: float = 600.0, private: bool = False
+    ) -> None:
+        # ``private``: a group of treeckpt's own even when the user's is gloo,
+        # for collectives run from a background thread while training uses
+        # the user's group.
+        self.group = _cpu_group(process_group, timeout_s, private)
         self.rank = int(dist.get_rank(self.group))
         self.world_size = int(dist.get_world_size(self.group))
         self.timeout_s = timeout_s

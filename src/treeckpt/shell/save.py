@@ -19,6 +19,7 @@ import secrets
 from dataclasses import dataclass
 from typing import Any
 
+from treeckpt.core.box import Box
 from treeckpt.core.dtypes import dtype_info
 from treeckpt.core.items import WriteItem
 from treeckpt.core.leaves import TensorLeaf
@@ -37,7 +38,7 @@ from treeckpt.store.chunks import WriteJob, write_chunks
 from treeckpt.store.manifest import encode_index, encode_manifest
 from treeckpt.store.reader import read_manifest
 
-__all__ = ["SaveResult", "save_tree"]
+__all__ = ["PreparedSave", "SaveResult", "commit_save", "prepare_save", "save_tree"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -59,8 +60,40 @@ def save_tree(
     user_metadata: dict[str, Any] | None = None,
 ) -> SaveResult:
     """Save ``tree`` to ``backend`` from every rank of ``coord``."""
+    prepared = prepare_save(tree, backend, options=options, coord=coord, allow_pickle=allow_pickle)
+    return commit_save(prepared, backend, options=options, coord=coord, user_metadata=user_metadata)
+
+
+@dataclass(slots=True, kw_only=True)
+class PreparedSave:
+    """A planned save: this rank's write items and the data they come from.
+
+    ``local`` maps an FQN to (global box, local tensor) pairs; an asynchronous
+    save replaces the tensors with staged host copies before writing.
+    """
+
+    flat: FlatTree
+    items: tuple[WriteItem, ...]
+    local: dict[str, list[tuple[Box, Any]]]
+    save_id: str
+    plan: SavePlanTable | None
+    previous: str | None
+
+
+def prepare_save(
+    tree: Any,
+    backend: Backend,
+    *,
+    options: SaveOptions,
+    coord: Coordinator,
+    allow_pickle: bool = False,
+) -> PreparedSave:
+    """Flatten and describe on every rank, plan on the coordinator, scatter the plan.
+
+    On failure every rank raises and nothing is left behind.
+    """
     flat: FlatTree | None = None
-    local: dict[str, list[tuple[Any, Any]]] = {}
+    local: dict[str, list[tuple[Box, Any]]] = {}
     specs: list[ShardSpec] = []
     table: LocalTable | None = None
     err: BaseException | None = None
@@ -105,16 +138,44 @@ def save_tree(
     failed = isinstance(mine, BaseException) and coord.is_coordinator
     coord.agree("plan", mine if failed else None)
     my_rows, save_id = mine
-    my_items = my_rows.items_for(coord.rank)
+    return PreparedSave(
+        flat=flat,
+        items=my_rows.items_for(coord.rank),
+        local=local,
+        save_id=save_id,
+        plan=plan,
+        previous=previous,
+    )
 
+
+def commit_save(
+    prepared: PreparedSave,
+    backend: Backend,
+    *,
+    options: SaveOptions,
+    coord: Coordinator,
+    user_metadata: dict[str, Any] | None = None,
+    failed: BaseException | None = None,
+) -> SaveResult:
+    """Write every rank's items, then commit the manifest on the coordinator.
+
+    If anything fails on any rank, every rank raises, nothing is committed and
+    the save's own directory is removed; the previous checkpoint is untouched.
+    ``failed``: this rank already failed (e.g. while staging); it writes
+    nothing and reports the error when the ranks agree on the writes.
+    """
+    flat, save_id = prepared.flat, prepared.save_id
     committed = False
     try:
         ref: IndexRef | None = None
-        err = None
-        try:
-            ref = _write_rank(backend, my_items, save_id, coord.rank, local, options)
-        except Exception as exc:
-            err = exc
+        err: BaseException | None = failed
+        if err is None:
+            try:
+                ref = _write_rank(
+                    backend, prepared.items, save_id, coord.rank, prepared.local, options
+                )
+            except Exception as exc:
+                err = exc
         coord.agree("write", err)
         refs = coord.gather(ref, "write")
 
@@ -148,10 +209,11 @@ def save_tree(
             with contextlib.suppress(Exception):
                 backend.remove_tree(layout.data_dir(save_id))
     if coord.is_coordinator:
+        previous = prepared.previous
         if previous is not None and previous != save_id:
             with contextlib.suppress(Exception):
                 backend.remove_tree(layout.data_dir(previous))
-        return SaveResult(path=backend.root, save_id=save_id, plan=plan)
+        return SaveResult(path=backend.root, save_id=save_id, plan=prepared.plan)
     return SaveResult(path=backend.root, save_id=save_id, plan=None)
 
 
@@ -180,7 +242,7 @@ def _write_rank(
     items: tuple[WriteItem, ...],
     save_id: str,
     rank: int,
-    local: dict[str, list[tuple[Any, Any]]],
+    local: dict[str, list[tuple[Box, Any]]],
     options: SaveOptions,
 ) -> IndexRef | None:
     if not items:
