@@ -57,7 +57,7 @@ def test_blocking_stager_reuses_buffers_across_saves(tmp_path: Path) -> None:
     fut.result(timeout=60)
 
 
-def test_filesystem_writer_is_the_stager_when_none_is_given(tmp_ckpt: str) -> None:
+def test_repeated_async_saves_through_one_writer(tmp_ckpt: str) -> None:
     writer = dcp.FileSystemWriter(tmp_ckpt, cache_staged_state_dict=True)
     for step in range(2):
         fut = dcp.async_save({"w": torch.full((2,), float(step))}, storage_writer=writer)

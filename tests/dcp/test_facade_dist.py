@@ -174,6 +174,20 @@ def _async(rank: int, world: int, path: str) -> bool:
     back = _sharded(world, torch.zeros_like(g["w"]))
     dcp.load({"w": back, "step": 0}, checkpoint_id=path)
     assert torch.equal(back.full_tensor(), g["w"])
+    # Through the planner path (a planner option), then a load right away:
+    # the load waits for the save in flight instead of mixing collectives.
+    w2 = _sharded(world, g["w"] * 2)
+    other = os.path.join(path, "..", "planner-path")
+    fut2 = dcp.async_save(
+        {"w": w2},
+        checkpoint_id=other,
+        planner=dcp.DefaultSavePlanner(dedup_save_to_lowest_rank=True),
+    )
+    with torch.no_grad():
+        w2.to_local().zero_()
+    dcp.load({"w": back}, checkpoint_id=other)
+    assert fut2.done()
+    assert torch.equal(back.full_tensor(), g["w"] * 2)
     return True
 
 

@@ -34,6 +34,7 @@ from treeckpt.dcp.filesystem import (
     metadata_of,
 )
 from treeckpt.errors import CheckpointError, LoadMismatchError
+from treeckpt.shell import inflight
 from treeckpt.shell.coord import Coordinator, LocalCoordinator
 from treeckpt.shell.dist import DistCoordinator, distributed_active
 from treeckpt.shell.load import load_tree, read_stored
@@ -45,10 +46,19 @@ __all__ = ["coordinator", "run_load", "run_save", "storage_reader_for", "storage
 T = TypeVar("T")
 
 
-def coordinator(process_group: Any, no_dist: bool, timeout_s: float = 600.0) -> Coordinator:
-    """The ranks taking part: none with ``no_dist``, else the process group when initialised."""
+def coordinator(
+    process_group: Any, no_dist: bool, timeout_s: float = 600.0, *, private: bool = False
+) -> Coordinator:
+    """The ranks taking part: none with ``no_dist``, else the process group when initialised.
+
+    Over a process group, saves still running in the background finish first
+    (their collectives must not interleave with this call's); ``private``
+    gives a group of treeckpt's own, for collectives run from a background
+    thread while training uses the caller's group.
+    """
     if not no_dist and distributed_active(process_group):
-        return DistCoordinator(process_group, timeout_s=timeout_s)
+        inflight.wait_all()
+        return DistCoordinator(process_group, timeout_s=timeout_s, private=private)
     return LocalCoordinator()
 
 
@@ -113,7 +123,7 @@ def storage_reader_for(
     return storage_reader
 
 
-def _fast_save(planner: SavePlanner, writer: StorageWriter) -> bool:
+def fast_save(planner: SavePlanner, writer: StorageWriter) -> bool:
     """treeckpt's own save decides everything: no planner option asks otherwise.
 
     ``dedup_save_to_lowest_rank`` and ``enable_plan_caching`` are planner
@@ -160,7 +170,7 @@ def _save(
     coord: Coordinator,
     use_collectives: bool,
 ) -> Metadata:
-    if _fast_save(planner, writer):
+    if fast_save(planner, writer):
         assert isinstance(writer, FileSystemWriter)
         writer.set_up_storage_writer(coord.is_coordinator)
         writer.save_tree(state_dict, coord, {})
