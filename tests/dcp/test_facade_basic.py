@@ -3,6 +3,7 @@ default planners' options, FileSystemWriter/Reader parameters, errors."""
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -91,13 +92,25 @@ def test_missing_key_is_an_error_unless_partial_load(tmp_ckpt: str) -> None:
     assert torch.equal(target["b"], torch.zeros(3))
 
 
-def test_subset_load_ignores_keys_the_state_dict_lacks(tmp_ckpt: str) -> None:
+def test_subset_load_reports_keys_the_state_dict_lacks(
+    tmp_ckpt: str, caplog: pytest.LogCaptureFixture
+) -> None:
     dcp.save(
         {"model": {"w": torch.arange(4.0)}, "optim": {"m": torch.ones(4)}}, checkpoint_id=tmp_ckpt
     )
     only_model = {"model": {"w": torch.zeros(4)}}
-    dcp.load(only_model, checkpoint_id=tmp_ckpt)
+    with caplog.at_level(logging.INFO, logger="treeckpt.dcp"):
+        dcp.load(only_model, checkpoint_id=tmp_ckpt)
     assert torch.equal(only_model["model"]["w"], torch.arange(4.0))
+    assert "optim.m" in caplog.text and "not loaded" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="treeckpt.dcp"):
+        dcp.load(only_model, checkpoint_id=tmp_ckpt, planner=SubsetPlanner())
+    assert "optim.m" in caplog.text
+
+
+class SubsetPlanner(dcp.DefaultLoadPlanner):
+    """A planner subclass: the load takes DCP's planner path."""
 
 
 def test_dtype_and_shape_mismatches_are_errors_naming_the_key(tmp_ckpt: str) -> None:

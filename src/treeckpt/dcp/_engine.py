@@ -12,6 +12,7 @@ phase ending in an agreement: if any rank fails, every rank raises.
 from __future__ import annotations
 
 import inspect
+import logging
 import os
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
@@ -44,6 +45,8 @@ from treeckpt.store.reader import read_manifest
 __all__ = ["coordinator", "run_load", "run_save", "storage_reader_for", "storage_writer_for"]
 
 T = TypeVar("T")
+
+log = logging.getLogger("treeckpt.dcp")
 
 
 def coordinator(
@@ -280,13 +283,26 @@ def _load_tree(
     allow_partial_load: bool,
 ) -> None:
     manifest = storage.manifest
-    if not allow_partial_load:
-        template = flatten_tree(state_dict, allow_pickle=True)
-        missing = [f for f in template.records if f not in manifest.records]
-        # A fresh optimizer's template lacks state the checkpoint has; that is
-        # not "missing". Everything the template names must be there.
-        if missing:
-            raise LoadMismatchError(missing=missing)
+    template = flatten_tree(state_dict, allow_pickle=True)
+    missing = [f for f in template.records if f not in manifest.records]
+    if missing and not allow_partial_load:
+        raise LoadMismatchError(missing=missing)
+    # Inside a Stateful other than a module (an optimizer), the checkpoint's
+    # entries are loaded even where the template has none yet (fresh state).
+    open_prefixes = [s.fqn for s in template.statefuls if not isinstance(s.obj, torch.nn.Module)]
+    unexpected = [
+        f
+        for f in manifest.records
+        if f not in template.records
+        and not any(p == "" or f == p or f.startswith(p + ".") for p in open_prefixes)
+    ]
+    if unexpected:
+        log.info(
+            "%s: %d key(s) of the checkpoint not loaded (not in the state dict): %s",
+            reader.path,
+            len(unexpected),
+            unexpected[:20],
+        )
     backend = open_backend(reader.path)
     try:
         loaded = load_tree(
