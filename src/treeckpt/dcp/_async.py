@@ -32,9 +32,10 @@ from torch.distributed.checkpoint.storage import StorageWriter
 
 from treeckpt.asyncsave import async_save as treeckpt_async_save
 from treeckpt.dcp._engine import coordinator, fast_save, run_save, storage_writer_for
+from treeckpt.dcp._view import metadata_of
 from treeckpt.dcp.api import CheckpointException, wrap_failure
 from treeckpt.dcp.default_planner import DefaultSavePlanner
-from treeckpt.dcp.filesystem import FileSystemWriter, metadata_of
+from treeckpt.dcp.filesystem import FileSystemWriter
 from treeckpt.dcp.staging import AsyncStager, DefaultStager, StagingOptions
 from treeckpt.shell import inflight
 from treeckpt.shell.coord import LocalCoordinator

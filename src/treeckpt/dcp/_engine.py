@@ -24,16 +24,10 @@ from torch.distributed.checkpoint.stateful import Stateful
 from torch.distributed.checkpoint.storage import StorageReader, StorageWriter
 
 from treeckpt.core.tree import flatten_tree
+from treeckpt.dcp._view import RAW_BYTES_KEY, TreeckptStorage, is_torch_format, metadata_of
 from treeckpt.dcp.api import CheckpointException, wrap_failure
 from treeckpt.dcp.default_planner import DefaultLoadPlanner, DefaultSavePlanner
-from treeckpt.dcp.filesystem import (
-    RAW_BYTES_KEY,
-    FileSystemReader,
-    FileSystemWriter,
-    TreeckptStorage,
-    is_torch_format,
-    metadata_of,
-)
+from treeckpt.dcp.filesystem import FileSystemReader, FileSystemWriter
 from treeckpt.errors import CheckpointError, LoadMismatchError
 from treeckpt.shell import inflight
 from treeckpt.shell.coord import Coordinator, LocalCoordinator

@@ -17,16 +17,13 @@ import contextlib
 import io
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch.distributed.checkpoint.filesystem import FileSystem, FileSystemBase, SerializationFormat
 from torch.distributed.checkpoint.metadata import (
-    BytesStorageMetadata,
     Metadata,
     StorageMeta,
-    TensorProperties,
     TensorStorageMetadata,
 )
 from torch.distributed.checkpoint.planner import (
@@ -43,16 +40,20 @@ from torch.futures import Future
 from treeckpt.core.box import Box
 from treeckpt.core.dtypes import torch_dtype
 from treeckpt.core.leaves import TensorLeaf
-from treeckpt.core.manifest import Manifest
 from treeckpt.core.options import LoadOptions, SaveOptions
-from treeckpt.core.plan import StoredTensor
-from treeckpt.core.tree import _decode_key as decode_key
-from treeckpt.core.tree import build_tree
 from treeckpt.dcp._flat import encode_bytes
+from treeckpt.dcp._shards import ShardSet
+from treeckpt.dcp._view import (
+    RAW_BYTES_KEY,
+    TreeckptStorage,
+    is_torch_format,
+    metadata_of,
+    value_item,
+)
 from treeckpt.dcp.staging import BlockingAsyncStager
-from treeckpt.errors import CheckpointError, LoadMismatchError, UnsupportedLeafError
+from treeckpt.errors import CheckpointError, LoadMismatchError
 from treeckpt.shell.coord import Coordinator
-from treeckpt.shell.load import read_regions, read_stored, value_of
+from treeckpt.shell.load import read_regions, read_stored
 from treeckpt.shell.save import SaveResult, save_tree
 from treeckpt.store import layout
 from treeckpt.store.backends import Backend, open_backend
@@ -66,10 +67,6 @@ __all__ = [
     "SerializationFormat",
 ]
 
-# user_metadata key under which a checkpoint written through a planner lists
-# the items whose stored value is the planner's own bytes.
-RAW_BYTES_KEY = "treeckpt.dcp.raw_bytes"
-
 
 def _done(value: Any) -> Future[Any]:
     fut: Future[Any] = Future()
@@ -79,40 +76,6 @@ def _done(value: Any) -> Future[Any]:
 
 def _path_str(path: str | os.PathLike[str]) -> str:
     return os.fspath(path)
-
-
-class _ShardSet(torch.Tensor):
-    """A stand-in tensor of a global shape whose data is explicit local shards.
-
-    treeckpt's save describes it by ``__treeckpt_local_shards__``; any torch
-    operation on it is an error (it has no storage of its own).
-    """
-
-    _shards: list[tuple[tuple[int, ...], tuple[int, ...], torch.Tensor]]
-
-    @staticmethod
-    def __new__(
-        cls,
-        shape: Sequence[int],
-        dtype: torch.dtype,
-        shards: list[tuple[tuple[int, ...], tuple[int, ...], torch.Tensor]],
-    ) -> _ShardSet:
-        t = torch.Tensor._make_wrapper_subclass(cls, tuple(shape), dtype=dtype)
-        t._shards = shards
-        return t
-
-    @classmethod
-    def __torch_dispatch__(  # type: ignore[override]
-        cls, func: Any, types: Any, args: Any = (), kwargs: Any = None
-    ) -> Any:
-        raise TypeError(f"{func} called on a placeholder for explicit shards")
-
-    __torch_function__ = torch._C._disabled_torch_function_impl  # type: ignore[assignment]
-
-    def __treeckpt_local_shards__(
-        self,
-    ) -> list[tuple[tuple[int, ...], tuple[int, ...], torch.Tensor]]:
-        return self._shards
 
 
 class FileSystemWriter(StorageWriter, BlockingAsyncStager):
@@ -267,7 +230,7 @@ class FileSystemWriter(StorageWriter, BlockingAsyncStager):
         tree: dict[str, Any] = {}
         for fqn, md in metadata.state_dict_metadata.items():
             if isinstance(md, TensorStorageMetadata):
-                tree[fqn] = _ShardSet(tuple(md.size), md.properties.dtype, shards.get(fqn, []))
+                tree[fqn] = ShardSet(tuple(md.size), md.properties.dtype, shards.get(fqn, []))
         raw_fqns: list[str] = []
         if all_values is not None:
             for vs in all_values:
@@ -276,114 +239,6 @@ class FileSystemWriter(StorageWriter, BlockingAsyncStager):
                     raw_fqns.append(fqn)
         self.save_tree(tree, coord, {RAW_BYTES_KEY: sorted(raw_fqns)})
         return results
-
-
-@dataclass(frozen=True)
-class TreeckptStorage:
-    """What a reader keeps of a treeckpt checkpoint (in ``Metadata.storage_data``).
-
-    ``values`` maps each non-tensor item of DCP's view to its node of the
-    manifest's tree structure (one leaf, or a list or tuple of plain values).
-    """
-
-    manifest: Manifest
-    stored: dict[str, StoredTensor]
-    values: dict[str, Any]
-
-
-_DICTS = ("dict", "odict", "ddict")
-
-
-def _dcp_view(manifest: Manifest) -> tuple[list[str], dict[str, Any]]:
-    """Tensor FQNs and value items as DCP's flattening sees the saved tree.
-
-    Dicts are walked; lists are walked only when they hold tensors or dicts;
-    any other container (a list of numbers, a tuple) is one value item.
-    """
-    tensors: list[str] = []
-    values: dict[str, Any] = {}
-
-    def is_tensor(node: Any) -> bool:
-        return "leaf" in node and isinstance(manifest.records.get(node["leaf"]), TensorLeaf)
-
-    def keep_walking(node: Any) -> bool:
-        if node.get("type") in _DICTS:
-            return True
-        if node.get("type") == "list":
-            return any(
-                is_tensor(c) or ("leaf" not in c and keep_walking(c)) for c in node["children"]
-            )
-        return False
-
-    def walk(node: Any, path: tuple[Any, ...]) -> None:
-        fqn = ".".join(str(p) for p in path)
-        if "leaf" in node:
-            if is_tensor(node) and manifest.records[node["leaf"]].lib == "torch":  # type: ignore[union-attr]
-                tensors.append(node["leaf"])
-            else:
-                values[fqn] = node
-        elif node.get("type") in _DICTS:
-            keys = [decode_key(k) for k in node.get("keys", [])]
-            for k, child in zip(keys, node["children"], strict=True):
-                walk(child, (*path, k))
-        elif node.get("type") == "list" and keep_walking(node):
-            for i, child in enumerate(node["children"]):
-                walk(child, (*path, i))
-        else:
-            values[fqn] = node
-
-    walk(manifest.structure, ())
-    return tensors, values
-
-
-def metadata_of(manifest: Manifest, stored: dict[str, StoredTensor]) -> Metadata:
-    """DCP's view of a treeckpt checkpoint: torch tensors by FQN, everything else bytes."""
-    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
-
-    tensors, values = _dcp_view(manifest)
-    md: dict[str, Any] = {}
-    for fqn in tensors:
-        rec = manifest.records[fqn]
-        assert isinstance(rec, TensorLeaf)
-        chunks = [
-            ChunkStorageMetadata(offsets=torch.Size(c.box.offsets), sizes=torch.Size(c.box.sizes))
-            for c in (stored[fqn].chunks if fqn in stored else ())
-        ]
-        md[fqn] = TensorStorageMetadata(
-            properties=TensorProperties(dtype=torch_dtype(rec.dtype)),
-            size=torch.Size(rec.shape),
-            chunks=chunks,
-        )
-    for fqn in values:
-        md[fqn] = BytesStorageMetadata()
-    return Metadata(
-        state_dict_metadata=md,
-        storage_data=TreeckptStorage(manifest=manifest, stored=stored, values=values),
-    )
-
-
-def _value_item(storage: TreeckptStorage, fqn: str) -> Any:
-    """The Python value of a non-tensor item of DCP's view (no pickle is ever loaded)."""
-    records = storage.manifest.records
-    node = storage.values.get(fqn)
-    if node is None:
-        raise LoadMismatchError(missing=[fqn])
-
-    def leaf(name: str) -> Any:
-        rec = records[name]
-        if isinstance(rec, TensorLeaf):
-            raise UnsupportedLeafError(
-                f"{fqn!r}: holds arrays or tensors inside a tuple or list of values; read it "
-                "with treeckpt.load"
-            )
-        return value_of(name, rec, allow_pickle=False)
-
-    return build_tree(node, leaf)
-
-
-def is_torch_format(backend: Backend) -> bool:
-    """True for a directory torch's DCP wrote: a ``.metadata`` and no ``manifest.json``."""
-    return backend.size(layout.MANIFEST) is None and backend.size(".metadata") is not None
 
 
 def torch_format_reader(path: str) -> StorageReader:
@@ -484,7 +339,7 @@ class FileSystemReader(StorageReader):
         for item in plan.items:
             fqn = item.storage_index.fqn
             if item.type == LoadItemType.BYTE_IO:
-                value = _value_item(self.storage, fqn)
+                value = value_item(self.storage, fqn)
                 if fqn in raw_fqns and isinstance(value, bytes):
                     buf = io.BytesIO(value)
                 else:
