@@ -347,3 +347,22 @@ def test_storage_plugin_save_on_2_reshard_on_3(tmp_path: Path) -> None:
     files = sorted(os.listdir(path))
     assert len(files) == 1 + 2 + 1 + 1, files  # metadata, 2 shards of w, b, step
     assert run_ranks(3, _plugin_load, tmp_path, path) == [True] * 3
+
+
+def _subgroup(rank: int, world: int, path: str) -> int:
+    import treeckpt
+
+    group = dist.new_group([0, 1])
+    g = _global()
+    if rank < 2:
+        dcp.save({"w": g["w"], "step": 1}, checkpoint_id=path, process_group=group)
+    dist.barrier()
+    out = {"w": torch.zeros_like(g["w"]), "step": 0}
+    dcp.load(out, checkpoint_id=path, no_dist=True)
+    assert torch.equal(out["w"], g["w"]) and out["step"] == 1
+    return treeckpt.metadata(path).world_size
+
+
+def test_process_group_picks_the_saving_ranks(tmp_path: Path) -> None:
+    # Ranks 0 and 1 save over their own group while rank 2 does not take part.
+    assert run_ranks(3, _subgroup, tmp_path, str(tmp_path / "ckpt")) == [2, 2, 2]
