@@ -297,3 +297,26 @@ def test_use_collectives_false_is_an_independent_save(tmp_ckpt: str) -> None:
     out = {"w": torch.zeros(3, dtype=torch.int64)}
     dcp.load(out, checkpoint_id=tmp_ckpt)
     assert torch.equal(out["w"], torch.arange(3))
+
+
+def test_a_flipped_bit_is_an_error_not_a_wrong_value(tmp_ckpt: str) -> None:
+    torch.manual_seed(0)
+    dcp.save({"w": torch.randn(256)}, checkpoint_id=tmp_ckpt)
+    (data,) = [
+        os.path.join(d, f) for d, _, files in os.walk(tmp_ckpt) for f in files if f.endswith(".bin")
+    ]
+    with open(data, "r+b") as fh:
+        fh.seek(100)
+        byte = fh.read(1)
+        fh.seek(100)
+        fh.write(bytes([byte[0] ^ 0x01]))
+    out = {"w": torch.zeros(256)}
+    with pytest.raises(dcp.CheckpointException, match="w") as info:
+        dcp.load(out, checkpoint_id=tmp_ckpt)
+    assert isinstance(info.value.__cause__, treeckpt.CorruptChunkError)
+    # The planner path reads into its own buffers first: the destination is untouched.
+    fresh = {"w": torch.zeros(256)}
+    with pytest.raises(dcp.CheckpointException) as info:
+        dcp.load(fresh, checkpoint_id=tmp_ckpt, planner=SubsetPlanner())
+    assert isinstance(info.value.__cause__, treeckpt.CorruptChunkError)
+    assert torch.equal(fresh["w"], torch.zeros(256))
