@@ -5,6 +5,7 @@ or load a subset."""
 from __future__ import annotations
 
 import io
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -262,3 +263,35 @@ def test_read_items_name_chunks_of_the_stored_metadata(tmp_ckpt: str) -> None:
     assert sum(i.lengths.numel() for i in plan.items) == 12
     assert {i.storage_index.fqn for i in plan.items} == {"w"}
     assert all(isinstance(i.dest_index, MetadataIndex) for i in plan.items)
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
+def test_torch_written_directory_is_handed_to_the_torch_format_reader(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The hook: FileSystemReader delegates to ``_torch_format.open_reader(path)``.
+
+    A stand-in module returns torch's own reader here; the real one reads
+    without pickle.
+    """
+    import sys
+    import types
+
+    import torch.distributed.checkpoint as torch_dcp
+
+    path = str(tmp_path / "torch-written")
+    torch_dcp.save({"w": torch.arange(6.0).reshape(2, 3), "n": 4}, checkpoint_id=path, no_dist=True)
+    opened: list[str] = []
+
+    def open_reader(p: str) -> dcp.StorageReader:
+        opened.append(p)
+        return torch_dcp.FileSystemReader(p)
+
+    stub = types.ModuleType("treeckpt.dcp._torch_format")
+    stub.open_reader = open_reader  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "treeckpt.dcp._torch_format", stub)
+    monkeypatch.setattr(sys.modules["treeckpt.dcp"], "_torch_format", stub, raising=False)
+    out = {"w": torch.zeros(2, 3), "n": 0}
+    dcp.load(out, checkpoint_id=path)
+    assert opened and opened[0] == path
+    assert torch.equal(out["w"], torch.arange(6.0).reshape(2, 3)) and out["n"] == 4

@@ -14,6 +14,7 @@ re-exported for code that names them.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import io
 import os
 from collections.abc import Sequence
@@ -242,16 +243,24 @@ class FileSystemWriter(StorageWriter, BlockingAsyncStager):
 
 
 def torch_format_reader(path: str) -> StorageReader:
-    """The reader of a checkpoint written by torch's DCP (``treeckpt.dcp._torch_format``)."""
+    """The reader of a checkpoint written by torch's DCP.
+
+    The hook: ``treeckpt.dcp._torch_format.open_reader(path)`` returns a
+    ``StorageReader`` for such a directory (reading it without pickle).
+    """
+    missing = CheckpointError(
+        f"{path}: this is a checkpoint written by torch.distributed.checkpoint "
+        "(.metadata, no manifest.json); reading it needs treeckpt.dcp._torch_format, "
+        "which this installation lacks"
+    )
     try:
-        from treeckpt.dcp import _torch_format  # type: ignore[attr-defined]
+        module = importlib.import_module("treeckpt.dcp._torch_format")
     except ImportError:
-        raise CheckpointError(
-            f"{path}: this is a checkpoint written by torch.distributed.checkpoint "
-            "(.metadata, no manifest.json); reading it needs treeckpt.dcp._torch_format, "
-            "which this installation lacks"
-        ) from None
-    reader: StorageReader = _torch_format.open_reader(path)
+        raise missing from None
+    open_reader = getattr(module, "open_reader", None)
+    if open_reader is None:
+        raise missing
+    reader: StorageReader = open_reader(path)
     return reader
 
 
