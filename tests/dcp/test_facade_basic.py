@@ -219,6 +219,7 @@ def test_metadata_lists_every_chunk(tmp_ckpt: str) -> None:
     assert isinstance(md.state_dict_metadata["n"], dcp.BytesStorageMetadata)
     again = dcp.FileSystemReader(tmp_ckpt).read_metadata()
     assert again.state_dict_metadata.keys() == md.state_dict_metadata.keys()
+    assert again.state_dict_metadata["w"].chunks == tmd.chunks
 
 
 def _plan(items_by_rank: list[list[tuple[str, int]]]) -> list[SavePlan]:

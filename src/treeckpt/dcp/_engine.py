@@ -24,7 +24,13 @@ from torch.distributed.checkpoint.stateful import Stateful
 from torch.distributed.checkpoint.storage import StorageReader, StorageWriter
 
 from treeckpt.core.tree import flatten_tree
-from treeckpt.dcp._view import RAW_BYTES_KEY, TreeckptStorage, is_torch_format, metadata_of
+from treeckpt.dcp._view import (
+    RAW_BYTES_KEY,
+    TreeckptStorage,
+    is_torch_format,
+    metadata_from_plan,
+    metadata_of,
+)
 from treeckpt.dcp.api import CheckpointException, wrap_failure
 from treeckpt.dcp.default_planner import DefaultLoadPlanner, DefaultSavePlanner
 from treeckpt.dcp.filesystem import FileSystemReader, FileSystemWriter
@@ -136,16 +142,18 @@ def fast_save(planner: SavePlanner, writer: StorageWriter) -> bool:
     )
 
 
-def _read_metadata_treeckpt(writer_path: str, coord: Coordinator) -> Metadata:
-    def read() -> Metadata:
-        backend = open_backend(writer_path)
+def _saved_metadata(writer: FileSystemWriter, coord: Coordinator) -> Metadata:
+    """The committed save's Metadata on every rank, from rank 0's plan and manifest."""
+
+    def build() -> Metadata:
+        assert writer.result is not None and writer.result.plan is not None
+        backend = open_backend(writer.path)
         try:
-            manifest = read_manifest(backend)
-            return metadata_of(manifest, read_stored(backend, manifest))
+            return metadata_from_plan(read_manifest(backend), writer.result.plan)
         finally:
             backend.close()
 
-    md: Metadata = _on_coordinator(coord, "metadata", read)
+    md: Metadata = _on_coordinator(coord, "metadata", build)
     return md
 
 
@@ -171,7 +179,7 @@ def _save(
         assert isinstance(writer, FileSystemWriter)
         writer.set_up_storage_writer(coord.is_coordinator)
         writer.save_tree(state_dict, coord, {})
-        return _read_metadata_treeckpt(writer.path, coord)
+        return _saved_metadata(writer, coord)
     state_dict = {
         k: v.state_dict() if isinstance(v, Stateful) else v for k, v in state_dict.items()
     }

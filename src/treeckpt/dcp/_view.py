@@ -20,10 +20,12 @@ from torch.distributed.checkpoint.metadata import (
     TensorStorageMetadata,
 )
 
+from treeckpt.core.box import Box
 from treeckpt.core.dtypes import torch_dtype
 from treeckpt.core.leaves import TensorLeaf
 from treeckpt.core.manifest import Manifest
 from treeckpt.core.plan import StoredTensor
+from treeckpt.core.plan_table import SavePlanTable
 from treeckpt.core.tree import _decode_key as decode_key
 from treeckpt.core.tree import build_tree
 from treeckpt.errors import LoadMismatchError, UnsupportedLeafError
@@ -35,6 +37,7 @@ __all__ = [
     "RAW_BYTES_KEY",
     "TreeckptStorage",
     "is_torch_format",
+    "metadata_from_plan",
     "metadata_of",
     "value_item",
 ]
@@ -104,14 +107,35 @@ def _dcp_view(manifest: Manifest) -> tuple[list[str], dict[str, Any]]:
 
 def metadata_of(manifest: Manifest, stored: dict[str, StoredTensor]) -> Metadata:
     """DCP's view of a treeckpt checkpoint: torch tensors by FQN, everything else bytes."""
+    boxes = {fqn: [c.box for c in st.chunks] for fqn, st in stored.items()}
+    md, values = _state_dict_metadata(manifest, boxes)
+    return Metadata(
+        state_dict_metadata=md,
+        storage_data=TreeckptStorage(manifest=manifest, stored=stored, values=values),
+    )
+
+
+def metadata_from_plan(manifest: Manifest, plan: SavePlanTable) -> Metadata:
+    """The view of a save just committed, from its plan: no chunk index is read."""
+    boxes: dict[str, list[Box]] = {}
+    for rank in range(plan.world):
+        for item in plan.items_for(rank):
+            boxes.setdefault(item.fqn, []).append(item.chunk)
+    md, _ = _state_dict_metadata(manifest, boxes)
+    return Metadata(state_dict_metadata=md)
+
+
+def _state_dict_metadata(
+    manifest: Manifest, boxes: dict[str, list[Box]]
+) -> tuple[dict[str, Any], dict[str, Any]]:
     tensors, values = _dcp_view(manifest)
     md: dict[str, Any] = {}
     for fqn in tensors:
         rec = manifest.records[fqn]
         assert isinstance(rec, TensorLeaf)
         chunks = [
-            ChunkStorageMetadata(offsets=torch.Size(c.box.offsets), sizes=torch.Size(c.box.sizes))
-            for c in (stored[fqn].chunks if fqn in stored else ())
+            ChunkStorageMetadata(offsets=torch.Size(b.offsets), sizes=torch.Size(b.sizes))
+            for b in boxes.get(fqn, ())
         ]
         md[fqn] = TensorStorageMetadata(
             properties=TensorProperties(dtype=torch_dtype(rec.dtype)),
@@ -120,10 +144,7 @@ def metadata_of(manifest: Manifest, stored: dict[str, StoredTensor]) -> Metadata
         )
     for fqn in values:
         md[fqn] = BytesStorageMetadata()
-    return Metadata(
-        state_dict_metadata=md,
-        storage_data=TreeckptStorage(manifest=manifest, stored=stored, values=values),
-    )
+    return md, values
 
 
 def value_item(storage: TreeckptStorage, fqn: str) -> Any:
