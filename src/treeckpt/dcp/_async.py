@@ -32,7 +32,7 @@ from torch.distributed.checkpoint.storage import StorageWriter
 
 from treeckpt.asyncsave import async_save as treeckpt_async_save
 from treeckpt.dcp._engine import coordinator, fast_save, run_save, storage_writer_for
-from treeckpt.dcp._view import metadata_of
+from treeckpt.dcp._view import metadata_from_plan, metadata_of
 from treeckpt.dcp.api import CheckpointException, wrap_failure
 from treeckpt.dcp.default_planner import DefaultSavePlanner
 from treeckpt.dcp.filesystem import FileSystemWriter
@@ -40,6 +40,7 @@ from treeckpt.dcp.staging import AsyncStager, DefaultStager, StagingOptions
 from treeckpt.shell import inflight
 from treeckpt.shell.coord import LocalCoordinator
 from treeckpt.shell.load import read_stored
+from treeckpt.shell.save import SaveResult
 from treeckpt.store.backends import open_backend
 from treeckpt.store.reader import read_manifest
 
@@ -60,10 +61,13 @@ def _save_in_process(
     return run_save(state_dict, writer, planner, LocalCoordinator())
 
 
-def _read_metadata(path: str) -> Metadata:
-    backend = open_backend(path)
+def _read_metadata(result: SaveResult) -> Metadata:
+    """The Metadata of a committed save: from the plan on rank 0, read back elsewhere."""
+    backend = open_backend(result.path)
     try:
         manifest = read_manifest(backend)
+        if result.plan is not None:
+            return metadata_from_plan(manifest, result.plan)
         return metadata_of(manifest, read_stored(backend, manifest))
     finally:
         backend.close()
@@ -81,7 +85,7 @@ def _via_treeckpt(
     def done(f: Future[Any]) -> None:
         try:
             result = f.result()
-            out.set_result(_read_metadata(result.path))
+            out.set_result(_read_metadata(result))
         except CheckpointException as exc:
             out.set_exception(exc)
         except Exception as exc:
