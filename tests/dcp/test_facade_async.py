@@ -76,6 +76,16 @@ def test_process_checkpointer(tmp_ckpt: str) -> None:
     assert isinstance(fut.result(timeout=120), dcp.Metadata)
     assert treeckpt.restore(tmp_ckpt)["note"] == "hi"
     assert torch.equal(_load(tmp_ckpt, {"w": torch.zeros(5)})["w"], torch.arange(5.0))
+    # An error in the checkpoint process reaches the caller's future.
+    failing = dcp.async_save(
+        {"w": torch.zeros(5)},
+        storage_writer=dcp.FileSystemWriter(tmp_ckpt, overwrite=False),
+        async_checkpointer_type=AsyncCheckpointerType.PROCESS,
+    )
+    assert isinstance(failing, Future)
+    with pytest.raises(dcp.CheckpointException, match="overwrite=False") as info:
+        failing.result(timeout=120)
+    assert 0 in info.value.failures
 
 
 def test_a_failed_async_save_raises_from_result(tmp_ckpt: str) -> None:

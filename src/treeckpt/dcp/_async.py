@@ -20,6 +20,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import threading
+import traceback
 from concurrent.futures import Future, ProcessPoolExecutor
 from typing import Any
 
@@ -37,6 +38,7 @@ from treeckpt.dcp.api import CheckpointException, wrap_failure
 from treeckpt.dcp.default_planner import DefaultSavePlanner
 from treeckpt.dcp.filesystem import FileSystemWriter
 from treeckpt.dcp.staging import AsyncStager, DefaultStager, StagingOptions
+from treeckpt.errors import CheckpointError
 from treeckpt.shell import inflight
 from treeckpt.shell.coord import LocalCoordinator
 from treeckpt.shell.load import read_stored
@@ -58,7 +60,15 @@ def _same(a: object, b: object) -> bool:
 def _save_in_process(
     state_dict: dict[str, Any], writer: StorageWriter, planner: SavePlanner | None
 ) -> Metadata:
-    return run_save(state_dict, writer, planner, LocalCoordinator())
+    """The save, in the checkpoint process; its error crosses back as plain messages."""
+    try:
+        return run_save(state_dict, writer, planner, LocalCoordinator())
+    except CheckpointException as exc:
+        failures = {
+            rank: (CheckpointError(f"{type(e).__name__}: {e}"), traceback.StackSummary())
+            for rank, (e, _) in exc.failures.items()
+        }
+        raise CheckpointException(str(exc), failures) from None
 
 
 def _read_metadata(result: SaveResult) -> Metadata:
