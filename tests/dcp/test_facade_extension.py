@@ -295,3 +295,30 @@ def test_torch_written_directory_is_handed_to_the_torch_format_reader(
     dcp.load(out, checkpoint_id=path)
     assert opened and opened[0] == path
     assert torch.equal(out["w"], torch.arange(6.0).reshape(2, 3)) and out["n"] == 4
+
+
+class _PlannerPath(dcp.DefaultSavePlanner):
+    """A planner subclass: the save takes DCP's planner path."""
+
+
+@pytest.mark.parametrize("save_path", ["treeckpt", "planner"])
+@pytest.mark.parametrize("load_path", ["treeckpt", "planner"])
+def test_scalars_empty_tensors_and_dtypes_through_both_paths(
+    tmp_ckpt: str, save_path: str, load_path: str
+) -> None:
+    torch.manual_seed(0)
+    state = {
+        "scalar": torch.tensor(2.5),
+        "empty": torch.zeros(0, 3),
+        "int16": torch.arange(4, dtype=torch.int16),
+        "bool": torch.tensor([True, False]),
+        "bf16": torch.randn(3).bfloat16(),
+    }
+    dcp.save(
+        state, checkpoint_id=tmp_ckpt, planner=_PlannerPath() if save_path == "planner" else None
+    )
+    out = {k: torch.ones_like(v) for k, v in state.items()}
+    planner = SubsetLoadPlanner("") if load_path == "planner" else None
+    dcp.load(out, checkpoint_id=tmp_ckpt, planner=planner)
+    for k, v in state.items():
+        assert out[k].dtype == v.dtype and torch.equal(out[k], v), k
