@@ -130,8 +130,8 @@ def test_memory_storage_plugin_round_trip_with_dcps_call_sequence() -> None:
     state = _state()
     md = dcp.save(state, storage_writer=writer)
     assert writer.calls == [
-        "set_up_storage_writer",
         "storage_meta",
+        "set_up_storage_writer",
         "prepare_local_plan",
         "prepare_global_plan",
         "write_data",

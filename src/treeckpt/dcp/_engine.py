@@ -184,18 +184,18 @@ def _save(
         k: v.state_dict() if isinstance(v, Stateful) else v for k, v in state_dict.items()
     }
 
-    def local() -> Any:
+    def local() -> Any:  # DCP's order: storage_meta, set_up_planner, set_up_storage_writer
+        planner.set_up_planner(
+            state_dict=state_dict,
+            storage_meta=writer.storage_meta(),
+            is_coordinator=coord.is_coordinator,
+        )
         if "kwargs" in inspect.signature(writer.set_up_storage_writer).parameters:
             writer.set_up_storage_writer(
                 coord.is_coordinator, rank=coord.rank, use_collectives=use_collectives
             )
         else:
             writer.set_up_storage_writer(coord.is_coordinator)
-        planner.set_up_planner(
-            state_dict=state_dict,
-            storage_meta=writer.storage_meta(),
-            is_coordinator=coord.is_coordinator,
-        )
         return writer.prepare_local_plan(planner.create_local_plan())
 
     local_plan = _agreed(coord, "plan:local", local)
