@@ -322,3 +322,15 @@ def test_scalars_empty_tensors_and_dtypes_through_both_paths(
     dcp.load(out, checkpoint_id=tmp_ckpt, planner=planner)
     for k, v in state.items():
         assert out[k].dtype == v.dtype and torch.equal(out[k], v), k
+
+
+def test_planner_written_before_storage_meta_still_runs(tmp_ckpt: str) -> None:
+    class Legacy(dcp.DefaultSavePlanner):
+        def set_up_planner(self, state_dict: Any, is_coordinator: bool) -> None:  # type: ignore[override]
+            super().set_up_planner(state_dict, None, is_coordinator)
+
+    with pytest.warns(UserWarning, match="storage_meta"):
+        dcp.save({"w": torch.ones(2)}, checkpoint_id=tmp_ckpt, planner=Legacy())
+    out = {"w": torch.zeros(2)}
+    dcp.load(out, checkpoint_id=tmp_ckpt)
+    assert torch.equal(out["w"], torch.ones(2))

@@ -14,6 +14,7 @@ from __future__ import annotations
 import inspect
 import logging
 import os
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
@@ -185,11 +186,21 @@ def _save(
     }
 
     def local() -> Any:  # DCP's order: storage_meta, set_up_planner, set_up_storage_writer
-        planner.set_up_planner(
-            state_dict=state_dict,
-            storage_meta=writer.storage_meta(),
-            is_coordinator=coord.is_coordinator,
-        )
+        storage_meta = writer.storage_meta()
+        if "storage_meta" not in inspect.signature(planner.set_up_planner).parameters:
+            warnings.warn(  # as DCP does for planners written before storage_meta existed
+                "The function definition for SavePlanner.set_up_planner has been updated"
+                " to include the storage_meta argument. Please update your implementation"
+                " to include this parameter.",
+                stacklevel=2,
+            )
+            planner.set_up_planner(state_dict, coord.is_coordinator)  # type: ignore[arg-type]
+        else:
+            planner.set_up_planner(
+                state_dict=state_dict,
+                storage_meta=storage_meta,
+                is_coordinator=coord.is_coordinator,
+            )
         if "kwargs" in inspect.signature(writer.set_up_storage_writer).parameters:
             writer.set_up_storage_writer(
                 coord.is_coordinator, rank=coord.rank, use_collectives=use_collectives
