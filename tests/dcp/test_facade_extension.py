@@ -334,3 +334,24 @@ def test_planner_written_before_storage_meta_still_runs(tmp_ckpt: str) -> None:
     out = {"w": torch.zeros(2)}
     dcp.load(out, checkpoint_id=tmp_ckpt)
     assert torch.equal(out["w"], torch.ones(2))
+
+
+def test_stateful_through_the_planner_path(tmp_ckpt: str) -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.25, momentum=0.9)
+    model(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    dcp.save({"model": model, "optim": opt}, checkpoint_id=tmp_ckpt, planner=_PlannerPath())
+    torch.manual_seed(1)
+    model2 = torch.nn.Linear(3, 2)
+    opt2 = torch.optim.SGD(model2.parameters(), lr=0.5, momentum=0.9)
+    model2(torch.randn(4, 3)).sum().backward()
+    opt2.step()  # momentum buffers exist, with other values
+    dcp.load(
+        {"model": model2, "optim": opt2}, checkpoint_id=tmp_ckpt, planner=SubsetLoadPlanner("")
+    )
+    assert torch.equal(model2.weight, model.weight) and torch.equal(model2.bias, model.bias)
+    assert opt2.param_groups[0]["lr"] == 0.25
+    for p, p2 in zip(model.parameters(), model2.parameters(), strict=True):
+        assert torch.equal(opt2.state[p2]["momentum_buffer"], opt.state[p]["momentum_buffer"])
