@@ -27,7 +27,7 @@ SUBMODULES = [
 ]
 
 # Names torch.distributed.checkpoint exports at top level that the facade does
-# not cover (Hugging Face storage and the ShardedTensor optimizer helper are
+# not cover (Hugging Face storage and the ShardedTensor optimizer function are
 # outside DCP's documented core API; see docs/dcp.md).
 NOT_COVERED = {
     "HuggingFaceStorageReader",
