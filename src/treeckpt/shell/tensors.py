@@ -49,6 +49,14 @@ def local_shards(fqn: str, obj: Any, rec: TensorLeaf) -> tuple[ShardSpec, list[t
 def _distributed_shards(obj: Any) -> list[tuple[Box, Any]] | None:
     if not isinstance(obj, torch.Tensor) or type(obj) is torch.Tensor:
         return None
+    # A tensor subclass standing for explicit (offsets, sizes, local tensor)
+    # shards, as the DCP facade builds from a planner's write items.
+    explicit = getattr(obj, "__treeckpt_local_shards__", None)
+    if explicit is not None:
+        return [
+            (Box(offsets=tuple(offs), sizes=tuple(sizes)), local)
+            for offs, sizes, local in explicit()
+        ]
     try:
         from torch.distributed._shard.sharded_tensor import ShardedTensor
         from torch.distributed.tensor import DTensor

@@ -1,0 +1,114 @@
+"""Staging for ``async_save``, as in ``torch.distributed.checkpoint.staging``.
+
+A stager copies the state dict's tensors into host memory so training can
+change the originals while the save runs. ``AsyncStager`` (the protocol) and
+``StagingOptions`` (plain options) are torch's; the stagers are treeckpt's.
+DTensors stay DTensors (same mesh and placements, local shard on the CPU).
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import torch
+from torch.distributed.checkpoint.staging import AsyncStager, StagingOptions
+
+__all__ = ["AsyncStager", "BlockingAsyncStager", "DefaultStager", "StagingOptions"]
+
+
+def _stage_tensor(t: torch.Tensor, cache: dict[int, torch.Tensor] | None, key: int) -> torch.Tensor:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch built without distributed
+        DTensor = None  # type: ignore[assignment,misc]
+    if DTensor is not None and isinstance(t, DTensor):
+        local = _stage_tensor(t.to_local(), cache, key)
+        # Same spec (mesh, placements, global shape), local shard in host
+        # memory; from_local would move it back to the mesh's device.
+        return DTensor(local, t._spec, requires_grad=False)
+    if type(t) not in (torch.Tensor, torch.nn.Parameter):
+        return t  # ShardedTensor and other subclasses: saved from the original
+    src = t.detach()
+    buf = cache.get(key) if cache is not None else None
+    if buf is None or buf.shape != src.shape or buf.dtype != src.dtype:
+        buf = torch.empty(src.shape, dtype=src.dtype, device="cpu")
+        if cache is not None:
+            cache[key] = buf
+    buf.copy_(src)
+    return buf
+
+
+def stage_state_dict(state_dict: Any, cache: dict[int, torch.Tensor] | None = None) -> Any:
+    """A copy of ``state_dict`` whose tensors live in host memory (containers rebuilt)."""
+    counter = [0]
+
+    def walk(obj: Any) -> Any:
+        if isinstance(obj, torch.Tensor):
+            counter[0] += 1
+            return _stage_tensor(obj, cache, counter[0])
+        if isinstance(obj, dict):
+            return {k: walk(v) for k, v in obj.items()}
+        if isinstance(obj, list):
+            return [walk(v) for v in obj]
+        if isinstance(obj, tuple) and not hasattr(obj, "_fields"):
+            return tuple(walk(v) for v in obj)
+        return obj
+
+    return walk(state_dict)
+
+
+class BlockingAsyncStager(AsyncStager):
+    """Stage synchronously into host memory; with ``cache_staged_state_dict`` reuse the buffers."""
+
+    _synchronize_after_execute: bool = False
+
+    def __init__(self, cache_staged_state_dict: bool = False, type_check: bool = False) -> None:
+        self.cache_staged_state_dict = cache_staged_state_dict
+        self.type_check = type_check
+        self._cache: dict[int, torch.Tensor] | None = {} if cache_staged_state_dict else None
+
+    def stage(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        staged: dict[str, Any] = stage_state_dict(state_dict, self._cache)
+        return staged
+
+    def synchronize_staging(self) -> None:
+        return None
+
+    def close(self) -> None:
+        self._cache = None
+
+
+class DefaultStager(AsyncStager):
+    """Stage into host memory, in a background thread when ``use_async_staging``.
+
+    ``stage`` then returns a ``Future`` of the staged state dict. Buffers are
+    reused across saves of the same shapes. Pinned and shared memory options
+    are accepted for compatibility (treeckpt stages into ordinary host memory).
+    """
+
+    def __init__(self, config: StagingOptions = StagingOptions()) -> None:  # noqa: B008
+        self.config = config
+        self._cache: dict[int, torch.Tensor] = {}
+        self._executor: ThreadPoolExecutor | None = None
+        self._pending: Future[dict[str, Any]] | None = None
+
+    def stage(
+        self, state_dict: dict[str, Any], **kwargs: Any
+    ) -> dict[str, Any] | Future[dict[str, Any]]:
+        if not self.config.use_async_staging:
+            staged: dict[str, Any] = stage_state_dict(state_dict, self._cache)
+            return staged
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="treeckpt-stage")
+        self._pending = self._executor.submit(stage_state_dict, state_dict, self._cache)
+        return self._pending
+
+    def synchronize_staging(self) -> None:
+        if self._pending is not None:
+            self._pending.result()
+
+    def close(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
