@@ -26,6 +26,7 @@ import os
 import re
 import time
 import uuid
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -170,12 +171,12 @@ class _TorchDcpSource:
                 self.state_dict[read_item.dest_index.fqn] = torch.load(value, weights_only=True)
 
         reader = type(self.reader)(self.path)
-        dcp.load(
-            state,
-            storage_reader=reader,
-            planner=_Planner(flatten_state_dict=False, allow_partial_load=True),
-            no_dist=True,
+        planner = _Planner(
+            flatten_state_dict=False, flatten_sharded_tensors=False, allow_partial_load=True
         )
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single")
+            dcp.load(state, storage_reader=reader, planner=planner, no_dist=True)
 
     def skeleton(self) -> tuple[Any, dict[str, TensorLeaf]]:
         from torch.distributed.checkpoint.metadata import TensorStorageMetadata
