@@ -36,7 +36,10 @@ def _trained(seed: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
 
 
 def _lightning_dict(model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict[str, Any]:
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
 
     return {
         "epoch": 2,
@@ -108,8 +111,8 @@ def test_metadata_that_needs_pickle_is_refused_with_its_name(tmp_path: Path) -> 
         save_checkpoint(dict(ckpt), str(tmp_path / "c"))
     assert not is_treeckpt_checkpoint(str(tmp_path / "c"))
     save_checkpoint(dict(ckpt), str(tmp_path / "c"), allow_pickle=True)
-    assert treeckpt.metadata(tmp_path / "c").values["hyper_parameters.loss_fn"].startswith(
-        "<pickled"
+    assert (
+        treeckpt.metadata(tmp_path / "c").values["hyper_parameters.loss_fn"].startswith("<pickled")
     )
 
 

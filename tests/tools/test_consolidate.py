@@ -59,7 +59,9 @@ def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 @pytest.mark.parametrize("max_memory", [None, 1, 100, 1000])
-def test_output_loads_with_weights_only_and_is_bit_exact(ckpt: Path, max_memory: int | None) -> None:
+def test_output_loads_with_weights_only_and_is_bit_exact(
+    ckpt: Path, max_memory: int | None
+) -> None:
     report = consolidate(ckpt, max_memory=max_memory)
     assert report.dst == f"{ckpt}.consolidated"
     out = torch.load(report.dst, weights_only=True)
@@ -75,9 +77,11 @@ def test_output_loads_with_weights_only_and_is_bit_exact(ckpt: Path, max_memory:
     assert out["od"] == collections.OrderedDict(b=1, a=2) and list(out["od"]) == ["b", "a"]
     assert out["nt"] == (1, 2)
     assert report.tensors == 8
-    assert report.tensor_bytes == sum(
-        t.nbytes for t in [*src["state_dict"].values(), torch.tensor(3.0)]
-    ) + src["arr"].nbytes
+    assert (
+        report.tensor_bytes
+        == sum(t.nbytes for t in [*src["state_dict"].values(), torch.tensor(3.0)])
+        + src["arr"].nbytes
+    )
     if max_memory is not None and max_memory >= 8:
         assert report.largest_read <= max_memory
 
@@ -85,7 +89,7 @@ def test_output_loads_with_weights_only_and_is_bit_exact(ckpt: Path, max_memory:
 def test_refuses_to_overwrite(ckpt: Path, tmp_path: Path) -> None:
     dst = tmp_path / "out.pt"
     dst.write_bytes(b"keep me")
-    with pytest.raises(FileExistsError, match="out.pt exists"):
+    with pytest.raises(FileExistsError, match=r"out\.pt exists"):
         consolidate(ckpt, dst)
     assert dst.read_bytes() == b"keep me"
     consolidate(ckpt, dst, overwrite=True)

@@ -54,7 +54,9 @@ def to_plain(obj: Any, *, allow_pickle: bool = False, fqn: str = "") -> Any:
     if isinstance(obj, tuple) and hasattr(obj, "_fields"):
         return obj  # namedtuples are stored as such
     if isinstance(obj, (list, tuple)):
-        items = [to_plain(v, allow_pickle=allow_pickle, fqn=f"{fqn}.{i}") for i, v in enumerate(obj)]
+        items = [
+            to_plain(v, allow_pickle=allow_pickle, fqn=f"{fqn}.{i}") for i, v in enumerate(obj)
+        ]
         return items if isinstance(obj, list) else tuple(items)
     if isinstance(obj, torch.dtype):
         return str(obj)

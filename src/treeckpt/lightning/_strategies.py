@@ -10,7 +10,7 @@ is Lightning's.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from lightning.pytorch.strategies import FSDPStrategy as _FSDPStrategy
 from lightning.pytorch.strategies import ModelParallelStrategy as _ModelParallelStrategy
@@ -96,7 +96,9 @@ class ModelParallelStrategy(_TreeckptCheckpoints, _ModelParallelStrategy):
         if not self._treeckpt_save(checkpoint, filepath, storage_options):
             super().save_checkpoint(checkpoint, filepath, storage_options)
 
-    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+    def load_checkpoint(
+        self, checkpoint_path: Any, weights_only: bool | None = None
+    ) -> dict[str, Any]:
         loaded = self._treeckpt_load(checkpoint_path)
         if loaded is None:
             return super().load_checkpoint(checkpoint_path, weights_only=weights_only)
@@ -114,12 +116,13 @@ class FSDPStrategy(_TreeckptCheckpoints, _FSDPStrategy):
     def __init__(
         self,
         *args: Any,
-        state_dict_type: str = "sharded",
+        state_dict_type: Literal["full", "sharded"] = "sharded",
         save_options: SaveOptions | None = None,
         allow_pickle: bool = False,
         **kwargs: Any,
     ) -> None:
-        super().__init__(*args, state_dict_type=state_dict_type, **kwargs)
+        kwargs["state_dict_type"] = state_dict_type
+        super().__init__(*args, **kwargs)
         self._save_options = save_options
         self._allow_pickle = allow_pickle
 
@@ -132,9 +135,10 @@ class FSDPStrategy(_TreeckptCheckpoints, _FSDPStrategy):
         if not self._treeckpt_save(checkpoint, filepath, storage_options):
             super().save_checkpoint(checkpoint, filepath, storage_options)
 
-    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+    def load_checkpoint(
+        self, checkpoint_path: Any, weights_only: bool | None = None
+    ) -> dict[str, Any]:
         loaded = self._treeckpt_load(checkpoint_path)
         if loaded is None:
             return super().load_checkpoint(checkpoint_path, weights_only=weights_only)
         return loaded
-
