@@ -47,6 +47,23 @@ def test_saved_checkpoint_is_a_treeckpt_checkpoint_with_lightning_layout(
     assert not any(str(v).startswith("<pickled") for v in info.values.values())
 
 
+def test_model_checkpoint_callback_saves_and_removes_through_treeckpt(
+    saved_on_2: dict[str, Any],
+) -> None:
+    """ModelCheckpoint(every_n_train_steps=10, save_top_k=1) saved at steps 10 and 20
+    through the strategy and removed the older checkpoint."""
+    from treeckpt.lightning import is_treeckpt_checkpoint
+
+    ckpts = sorted(p.name for p in (saved_on_2["root"] / "save" / "checkpoints").iterdir())
+    assert ckpts == ["epoch=0-step=20.ckpt"]
+    path = saved_on_2["root"] / "save" / "checkpoints" / ckpts[0]
+    assert is_treeckpt_checkpoint(str(path))
+    info = treeckpt.metadata(path)
+    assert info.values["global_step"] == 20
+    callback = next(k for k in info.values if k.startswith("callbacks.ModelCheckpoint"))
+    assert callback  # the callback's own state is stored, without pickle
+
+
 def test_resume_on_3_processes(saved_on_2: dict[str, Any], tmp_path: Path) -> None:
     _resume(saved_on_2, 3, tmp_path)
 

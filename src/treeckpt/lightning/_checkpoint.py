@@ -157,7 +157,9 @@ def load_checkpoint(
     treeckpt.load(whole, path, strict=strict, allow_pickle=allow_pickle)
     loaded = whole.loaded
     options = StateDictOptions(strict=strict)
-    set_model_state_dict(module, {**model_sd, **loaded.get(_MODEL, {})}, options=options)
+    # Keys the module lacks (strict=False) were read but are not handed to it.
+    given = {k: v for k, v in loaded.get(_MODEL, {}).items() if k in model_sd}
+    set_model_state_dict(module, {**model_sd, **given}, options=options)
     saved_optims = loaded.get(_OPTIMIZERS, [])
     if len(saved_optims) < len(optimizers) and strict:
         raise LoadMismatchError(

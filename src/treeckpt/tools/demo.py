@@ -124,14 +124,18 @@ def _job(args: argparse.Namespace) -> int:
         def on_train_end(self) -> None:
             self._record("end")
 
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
     strategy_cls = PlainStrategy if args.plain else ModelParallelStrategy
+    # Every 10 steps, keeping only the newest: saves through the strategy, removes the older one.
+    every = ModelCheckpoint(out / "checkpoints", every_n_train_steps=10, save_top_k=1)
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=args.devices,
         strategy=strategy_cls(data_parallel_size=args.devices, tensor_parallel_size=1),
         max_steps=args.steps,
         logger=False,
-        enable_checkpointing=False,
+        callbacks=[every],
         enable_progress_bar=False,
         enable_model_summary=False,
         num_sanity_val_steps=0,
