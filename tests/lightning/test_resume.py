@@ -71,3 +71,17 @@ def test_resume_on_3_processes(saved_on_2: dict[str, Any], tmp_path: Path) -> No
 @pytest.mark.slow  # the demo test resumes on 1 process in the default set
 def test_resume_on_1_process(saved_on_2: dict[str, Any], tmp_path: Path) -> None:
     _resume(saved_on_2, 1, tmp_path)
+
+
+@pytest.mark.gpu
+def test_fsdp_strategy_sharded_on_gpus(tmp_path: Path) -> None:
+    """FSDPStrategy (FSDP1) needs CUDA: save on every GPU, resume on one."""
+    devices = torch.cuda.device_count()
+    ckpt = tmp_path / "ckpt"
+    run_job(devices, 20, tmp_path / "save", save=str(ckpt), fsdp1=True)
+    assert treeckpt.metadata(ckpt).world_size == devices
+    summary = run_job(1, 25, tmp_path / "resume", resume=str(ckpt), fsdp1=True)
+    expected = torch.load(tmp_path / "save" / "end.pt", weights_only=True)
+    start = torch.load(tmp_path / "resume" / "start.pt", weights_only=True)
+    assert states_equal(expected, start)
+    assert start["step"] == 20 and summary["steps"] == 25

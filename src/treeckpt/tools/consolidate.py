@@ -50,6 +50,7 @@ __all__ = ["DEFAULT_MAX_MEMORY", "ConsolidateReport", "consolidate"]
 DEFAULT_MAX_MEMORY = 1 << 30
 """Default budget for tensor data held at once: 1 GiB."""
 
+_ALIGN = 64  # slabs in the buffer start at this alignment (any dtype can view them)
 _LIGHTNING_META = "meta.pt"  # what Lightning writes beside a DCP checkpoint
 _DCP_METADATA = ".metadata"
 
@@ -480,6 +481,7 @@ def _write(
     done = largest = 0
     batch: list[tuple[str, Box, torch.Tensor, int]] = []
     batch_bytes = 0
+    arena = torch.empty(min(budget, total), dtype=torch.uint8)
     fd = os.open(tmp, os.O_WRONLY)
     try:
 
@@ -510,10 +512,18 @@ def _write(
             )
             for box, rel in slabs:
                 n = math.prod(box.sizes) * itemsize
-                if batch_bytes + n > budget:
+                start = -(-batch_bytes // _ALIGN) * _ALIGN
+                if start + n > arena.numel():
                     flush()
-                batch.append((fqn, box, torch.empty(box.sizes, dtype=dtype), offsets[fqn] + rel))
-                batch_bytes += n
+                    start = 0
+                if n <= arena.numel():
+                    # A view of the one buffer: no allocation per slab, so the
+                    # allocator cannot pile up freed blocks beyond the budget.
+                    buf = arena[start : start + n].view(dtype).reshape(box.sizes)
+                else:  # one element, or one whole DCP tensor, larger than the budget
+                    buf = torch.empty(box.sizes, dtype=dtype)
+                batch.append((fqn, box, buf, offsets[fqn] + rel))
+                batch_bytes = start + n
         flush()
         os.fsync(fd)
     finally:

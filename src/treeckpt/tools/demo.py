@@ -81,6 +81,8 @@ def _job(args: argparse.Namespace) -> int:
             self.losses: list[float] = []
 
         def configure_model(self) -> None:
+            if args.fsdp1:
+                return  # FSDPStrategy wraps the layers itself
             from torch.distributed.fsdp import fully_shard
 
             assert self.device_mesh is not None
@@ -109,9 +111,11 @@ def _job(args: argparse.Namespace) -> int:
         def _record(self, name: str) -> None:
             """Every rank gathers the full state; rank 0 writes it for the checks."""
             opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-            model = get_model_state_dict(self, options=opts)
+            root = self.trainer.strategy.model  # the FSDP1 wrapper, or this module (FSDP2)
+            assert root is not None
+            model = get_model_state_dict(root, options=opts)
             opt = self.trainer.optimizers[0]
-            optim = get_optimizer_state_dict(self, opt, options=opts)
+            optim = get_optimizer_state_dict(root, opt, options=opts)
             if self.global_rank == 0:
                 torch.save(
                     {"model": model, "optim": optim["state"], "step": self.trainer.global_step},
@@ -126,13 +130,21 @@ def _job(args: argparse.Namespace) -> int:
 
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    strategy_cls = PlainStrategy if args.plain else ModelParallelStrategy
+    strategy: Any
+    if args.fsdp1:  # Lightning's FSDPStrategy (FSDP1): needs CUDA
+        from treeckpt.lightning import FSDPStrategy
+
+        policy = {torch.nn.TransformerEncoderLayer}
+        strategy = FSDPStrategy(auto_wrap_policy=policy, process_group_backend="nccl")
+    else:
+        strategy_cls = PlainStrategy if args.plain else ModelParallelStrategy
+        strategy = strategy_cls(data_parallel_size=args.devices, tensor_parallel_size=1)
     # Every 10 steps, keeping only the newest: saves through the strategy, removes the older one.
     every = ModelCheckpoint(out / "checkpoints", every_n_train_steps=10, save_top_k=1)
     trainer = pl.Trainer(
-        accelerator="cpu",
+        accelerator="gpu" if args.fsdp1 else "cpu",
         devices=args.devices,
-        strategy=strategy_cls(data_parallel_size=args.devices, tensor_parallel_size=1),
+        strategy=strategy,
         max_steps=args.steps,
         logger=False,
         callbacks=[every],
@@ -175,6 +187,7 @@ def run_job(
     save: str | None = None,
     resume: str | None = None,
     plain: bool = False,
+    fsdp1: bool = False,
     timeout: float = 300,
 ) -> dict[str, Any]:
     """Run one Lightning job in a fresh process (Lightning starts the other ranks); its summary."""
@@ -187,6 +200,8 @@ def run_job(
         cmd += ["--resume", resume]
     if plain:
         cmd.append("--plain")
+    if fsdp1:
+        cmd.append("--fsdp1")
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     if proc.returncode != 0:
@@ -313,6 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     job.add_argument("--save", help=argparse.SUPPRESS)
     job.add_argument("--resume", help=argparse.SUPPRESS)
     job.add_argument("--plain", action="store_true", help=argparse.SUPPRESS)
+    job.add_argument("--fsdp1", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.job:
         return _job(args)
