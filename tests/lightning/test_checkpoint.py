@@ -13,7 +13,7 @@ import torch
 from lightning.fabric.utilities.data import AttributeDict
 
 import treeckpt
-from treeckpt.errors import LoadMismatchError, UnsupportedLeafError
+from treeckpt.errors import CheckpointError, LoadMismatchError, UnsupportedLeafError
 from treeckpt.lightning import is_treeckpt_checkpoint, load_checkpoint, save_checkpoint
 
 
@@ -93,6 +93,24 @@ def test_strict_load_names_missing_and_unexpected_keys(tmp_path: Path) -> None:
     # strict=False loads what both sides have.
     load_checkpoint(str(tmp_path / "c"), smaller, [], strict=False)
     assert torch.equal(smaller[0].weight, model[0].weight)
+
+
+def test_without_optimizers_the_optimizer_state_is_not_read(tmp_path: Path) -> None:
+    """trainer.validate/test(ckpt_path=...) have no optimizers: the model loads, the
+    stored optimizer state is left alone, the metadata comes back."""
+    model, opt = _trained(0)
+    save_checkpoint(_lightning_dict(model, opt), str(tmp_path / "c"))
+    model2 = _model(1)
+    loaded = load_checkpoint(str(tmp_path / "c"), model2, [])
+    assert "optimizer_states" not in loaded and loaded["global_step"] == 30
+    assert all(torch.equal(model2.state_dict()[k], v) for k, v in model.state_dict().items())
+    assert list(loaded)[:4] == ["epoch", "global_step", "pytorch-lightning_version", "state_dict"]
+
+
+def test_not_a_lightning_checkpoint(tmp_path: Path) -> None:
+    treeckpt.save({"model": torch.ones(2)}, tmp_path / "c")
+    with pytest.raises(CheckpointError, match="not a Lightning checkpoint"):
+        load_checkpoint(str(tmp_path / "c"), _model(0), [])
 
 
 def test_shape_mismatch_is_an_error_even_when_not_strict(tmp_path: Path) -> None:

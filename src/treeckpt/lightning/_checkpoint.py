@@ -18,7 +18,8 @@ import torch
 
 import treeckpt
 from treeckpt.core.options import SaveOptions
-from treeckpt.errors import LoadMismatchError, UnsupportedLeafError
+from treeckpt.core.tree import flatten_tree
+from treeckpt.errors import CheckpointError, LoadMismatchError, UnsupportedLeafError
 from treeckpt.store.backends import open_backend
 from treeckpt.store.layout import MANIFEST
 
@@ -98,18 +99,16 @@ def is_treeckpt_checkpoint(path: str) -> bool:
         backend.close()
 
 
-class _Whole:
-    """The whole checkpoint as one Stateful: the saved structure wins, and the
-    tensors of the template (the model's and optimizers' shards) are filled in place."""
+class _Open:
+    """A metadata entry: the checkpoint's structure wins, whatever it holds."""
 
-    def __init__(self, state: dict[str, Any]) -> None:
-        self.state = state
-        self.loaded: dict[str, Any] = {}
+    def __init__(self) -> None:
+        self.loaded: Any = None
 
     def state_dict(self) -> dict[str, Any]:
-        return self.state
+        return {}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: Any) -> None:
         self.loaded = state
 
 
@@ -125,12 +124,14 @@ def load_checkpoint(
 
     Each rank reads only the chunks that cover its own shards, whatever the
     number of processes that saved it. Returns the checkpoint dict with the
-    loaded state and every metadata key, as Lightning's loaders do.
+    loaded state and every metadata key, as Lightning's loaders do. With no
+    ``optimizers`` (validate, test, predict) the stored optimizer state is not
+    read at all.
 
     Raises:
-        LoadMismatchError: with ``strict``, the module's keys and the
-            checkpoint's differ (all listed before anything changes); shapes or
-            dtypes differ (always).
+        LoadMismatchError: with ``strict``, the module's or the optimizers' keys
+            and the checkpoint's differ (all listed before anything changes);
+            shapes or dtypes differ (always).
     """
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
@@ -140,31 +141,40 @@ def load_checkpoint(
         set_optimizer_state_dict,
     )
 
-    model_sd = get_model_state_dict(module)
-    optim_sds = [get_optimizer_state_dict(module, opt) for opt in optimizers]
     info = treeckpt.metadata(path)
-    stored = set(info.tensors) | set(info.values)
-    prefix = f"{_MODEL}."
-    unexpected = sorted(
-        f for f in stored if f.startswith(prefix) and f[len(prefix) :] not in model_sd
-    )
-    if strict and unexpected:
-        raise LoadMismatchError(unexpected=unexpected)
-    template: dict[str, Any] = {_MODEL: model_sd}
-    if optim_sds:
-        template[_OPTIMIZERS] = optim_sds
-    whole = _Whole(template)
-    treeckpt.load(whole, path, strict=strict, allow_pickle=allow_pickle)
-    loaded = whole.loaded
-    options = StateDictOptions(strict=strict)
-    # Keys the module lacks (strict=False) were read but are not handed to it.
-    given = {k: v for k, v in loaded.get(_MODEL, {}).items() if k in model_sd}
-    set_model_state_dict(module, {**model_sd, **given}, options=options)
-    saved_optims = loaded.get(_OPTIMIZERS, [])
-    if len(saved_optims) < len(optimizers) and strict:
-        raise LoadMismatchError(
-            missing=[f"{_OPTIMIZERS}.{i}" for i in range(len(saved_optims), len(optimizers))]
+    structure = info.structure
+    top = [k for k in structure.get("keys", []) if isinstance(k, str)]
+    if structure.get("type") not in ("dict", "odict") or _MODEL not in top:
+        raise CheckpointError(
+            f"{info.path}: not a Lightning checkpoint (no {_MODEL!r} at the top level)"
         )
-    for opt, osd in zip(optimizers, saved_optims, strict=False):
+    model_sd = get_model_state_dict(module)
+    load_optims = bool(optimizers) and _OPTIMIZERS in top
+    optim_sds = [get_optimizer_state_dict(module, opt) for opt in optimizers] if load_optims else []
+    state: dict[str, Any] = {_MODEL: model_sd}
+    if load_optims:
+        state[_OPTIMIZERS] = optim_sds
+    # Strictness over what is loaded into the module and optimizers, checked
+    # here from the manifest; the load itself skips the checkpoint's other keys.
+    wanted = set(flatten_tree(state).records)
+    stored = set(info.tensors) | set(info.values)
+    scopes = [f"{k}." for k in state]
+    missing = sorted(wanted - stored)
+    unexpected = sorted(f for f in stored - wanted if any(f.startswith(p) for p in scopes))
+    if strict and (missing or unexpected):
+        raise LoadMismatchError(missing=missing, unexpected=unexpected)
+    meta = {k: _Open() for k in top if k not in (_MODEL, _OPTIMIZERS)}
+    # Tensors are filled in place; values (learning rates, betas...) come back in `got`.
+    got = treeckpt.load({**state, **meta}, path, strict=False, allow_pickle=allow_pickle)
+
+    options = StateDictOptions(strict=strict)
+    set_model_state_dict(module, got[_MODEL], options=options)
+    for opt, osd in zip(optimizers, got.get(_OPTIMIZERS, []), strict=False):
         set_optimizer_state_dict(module, opt, osd, options=options)
+    loaded: dict[str, Any] = {}
+    for k in top:  # the checkpoint's own key order
+        if k in meta:
+            loaded[k] = meta[k].loaded
+        elif k in got:
+            loaded[k] = got[k]
     return loaded
