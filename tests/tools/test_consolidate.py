@@ -108,6 +108,8 @@ def test_pickled_leaf_is_refused_and_nothing_is_left(tmp_path: Path) -> None:
 def test_no_checkpoint(tmp_path: Path) -> None:
     with pytest.raises(CheckpointNotFoundError):
         consolidate(tmp_path / "nothing")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        consolidate(tmp_path / "nothing", tmp_path / "no" / "out.pt")
     with pytest.raises(OptionsError, match="max_memory"):
         consolidate(tmp_path / "nothing", max_memory=0)
 

@@ -408,6 +408,9 @@ def consolidate(
         raise FileExistsError(
             f"{dst_s} exists; choose another output file or pass overwrite=True (--overwrite)"
         )
+    parent = os.path.dirname(os.path.abspath(dst_s))
+    if not os.path.isdir(parent):
+        raise FileNotFoundError(f"{dst_s}: the output's folder {parent} does not exist")
     source = _open_source(src_s)
     tmp = str(Path(dst_s).with_name(f".{Path(dst_s).name}.tmp-{uuid.uuid4().hex[:8]}"))
     try:
