@@ -35,6 +35,14 @@ def _trained(seed: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     return model, opt
 
 
+class _Counter:
+    def state_dict(self) -> dict[str, Any]:
+        return {"seen": torch.tensor([1, 2])}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        raise AssertionError("not called: metadata comes back as plain state")
+
+
 def _lightning_dict(model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict[str, Any]:
     from torch.distributed.checkpoint.state_dict import (
         get_model_state_dict,
@@ -47,7 +55,10 @@ def _lightning_dict(model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict[
         "pytorch-lightning_version": "2.6.6",
         "state_dict": get_model_state_dict(model),
         "loops": {"fit_loop": {"epoch_progress": {"total": {"ready": 3}}}},
-        "callbacks": {"ModelCheckpoint{'monitor': None}": {"best_model_score": torch.tensor(0.5)}},
+        "callbacks": {
+            "ModelCheckpoint{'monitor': None}": {"best_model_score": torch.tensor(0.5)},
+            "Counter": _Counter(),  # a Stateful: stored as its state dict
+        },
         "optimizer_states": [get_optimizer_state_dict(model, opt)],
         "lr_schedulers": [],
         "hparams_name": "kwargs",
@@ -74,6 +85,7 @@ def test_round_trip_bit_exact_with_metadata(tmp_path: Path) -> None:
     assert loaded["loops"] == {"fit_loop": {"epoch_progress": {"total": {"ready": 3}}}}
     # AttributeDict and torch.Size are stored as plain dict and tuple, without pickle.
     assert loaded["hyper_parameters"] == {"lr": 1e-2, "shape": (2, 3)}
+    assert torch.equal(loaded["callbacks"]["Counter"]["seen"], torch.tensor([1, 2]))
     score = loaded["callbacks"]["ModelCheckpoint{'monitor': None}"]["best_model_score"]
     assert torch.equal(score, torch.tensor(0.5))
 

@@ -38,10 +38,17 @@ def to_plain(obj: Any, *, allow_pickle: bool = False, fqn: str = "") -> Any:
     or a container of them is refused with its FQN (or left for pickle when
     ``allow_pickle`` is set).
     """
+    import dataclasses
     import enum
 
-    if isinstance(obj, torch.Tensor) or obj is None or type(obj) in (bool, int, float, str, bytes):
+    import numpy as np
+
+    if isinstance(obj, torch.Tensor | np.ndarray | np.generic) or obj is None:
         return obj
+    if type(obj) in (bool, int, float, str, bytes) or treeckpt.is_stateful(obj):
+        return obj  # a Stateful is stored as its state dict, as anywhere in treeckpt
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return obj  # stored field by field
     if isinstance(obj, enum.Enum):
         return to_plain(obj.value, allow_pickle=allow_pickle, fqn=fqn)
     if isinstance(obj, collections.OrderedDict):
