@@ -40,6 +40,7 @@ examples:
   treeckpt verify ckpt/ --threads 8                      is every stored byte intact?
   treeckpt diff ckpt-1000/ ckpt-2000/ --atol 1e-6        what changed between two checkpoints?
   treeckpt convert ckpt/ model.safetensors --to safetensors   publish the weights
+  treeckpt consolidate ckpt/ --max-memory 2G             one torch.load-able file, on CPU
 
 exit codes: 0 yes (intact / identical), 1 no (damaged / different),
             2 could not answer (usage error, no checkpoint, unreadable)
@@ -144,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON document (every leaf)")
     p.set_defaults(run=_cmd_diff)
     _add_convert(sub)
+    _add_consolidate(sub)
     return parser
 
 
@@ -679,6 +681,10 @@ def _add_convert(sub: Any) -> None:
 _UNITS = {
     "": 1,
     "b": 1,
+    "k": 1 << 10,
+    "m": 1 << 20,
+    "g": 1 << 30,
+    "t": 1 << 40,
     "kib": 1 << 10,
     "mib": 1 << 20,
     "gib": 1 << 30,
@@ -727,4 +733,79 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     if result.dropped:
         shown = ", ".join(result.dropped[:5]) + (" ..." if len(result.dropped) > 5 else "")
         print(f"dropped {len(result.dropped)} non-tensor leaves ({result.dst_format}): {shown}")
+    return 0
+
+
+# ------------------------------------------------------------------ consolidate
+
+
+def _add_consolidate(sub: Any) -> None:
+    p = sub.add_parser(
+        "consolidate",
+        help="write a sharded checkpoint as one torch.load-able file (PATH.consolidated)",
+        description=_text(
+            "Write the checkpoint at PATH as one file that torch.load(weights_only=True) reads, "
+            "on CPU: a treeckpt checkpoint saved by any number of processes, or a folder in "
+            "torch's DCP format (what plain Lightning writes for sharded checkpoints). A "
+            "Lightning checkpoint keeps Lightning's layout: state_dict with the module's FQNs, "
+            "optimizer_states and the other keys. Tensor data is streamed: at most --max-memory "
+            "bytes of it are held at once, so checkpoints larger than memory consolidate. "
+            "An existing output file is never replaced without --overwrite.",
+            "exit codes: 0 written, 2 not written (no checkpoint, output exists, usage error)",
+        ),
+        epilog="examples:\n"
+        "  treeckpt consolidate ckpt/                       writes ckpt.consolidated\n"
+        "  treeckpt consolidate ckpt/ -o model.pt --max-memory 512M\n"
+        "  python -m treeckpt consolidate lightning_logs/version_0/checkpoints/last.ckpt",
+        formatter_class=_FMT,
+    )
+    p.add_argument("path", help="checkpoint directory or URL (treeckpt or DCP format)")
+    p.add_argument(
+        "-o",
+        "--output",
+        metavar="FILE",
+        help="output file (default: PATH.consolidated beside the checkpoint)",
+    )
+    p.add_argument(
+        "--max-memory",
+        type=_byte_size,
+        metavar="SIZE",
+        help="tensor bytes held at once, e.g. 512M, 4G, 1000000 (default: 1G)",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    p.add_argument("--json", action="store_true", help="print one JSON document")
+    p.set_defaults(run=_cmd_consolidate)
+
+
+def _cmd_consolidate(args: argparse.Namespace) -> int:
+    from treeckpt.tools.consolidate import consolidate
+
+    with _bar("consolidating") as bar:
+        shown = None
+
+        def progress(done: int, total: int) -> None:
+            nonlocal shown
+            if shown is None:
+                bar.start(total)
+                shown = 0
+            bar.advance(done - shown)
+            shown = done
+
+        report = consolidate(
+            args.path,
+            args.output,
+            max_memory=args.max_memory,
+            overwrite=args.overwrite,
+            progress=progress,
+        )
+    if args.json:
+        _print_json(asdict(report))
+    else:
+        print(
+            f"wrote {report.dst}: {report.tensors} tensors, {_size(report.tensor_bytes)} of tensor "
+            f"data, {_size(report.bytes_written)} file, from a {report.source_format} checkpoint in "
+            f"{report.seconds:.1f} s (at most {_size(report.largest_read)} of tensor data held; "
+            f"budget {_size(report.max_memory)})"
+        )
+        print(f"load it with: torch.load({report.dst!r}, weights_only=True)")
     return 0

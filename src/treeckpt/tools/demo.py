@@ -1,208 +1,340 @@
-"""The treeckpt demo: train on 2 ranks, save sharded, resume on 3, inspect, consolidate.
+"""The treeckpt demo: the Lightning workflow on CPU, with treeckpt doing the checkpointing.
 
-Run it with ``python -m treeckpt.tools.demo [--dir DIR]``. Everything runs on
-CPU with gloo; the model is a small transformer trained on synthetic data.
+Run it with ``python -m treeckpt.tools.demo [--dir DIR]``. It trains a small
+transformer on synthetic data on 2 processes (gloo) with Lightning's
+``ModelParallelStrategy`` (FSDP2) through :mod:`treeckpt.lightning`, saves a
+sharded checkpoint, resumes it on 1 process and checks that the model and
+optimizer state are bit-identical to the saved ones, inspects the checkpoint,
+consolidates it into one file and loads that with ``torch.load``.
+
+Each Lightning run is a separate ``python -m treeckpt.tools.demo --job ...``
+process: Lightning's launcher starts the other ranks by re-running that
+command, and a process can only take part in one process group layout.
 """
 
 from __future__ import annotations
 
 import argparse
-import multiprocessing as mp
+import json
 import os
-import queue
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
-import uuid
-import warnings
-from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 import treeckpt
 
-VOCAB, DIM, SEQ = 256, 64, 32
+VOCAB, DIM, SEQ, BATCH = 256, 64, 32, 8
 
 
-class TinyLM(torch.nn.Module):
-    """A two-layer transformer language model."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.embed = torch.nn.Embedding(VOCAB, DIM)
-        self.layers = torch.nn.ModuleList(
-            torch.nn.TransformerEncoderLayer(DIM, 4, 4 * DIM, dropout=0.0, batch_first=True)
-            for _ in range(2)
-        )
-        self.head = torch.nn.Linear(DIM, VOCAB)
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        x = self.embed(tokens)
-        for layer in self.layers:
-            x = layer(x)
-        return self.head(x)
+# ------------------------------------------------------------------ the Lightning job
 
 
-def _batch(step: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(1000 * step + rank)
-    tokens = torch.randint(0, VOCAB, (8, SEQ + 1), generator=g)
-    return tokens[:, :-1], tokens[:, 1:]
+def _job(args: argparse.Namespace) -> int:
+    """One Lightning run on ``args.devices`` processes: train (from a checkpoint or
+    not) to ``args.steps``, record the state at the start and at the end."""
+    import warnings
 
+    import lightning.pytorch as pl
+    from lightning.pytorch.strategies import ModelParallelStrategy as PlainStrategy
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+    from torch.utils.data import DataLoader, Dataset
 
-def _sharded_model(world: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    from treeckpt.lightning import ModelParallelStrategy
 
-    torch.manual_seed(0)
-    model = TinyLM()
-    mesh = init_device_mesh("cpu", (world,))
-    for layer in model.layers:
-        fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    return model, opt
-
-
-def _train(
-    model: torch.nn.Module, opt: torch.optim.Optimizer, start: int, steps: int, rank: int
-) -> float:
-    loss = torch.tensor(0.0)
-    for step in range(start, start + steps):
-        x, y = _batch(step, rank)
-        loss = torch.nn.functional.cross_entropy(model(x).reshape(-1, VOCAB), y.reshape(-1))
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-    return float(loss.detach())
-
-
-def _fingerprint(model: torch.nn.Module) -> dict[str, float]:
-    return {k: float(v.full_tensor().double().sum()) for k, v in model.state_dict().items()}
-
-
-def _save_job(rank: int, world: int, path: str) -> dict[str, Any]:
-    model, opt = _sharded_model(world)
-    t0 = time.perf_counter()
-    loss = _train(model, opt, 0, 30, rank)
-    train_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    res = treeckpt.save({"model": model, "optim": opt, "step": 30, "loss": loss}, path)
-    save_s = time.perf_counter() - t0
-    return {
-        "loss": loss,
-        "train_s": train_s,
-        "save_s": save_s,
-        "report": res.plan.report() if res.plan else "",
-        "fingerprint": _fingerprint(model),
-    }
-
-
-def _resume_job(rank: int, world: int, path: str) -> dict[str, Any]:
-    model, opt = _sharded_model(world)
-    t0 = time.perf_counter()
-    state = treeckpt.load({"model": model, "optim": opt, "step": 0, "loss": 0.0}, path)
-    load_s = time.perf_counter() - t0
-    fingerprint = _fingerprint(model)
-    loss = _train(model, opt, state["step"], 5, rank)
-    return {"step": state["step"], "load_s": load_s, "fingerprint": fingerprint, "loss": loss}
-
-
-def _child(rank: int, world: int, init: str, job: Any, path: str, q: Any) -> None:
     torch.set_num_threads(1)
-    try:
-        dist.init_process_group(
-            "gloo", init_method=init, rank=rank, world_size=world, timeout=timedelta(seconds=120)
+    warnings.filterwarnings("ignore", message=".*FSDP2-wrapped module.*")
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=".*barebones.*")
+    out = Path(args.out)
+
+    class Tokens(Dataset[tuple[torch.Tensor, torch.Tensor]]):
+        def __len__(self) -> int:
+            return 4096
+
+        def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+            g = torch.Generator().manual_seed(i)
+            t = torch.randint(0, VOCAB, (SEQ + 1,), generator=g)
+            return t[:-1], t[1:]
+
+    class TinyLM(pl.LightningModule):
+        """A two-layer transformer language model, sharded with FSDP2 in configure_model."""
+
+        def __init__(self, lr: float = 3e-3) -> None:
+            super().__init__()
+            self.save_hyperparameters()
+            self.embed = torch.nn.Embedding(VOCAB, DIM)
+            self.layers = torch.nn.ModuleList(
+                torch.nn.TransformerEncoderLayer(DIM, 4, 4 * DIM, dropout=0.0, batch_first=True)
+                for _ in range(2)
+            )
+            self.head = torch.nn.Linear(DIM, VOCAB)
+            self.losses: list[float] = []
+
+        def configure_model(self) -> None:
+            if args.fsdp1:
+                return  # FSDPStrategy wraps the layers itself
+            from torch.distributed.fsdp import fully_shard
+
+            assert self.device_mesh is not None
+            mesh = self.device_mesh["data_parallel"]
+            for layer in self.layers:
+                fully_shard(layer, mesh=mesh)
+            fully_shard(self, mesh=mesh)
+
+        def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+            x = self.embed(tokens)
+            for layer in self.layers:
+                x = layer(x)
+            return self.head(x)
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            x, y = batch
+            loss = torch.nn.functional.cross_entropy(self(x).reshape(-1, VOCAB), y.reshape(-1))
+            self.losses.append(float(loss.detach()))
+            return loss
+
+        def configure_optimizers(self) -> Any:
+            opt = torch.optim.AdamW(self.parameters(), lr=self.hparams["lr"])
+            sched = torch.optim.lr_scheduler.StepLR(opt, step_size=10, gamma=0.9)
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+        def _record(self, name: str) -> None:
+            """Every rank gathers the full state; rank 0 writes it for the checks."""
+            opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            root = self.trainer.strategy.model  # the FSDP1 wrapper, or this module (FSDP2)
+            assert root is not None
+            model = get_model_state_dict(root, options=opts)
+            opt = self.trainer.optimizers[0]
+            optim = get_optimizer_state_dict(root, opt, options=opts)
+            if self.global_rank == 0:
+                torch.save(
+                    {"model": model, "optim": optim["state"], "step": self.trainer.global_step},
+                    out / f"{name}.pt",
+                )
+
+        def on_train_start(self) -> None:
+            self._record("start")
+
+        def on_train_end(self) -> None:
+            self._record("end")
+
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    strategy: Any
+    if args.fsdp1:  # Lightning's FSDPStrategy (FSDP1): needs CUDA
+        from treeckpt.lightning import FSDPStrategy
+
+        policy = {torch.nn.TransformerEncoderLayer}
+        strategy = FSDPStrategy(auto_wrap_policy=policy, process_group_backend="nccl")
+    else:
+        strategy_cls = PlainStrategy if args.plain else ModelParallelStrategy
+        strategy = strategy_cls(data_parallel_size=args.devices, tensor_parallel_size=1)
+    # Every 10 steps, keeping only the newest: saves through the strategy, removes the older one.
+    every = ModelCheckpoint(out / "checkpoints", every_n_train_steps=10, save_top_k=1)
+    trainer = pl.Trainer(
+        accelerator="gpu" if args.fsdp1 else "cpu",
+        devices=args.devices,
+        strategy=strategy,
+        max_steps=args.steps,
+        logger=False,
+        callbacks=[every],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+    pl.seed_everything(0, verbose=False)
+    model = TinyLM()
+    loader = DataLoader(Tokens(), batch_size=BATCH, shuffle=True)
+    t0 = time.perf_counter()
+    trainer.fit(model, loader, ckpt_path=args.resume)
+    fit_s = time.perf_counter() - t0
+    if args.save:
+        t0 = time.perf_counter()
+        trainer.save_checkpoint(args.save)
+        save_s = time.perf_counter() - t0
+    else:
+        save_s = 0.0
+    if trainer.global_rank == 0:
+        (out / "summary.json").write_text(
+            json.dumps(
+                {
+                    "world": trainer.world_size,
+                    "steps": trainer.global_step,
+                    "loss": model.losses[-1] if model.losses else None,
+                    "fit_s": fit_s,
+                    "save_s": save_s,
+                }
+            )
         )
-        q.put((rank, job(rank, world, path), None))
-        dist.destroy_process_group()
-    except BaseException as exc:
-        q.put((rank, None, f"{type(exc).__name__}: {exc}"))
+    return 0
 
 
-def run_on_ranks(world: int, job: Any, path: str, workdir: str) -> list[Any]:
-    """Run ``job(rank, world, path)`` on ``world`` processes joined by gloo."""
-    ctx = mp.get_context("fork")
-    q = ctx.Queue()
-    init = f"file://{workdir}/rendezvous-{uuid.uuid4().hex}"
-    procs = [ctx.Process(target=_child, args=(r, world, init, job, path, q)) for r in range(world)]
-    for p in procs:
-        p.start()
-    results: dict[int, Any] = {}
-    try:
-        while len(results) < world:
-            rank, value, error = q.get(timeout=300)
-            if error:
-                raise RuntimeError(f"rank {rank} failed: {error}")
-            results[rank] = value
-    except queue.Empty:
-        raise RuntimeError("the ranks did not finish within 300 s") from None
-    finally:
-        for p in procs:
-            p.join(timeout=30)
-            if p.is_alive():
-                p.kill()
-    return [results[r] for r in range(world)]
+def run_job(
+    devices: int,
+    steps: int,
+    out: Path,
+    *,
+    save: str | None = None,
+    resume: str | None = None,
+    plain: bool = False,
+    fsdp1: bool = False,
+    timeout: float = 300,
+) -> dict[str, Any]:
+    """Run one Lightning job in a fresh process (Lightning starts the other ranks); its summary."""
+    out.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "treeckpt.tools.demo", "--job", "--devices", str(devices)]
+    cmd += ["--steps", str(steps), "--out", str(out)]
+    if save:
+        cmd += ["--save", save]
+    if resume:
+        cmd += ["--resume", resume]
+    if plain:
+        cmd.append("--plain")
+    if fsdp1:
+        cmd.append("--fsdp1")
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(
+            f"the Lightning job {' '.join(cmd[2:])} failed (exit {proc.returncode}):\n"
+            + proc.stderr[-4000:]
+        )
+    summary: dict[str, Any] = json.loads((out / "summary.json").read_text())
+    return summary
 
 
-def main(argv: list[str] | None = None) -> int:
-    warnings.filterwarnings("ignore", message="FSDP2-wrapped module")
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument(
-        "--dir", help="where to put the checkpoint (default: a temporary directory)"
-    )
-    args = parser.parse_args(argv)
-    workdir = args.dir or tempfile.mkdtemp(prefix="treeckpt-demo-")
-    os.makedirs(workdir, exist_ok=True)
-    path = os.path.join(workdir, "ckpt")
-    shutil.rmtree(path, ignore_errors=True)
+def states_equal(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Model and optimizer state equal bit for bit (same keys, dtypes, shapes, bytes)."""
 
-    print("1. Training a 2-layer transformer on 2 ranks (gloo, FSDP2), 30 steps of synthetic data")
-    saved = run_on_ranks(2, _save_job, path, workdir)
-    print(f"   loss after 30 steps: {saved[0]['loss']:.4f} ({saved[0]['train_s']:.1f} s)")
-    print(f"   saved a sharded checkpoint to {path} in {max(s['save_s'] for s in saved):.2f} s")
-    print("   " + saved[0]["report"].replace("\n", "\n   "))
+    def flat(d: Any, prefix: str = "") -> dict[str, Any]:
+        if isinstance(d, dict):
+            out: dict[str, Any] = {}
+            for k, v in d.items():
+                out.update(flat(v, f"{prefix}{k}."))
+            return out
+        return {prefix: d}
 
-    print("\n2. Resuming on 3 ranks (a different world size: every shard is resliced)")
-    resumed = run_on_ranks(3, _resume_job, path, workdir)
-    same = resumed[0]["fingerprint"] == saved[0]["fingerprint"]
+    fa, fb = flat({"m": a["model"], "o": a["optim"]}), flat({"m": b["model"], "o": b["optim"]})
+    if fa.keys() != fb.keys():
+        return False
+    for k, x in fa.items():
+        y = fb[k]
+        if isinstance(x, torch.Tensor):
+            if not (
+                isinstance(y, torch.Tensor)
+                and x.dtype == y.dtype
+                and x.shape == y.shape
+                and torch.equal(x.reshape(-1).view(torch.uint8), y.reshape(-1).view(torch.uint8))
+            ):
+                return False
+        elif x != y:
+            return False
+    return True
+
+
+# ------------------------------------------------------------------ the narrative
+
+
+def _demo(workdir: Path) -> int:
+    from treeckpt.tools.consolidate import consolidate
+
+    ckpt = workdir / "ckpt"
+    shutil.rmtree(ckpt, ignore_errors=True)
+    for stale in (workdir / "ckpt.consolidated",):
+        stale.unlink(missing_ok=True)
+
     print(
-        f"   loaded step {resumed[0]['step']} in {max(r['load_s'] for r in resumed):.2f} s; "
-        f"parameters equal to the saved ones: {'yes' if same else 'NO'}"
+        "1. Training a 2-layer transformer on 2 processes (Lightning ModelParallelStrategy, FSDP2, "
+        "gloo), 20 steps of synthetic data; checkpointing through treeckpt.lightning"
     )
-    print(f"   trained 5 more steps on 3 ranks, loss {resumed[0]['loss']:.4f}")
+    t0 = time.perf_counter()
+    saved = run_job(2, 20, workdir / "run-save", save=str(ckpt))
+    print(
+        f"   loss after {saved['steps']} steps: {saved['loss']:.4f}; saved a sharded checkpoint "
+        f"to {ckpt} in {saved['save_s']:.2f} s ({time.perf_counter() - t0:.0f} s with start-up)"
+    )
+
+    print("\n2. Resuming with trainer.fit(ckpt_path=...) on 1 process (a different process count)")
+    t0 = time.perf_counter()
+    resumed = run_job(1, 25, workdir / "run-resume", resume=str(ckpt))
+    expected = torch.load(workdir / "run-save" / "end.pt", weights_only=True)
+    loaded = torch.load(workdir / "run-resume" / "start.pt", weights_only=True)
+    same = states_equal(expected, loaded) and loaded["step"] == expected["step"]
+    print(
+        f"   resumed at step {loaded['step']}; model and optimizer state equal to the saved ones, "
+        f"bit for bit: {'yes' if same else 'NO'}"
+    )
+    print(
+        f"   trained on to step {resumed['steps']} on {resumed['world']} process, loss "
+        f"{resumed['loss']:.4f} ({time.perf_counter() - t0:.0f} s with start-up)"
+    )
 
     print("\n3. Inspecting the checkpoint (manifest and chunk indexes only, no tensor data read)")
-    info = treeckpt.metadata(path)
+    info = treeckpt.metadata(ckpt)
     print(
         f"   {len(info.tensors)} tensors, {info.raw_bytes / 1e6:.2f} MB raw, "
         f"{info.stored_bytes / 1e6:.2f} MB on disk in {len(info.files)} data files, "
-        f"written by {info.world_size} ranks; values: "
-        + ", ".join(
-            f"{k}={v!r}" for k, v in info.values.items() if not k.startswith("optim.param_groups")
-        )
+        f"written by {info.world_size} processes"
     )
-    for t in sorted(info.tensors.values(), key=lambda t: -t.raw_bytes)[:5]:
+    shown = ("epoch", "global_step", "pytorch-lightning_version", "hyper_parameters.lr")
+    print("   metadata: " + ", ".join(f"{k}={info.values[k]!r}" for k in shown if k in info.values))
+    for t in sorted(info.tensors.values(), key=lambda t: -t.raw_bytes)[:4]:
         print(
-            f"   {t.fqn:45s} {t.dtype:9s} {list(t.shape)!s:14s} {t.ratio:.2f}x  {t.chunks} chunks"
+            f"   {t.fqn:44s} {t.dtype:8s} {list(t.shape)!s:10s} {t.ratio:.2f}x  {t.chunks} chunks"
         )
 
-    print("\n4. Consolidating into one torch.load-able file, on CPU")
-    full = treeckpt.restore(path)
-    out = path + ".consolidated.pt"
-    torch.save(full, out)
-    back = torch.load(out, weights_only=True)
-    ok = all(torch.equal(back["model"][k], full["model"][k]) for k in full["model"])
+    print("\n4. Consolidating into one torch.load-able file, on CPU (treeckpt consolidate)")
+    report = consolidate(ckpt)
+    back = torch.load(report.dst, weights_only=True, map_location="cpu")
+    model_ok = all(
+        torch.equal(back["state_dict"][k], v) for k, v in expected["model"].items()
+    ) and set(back["state_dict"]) == set(expected["model"])
     print(
-        f"   wrote {out} ({os.path.getsize(out) / 1e6:.2f} MB); torch.load(weights_only=True) "
-        f"gives {len(back['model'])} model tensors, equal to the checkpoint: {'yes' if ok else 'NO'}"
+        f"   wrote {report.dst} ({report.bytes_written / 1e6:.2f} MB, {report.tensors} tensors) "
+        f"in {report.seconds:.2f} s"
     )
-    if not (same and ok):
+    print(
+        f"   torch.load(weights_only=True) gives Lightning's layout: state_dict, "
+        f"optimizer_states and {len(back) - 2} more keys; {len(back['state_dict'])} model "
+        f"tensors equal to the trained ones: {'yes' if model_ok else 'NO'}"
+    )
+    if not (same and model_ok):
         print("demo FAILED")
         return 1
     print("\ndemo finished: all checks passed")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--dir", help="where to put the checkpoint (default: a temporary directory)"
+    )
+    job = parser.add_argument_group("one Lightning run (used by the demo itself)")
+    job.add_argument("--job", action="store_true", help=argparse.SUPPRESS)
+    job.add_argument("--devices", type=int, default=2, help=argparse.SUPPRESS)
+    job.add_argument("--steps", type=int, default=20, help=argparse.SUPPRESS)
+    job.add_argument("--out", help=argparse.SUPPRESS)
+    job.add_argument("--save", help=argparse.SUPPRESS)
+    job.add_argument("--resume", help=argparse.SUPPRESS)
+    job.add_argument("--plain", action="store_true", help=argparse.SUPPRESS)
+    job.add_argument("--fsdp1", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.job:
+        return _job(args)
+    workdir = Path(args.dir or tempfile.mkdtemp(prefix="treeckpt-demo-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    return _demo(workdir)
 
 
 if __name__ == "__main__":
