@@ -29,6 +29,7 @@ __all__ = [
     "flatten_dcp",
     "set_path",
     "shards_of",
+    "stored_box",
 ]
 
 Path = tuple[Any, ...]
@@ -124,3 +125,16 @@ def done(value: Any) -> Future[Any]:
     fut: Future[Any] = Future()
     fut.set_result(value)
     return fut
+
+
+def stored_box(item: Any) -> Box:
+    """The region of the stored tensor a ``ReadItem`` reads, in global coordinates.
+
+    ``storage_offsets`` are relative to the stored chunk, which starts at
+    ``storage_index.offset`` (the origin when the index names no chunk).
+    """
+    base = tuple(int(o) for o in (item.storage_index.offset or ())) or (0,) * len(item.lengths)
+    return Box(
+        offsets=tuple(b + int(o) for b, o in zip(base, item.storage_offsets, strict=True)),
+        sizes=tuple(int(s) for s in item.lengths),
+    )

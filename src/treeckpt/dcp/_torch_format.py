@@ -54,7 +54,7 @@ from treeckpt.core.box import Box, full_box
 from treeckpt.core.dtypes import dtype_info, torch_dtype, torch_dtype_code
 from treeckpt.core.leaves import TensorLeaf
 from treeckpt.core.tree import map_tree
-from treeckpt.dcp._flat import commit_read, done, encode_bytes
+from treeckpt.dcp._flat import commit_read, done, encode_bytes, stored_box
 from treeckpt.dcp._torch_metadata import (
     DcpCheckpoint,
     DcpItem,
@@ -421,13 +421,7 @@ class TorchDcpReader(StorageReader):
             if item.type == LoadItemType.BYTE_IO:
                 planner.load_bytes(item, encode_bytes(fqn, read_dcp_value(ckpt, fqn)))
                 continue
-            base = tuple(int(o) for o in (item.storage_index.offset or ()))
-            base = base or (0,) * len(item.lengths)
-            box = Box(
-                offsets=tuple(b + int(o) for b, o in zip(base, item.storage_offsets, strict=True)),
-                sizes=tuple(int(s) for s in item.lengths),
-            )
-            commit_read(planner, item, read_dcp_tensor(ckpt, fqn, box))
+            commit_read(planner, item, read_dcp_tensor(ckpt, fqn, stored_box(item)))
         return done(None)
 
     @classmethod

@@ -42,7 +42,7 @@ from treeckpt.core.box import Box
 from treeckpt.core.dtypes import torch_dtype
 from treeckpt.core.leaves import TensorLeaf
 from treeckpt.core.options import LoadOptions, SaveOptions
-from treeckpt.dcp._flat import commit_read, done, encode_bytes
+from treeckpt.dcp._flat import commit_read, done, encode_bytes, stored_box
 from treeckpt.dcp._shards import ShardSet
 from treeckpt.dcp._torch_format import TorchDcpReader
 from treeckpt.dcp._torch_metadata import DcpCheckpoint
@@ -334,11 +334,7 @@ class FileSystemReader(StorageReader):
             rec = manifest.records.get(fqn)
             if not isinstance(rec, TensorLeaf):
                 raise LoadMismatchError(missing=[fqn])
-            base = tuple(int(o) for o in (item.storage_index.offset or ()))
-            box = Box(
-                offsets=tuple(b + int(o) for b, o in zip(base, item.storage_offsets, strict=True)),
-                sizes=tuple(int(s) for s in item.lengths),
-            )
+            box = stored_box(item)
             key = (fqn, box)
             if key not in buffers:
                 buffers[key] = torch.empty(box.sizes, dtype=torch_dtype(rec.dtype))
