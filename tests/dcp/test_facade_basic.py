@@ -185,20 +185,12 @@ def test_checkpoint_id_resets_a_given_writer_and_reader(tmp_path: Path) -> None:
 
 
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
-def test_torch_dcp_directory_without_reader_support_is_a_clean_error(tmp_path: Path) -> None:
+def test_torch_dcp_directory_loads_through_the_default_reader(tmp_path: Path) -> None:
     path = str(tmp_path / "torch-written")
-    torch_dcp.save({"a": torch.ones(2)}, checkpoint_id=path, no_dist=True)
-    try:
-        import treeckpt.dcp._torch_format  # noqa: F401
-    except ImportError:
-        with pytest.raises(
-            dcp.CheckpointException, match=r"torch.distributed.checkpoint \(\.metadata"
-        ):
-            dcp.load({"a": torch.zeros(2)}, checkpoint_id=path)
-    else:
-        out = {"a": torch.zeros(2)}
-        dcp.load(out, checkpoint_id=path)
-        assert torch.equal(out["a"], torch.ones(2))
+    torch_dcp.save({"a": torch.ones(2), "n": 3}, checkpoint_id=path, no_dist=True)
+    out = {"a": torch.zeros(2), "n": 0}
+    dcp.load(out, checkpoint_id=path)
+    assert torch.equal(out["a"], torch.ones(2)) and out["n"] == 3
 
 
 def test_deprecated_forms_warn_and_work(tmp_ckpt: str) -> None:

@@ -5,6 +5,7 @@ or load a subset."""
 from __future__ import annotations
 
 import io
+import os
 from pathlib import Path
 from typing import Any
 
@@ -265,36 +266,39 @@ def test_read_items_name_chunks_of_the_stored_metadata(tmp_ckpt: str) -> None:
     assert all(isinstance(i.dest_index, MetadataIndex) for i in plan.items)
 
 
+class _Evil:
+    def __reduce__(self) -> Any:
+        return (os.system, ("echo pwned > /dev/null",))
+
+
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
-def test_torch_written_directory_is_handed_to_the_torch_format_reader(
+def test_torch_written_directory_is_read_without_pickle(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The hook: FileSystemReader delegates to ``_torch_format.open_reader(path)``.
-
-    A stand-in module returns torch's own reader here; the real one reads
-    without pickle.
-    """
-    import sys
-    import types
-
+    """FileSystemReader reads a directory torch's DCP wrote through the pickle-free reader,
+    with DCP's planners (treeckpt's and torch's own), and refuses a value that needs pickle."""
     import torch.distributed.checkpoint as torch_dcp
 
     path = str(tmp_path / "torch-written")
-    torch_dcp.save({"w": torch.arange(6.0).reshape(2, 3), "n": 4}, checkpoint_id=path, no_dist=True)
-    opened: list[str] = []
+    state = {"w": torch.arange(6.0).reshape(2, 3), "n": 4, "names": ["a", "b"]}
+    torch_dcp.save(state, checkpoint_id=path, no_dist=True)
+    reader = dcp.FileSystemReader(path)
+    md = reader.read_metadata()
+    assert set(md.state_dict_metadata) == {"w", "n", "names"}
+    for planner in (None, torch_dcp.DefaultLoadPlanner()):
+        out = {"w": torch.zeros(2, 3), "n": 0, "names": []}
+        dcp.load(out, storage_reader=dcp.FileSystemReader(path), planner=planner)
+        assert torch.equal(out["w"], state["w"]) and out["n"] == 4 and out["names"] == ["a", "b"]
 
-    def open_reader(p: str) -> dcp.StorageReader:
-        opened.append(p)
-        return torch_dcp.FileSystemReader(p)
-
-    stub = types.ModuleType("treeckpt.dcp._torch_format")
-    stub.open_reader = open_reader  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "treeckpt.dcp._torch_format", stub)
-    monkeypatch.setattr(sys.modules["treeckpt.dcp"], "_torch_format", stub, raising=False)
-    out = {"w": torch.zeros(2, 3), "n": 0}
-    dcp.load(out, checkpoint_id=path)
-    assert opened and opened[0] == path
-    assert torch.equal(out["w"], torch.arange(6.0).reshape(2, 3)) and out["n"] == 4
+    evil = str(tmp_path / "evil")
+    torch_dcp.save({"w": torch.ones(2), "obj": _Evil()}, checkpoint_id=evil, no_dist=True)
+    ran: list[Any] = []
+    monkeypatch.setattr("posix.system", lambda *a: ran.append(a) or 0)  # what the pickle names
+    with pytest.raises(
+        dcp.CheckpointException, match=r"__0_0\.distcp: 'obj' holds an object that needs pickle"
+    ):
+        dcp.load({"w": torch.zeros(2), "obj": None}, checkpoint_id=evil)
+    assert not ran
 
 
 class _PlannerPath(dcp.DefaultSavePlanner):

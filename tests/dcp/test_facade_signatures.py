@@ -9,8 +9,7 @@ from typing import Any
 
 import pytest
 
-# Submodules of the facade, as in torch. state_dict and format_utils are
-# checked when present (they are built separately).
+# Submodules of the facade, as in torch.
 SUBMODULES = [
     "api",
     "default_planner",
@@ -71,12 +70,7 @@ def _compare(name: str, ours: Any, theirs: Any, where: str) -> None:
 @pytest.mark.parametrize("sub", SUBMODULES)
 def test_submodule_has_torchs_public_names_and_signatures(sub: str) -> None:
     theirs = importlib.import_module(f"torch.distributed.checkpoint.{sub}")
-    try:
-        ours = importlib.import_module(f"treeckpt.dcp.{sub}")
-    except ModuleNotFoundError:
-        if sub in ("state_dict", "format_utils"):
-            pytest.skip(f"treeckpt.dcp.{sub} is not in this build")
-        raise
+    ours = importlib.import_module(f"treeckpt.dcp.{sub}")
     names = list(theirs.__all__)
     assert names
     for name in names:

@@ -19,6 +19,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
 
 import treeckpt
+import treeckpt.dcp as dcp
 import treeckpt.dcp._torch_format_write as tw
 from tests.dist_utils import run_ranks
 from treeckpt import CheckpointError, CheckpointNotFoundError
@@ -215,3 +216,31 @@ def test_broadcasting_reader_into_a_sharded_model(tmp_path: Path) -> None:
         assert "model.1.weight (file torch.float32[3, 5], model torch.float32[4, 5])" in e
     for e in refused:
         assert "evil.pt" in e and "holds objects that need pickle" in e and "Pair" in e
+
+
+def _facade_broadcast_load(rank: int, world: int, path: str) -> dict[str, torch.Tensor]:
+    """The same reader and planner through ``treeckpt.dcp.load`` into an FSDP2 model."""
+    from torch.distributed.fsdp import fully_shard
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 5), torch.nn.Linear(5, 3))
+    fully_shard(model, mesh=init_device_mesh("cpu", (world,)))
+    sd = {"model": model.state_dict()}
+    dcp.load(
+        sd,
+        storage_reader=BroadcastingTorchSaveReader(),
+        planner=DynamicMetaLoadPlanner(),
+        checkpoint_id=path,
+    )
+    assert isinstance(model.state_dict()["0.weight"], DTensor)
+    assert model.state_dict()["0.weight"].to_local().shape == ((3, 2)[rank], 8)
+    return {k: v.full_tensor() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.distributed
+def test_broadcasting_reader_through_the_facade(tmp_path: Path) -> None:
+    """A ``torch.save`` file written by one process loads into FSDP2 shards on 2 ranks."""
+    torch.manual_seed(4)
+    src = torch.nn.Sequential(torch.nn.Linear(8, 5), torch.nn.Linear(5, 3))
+    torch.save({"model": src.state_dict()}, tmp_path / "m.pt")
+    for got in run_ranks(2, _facade_broadcast_load, tmp_path, str(tmp_path / "m.pt")):
+        _same(dict(src.state_dict()), got)

@@ -20,6 +20,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 import treeckpt
+import treeckpt.dcp as dcp
 import treeckpt.dcp._torch_format as tf
 from tests.dist_utils import run_ranks
 from treeckpt import Box, CheckpointError, LoadMismatchError, ManifestError
@@ -172,6 +173,35 @@ def test_load_into_a_sharded_template_on_another_world_size(
     msd, osd = get_state_dict(model, opt)
     got = tf.load_dcp({"model": msd, "optim": osd, "extra": {}}, path, strict=False)
     _same(full["model"], dict(got["model"]))
+
+
+def _facade_load(rank: int, world: int, path: str) -> list[Any]:
+    """``treeckpt.dcp.load`` on a torch-written directory: the default reader and planner,
+    then torch's own planner through an explicit FileSystemReader."""
+    got = []
+    for planner in (None, tdcp.DefaultLoadPlanner()):
+        model = _fsdp(_model(), world)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        msd, osd = get_state_dict(model, opt)
+        extra = {"step": 0, "blob": b"", "names": [], "loss": 0.0}
+        cols = distribute_tensor(
+            torch.zeros(5, 7, dtype=torch.float64), model_mesh(world), [Shard(1)]
+        )
+        state = {"model": msd, "optim": osd, "cols": cols, "extra": extra}
+        dcp.load(state, storage_reader=dcp.FileSystemReader(path), planner=planner)
+        assert state["cols"] is cols and isinstance(msd["0.weight"], DTensor)
+        assert cols.to_local().shape == (5, [3, 3, 1][rank])
+        got.append(_full(state))
+    return got
+
+
+@pytest.mark.distributed
+def test_facade_load_on_another_world_size(fsdp_ckpt: tuple[str, Any], tmp_path: Path) -> None:
+    """torch saved on 2 FSDP2 ranks; ``treeckpt.dcp.load`` on 3 reshards, bit for bit."""
+    path, full = fsdp_ckpt
+    for per_rank in run_ranks(3, _facade_load, tmp_path, path):
+        for got in per_rank:
+            _same(full, got)
 
 
 @pytest.mark.distributed

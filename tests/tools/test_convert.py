@@ -21,6 +21,7 @@ import treeckpt
 from treeckpt import SaveOptions
 from treeckpt.core.leaves import TensorLeaf
 from treeckpt.core.tree import flatten_tree
+from treeckpt.dcp._torch_format import restore_dcp
 from treeckpt.errors import CheckpointError
 from treeckpt.tools import cli
 from treeckpt.tools.convert import convert, detect_format
@@ -115,14 +116,13 @@ def test_treeckpt_dcp_treeckpt_round_trip(
         by_torch = _load_state_dict_from_keys(checkpoint_id=str(d))
     assert_bit_exact(tensors_of(by_torch), tensors_of(treeckpt.restore(str(src))))
     assert by_torch["step"] == 12
-    # Reading DCP unpickles its metadata: refused without --allow-pickle.
-    back = tmp_path / "back"
-    code, _, err = run([str(d), str(back), "--to", "treeckpt"], capsys)
-    assert code == 2 and "--allow-pickle" in err and not back.exists()
-    code, _out, err = run([str(d), str(back), "--to", "treeckpt", "--allow-pickle"], capsys)
-    assert code == 0, err
-    report = diff(str(src), str(back))
-    assert report.identical, [e for e in report.entries if e.status != "same"]
+    # Reading DCP runs no pickle: no flag is needed (--allow-pickle is still accepted).
+    for flags in ([], ["--allow-pickle"]):
+        back = tmp_path / f"back{len(flags)}"
+        code, _out, err = run([str(d), str(back), "--to", "treeckpt", *flags], capsys)
+        assert code == 0, err
+        report = diff(str(src), str(back))
+        assert report.identical, [e for e in report.entries if e.status != "same"]
 
 
 def test_dcp_written_by_torch_converts_bit_exact(tmp_path: Path) -> None:
@@ -135,7 +135,7 @@ def test_dcp_written_by_torch_converts_bit_exact(tmp_path: Path) -> None:
         warnings.simplefilter("ignore")
         dcp.save(sd, checkpoint_id=str(d), no_dist=True)
     out = tmp_path / "ck"
-    res = convert(d, out, to="treeckpt", allow_pickle=True, save_options=FAST)
+    res = convert(d, out, to="treeckpt", save_options=FAST)
     assert (res.src_format, res.dst_format, res.tensors) == ("dcp", "treeckpt", 2)
     got = treeckpt.restore(str(out))
     assert got["nested"]["lr"] == 0.5
@@ -149,8 +149,24 @@ def test_damaged_dcp_source_is_a_checkpoint_error(tmp_path: Path) -> None:
         dcp.save({"w": torch.randn(64, 64)}, checkpoint_id=str(d), no_dist=True)
     for f in d.glob("*.distcp"):
         f.write_bytes(f.read_bytes()[:100])  # truncated data files
-    with pytest.raises(CheckpointError, match=r"dcp: DCP cannot read this checkpoint \("):
-        convert(d, tmp_path / "out", to="treeckpt", allow_pickle=True)
+    with pytest.raises(CheckpointError, match=r"dcp/\.metadata: 'w': bytes .* lie past the end"):
+        convert(d, tmp_path / "out", to="treeckpt")
+    assert not (tmp_path / "out").exists()
+
+
+class _Evil:
+    def __reduce__(self) -> Any:
+        return (print, ("ran",))
+
+
+def test_dcp_value_that_needs_pickle_is_refused(tmp_path: Path) -> None:
+    d = tmp_path / "dcp"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.save({"w": torch.ones(2), "obj": _Evil()}, checkpoint_id=str(d), no_dist=True)
+    for allow_pickle in (False, True):  # the flag does not open DCP values to pickle
+        with pytest.raises(CheckpointError, match=r"'obj' holds an object that needs pickle"):
+            convert(d, tmp_path / "out", to="treeckpt", allow_pickle=allow_pickle)
     assert not (tmp_path / "out").exists()
 
 
@@ -189,9 +205,16 @@ def test_trees_dcp_cannot_hold_are_checkpoint_errors(tmp_path: Path) -> None:
     from collections import namedtuple
 
     point = namedtuple("point", ["x", "y"])
+    # A tuple holding tensors is walked, as DCP does; it comes back as a list.
     src = tmp_path / "nt"
     treeckpt.save({"p": point(torch.ones(2), 3)}, str(src), options=FAST)
-    # restore() rebuilds the namedtuple as a fresh type, which DCP cannot pickle.
+    convert(src, tmp_path / "ok", to="dcp")
+    back = restore_dcp(tmp_path / "ok")
+    assert torch.equal(back["p"][0], torch.ones(2)) and back["p"][1] == 3
+    # A tuple of plain values is one value: restore() rebuilds the namedtuple as a
+    # fresh type, which torch.save cannot pickle.
+    src = tmp_path / "plain"
+    treeckpt.save({"q": point(1, 2)}, str(src), options=FAST)
     with pytest.raises(CheckpointError, match="DCP cannot write this checkpoint"):
         convert(src, tmp_path / "d", to="dcp")
     assert not (tmp_path / "d").exists()

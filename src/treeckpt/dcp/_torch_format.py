@@ -17,6 +17,11 @@ values, so a hostile checkpoint runs code. Here:
   the file sizes, and decompression stops at a bound derived from the
   declared chunk size.
 
+:class:`TorchDcpReader` is the ``StorageReader`` over these functions that
+``treeckpt.dcp.FileSystemReader`` (and so ``treeckpt.dcp.load``) uses for
+such a directory: planners see DCP's ``Metadata`` rebuilt from the checked
+records, and every read goes through the functions below.
+
 The functional API (:func:`read_dcp_metadata`, :func:`read_dcp_tensor`,
 :func:`read_dcp_value`, :func:`restore_dcp`, :func:`load_dcp`) reads only the
 items a request needs; a request is a :class:`~treeckpt.Box` of the global
@@ -27,16 +32,29 @@ from __future__ import annotations
 
 import io
 import itertools
+import os
 import pickle
 from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
+from torch.distributed.checkpoint.metadata import (
+    BytesStorageMetadata,
+    ChunkStorageMetadata,
+    Metadata,
+    StorageMeta,
+    TensorProperties,
+    TensorStorageMetadata,
+)
+from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner
+from torch.distributed.checkpoint.storage import StorageReader
+from torch.futures import Future
 
 from treeckpt.core.box import Box, full_box
 from treeckpt.core.dtypes import dtype_info, torch_dtype, torch_dtype_code
 from treeckpt.core.leaves import TensorLeaf
 from treeckpt.core.tree import map_tree
+from treeckpt.dcp._flat import commit_read, done, encode_bytes, stored_box
 from treeckpt.dcp._torch_metadata import (
     DcpCheckpoint,
     DcpItem,
@@ -59,6 +77,7 @@ __all__ = [
     "DcpCheckpoint",
     "DcpItem",
     "DcpTensor",
+    "TorchDcpReader",
     "dcp_flatten",
     "is_dcp_checkpoint",
     "load_dcp",
@@ -323,3 +342,88 @@ def load_dcp(tree: Any, path: Any, *, strict: bool = True) -> Any:
         else:
             plain = ref.obj
     return plain
+
+
+# ---------------------------------------------------------------------------------------------
+# DCP's storage-reader protocol over the functions above
+
+
+def dcp_metadata(ckpt: DcpCheckpoint) -> Metadata:
+    """DCP's ``Metadata`` for a checked checkpoint, rebuilt from its records (``storage_data``
+    is the :class:`DcpCheckpoint`)."""
+    entries: dict[str, TensorStorageMetadata | BytesStorageMetadata] = {}
+    for fqn in ckpt.paths:
+        t = ckpt.tensors.get(fqn)
+        if t is None:
+            entries[fqn] = BytesStorageMetadata()
+            continue
+        boxes = {b.offsets: b for b, _ in t.chunks}  # a replica is one chunk
+        entries[fqn] = TensorStorageMetadata(
+            properties=TensorProperties(dtype=torch_dtype(t.dtype)),
+            size=torch.Size(t.shape),
+            chunks=[
+                ChunkStorageMetadata(offsets=torch.Size(b.offsets), sizes=torch.Size(b.sizes))
+                for b in boxes.values()
+            ],
+        )
+    return Metadata(
+        state_dict_metadata=entries,
+        planner_data=dict(ckpt.paths),
+        storage_data=ckpt,
+        storage_meta=StorageMeta(checkpoint_id=ckpt.path),
+        version=ckpt.version,
+    )
+
+
+class TorchDcpReader(StorageReader):
+    """A ``StorageReader`` for a directory torch's DCP wrote, reading it without pickle.
+
+    ``read_metadata`` checks ``.metadata`` (:func:`read_dcp_metadata`); tensor
+    items are regions read with :func:`read_dcp_tensor` (only the chunks they
+    meet, so any planner's resharding works); values are read with
+    :func:`read_dcp_value` and handed to the planner as ``torch.save`` bytes
+    of the checked value. Nothing is cast: a dtype the destination does not
+    have is a :class:`~treeckpt.LoadMismatchError`.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        super().__init__()
+        self.path = os.fspath(path)
+        self.ckpt: DcpCheckpoint | None = None
+
+    def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
+        if checkpoint_id is not None:
+            self.path = os.fspath(checkpoint_id)
+        self.ckpt = None
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        self.ckpt = read_dcp_metadata(self.path)
+        return dcp_metadata(self.ckpt)
+
+    def set_up_storage_reader(
+        self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any
+    ) -> None:
+        if isinstance(metadata.storage_data, DcpCheckpoint):
+            self.ckpt = metadata.storage_data
+
+    def prepare_local_plan(self, plan: LoadPlan) -> LoadPlan:
+        return plan
+
+    def prepare_global_plan(self, plans: list[LoadPlan]) -> list[LoadPlan]:
+        return plans
+
+    def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
+        if self.ckpt is None:
+            self.ckpt = read_dcp_metadata(self.path)
+        ckpt = self.ckpt
+        for item in plan.items:
+            fqn = item.storage_index.fqn
+            if item.type == LoadItemType.BYTE_IO:
+                planner.load_bytes(item, encode_bytes(fqn, read_dcp_value(ckpt, fqn)))
+                continue
+            commit_read(planner, item, read_dcp_tensor(ckpt, fqn, stored_box(item)))
+        return done(None)
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:
+        return is_dcp_checkpoint(checkpoint_id)

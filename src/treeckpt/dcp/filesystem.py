@@ -5,7 +5,8 @@ per-save data files, checksums, atomic overwrite) at a local path or any
 fsspec URL; :class:`FileSystemReader` reads it back with resharding, and
 presents it to planners as DCP's :class:`~treeckpt.dcp.metadata.Metadata`.
 A directory written by torch's own DCP (a ``.metadata`` file and no
-``manifest.json``) is handed to ``treeckpt.dcp._torch_format``.
+``manifest.json``) is read by :class:`~treeckpt.dcp._torch_format.TorchDcpReader`,
+without running its pickles, with the same resharding.
 
 ``FileSystem``, ``FileSystemBase`` and ``SerializationFormat`` are torch's,
 re-exported for code that names them.
@@ -14,7 +15,6 @@ re-exported for code that names them.
 from __future__ import annotations
 
 import contextlib
-import importlib
 import io
 import os
 from collections.abc import Sequence
@@ -42,8 +42,10 @@ from treeckpt.core.box import Box
 from treeckpt.core.dtypes import torch_dtype
 from treeckpt.core.leaves import TensorLeaf
 from treeckpt.core.options import LoadOptions, SaveOptions
-from treeckpt.dcp._flat import encode_bytes
+from treeckpt.dcp._flat import commit_read, done, encode_bytes, stored_box
 from treeckpt.dcp._shards import ShardSet
+from treeckpt.dcp._torch_format import TorchDcpReader
+from treeckpt.dcp._torch_metadata import DcpCheckpoint
 from treeckpt.dcp._view import (
     RAW_BYTES_KEY,
     TreeckptStorage,
@@ -67,12 +69,6 @@ __all__ = [
     "FileSystemWriter",
     "SerializationFormat",
 ]
-
-
-def _done(value: Any) -> Future[Any]:
-    fut: Future[Any] = Future()
-    fut.set_result(value)
-    return fut
 
 
 def _path_str(path: str | os.PathLike[str]) -> str:
@@ -242,28 +238,6 @@ class FileSystemWriter(StorageWriter, BlockingAsyncStager):
         return results
 
 
-def torch_format_reader(path: str) -> StorageReader:
-    """The reader of a checkpoint written by torch's DCP.
-
-    The hook: ``treeckpt.dcp._torch_format.open_reader(path)`` returns a
-    ``StorageReader`` for such a directory (reading it without pickle).
-    """
-    missing = CheckpointError(
-        f"{path}: this is a checkpoint written by torch.distributed.checkpoint "
-        "(.metadata, no manifest.json); reading it needs treeckpt.dcp._torch_format, "
-        "which this installation lacks"
-    )
-    try:
-        module = importlib.import_module("treeckpt.dcp._torch_format")
-    except ImportError:
-        raise missing from None
-    open_reader = getattr(module, "open_reader", None)
-    if open_reader is None:
-        raise missing
-    reader: StorageReader = open_reader(path)
-    return reader
-
-
 class FileSystemReader(StorageReader):
     """Read a treeckpt checkpoint at ``path`` (a directory or fsspec URL), or one torch's DCP wrote.
 
@@ -297,7 +271,7 @@ class FileSystemReader(StorageReader):
             finally:
                 backend.close()
             if torch_written:
-                self.delegate = torch_format_reader(self.path)
+                self.delegate = TorchDcpReader(self.path)
         return self.delegate
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
@@ -321,6 +295,8 @@ class FileSystemReader(StorageReader):
         if isinstance(metadata.storage_data, TreeckptStorage):
             self.storage = metadata.storage_data
             return
+        if self.delegate is None and isinstance(metadata.storage_data, DcpCheckpoint):
+            self.delegate = TorchDcpReader(self.path)  # another rank read the metadata
         delegate = self._torch_delegate()
         if delegate is not None:
             delegate.set_up_storage_reader(metadata, is_coordinator, *args, **kwargs)
@@ -358,11 +334,7 @@ class FileSystemReader(StorageReader):
             rec = manifest.records.get(fqn)
             if not isinstance(rec, TensorLeaf):
                 raise LoadMismatchError(missing=[fqn])
-            base = tuple(int(o) for o in (item.storage_index.offset or ()))
-            box = Box(
-                offsets=tuple(b + int(o) for b, o in zip(base, item.storage_offsets, strict=True)),
-                sizes=tuple(int(s) for s in item.lengths),
-            )
+            box = stored_box(item)
             key = (fqn, box)
             if key not in buffers:
                 buffers[key] = torch.empty(box.sizes, dtype=torch_dtype(rec.dtype))
@@ -377,19 +349,8 @@ class FileSystemReader(StorageReader):
             with contextlib.suppress(Exception):
                 backend.close()
         for item, src in tensor_items:
-            target = planner.resolve_tensor(item).detach()
-            fqn = item.dest_index.fqn
-            if target.dtype != src.dtype or tuple(target.shape) != tuple(src.shape):
-                raise LoadMismatchError(
-                    mismatched=[
-                        f"{fqn} (checkpoint {src.dtype}{list(src.shape)}, destination "
-                        f"{target.dtype}{list(target.shape)}; nothing is cast)"
-                    ]
-                )
-            with torch.no_grad():
-                target.copy_(src)
-            planner.commit_tensor(item, target)
-        return _done(None)
+            commit_read(planner, item, src)
+        return done(None)
 
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:

@@ -38,6 +38,7 @@ from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPla
 from torch.futures import Future
 
 from treeckpt.core.options import SaveOptions
+from treeckpt.dcp._flat import commit_read, done
 from treeckpt.dcp._torch_format import restore_dcp
 from treeckpt.dcp._torch_format import unpickling_reason as _reason
 from treeckpt.dcp._torch_format_write import open_lazy, write_dcp, write_torch_save
@@ -212,14 +213,9 @@ class BroadcastingTorchSaveReader(_tfu.BroadcastingTorchSaveReader):
                 # storage_index.offset of the full tensor broadcast here.
                 base = req.storage_index.offset or [0] * len(req.storage_offsets)
                 starts = [a + b for a, b in zip(base, req.storage_offsets, strict=True)]
-                part = narrow_tensor_by_index(tensor, starts, req.lengths)
-                target = planner.resolve_tensor(req).detach()
-                target.copy_(part)
-                planner.commit_tensor(req, target)
+                commit_read(planner, req, narrow_tensor_by_index(tensor, starts, req.lengths))
             del tensor
-        fut: Future[None] = Future()
-        fut.set_result(None)
-        return fut
+        return done(None)
 
 
 def _check_source(

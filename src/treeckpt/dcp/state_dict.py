@@ -5,7 +5,8 @@ return state dicts keyed by FQN (the optimizer state too, so it survives a
 change of world size or of parallelism), sharded as the model is (DTensors
 for FSDP2) unless ``StateDictOptions(full_state_dict=True)``. The ``set_*``
 functions take the same dicts back. These are torch's own implementations,
-re-exported unchanged: they are correct for plain modules, DDP and FSDP2,
+re-exported unchanged (with its type aliases, ``FQNS_T`` and the
+``*Type`` names): they are correct for plain modules, DDP and FSDP2,
 and what they return is exactly the tree :func:`treeckpt.save` and
 :func:`treeckpt.load` take::
 
@@ -20,7 +21,13 @@ and what they return is exactly the tree :func:`treeckpt.save` and
 from __future__ import annotations
 
 from torch.distributed.checkpoint.state_dict import (
+    FQNS_T,
+    DictValueType,
+    ListDictValueType,
+    OptimizerStateType,
+    PrimitiveType,
     StateDictOptions,
+    ValueType,
     get_model_state_dict,
     get_optimizer_state_dict,
     get_state_dict,
@@ -30,7 +37,13 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 __all__ = [
+    "FQNS_T",
+    "DictValueType",
+    "ListDictValueType",
+    "OptimizerStateType",
+    "PrimitiveType",
     "StateDictOptions",
+    "ValueType",
     "get_model_state_dict",
     "get_optimizer_state_dict",
     "get_state_dict",

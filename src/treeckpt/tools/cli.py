@@ -645,15 +645,15 @@ def _add_convert(sub: Any) -> None:
             "is recognised from its contents. --to safetensors writes the tensor leaves only, "
             "keyed by FQN (non-tensor leaves are listed as dropped). --to torch from a treeckpt "
             "checkpoint consolidates it into one torch.save file in bounded memory.",
-            "torch.save files are read with weights_only=True. A DCP checkpoint's .metadata is a "
-            "pickle, so reading DCP needs --allow-pickle. An existing DST is never replaced "
+            "torch.save files are read with weights_only=True; DCP checkpoints are read without "
+            "running their pickles (no flag needed). An existing DST is never replaced "
             "without --overwrite.",
             "exit codes: 0 converted, 2 usage error, no checkpoint at SRC, DST exists, or the "
             "target format cannot hold a leaf",
         ),
         epilog="examples:\n"
         "  treeckpt convert ckpt/ model.safetensors --to safetensors\n"
-        "  treeckpt convert dcp-ckpt/ ckpt/ --to treeckpt --allow-pickle\n"
+        "  treeckpt convert dcp-ckpt/ ckpt/ --to treeckpt\n"
         "  treeckpt convert ckpt/ dcp-ckpt/ --to dcp\n"
         "  treeckpt convert model.pt s3://bucket/ckpt --to treeckpt\n"
         "  treeckpt convert ckpt/ full.pt --to torch --max-memory 8GiB --overwrite",
@@ -666,7 +666,7 @@ def _add_convert(sub: Any) -> None:
     p.add_argument(
         "--allow-pickle",
         action="store_true",
-        help="allow unpickling (DCP metadata, pickled treeckpt leaves): trusted sources only",
+        help="allow unpickling pickled treeckpt leaves (trusted sources only; not needed for DCP)",
     )
     p.add_argument(
         "--max-memory",

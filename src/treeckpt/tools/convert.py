@@ -7,16 +7,20 @@ with a safetensors header, or a ``torch.save`` file (zip or legacy). The
 whole tree is read into memory, then written as ``to``:
 
 - ``treeckpt``: ``treeckpt.save`` (atomic; any fsspec URL);
-- ``dcp``: ``torch.distributed.checkpoint.save`` into a directory;
+- ``dcp``: a directory in torch DCP's own format (``.metadata`` and one
+  ``__0_0.distcp``), written by ``treeckpt.dcp``'s DCP writer, which
+  ``torch.distributed.checkpoint.load`` reads;
 - ``torch``: from a treeckpt checkpoint, ``treeckpt.tools.consolidate``
   (bounded memory); from the other formats, one ``torch.save`` file;
 - ``safetensors``: the tensor leaves only, keyed by FQN (non-tensor leaves
   are listed in the result as dropped).
 
-Safety: ``torch.save`` files are read with ``torch.load(weights_only=True)``
-and safetensors files never run code. Reading a DCP checkpoint unpickles its
-``.metadata`` file (that is how torch stores it), so it needs
-``allow_pickle=True``, as do treeckpt checkpoints holding pickled leaves.
+Safety: nothing read runs code. ``torch.save`` files are read with
+``torch.load(weights_only=True)``, safetensors files never run code, and a
+DCP checkpoint is read by ``treeckpt.dcp``'s pickle-free reader (its
+``.metadata`` through an allow-listed unpickler, its items with
+``weights_only=True``), so no flag is needed for it. ``allow_pickle=True``
+is needed only for treeckpt checkpoints holding pickled leaves.
 
 Files and directories written outside treeckpt's own format are first
 written under a temporary name next to ``dst`` and then renamed into place,
@@ -31,8 +35,7 @@ import os
 import shutil
 import struct
 import uuid
-import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -43,7 +46,9 @@ import torch
 import treeckpt
 from treeckpt.core.leaves import TensorLeaf
 from treeckpt.core.tree import build_tree, flatten_tree
-from treeckpt.errors import CheckpointError, CheckpointNotFoundError, UnsupportedLeafError
+from treeckpt.dcp._torch_format import restore_dcp
+from treeckpt.dcp._torch_format_write import write_dcp
+from treeckpt.errors import CheckpointError, CheckpointNotFoundError
 from treeckpt.explore import TensorHandle
 from treeckpt.store import layout
 from treeckpt.store.backends import open_backend
@@ -129,8 +134,8 @@ def convert(
     Args:
         to: ``treeckpt``, ``dcp``, ``torch`` or ``safetensors``.
         overwrite: replace an existing ``dst`` (refused by default).
-        allow_pickle: allow reading DCP checkpoints (their metadata is a
-            pickle) and treeckpt leaves saved with pickle.
+        allow_pickle: allow reading treeckpt leaves saved with pickle (DCP
+            checkpoints are read without pickle and need no flag).
         max_memory: for ``torch`` from treeckpt, passed to ``consolidate``.
         save_options: for ``treeckpt``, how to store (chunking, compression).
         on_start: called once with the raw bytes to convert (``None`` when unknown).
@@ -204,21 +209,7 @@ def _read(
     if on_start is not None:
         on_start(None)
     if fmt == "dcp":
-        if not allow_pickle:
-            raise UnsupportedLeafError(
-                f"{src}: reading a DCP checkpoint unpickles its {_DCP_METADATA} file (runs code "
-                "from the checkpoint); pass allow_pickle=True (--allow-pickle) if you trust it"
-            )
-        from torch.distributed.checkpoint.api import CheckpointException
-        from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
-
-        try:
-            with _single_process():
-                tree = _load_state_dict_from_keys(checkpoint_id=src)
-        except (Exception, CheckpointException) as exc:  # DCP's own error is a BaseException
-            raise CheckpointError(
-                f"{src}: DCP cannot read this checkpoint ({_last_line(exc)})"
-            ) from None
+        tree = restore_dcp(src)  # pickle-free; its errors name the file and the FQN
     elif fmt == "torch":
         try:
             tree = torch.load(src, map_location="cpu", weights_only=True)
@@ -269,19 +260,18 @@ def _read_treeckpt(
 
 
 def _write_dcp(tree: Any, dst: str) -> None:
-    import torch.distributed.checkpoint as dcp
-
     state = tree if isinstance(tree, dict) else {"state": tree}
 
-    def write(tmp: str) -> None:
-        os.makedirs(tmp)
-        from torch.distributed.checkpoint.api import CheckpointException
+    def no_fetch(fqn: str) -> torch.Tensor:
+        raise AssertionError(f"{fqn}: every tensor is in memory")  # pragma: no cover
 
+    def write(tmp: str) -> None:
         try:
-            with _single_process():
-                dcp.save(state, checkpoint_id=tmp, no_dist=True)
-        # DCP pickles values, so some trees it cannot write; its error is a BaseException.
-        except (Exception, CheckpointException) as exc:
+            write_dcp(state, no_fetch, tmp)
+        except CheckpointError:
+            raise
+        # A value torch.save cannot pickle (a class defined nowhere importable).
+        except Exception as exc:
             raise CheckpointError(
                 f"{dst}: DCP cannot write this checkpoint ({_last_line(exc)})"
             ) from None
@@ -344,14 +334,6 @@ def _last_line(exc: BaseException) -> str:
     """The gist of an error whose text may carry whole tracebacks (DCP's do)."""
     lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
     return (lines[-1] if lines else type(exc).__name__)[:300]
-
-
-@contextlib.contextmanager
-def _single_process() -> Iterator[None]:
-    """Silence DCP's notice that it runs without a process group: that is the intent here."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r"torch\.distributed is .*single process")
-        yield
 
 
 def _exists(dst: str, to: Format) -> bool:
