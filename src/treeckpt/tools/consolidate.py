@@ -20,13 +20,11 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import io
 import math
 import os
 import re
 import time
 import uuid
-import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -142,12 +140,12 @@ class _TreeckptSource:
 
 
 def open_dcp_source(path: str) -> _Source:
-    """The reader for a checkpoint in torch's DCP format.
+    """The reader for a checkpoint in torch's DCP format: treeckpt's pickle-free one.
 
-    This is the one place a DCP reader plugs in. Today it is
-    ``torch.distributed.checkpoint``'s ``FileSystemReader`` (its ``.metadata``
-    file is a pickle, read by torch); stored non-tensor items are read with
-    ``torch.load(weights_only=True)``, never by running pickled code.
+    ``.metadata`` is read by an allow-listed unpickler that accepts only the
+    classes DCP writes, and stored values with ``torch.load(weights_only=True)``,
+    so nothing in the checkpoint runs code. Tensors are read region by region
+    (only the stored chunks a region meets), like a treeckpt checkpoint's.
     """
     return _TorchDcpSource(path)
 
@@ -156,71 +154,32 @@ class _TorchDcpSource:
     format = "dcp"
 
     def __init__(self, path: str) -> None:
-        from torch.distributed.checkpoint import FileSystemReader
+        from treeckpt.dcp._torch_metadata import read_dcp_metadata
 
-        self.path = path
-        self.reader = FileSystemReader(path)
-        self.metadata = self.reader.read_metadata()
-
-    def _load(self, state: dict[str, Any]) -> None:
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint import DefaultLoadPlanner
-
-        class _Planner(DefaultLoadPlanner):
-            def load_bytes(self, read_item: Any, value: io.BytesIO) -> None:
-                # DCP's own planner runs torch.load(weights_only=False) here.
-                self.state_dict[read_item.dest_index.fqn] = torch.load(value, weights_only=True)
-
-        reader = type(self.reader)(self.path)
-        planner = _Planner(
-            flatten_state_dict=False, flatten_sharded_tensors=False, allow_partial_load=True
-        )
-        with warnings.catch_warnings():
-            warnings.filterwarnings(
-                "ignore", message=".*assuming the intent is to load in a single"
-            )
-            dcp.load(state, storage_reader=reader, planner=planner, no_dist=True)
+        self.ckpt = read_dcp_metadata(path)
 
     def skeleton(self) -> tuple[Any, dict[str, TensorLeaf]]:
-        from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
-        from treeckpt.core.dtypes import torch_dtype_code
+        from treeckpt.dcp._torch_format import nest, read_dcp_value
 
         records: dict[str, TensorLeaf] = {}
         flat: dict[str, Any] = {}
-        values: dict[str, Any] = {}
-        for fqn, md in self.metadata.state_dict_metadata.items():
-            if isinstance(md, TensorStorageMetadata):
-                code = torch_dtype_code(md.properties.dtype)
-                if code is None:
-                    raise CheckpointError(f"{fqn!r}: dtype {md.properties.dtype} is not supported")
-                records[fqn] = TensorLeaf(lib="torch", dtype=code, shape=tuple(md.size))
-                flat[fqn] = _Hole(fqn)
+        for fqn in self.ckpt.fqns:
+            t = self.ckpt.tensors.get(fqn)
+            if t is None:
+                flat[fqn] = read_dcp_value(self.ckpt, fqn)
             else:
-                values[fqn] = None
-        if values:
-            self._load(values)
-            flat.update(values)
-        mapping = self.metadata.planner_data
-        if isinstance(mapping, dict) and set(mapping) >= set(flat):
-            from torch.distributed.checkpoint._nested_dict import unflatten_state_dict
-
-            tree = unflatten_state_dict(flat, mapping)
-        else:
-            tree = flat
-        return tree, records
+                records[fqn] = TensorLeaf(lib="torch", dtype=t.dtype, shape=t.shape)
+                flat[fqn] = _Hole(fqn)
+        return nest(flat, self.ckpt.paths), records
 
     def read(self, requests: list[tuple[str, Box, torch.Tensor]]) -> None:
-        state = {}
+        from treeckpt.dcp._torch_format import read_dcp_tensor
+
         for fqn, box, out in requests:
-            md = self.metadata.state_dict_metadata[fqn]
-            if box.sizes != tuple(getattr(md, "size", ())):
-                raise AssertionError("DCP tensors are read whole")
-            state[fqn] = out
-        self._load(state)
+            read_dcp_tensor(self.ckpt, fqn, box, out=out)
 
     def whole_tensors_only(self) -> bool:
-        return True
+        return False
 
     def close(self) -> None:
         pass
