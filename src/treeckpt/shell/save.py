@@ -6,7 +6,11 @@ The order of durable operations is what makes a commit atomic and last:
 2. every rank writes and fsyncs its data files, then its chunk index;
 3. rank 0 fsyncs the data directory, then commits ``manifest.json`` by an
    atomic replace (temp file, fsync, rename, fsync of the directory);
-4. only then are the previous checkpoint's files removed.
+4. only then are the previous checkpoint's files removed, and those of
+   abandoned saves (``shell/cleanup.py``).
+
+Rank 0 holds a claim on the new data directory from its creation until its
+commit, so no other save's clean-up removes it while this save runs.
 
 A failure before step 3 leaves the previous manifest and its files untouched;
 the failed save's directory is removed on a best-effort basis.
@@ -28,6 +32,7 @@ from treeckpt.core.plan_table import LocalTable, SavePlanTable, local_table, pla
 from treeckpt.core.specs import ShardSpec
 from treeckpt.core.tree import FlatTree, flatten_tree
 from treeckpt.errors import CheckpointError, PlanError
+from treeckpt.shell import cleanup
 from treeckpt.shell.coord import Coordinator
 from treeckpt.shell.tensors import chunk_source, local_shards
 from treeckpt.store import layout
@@ -83,6 +88,7 @@ def save_tree(
     plan: SavePlanTable | None = None
     previous: str | None = None
     proposals: list[Any] | None = None
+    hold = None
     if coord.is_coordinator:
         created: str | None = None
         try:
@@ -95,11 +101,13 @@ def save_tree(
             # Its entry in the checkpoint directory becomes durable with the
             # directory fsync that follows the manifest's rename.
             backend.makedirs(layout.data_dir(save_id))
+            hold = cleanup.claim(backend, save_id)
             proposals = [(plan.for_rank(r), save_id) for r in range(coord.world_size)]
         except Exception as exc:
             if created is not None:
                 with contextlib.suppress(Exception):
                     backend.remove_tree(layout.data_dir(created))
+            cleanup.release(hold)
             proposals = [exc] * coord.world_size
     mine = coord.scatter(proposals, "plan")
     failed = isinstance(mine, BaseException) and coord.is_coordinator
@@ -147,10 +155,9 @@ def save_tree(
         if not committed and coord.is_coordinator:
             with contextlib.suppress(Exception):
                 backend.remove_tree(layout.data_dir(save_id))
+        cleanup.release(hold)  # after the commit (or the failure): nothing to protect
     if coord.is_coordinator:
-        if previous is not None and previous != save_id:
-            with contextlib.suppress(Exception):
-                backend.remove_tree(layout.data_dir(previous))
+        cleanup.remove_stale(backend, own=save_id, previous=previous)
         return SaveResult(path=backend.root, save_id=save_id, plan=plan)
     return SaveResult(path=backend.root, save_id=save_id, plan=None)
 
