@@ -133,7 +133,16 @@ class FsspecBackend(Backend):
     def readinto(self, name: str, offset: int, out: memoryview) -> int:
         if len(out) == 0:
             return 0
-        data = self.fs.cat_file(self._path(name), start=offset, end=offset + len(out))
+        try:
+            data = self.fs.cat_file(self._path(name), start=offset, end=offset + len(out))
+        except FileNotFoundError:
+            raise
+        except OSError:
+            # Object stores refuse a range that starts at or past the end (HTTP 416).
+            size = self.size(name)
+            if size is not None and offset >= size:
+                return 0
+            raise
         n = min(len(data), len(out))
         out[:n] = data[:n]
         return n
