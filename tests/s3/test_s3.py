@@ -39,6 +39,8 @@ FAST = dataclasses.replace(SAVE_OPTIONS, sync=False)
 class TestS3Backend(BackendContract):
     """The whole backend contract, on S3."""
 
+    racing_commits = 30  # each commit is a few HTTP requests to a server sharing the CPU
+
     @pytest.fixture
     def backend(self, s3_url: str) -> Iterator[Backend]:
         b = open_backend(s3_url)

@@ -30,6 +30,9 @@ def _write(backend: Backend, name: str, *parts: bytes, sync: bool = True) -> Non
 class BackendContract:
     """The behaviour treeckpt relies on from every storage backend."""
 
+    #: Commits raced against two readers in ``test_commit_file_is_atomic_for_concurrent_readers``.
+    racing_commits = 150
+
     @pytest.fixture
     def backend(self) -> Iterator[Backend]:  # pragma: no cover - overridden
         raise NotImplementedError
@@ -151,7 +154,7 @@ class BackendContract:
         for t in threads:
             t.start()
         try:
-            for n in range(150):
+            for n in range(self.racing_commits):
                 backend.commit_file("m.json", versions[n % 4], sync=False)
         finally:
             stop.set()

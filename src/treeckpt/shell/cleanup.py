@@ -9,7 +9,9 @@ even by ``SIGKILL``). After its manifest is committed, rank 0 removes:
 - the data directories of abandoned saves: saves that crashed or lost a race
   and never committed. A directory is abandoned when nobody holds its claim
   (local disks) or, on stores without locks (object stores), when nothing
-  below it was written for :data:`ABANDONED_AFTER_S` seconds;
+  below it was written (and no unfinished upload begun) for
+  :data:`ABANDONED_AFTER_S` seconds; its unfinished multipart uploads are
+  aborted with it;
 - ``manifest.json.tmp-*`` files of killed local commits whose process is gone
   (or that are older than :data:`ABANDONED_AFTER_S`).
 
@@ -65,7 +67,7 @@ def remove_stale(backend: Backend, *, own: str, previous: str | None) -> list[st
             backend.remove_tree(layout.data_dir(previous))
             removed.append(layout.data_dir(previous))
     try:
-        names = backend.listdir()
+        names = sorted(set(backend.listdir()) | set(backend.unfinished()))
     except OSError:
         return removed
     for name in names:

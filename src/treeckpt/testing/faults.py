@@ -220,6 +220,9 @@ class FaultyBackend(Backend):
     def age_s(self, name: str) -> float | None:
         return self.inner.age_s(name)
 
+    def unfinished(self) -> list[str]:
+        return self.inner.unfinished()
+
     def close(self) -> None:
         self.inner.close()
 

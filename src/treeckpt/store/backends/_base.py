@@ -84,6 +84,11 @@ class Backend(ABC):
         """
         return None
 
+    def unfinished(self) -> list[str]:
+        """Top-level names that only unfinished writes hold (S3 multipart uploads of a
+        killed writer): invisible to ``listdir``, removed by ``remove_tree``."""
+        return []
+
     def hold_dir(self, name: str) -> DirHold | None:
         """Mark directory ``name`` as in use by a live save until ``release()``.
 

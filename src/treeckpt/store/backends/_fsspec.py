@@ -93,7 +93,7 @@ class _FsspecWriter(Writer):
 
 def _mtime(info: dict[str, Any]) -> float | None:
     """Modification time (epoch seconds) from an fsspec ``info`` dict, where it has one."""
-    for key in ("LastModified", "mtime", "updated", "last_modified", "modified", "created"):
+    for key in ("LastModified", "Initiated", "mtime", "updated", "last_modified", "modified", "created"):
         value = info.get(key)
         if isinstance(value, datetime):
             return value.timestamp()
@@ -200,7 +200,39 @@ class FsspecBackend(Backend):
         self._refresh(path)
         with contextlib.suppress(FileNotFoundError):
             self.fs.rm(path, recursive=True)
+        for upload in self._uploads(path):
+            with contextlib.suppress(Exception):
+                self.fs.abort_mpu(upload["Bucket"], upload["Key"], upload["UploadId"])
         self._refresh(path)
+
+    def _uploads(self, path: str) -> list[dict[str, Any]]:
+        """Multipart uploads begun below ``path`` and never completed nor aborted (S3 only).
+
+        A writer killed mid-upload leaves one: invisible to readers, but it
+        holds storage until it is aborted.
+        """
+        lister = getattr(self.fs, "list_multipart_uploads", None)
+        if lister is None or not hasattr(self.fs, "abort_mpu"):
+            return []
+        bucket, _, prefix = path.partition("/")
+        try:
+            found = lister(bucket)
+        except Exception:
+            return []
+        prefix = prefix.rstrip("/")
+        return [
+            {**u, "Bucket": bucket}
+            for u in found
+            if isinstance(u.get("Key"), str)
+            and (not prefix or u["Key"] == prefix or u["Key"].startswith(prefix + "/"))
+        ]
+
+    def unfinished(self) -> list[str]:
+        top = {
+            u["Key"][len(self.root.partition("/")[2]) :].lstrip("/").split("/", 1)[0]
+            for u in self._uploads(self.root)
+        }
+        return sorted(t for t in top if t)
 
     def age_s(self, name: str) -> float | None:
         path = self._path(name)
@@ -210,6 +242,7 @@ class FsspecBackend(Backend):
         except FileNotFoundError:
             return None
         times = [_mtime(info) for info in found.values()]
+        times += [_mtime(u) for u in self._uploads(path)]  # "Initiated"
         if not times or any(t is None for t in times):
             return None
         return max(0.0, time.time() - max(t for t in times if t is not None))
