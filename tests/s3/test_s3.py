@@ -23,6 +23,7 @@ import treeckpt
 from tests.adversarial.forge import SAVE_OPTIONS, same, sample_tree, template_of
 from tests.dist_utils import run_ranks
 from tests.s3.s3_utils import objects, uploads
+from tests.test_concurrency import OPTS, assert_next_save_cleans_up, race, version
 from tests.store.test_backends import BackendContract
 from treeckpt import IncompleteCheckpointError
 from treeckpt.shell import cleanup
@@ -210,3 +211,17 @@ def test_two_ranks_save_and_reshard_on_s3(
         n == "manifest.json" or n.startswith(f"data-{ids2[0]}/")
         for n in objects(s3fs_instance, s3_url)
     )
+
+
+@pytest.mark.filterwarnings("ignore:This process .* fork:DeprecationWarning")
+def test_two_savers_race_on_s3_while_a_reader_loads(
+    s3_url: str, s3fs_instance: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Exactly one saver's tree, never a mix. The racers run with the default grace period
+    (a concurrent save is never taken for abandoned); a later save with none cleans up."""
+    treeckpt.save(version(100), s3_url, options=OPTS)
+    reads = race(s3_url, 100, rounds=2, clean_up=False)
+    assert any(k.startswith("v") for k in reads), reads
+    monkeypatch.setattr(cleanup, "ABANDONED_AFTER_S", 0.0)
+    assert_next_save_cleans_up(s3_url)
+    assert uploads(s3fs_instance, s3_url) == []
