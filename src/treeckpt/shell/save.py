@@ -109,7 +109,7 @@ def save_tree(
                     backend.remove_tree(layout.data_dir(created))
             cleanup.release(hold)
             proposals = [exc] * coord.world_size
-    mine = coord.scatter(proposals, "plan")
+    mine = coord.scatter(proposals, "assign")  # its own name: a rank dying in between is named
     failed = isinstance(mine, BaseException) and coord.is_coordinator
     coord.agree("plan", mine if failed else None)
     my_rows, save_id = mine
