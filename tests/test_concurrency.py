@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
-import queue
 import traceback
 from typing import Any
 
@@ -104,7 +103,9 @@ def race(path: str, first: int, *, rounds: int = ROUNDS, clean_up: bool = True) 
         start = ctx.Barrier(3)
         stop = ctx.Event()
         savers = [ctx.Process(target=_saver, args=(path, v, start, q)) for v in (a, b)]
-        reader = ctx.Process(target=_reader, args=(path, sorted(committed | {a, b}), start, stop, q))
+        reader = ctx.Process(
+            target=_reader, args=(path, sorted(committed | {a, b}), start, stop, q)
+        )
         procs = [*savers, reader]
         for p in procs:
             p.start()

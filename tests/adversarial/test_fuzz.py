@@ -29,7 +29,15 @@ from types import FrameType
 import pytest
 
 import treeckpt
-from tests.adversarial.forge import MANIFEST, SAVE_OPTIONS, Ckpt, copy, same, sample_tree, template_of
+from tests.adversarial.forge import (
+    MANIFEST,
+    SAVE_OPTIONS,
+    Ckpt,
+    copy,
+    same,
+    sample_tree,
+    template_of,
+)
 from treeckpt import CheckpointError, CorruptChunkError
 
 TREE = sample_tree(0)
@@ -107,7 +115,9 @@ def generate(ck: Ckpt, other: Ckpt, seed: int, count: int) -> Iterator[Case]:
         elif kind == "zero_page":
             page = rng.choice((64, 512, 4096))
             start = rng.randrange(0, len(data), page) if len(data) > page else 0
-            changes = [(rel, data[:start] + bytes(len(data[start : start + page])) + data[start + page :])]
+            changes = [
+                (rel, data[:start] + bytes(len(data[start : start + page])) + data[start + page :])
+            ]
         elif kind == "append":
             extra = rng.choice((b"\x00", b"\n", b"}", rng.randbytes(rng.randint(1, 5000))))
             changes = [(rel, data + extra)]

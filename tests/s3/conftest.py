@@ -10,6 +10,7 @@ bucket. Everything skips cleanly when moto or s3fs is missing.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import uuid
@@ -63,7 +64,5 @@ def s3_url(s3fs_instance: Any) -> Iterator[str]:
     s3fs_instance.mkdir(bucket)
     yield f"s3://{bucket}/ckpt"
     s3fs_instance.invalidate_cache()
-    try:
+    with contextlib.suppress(FileNotFoundError):
         s3fs_instance.rm(bucket, recursive=True)
-    except FileNotFoundError:
-        pass

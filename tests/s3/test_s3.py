@@ -23,8 +23,8 @@ import treeckpt
 from tests.adversarial.forge import SAVE_OPTIONS, same, sample_tree, template_of
 from tests.dist_utils import run_ranks
 from tests.s3.s3_utils import objects, uploads
-from tests.test_concurrency import OPTS, assert_next_save_cleans_up, race, version
 from tests.store.test_backends import BackendContract
+from tests.test_concurrency import OPTS, assert_next_save_cleans_up, race, version
 from treeckpt import IncompleteCheckpointError
 from treeckpt.shell import cleanup
 from treeckpt.store.backends import Backend, FsspecBackend, open_backend

@@ -93,7 +93,15 @@ class _FsspecWriter(Writer):
 
 def _mtime(info: dict[str, Any]) -> float | None:
     """Modification time (epoch seconds) from an fsspec ``info`` dict, where it has one."""
-    for key in ("LastModified", "Initiated", "mtime", "updated", "last_modified", "modified", "created"):
+    for key in (
+        "LastModified",
+        "Initiated",
+        "mtime",
+        "updated",
+        "last_modified",
+        "modified",
+        "created",
+    ):
         value = info.get(key)
         if isinstance(value, datetime):
             return value.timestamp()
