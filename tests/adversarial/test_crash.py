@@ -299,6 +299,28 @@ def test_sigkill_sweep_then_retry_leaves_nothing_behind(
 
 
 @pytest.mark.filterwarnings(FORK_WARNING)
+def test_torn_manifest_temp_file_of_a_killed_commit(tmp_path: Path) -> None:
+    """A commit killed between writing its temporary manifest and the rename leaves a torn
+    ``manifest.json.tmp-<pid>-<thread>``: readers ignore it, the next save removes it, and
+    one of a live process is left alone."""
+    path = str(tmp_path / "ckpt")
+    _fresh(path)
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - a process that is gone by the time anyone looks
+        os._exit(0)
+    os.waitpid(pid, 0)
+    dead = f"manifest.json.tmp-{pid}-1"
+    live = f"manifest.json.tmp-{os.getpid()}-2"
+    torn = (Path(path) / "manifest.json").read_bytes()[:100]
+    for name in (dead, live):
+        (Path(path) / name).write_bytes(torn)
+    assert _loaded(path) == "old"
+    treeckpt.save(NEW, path, options=FAST)
+    assert _loaded(path) == "new"
+    assert leftovers(path) == [live]
+
+
+@pytest.mark.filterwarnings(FORK_WARNING)
 def test_sigkill_at_random_moments_of_a_large_overwrite(tmp_path: Path) -> None:
     """A child overwrites ~32 MB of tensors and is killed after a random delay."""
     path = str(tmp_path / "ckpt")
