@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import threading
@@ -349,6 +350,18 @@ class TestLocalBackend(BackendContract):
         after_death.release()
         with pytest.raises(FileNotFoundError):
             backend.hold_dir("missing")
+
+    def test_hold_dir_without_flock_support_falls_back_to_no_claim(
+        self, backend: Backend, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        import treeckpt.store.backends._local as local
+
+        def no_locks(fd: int, op: int) -> None:
+            raise OSError(errno.ENOLCK, "No locks available")
+
+        backend.makedirs("d")
+        monkeypatch.setattr(local.fcntl, "flock", no_locks)
+        assert backend.hold_dir("d") is None
 
     def test_age_is_the_newest_file(self, backend: Backend) -> None:
         backend.makedirs("d/e")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import shutil
@@ -162,7 +163,14 @@ class LocalBackend(Backend):
                 os.unlink(path)
 
     def hold_dir(self, name: str) -> DirHold | None:
-        return _FlockHold(self._path(name))
+        try:
+            return _FlockHold(self._path(name))
+        except BlockingIOError:
+            raise
+        except OSError as exc:
+            if exc.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                return None  # a filesystem without flock: clean-up goes by age
+            raise
 
     def age_s(self, name: str) -> float | None:
         path = self._path(name)
