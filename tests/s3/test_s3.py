@@ -110,6 +110,9 @@ def test_round_trip_bit_exact(s3_url: str) -> None:
     assert treeckpt.metadata(s3_url).save_id == res.save_id
     got = treeckpt.read_tensor(s3_url, "w", (slice(3, 9), slice(None)))
     assert torch.equal(got, TREE["w"][3:9])
+    # every deferred-commit file was committed and forgotten: nothing accumulates per save
+    fs = open_backend(s3_url).fs  # type: ignore[attr-defined]
+    assert not getattr(getattr(fs, "_transaction", None), "files", None)
 
 
 def test_overwrite_is_old_or_new_and_removes_the_old_objects(

@@ -11,9 +11,13 @@ abandoned saves are recognised by age; these tests set the grace period to 0
 
 from __future__ import annotations
 
+import os
+import signal
 from typing import Any
 
+import fsspec
 import pytest
+import torch
 
 import treeckpt
 from tests.adversarial.test_crash import (
@@ -30,7 +34,8 @@ from tests.adversarial.test_crash import (
 from tests.s3.s3_utils import uploads
 from treeckpt import CheckpointError
 from treeckpt.shell import cleanup
-from treeckpt.testing.faults import FaultMode
+from treeckpt.store.backends import open_backend
+from treeckpt.testing.faults import FaultMode, FaultyBackend
 
 pytestmark = pytest.mark.s3
 
@@ -99,3 +104,42 @@ def test_sigkill_at_every_call_on_s3(
     monkeypatch: pytest.MonkeyPatch, s3_url: str, s3fs_instance: Any, fresh: bool, mode: FaultMode
 ) -> None:
     _kill_sweep(monkeypatch, s3_url, s3fs_instance, fresh=fresh, mode=mode, every=1)
+
+
+@pytest.mark.filterwarnings(FORK_WARNING)
+def test_killed_mid_upload_leaves_an_upload_the_next_save_aborts(
+    s3_url: str, s3fs_instance: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A writer killed after some parts of a large data object went up: no object appears,
+    the unfinished multipart upload is found and aborted by the next save's clean-up."""
+    # parts of 5 MiB (the S3 minimum) instead of s3fs's 50 MiB default: a 12 MiB object
+    # is uploaded in parts as it is written
+    conf = {**fsspec.config.conf["s3"], "default_block_size": 5 << 20}
+    monkeypatch.setitem(fsspec.config.conf, "s3", conf)
+    big = {"x": torch.randn(3 << 20, generator=torch.Generator().manual_seed(0))}  # 12 MiB
+    opts = treeckpt.SaveOptions(chunk_bytes=1 << 20, io_threads=1, compress="never")
+    probe = open_backend(s3_url)
+    probe.makedirs("")
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 1
+        try:
+            torch.set_num_threads(1)
+            fb = FaultyBackend(open_backend(s3_url), fail_at=9, crash=True, ops={"write"})
+            treeckpt.api._backend = lambda p: fb  # type: ignore[assignment]
+            treeckpt.save(big, s3_url, options=opts)
+            code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+    pending = uploads(s3fs_instance, s3_url)
+    assert len(pending) == 1 and pending[0].endswith("r0-0.bin"), pending
+    assert not [n for n in probe.listdir() if n.startswith("data-")]  # no object at all
+    assert probe.unfinished() == [pending[0].split("/")[-2]]
+    with pytest.raises(treeckpt.CheckpointNotFoundError):
+        treeckpt.restore(s3_url)
+    treeckpt.save(big, s3_url, options=opts)
+    assert uploads(s3fs_instance, s3_url) == []
+    assert leftovers(s3_url) == []
+    assert torch.equal(treeckpt.restore(s3_url)["x"], big["x"])
