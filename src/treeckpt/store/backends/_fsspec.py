@@ -46,8 +46,9 @@ def _forget(fs: Any, f: Any) -> None:
 class _FsspecWriter(Writer):
     def __init__(self, fs: Any, path: str, *, deferred: bool) -> None:
         self._fs = fs
-        self._deferred = deferred
         self._f = fs.open(path, "wb", autocommit=False) if deferred else fs.open(path, "wb")
+        # Filesystems whose files cannot defer their commit write them on close().
+        self._deferred = deferred and hasattr(self._f, "commit") and hasattr(self._f, "discard")
         self._pos = 0
 
     def write(self, data: bytes | memoryview) -> None:
