@@ -1,6 +1,6 @@
 """A real S3-protocol server on loopback for the ``s3`` tests.
 
-moto's ``ThreadedMotoServer`` is started once per session on
+moto's ``ThreadedMotoServer`` is started once per test run on
 ``127.0.0.1`` and a free port, and stopped at the end. treeckpt reaches it
 the way a user reaches any S3-compatible store: through fsspec's
 configuration for the ``s3`` protocol (``endpoint_url``, credentials), so

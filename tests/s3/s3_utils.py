@@ -1,4 +1,4 @@
-"""Listing helpers for the s3 tests."""
+"""What is stored in a test bucket: objects and unfinished uploads."""
 
 from __future__ import annotations
 
