@@ -195,6 +195,7 @@ def check_fault(tmp_path: Path, path: str, kind: str, phase: str) -> None:
         ("kill", "plan"),
         ("kill", "commit"),
         ("stall", "commit"),
+        ("raise", "load-manifest"),
         ("exit", "load-manifest"),
         ("kill", "load-read"),
     ],
