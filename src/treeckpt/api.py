@@ -19,9 +19,15 @@ from treeckpt.core.manifest import Manifest
 from treeckpt.core.options import LoadOptions, SaveOptions
 from treeckpt.core.plan import LoadPlan, StoredTensor, plan_load
 from treeckpt.core.specs import ShardSpec
-from treeckpt.errors import CheckpointError, LeafNotFoundError, PlanError, UnsupportedLeafError
+from treeckpt.errors import (
+    CheckpointError,
+    LeafNotFoundError,
+    PlanError,
+    RankFailureError,
+    UnsupportedLeafError,
+)
 from treeckpt.shell import inflight
-from treeckpt.shell.coord import Coordinator, LocalCoordinator
+from treeckpt.shell.coord import Coordinator, LocalCoordinator, describe_error
 from treeckpt.shell.dist import DistCoordinator, distributed_active
 from treeckpt.shell.load import load_tree, read_regions, read_stored, restore_tree
 from treeckpt.shell.save import SaveResult, save_tree
@@ -60,16 +66,21 @@ def _read_checkpoint(
 ) -> tuple[Manifest, dict[str, StoredTensor]]:
     """Rank 0 reads and validates the manifest and the chunk indexes once; every
     rank gets them, or the error. Each rank then plans only its own reads."""
-    got: tuple[Manifest, dict[str, StoredTensor]] | Exception | None = None
+    got: tuple[Manifest, dict[str, StoredTensor]] | Exception | str | None = None
+    cause: Exception | None = None
     if coord.is_coordinator:
         try:
             manifest = read_manifest(backend)
             got = (manifest, read_stored(backend, manifest))
-        except Exception as exc:  # every rank must raise it
+        except CheckpointError as exc:  # every rank must raise it
             got = exc
+        except Exception as exc:  # any other error: a description crosses ranks
+            got, cause = describe_error(exc), exc
     got = coord.broadcast(got, "manifest")
     if isinstance(got, Exception):
         raise got
+    if isinstance(got, str):
+        raise RankFailureError("manifest", {0: got}) from cause
     assert isinstance(got, tuple)
     return got
 

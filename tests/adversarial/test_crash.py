@@ -28,7 +28,7 @@ import torch
 import treeckpt
 import treeckpt.api as api
 from tests.adversarial.forge import SAVE_OPTIONS, same, sample_tree, template_of
-from treeckpt import CheckpointError
+from treeckpt import CheckpointError, CheckpointNotFoundError, IncompleteCheckpointError
 from treeckpt.store.backends import open_backend
 from treeckpt.testing.faults import FaultMode, FaultyBackend, InjectedFault
 
@@ -231,6 +231,93 @@ def test_process_killed_at_every_call(
         assert seen == ("new" if committed else "old"), (n, calls[n], mode)
         treeckpt.save(NEW, path, options=FAST)
         assert _loaded(path) == "new"
+
+
+def leftovers(path: str) -> list[str]:
+    """Entries of a checkpoint other than its manifest and the live save's data directory."""
+    live = treeckpt.metadata(path).save_id
+    return [n for n in open_backend(path).listdir() if n not in ("manifest.json", f"data-{live}")]
+
+
+def kill_sweep(
+    monkeypatch: pytest.MonkeyPatch, path: str, *, fresh: bool, mode: FaultMode, every: int = 1
+) -> dict[str, int]:
+    """SIGKILL a saving child before (or halfway through, or just after) each mutating call.
+
+    Afterwards: on an overwrite the old checkpoint loads bit-exactly, or the new
+    one once its manifest was committed; on a fresh path the new one, or a
+    clean "incomplete"/"not found" error. A retry then succeeds and leaves no
+    file of the killed save behind. Returns the outcomes counted.
+    """
+
+    def reset() -> None:
+        if fresh:
+            open_backend(path).remove_tree("")
+        else:
+            _fresh(path)
+
+    reset()
+    probe, err = _save_through(monkeypatch, path, NEW)
+    assert err is None
+    calls = [f"{c.op} {c.name}" for c in probe.calls]
+    commit = _commit_index(calls)
+    outcomes: dict[str, int] = {}
+    for n in range(0, len(calls), every):
+        reset()
+        pid = _fork_save(NEW, path, fail_at=n, mode=mode, crash=True)
+        _, status = os.waitpid(pid, 0)
+        where = f"killed at {calls[n]} ({mode}, {'fresh' if fresh else 'overwrite'})"
+        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, (where, status)
+        committed = n > commit or (n == commit and mode == "after")
+        if committed:
+            seen = _loaded(path)
+            assert seen == "new", where
+        elif fresh:
+            with pytest.raises((IncompleteCheckpointError, CheckpointNotFoundError)) as info:
+                treeckpt.restore(path)
+            with pytest.raises(CheckpointError):
+                treeckpt.load(template_of(NEW), path)
+            seen = type(info.value).__name__
+        else:
+            seen = _loaded(path)
+            assert seen == "old", where
+        outcomes[seen] = outcomes.get(seen, 0) + 1
+        treeckpt.save(NEW, path, options=FAST)
+        assert _loaded(path) == "new", where
+        assert leftovers(path) == [], where
+    return outcomes
+
+
+@pytest.mark.filterwarnings(FORK_WARNING)
+@pytest.mark.parametrize("mode", ["before", "torn"])
+@pytest.mark.parametrize("fresh", [True, False], ids=["fresh", "overwrite"])
+def test_sigkill_sweep_then_retry_leaves_nothing_behind(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, fresh: bool, mode: FaultMode
+) -> None:
+    outcomes = kill_sweep(monkeypatch, str(tmp_path / "ckpt"), fresh=fresh, mode=mode)
+    assert len(outcomes) >= 2, outcomes  # the sweep crossed the commit
+
+
+@pytest.mark.filterwarnings(FORK_WARNING)
+def test_torn_manifest_temp_file_of_a_killed_commit(tmp_path: Path) -> None:
+    """A commit killed between writing its temporary manifest and the rename leaves a torn
+    ``manifest.json.tmp-<pid>-<thread>``: readers ignore it, the next save removes it, and
+    one of a live process is left alone."""
+    path = str(tmp_path / "ckpt")
+    _fresh(path)
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - a process that is gone by the time anyone looks
+        os._exit(0)
+    os.waitpid(pid, 0)
+    dead = f"manifest.json.tmp-{pid}-1"
+    live = f"manifest.json.tmp-{os.getpid()}-2"
+    torn = (Path(path) / "manifest.json").read_bytes()[:100]
+    for name in (dead, live):
+        (Path(path) / name).write_bytes(torn)
+    assert _loaded(path) == "old"
+    treeckpt.save(NEW, path, options=FAST)
+    assert _loaded(path) == "new"
+    assert leftovers(path) == [live]
 
 
 @pytest.mark.filterwarnings(FORK_WARNING)

@@ -99,7 +99,7 @@ def test_rank_dying_mid_phase(tmp_path: Path, old_ckpt: str, kind: str, phase: s
 @pytest.mark.parametrize("phase", ["describe", "write"])
 def test_rank_stalling_is_named_within_timeout(tmp_path: Path, old_ckpt: str, phase: str) -> None:
     results = run_ranks(
-        2, _save_with_fault, tmp_path, old_ckpt, "stall", phase, timeout=40, allow_dead=True
+        2, _save_with_fault, tmp_path, old_ckpt, "stall", phase, timeout=20, allow_dead=True
     )
     msg, elapsed = results[0]
     assert msg.startswith("CollectiveError"), msg
@@ -123,3 +123,91 @@ def test_plan_error_on_coordinator_reaches_every_rank(tmp_path: Path, old_ckpt: 
             "plan failed on rank(s) 0" in msg and "w: rank 0 has dtype float32 shape [3, 4]" in msg
         )
     _assert_old_intact(old_ckpt)
+
+
+# ------------------------------------------------- every fault at every phase
+
+#: phase -> (the rank that does that phase's work and fails, module, function name)
+PHASES: dict[str, tuple[int, str, str]] = {
+    "describe": (1, "treeckpt.shell.save", "local_shards"),
+    "plan": (0, "treeckpt.shell.save", "plan_save_table"),
+    "write": (1, "treeckpt.shell.save", "write_chunks"),
+    "commit": (0, "treeckpt.shell.save", "encode_manifest"),
+    "load-manifest": (0, "treeckpt.api", "read_manifest"),
+    "load-read": (1, "treeckpt.shell.load", "read_chunks"),
+}
+KINDS = ("raise", "exit", "kill", "stall")
+
+
+def _fault_in_phase(rank: int, world: int, path: str, kind: str, phase: str) -> tuple[str, float]:
+    import importlib
+
+    faulty, module, name = PHASES[phase]
+    if rank == faulty:
+        setattr(importlib.import_module(module), name, _fault(kind))
+    start = time.monotonic()
+    try:
+        if phase.startswith("load"):
+            treeckpt.load(
+                {"w": torch.zeros(3, 4), "step": 0}, path, options=treeckpt.LoadOptions(timeout_s=5)
+            )
+        else:
+            treeckpt.save(_new_tree(rank), path, options=treeckpt.SaveOptions(timeout_s=5))
+    except treeckpt.CheckpointError as exc:
+        return f"{type(exc).__name__}: {exc}", time.monotonic() - start
+    return "no error", time.monotonic() - start
+
+
+def check_fault(tmp_path: Path, path: str, kind: str, phase: str) -> None:
+    """Every surviving rank raises within the timeout naming the faulty rank; nothing is
+    committed; the previous checkpoint loads intact; the next save leaves only its files."""
+    faulty = PHASES[phase][0]
+    # A stalled rank is killed when the join times out, after the survivors' 5 s collective
+    # timeout has made them raise.
+    results = run_ranks(
+        2,
+        _fault_in_phase,
+        tmp_path,
+        path,
+        kind,
+        phase,
+        timeout=20 if kind == "stall" else 60,
+        allow_dead=True,
+    )
+    for rank, result in enumerate(results):
+        if rank == faulty and kind != "raise":
+            continue  # dead, or killed by the test harness while it stalled
+        assert result is not DEAD, (rank, kind, phase)
+        msg, elapsed = result
+        assert msg.startswith(("RankFailureError", "CollectiveError")), (rank, kind, phase, msg)
+        assert f"rank(s) {faulty}" in msg, (rank, kind, phase, msg)
+        assert elapsed < 30, (rank, kind, phase, elapsed)
+    back = treeckpt.restore(path)
+    assert torch.equal(back["w"], OLD["w"]) and back["step"] == 1, (kind, phase)
+    treeckpt.save(OLD, path)  # a retry works and removes what the failed save left
+    live = treeckpt.metadata(path).save_id
+    assert sorted(os.listdir(path)) == sorted(["manifest.json", f"data-{live}"]), (kind, phase)
+
+
+@pytest.mark.parametrize(
+    ("kind", "phase"),
+    [
+        ("kill", "plan"),
+        ("kill", "commit"),
+        ("stall", "commit"),
+        ("raise", "load-manifest"),
+        ("exit", "load-manifest"),
+        ("kill", "load-read"),
+    ],
+)
+def test_rank_dying_or_stalling_where_not_covered_above(
+    tmp_path: Path, old_ckpt: str, kind: str, phase: str
+) -> None:
+    check_fault(tmp_path, old_ckpt, kind, phase)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("phase", list(PHASES))
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_fault_at_every_phase(tmp_path: Path, old_ckpt: str, kind: str, phase: str) -> None:
+    check_fault(tmp_path, old_ckpt, kind, phase)

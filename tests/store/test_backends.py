@@ -6,8 +6,11 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import signal
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,6 +32,9 @@ def _write(backend: Backend, name: str, *parts: bytes, sync: bool = True) -> Non
 
 class BackendContract:
     """The behaviour treeckpt relies on from every storage backend."""
+
+    #: Commits raced against two readers in ``test_commit_file_is_atomic_for_concurrent_readers``.
+    racing_commits = 150
 
     @pytest.fixture
     def backend(self) -> Iterator[Backend]:  # pragma: no cover - overridden
@@ -151,7 +157,7 @@ class BackendContract:
         for t in threads:
             t.start()
         try:
-            for n in range(150):
+            for n in range(self.racing_commits):
                 backend.commit_file("m.json", versions[n % 4], sync=False)
         finally:
             stop.set()
@@ -214,6 +220,21 @@ class BackendContract:
         out = bytearray(3)
         assert backend.readinto("d/f.bin", 0, memoryview(out)) == 3
         backend.close()
+
+    def test_remove_tree_removes_a_single_file(self, backend: Backend) -> None:
+        backend.makedirs("")
+        backend.commit_file("m.json.tmp-1-2", b"torn", sync=False)
+        backend.commit_file("keep.json", b"k", sync=False)
+        backend.remove_tree("m.json.tmp-1-2")
+        assert backend.size("m.json.tmp-1-2") is None
+        assert backend.read_file("keep.json", 1) == b"k"
+
+    def test_age_of_what_was_just_written(self, backend: Backend) -> None:
+        backend.makedirs("d")
+        _write(backend, "d/f.bin", b"x")
+        age = backend.age_s("d")
+        assert age is None or 0 <= age < 600  # None: the store cannot tell
+        assert backend.unfinished() == []
 
     def test_faulty_wrapper_passes_through(self, backend: Backend) -> None:
         fb = FaultyBackend(backend)
@@ -306,6 +327,54 @@ class TestLocalBackend(BackendContract):
             os.fstat(fd)  # still open
         finally:
             os.close(fd)
+
+    @pytest.mark.filterwarnings("ignore:This process .* fork:DeprecationWarning")
+    def test_hold_dir_is_exclusive_and_dies_with_its_process(self, backend: Backend) -> None:
+        backend.makedirs("d")
+        hold = backend.hold_dir("d")
+        assert hold is not None
+        with pytest.raises(BlockingIOError):
+            backend.hold_dir("d")  # even from the same process
+        hold.release()
+        hold.release()  # idempotent
+        again = backend.hold_dir("d")
+        assert again is not None
+        again.release()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child holds the claim and is killed
+            backend.hold_dir("d")
+            os.kill(os.getpid(), signal.SIGKILL)
+        os.waitpid(pid, 0)
+        after_death = backend.hold_dir("d")  # the kernel released it
+        assert after_death is not None
+        after_death.release()
+        with pytest.raises(FileNotFoundError):
+            backend.hold_dir("missing")
+
+    def test_hold_dir_without_flock_support_falls_back_to_no_claim(
+        self, backend: Backend, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        import treeckpt.store.backends._local as local
+
+        def no_locks(fd: int, op: int) -> None:
+            raise OSError(errno.ENOLCK, "No locks available")
+
+        backend.makedirs("d")
+        monkeypatch.setattr(local.fcntl, "flock", no_locks)
+        assert backend.hold_dir("d") is None
+
+    def test_age_is_the_newest_file(self, backend: Backend) -> None:
+        backend.makedirs("d/e")
+        _write(backend, "d/e/f.bin", b"x")
+        old = time.time() - 7200
+        for p in ("d", "d/e", "d/e/f.bin"):
+            os.utime(os.path.join(backend.root, p), (old, old))
+        age = backend.age_s("d")
+        assert age is not None and age > 7000
+        _write(backend, "d/e/g.bin", b"y")
+        age = backend.age_s("d")
+        assert age is not None and age < 600
+        assert backend.age_s("missing") is None
 
     def test_commit_file_leaves_no_temp_file_on_failure(
         self, backend: Backend, monkeypatch: pytest.MonkeyPatch

@@ -6,7 +6,11 @@ The order of durable operations is what makes a commit atomic and last:
 2. every rank writes and fsyncs its data files, then its chunk index;
 3. rank 0 fsyncs the data directory, then commits ``manifest.json`` by an
    atomic replace (temp file, fsync, rename, fsync of the directory);
-4. only then are the previous checkpoint's files removed.
+4. only then are the previous checkpoint's files removed, and those of
+   abandoned saves (``shell/cleanup.py``).
+
+Rank 0 holds a claim on the new data directory from its creation until its
+commit, so no other save's clean-up removes it while this save runs.
 
 A failure before step 3 leaves the previous manifest and its files untouched;
 the failed save's directory is removed on a best-effort basis.
@@ -30,6 +34,7 @@ from treeckpt.core.plan_table import LocalTable, SavePlanTable, local_table, pla
 from treeckpt.core.specs import ShardSpec
 from treeckpt.core.tree import FlatTree, flatten_tree
 from treeckpt.errors import CheckpointError, PlanError
+from treeckpt.shell import cleanup
 from treeckpt.shell.coord import Coordinator
 from treeckpt.shell.tensors import chunk_source, local_shards
 from treeckpt.store import layout
@@ -86,6 +91,7 @@ class PreparedSave:
     save_id: str
     plan: SavePlanTable | None
     previous: str | None
+    hold: Any = None  # rank 0's claim on the data directory, released by the commit
 
 
 def prepare_save(
@@ -124,6 +130,7 @@ def prepare_save(
     plan: SavePlanTable | None = None
     previous: str | None = None
     proposals: list[Any] | None = None
+    hold = None
     if coord.is_coordinator:
         created: str | None = None
         try:
@@ -136,13 +143,15 @@ def prepare_save(
             # Its entry in the checkpoint directory becomes durable with the
             # directory fsync that follows the manifest's rename.
             backend.makedirs(layout.data_dir(save_id))
+            hold = cleanup.claim(backend, save_id)
             proposals = [(plan.for_rank(r), save_id) for r in range(coord.world_size)]
         except Exception as exc:
             if created is not None:
                 with contextlib.suppress(Exception):
                     backend.remove_tree(layout.data_dir(created))
+            cleanup.release(hold)
             proposals = [exc] * coord.world_size
-    mine = coord.scatter(proposals, "plan")
+    mine = coord.scatter(proposals, "assign")  # its own name: a rank dying in between is named
     failed = isinstance(mine, BaseException) and coord.is_coordinator
     coord.agree("plan", mine if failed else None)
     my_rows, save_id = mine
@@ -153,6 +162,7 @@ def prepare_save(
         save_id=save_id,
         plan=plan,
         previous=previous,
+        hold=hold,
     )
 
 
@@ -217,11 +227,9 @@ def commit_save(
         if not committed and coord.is_coordinator:
             with contextlib.suppress(Exception):
                 backend.remove_tree(layout.data_dir(save_id))
+        cleanup.release(prepared.hold)  # after the commit (or the failure): nothing to protect
     if coord.is_coordinator:
-        previous = prepared.previous
-        if previous is not None and previous != save_id:
-            with contextlib.suppress(Exception):
-                backend.remove_tree(layout.data_dir(previous))
+        cleanup.remove_stale(backend, own=save_id, previous=prepared.previous)
         return SaveResult(path=backend.root, save_id=save_id, plan=prepared.plan)
     return SaveResult(path=backend.root, save_id=save_id, plan=None)
 

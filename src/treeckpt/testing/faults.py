@@ -39,7 +39,7 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Literal
 
-from treeckpt.store.backends import Backend, Writer
+from treeckpt.store.backends import Backend, DirHold, Writer
 
 __all__ = [
     "MUTATING_OPS",
@@ -213,6 +213,15 @@ class FaultyBackend(Backend):
 
     def sync_dir(self, name: str = "") -> None:
         self._do("sync_dir", name, lambda: self.inner.sync_dir(name))
+
+    def hold_dir(self, name: str) -> DirHold | None:
+        return self.inner.hold_dir(name)  # a claim, not a change to storage: never fails
+
+    def age_s(self, name: str) -> float | None:
+        return self.inner.age_s(name)
+
+    def unfinished(self) -> list[str]:
+        return self.inner.unfinished()
 
     def close(self) -> None:
         self.inner.close()

@@ -9,11 +9,11 @@ and the fsspec backend for every other protocol (``memory://``, ``s3://``,
 
 from __future__ import annotations
 
-from treeckpt.store.backends._base import Backend, Writer
+from treeckpt.store.backends._base import Backend, DirHold, Writer
 from treeckpt.store.backends._fsspec import FsspecBackend
 from treeckpt.store.backends._local import LocalBackend
 
-__all__ = ["Backend", "FsspecBackend", "LocalBackend", "Writer", "open_backend"]
+__all__ = ["Backend", "DirHold", "FsspecBackend", "LocalBackend", "Writer", "open_backend"]
 
 
 def open_backend(path: str) -> Backend:

@@ -23,6 +23,13 @@ class Writer(ABC):
         """Close without making anything durable (the save failed)."""
 
 
+class DirHold(ABC):
+    """A held claim on a directory (an advisory lock that dies with its process)."""
+
+    @abstractmethod
+    def release(self) -> None: ...
+
+
 class Backend(ABC):
     """Byte-level access to files below one checkpoint root.
 
@@ -68,6 +75,27 @@ class Backend(ABC):
     @abstractmethod
     def remove_tree(self, name: str) -> None:
         """Remove a directory and everything below it (missing is fine)."""
+
+    def age_s(self, name: str) -> float | None:
+        """Seconds since anything below directory ``name`` was last written.
+
+        ``None`` when it cannot be told (or nothing is there). Clean-up of
+        abandoned saves uses it on stores without locks.
+        """
+        return None
+
+    def unfinished(self) -> list[str]:
+        """Top-level names that only unfinished writes hold (S3 multipart uploads of a
+        killed writer): invisible to ``listdir``, removed by ``remove_tree``."""
+        return []
+
+    def hold_dir(self, name: str) -> DirHold | None:
+        """Mark directory ``name`` as in use by a live save until ``release()``.
+
+        ``None`` where the store has no locks (object stores): clean-up then
+        goes by :meth:`age_s`. Raises ``OSError`` when someone else holds it.
+        """
+        return None
 
     def sync_dir(self, name: str = "") -> None:  # noqa: B027 - optional capability
         """Make the directory's entries durable (no-op where not meaningful)."""

@@ -3,11 +3,37 @@
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import os
 import shutil
 import threading
+import time
 
-from treeckpt.store.backends._base import Backend, Writer
+from treeckpt.store.backends._base import Backend, DirHold, Writer
+
+
+class _FlockHold(DirHold):
+    """``flock(LOCK_EX)`` on a directory's descriptor: the kernel drops it when the
+    process dies, even by ``SIGKILL``, so a held lock means a live save."""
+
+    def __init__(self, path: str) -> None:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
+
+    def release(self) -> None:
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            os.close(fd)  # closing the last descriptor releases the lock
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.release()
 
 
 class _LocalWriter(Writer):
@@ -131,7 +157,35 @@ class LocalBackend(Backend):
             return []
 
     def remove_tree(self, name: str) -> None:
-        shutil.rmtree(self._path(name), ignore_errors=True)
+        path = self._path(name)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+
+    def hold_dir(self, name: str) -> DirHold | None:
+        try:
+            return _FlockHold(self._path(name))
+        except BlockingIOError:
+            raise
+        except OSError as exc:
+            if exc.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                return None  # a filesystem without flock: clean-up goes by age
+            raise
+
+    def age_s(self, name: str) -> float | None:
+        path = self._path(name)
+        with contextlib.suppress(OSError):
+            if not os.path.isdir(path):
+                return max(0.0, time.time() - os.lstat(path).st_mtime)
+        newest: float | None = None
+        for top, dirs, files in os.walk(path):
+            for n in (top, *(os.path.join(top, f) for f in files + dirs)):
+                with contextlib.suppress(OSError):
+                    m = os.lstat(n).st_mtime
+                    newest = m if newest is None else max(newest, m)
+        return None if newest is None else max(0.0, time.time() - newest)
 
     def sync_dir(self, name: str = "") -> None:
         fd = os.open(self._path(name), os.O_RDONLY | os.O_DIRECTORY)
