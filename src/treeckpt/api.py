@@ -8,9 +8,9 @@ runs in one process.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
 from treeckpt.core.box import Box, full_box
 from treeckpt.core.dtypes import dtype_info
@@ -27,7 +27,7 @@ from treeckpt.errors import (
     UnsupportedLeafError,
 )
 from treeckpt.shell import inflight
-from treeckpt.shell.coord import Coordinator, LocalCoordinator, describe_error
+from treeckpt.shell.coord import Coordinator, LocalCoordinator, agreed, describe_error
 from treeckpt.shell.dist import DistCoordinator, distributed_active
 from treeckpt.shell.load import load_tree, read_regions, read_stored, restore_tree
 from treeckpt.shell.save import SaveResult, save_tree
@@ -45,8 +45,6 @@ __all__ = [
     "restore",
     "save",
 ]
-
-T = TypeVar("T")
 
 
 def _coordinator(process_group: Any, timeout_s: float, *, private: bool = False) -> Coordinator:
@@ -83,18 +81,6 @@ def _read_checkpoint(
         raise RankFailureError("manifest", {0: got}) from cause
     assert isinstance(got, tuple)
     return got
-
-
-def _agreed(coord: Coordinator, phase: str, fn: Callable[[], T]) -> T:
-    """Run ``fn`` on every rank; if it fails anywhere, raise everywhere."""
-    result: T | None = None
-    err: Exception | None = None
-    try:
-        result = fn()
-    except Exception as exc:
-        err = exc
-    coord.agree(phase, err)
-    return result  # type: ignore[return-value]
 
 
 def _backend(path: Any) -> Backend:
@@ -212,7 +198,7 @@ def load(
     backend = _backend(path)
     try:
         manifest, stored = _read_checkpoint(backend, coord)
-        return _agreed(
+        return agreed(
             coord,
             "load",
             lambda: load_tree(
@@ -247,7 +233,7 @@ def restore(
     backend = _backend(path)
     try:
         manifest, stored = _read_checkpoint(backend, coord)
-        return _agreed(
+        return agreed(
             coord,
             "restore",
             lambda: restore_tree(

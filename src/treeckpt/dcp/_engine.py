@@ -37,7 +37,7 @@ from treeckpt.dcp.default_planner import DefaultLoadPlanner, DefaultSavePlanner
 from treeckpt.dcp.filesystem import FileSystemReader, FileSystemWriter
 from treeckpt.errors import CheckpointError, LoadMismatchError
 from treeckpt.shell import inflight
-from treeckpt.shell.coord import Coordinator, LocalCoordinator
+from treeckpt.shell.coord import Coordinator, LocalCoordinator, agreed
 from treeckpt.shell.dist import DistCoordinator, distributed_active
 from treeckpt.shell.load import load_tree, read_stored
 from treeckpt.store.backends import open_backend
@@ -64,17 +64,6 @@ def coordinator(
         inflight.wait_all()
         return DistCoordinator(process_group, timeout_s=timeout_s, private=private)
     return LocalCoordinator()
-
-
-def _agreed(coord: Coordinator, phase: str, fn: Callable[[], T]) -> T:
-    result: T | None = None
-    err: Exception | None = None
-    try:
-        result = fn()
-    except Exception as exc:
-        err = exc
-    coord.agree(phase, err)
-    return result  # type: ignore[return-value]
 
 
 def _on_coordinator(coord: Coordinator, phase: str, fn: Callable[[], T]) -> T:
@@ -209,7 +198,7 @@ def _save(
             writer.set_up_storage_writer(coord.is_coordinator)
         return writer.prepare_local_plan(planner.create_local_plan())
 
-    local_plan = _agreed(coord, "plan:local", local)
+    local_plan = agreed(coord, "plan:local", local)
     plans = coord.gather(local_plan, "plan:gather")
     proposals: list[Any] | None = None
     if coord.is_coordinator:
@@ -223,13 +212,13 @@ def _save(
     mine = coord.scatter(proposals, "plan:scatter")
     coord.agree("plan:global", mine if isinstance(mine, Exception) else None)
     central, metadata = mine
-    final = _agreed(coord, "plan:finish", lambda: planner.finish_plan(central))
+    final = agreed(coord, "plan:finish", lambda: planner.finish_plan(central))
     if isinstance(writer, FileSystemWriter):
         writer.save_items(final, planner, metadata, coord)
         return metadata
-    results = _agreed(coord, "write", lambda: writer.write_data(final, planner).wait())
+    results = agreed(coord, "write", lambda: writer.write_data(final, planner).wait())
     all_results = coord.gather(results, "write:gather")
-    _agreed(
+    agreed(
         coord,
         "finish",
         lambda: writer.finish(metadata, all_results or []) if coord.is_coordinator else None,
@@ -278,7 +267,7 @@ def _load(
             assert isinstance(storage, TreeckptStorage)
             if RAW_BYTES_KEY not in storage.manifest.user_metadata:
                 assert isinstance(planner, DefaultLoadPlanner)
-                _agreed(
+                agreed(
                     coord,
                     "load",
                     lambda: _load_tree(state_dict, reader, storage, planner.allow_partial_load),
@@ -370,7 +359,7 @@ def _load_protocol(
             reader.set_up_storage_reader(metadata, coord.is_coordinator)
         return reader.prepare_local_plan(planner.create_local_plan())
 
-    local_plan = _agreed(coord, "plan:local", local)
+    local_plan = agreed(coord, "plan:local", local)
     plans = coord.gather(local_plan, "plan:gather")
     proposals: list[Any] | None = None
     if coord.is_coordinator:
@@ -387,7 +376,7 @@ def _load_protocol(
         final = planner.finish_plan(mine)
         reader.read_data(final, planner).wait()
 
-    _agreed(coord, "read", read)
+    agreed(coord, "read", read)
     for k, v in statefuls.items():
         v.load_state_dict(sd[k])
     for k, v in sd.items():

@@ -9,11 +9,14 @@ implements the same contract over a process group.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from treeckpt.errors import CheckpointError, RankFailureError
 
-__all__ = ["Coordinator", "LocalCoordinator", "describe_error"]
+__all__ = ["Coordinator", "LocalCoordinator", "agreed", "describe_error"]
+
+T = TypeVar("T")
 
 
 class Coordinator(ABC):
@@ -69,3 +72,15 @@ class LocalCoordinator(Coordinator):
 
 def describe_error(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}"
+
+
+def agreed(coord: Coordinator, phase: str, fn: Callable[[], T]) -> T:
+    """Run ``fn`` on every rank; if it fails anywhere, raise everywhere."""
+    result: T | None = None
+    err: Exception | None = None
+    try:
+        result = fn()
+    except Exception as exc:
+        err = exc
+    coord.agree(phase, err)
+    return result  # type: ignore[return-value]

@@ -27,6 +27,7 @@ import treeckpt
 from treeckpt.api import CheckpointInfo, TensorInfo
 from treeckpt.core.tree import iter_leaf_fqns
 from treeckpt.errors import CheckpointError, CorruptChunkError, ManifestError
+from treeckpt.explore._display import fmt_size as _size
 from treeckpt.tools.diff import DiffEntry, DiffReport, diff, entries_by_status
 from treeckpt.tools.verify import Problem, VerifyReport, verify
 
@@ -247,17 +248,6 @@ def _codecs(t: TensorInfo) -> str:
 
 def _ratio(raw: int, stored: int) -> str:
     return f"{raw / stored:.2f}x" if stored else "-"
-
-
-def _size(n: float) -> str:
-    """Bytes for people: 512 B, 1.5 KiB, 12.3 MiB, 2.05 GiB."""
-    if n < 1024:
-        return f"{int(n)} B"
-    for unit in ("KiB", "MiB", "GiB", "TiB"):
-        n /= 1024
-        if n < 1024 or unit == "TiB":
-            return f"{n:.3g} {unit}" if n < 100 else f"{n:.0f} {unit}"
-    raise AssertionError  # pragma: no cover
 
 
 def _value_text(v: Any, limit: int = 80) -> str:
