@@ -14,7 +14,6 @@ import argparse
 import os
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from typing import Any
@@ -22,11 +21,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from benchlib.ranks import run_on_ranks
 
 import treeckpt
-
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from treeckpt.tools.demo import run_on_ranks
 
 
 def _model(mb: int) -> torch.nn.Module:
