@@ -119,7 +119,9 @@ def main() -> None:
     parser.add_argument("--mb", type=int, default=200, help="approximate state size in MB")
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
-    workdir = tempfile.mkdtemp(prefix="treeckpt-bench-mr-", dir=os.environ.get("BENCH_DIR", "."))
+    workdir = os.path.abspath(
+        tempfile.mkdtemp(prefix="treeckpt-bench-mr-", dir=os.environ.get("BENCH_DIR", "."))
+    )
     try:
         arg = f"{workdir}|{args.mb}|{args.rounds}"
         saves = run_on_ranks(2, _save_job, arg, workdir)

@@ -44,7 +44,7 @@ class SaveOptions:
     io_threads: int = 2
     sync: bool = True
     timeout_s: float = 600.0
-    block_bytes: int = 256 << 10
+    block_bytes: int = 64 << 10
 
     def __post_init__(self) -> None:
         if self.block_bytes < 0:
