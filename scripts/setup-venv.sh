@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Create or update .venv with treeckpt installed in editable mode.
 #
-#   scripts/setup-venv.sh             # extras: test, lint, docs, s3, lightning, safetensors, notebooks
-#   scripts/setup-venv.sh bench       # ...plus more extras (several: "bench other")
+#   scripts/setup-venv.sh             # every extra the checks need: test, lint, docs, s3,
+#                                     # lightning, safetensors, notebooks
+#   scripts/setup-venv.sh lightning   # only these extras (several: "lightning bench")
 #
 # Idempotent: when pyproject.toml and the extras have not changed since the last
 # successful run, it installs nothing. PYTHON=python3.12 picks the interpreter.
@@ -15,9 +16,10 @@ TORCH_VERSION="2.13.0"
 PYTHON="${PYTHON:-python3}"
 
 extras="test,lint,docs,s3,lightning,safetensors,notebooks"
-for extra in "$@"; do
-    extras="${extras},${extra// /,}"
-done
+if [[ $# -gt 0 ]]; then
+    extras="$*"
+    extras="${extras// /,}"
+fi
 
 pip_install() {
     # Quiet, but keep real errors; drop the notes about local index folders that do not exist.
@@ -40,13 +42,24 @@ if ! .venv/bin/python -c "import torch, sys; sys.exit(torch.__version__.split('+
     pip_install "torch==$TORCH_VERSION"
 fi
 
+# The stamp records what pyproject.toml and torch looked like, and which extras
+# are installed: a request for extras already there installs nothing.
 stamp=".venv/.treeckpt-setup"
-want="$(cat pyproject.toml <(echo "$extras $TORCH_VERSION") | cksum)"
-if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" ]] && .venv/bin/python -c "import treeckpt" 2>/dev/null; then
-    echo "setup-venv: .venv is up to date"
-    exit 0
+project="$(cat pyproject.toml <(echo "$TORCH_VERSION") | cksum)"
+if [[ -f "$stamp" ]] && [[ "$(head -n 1 "$stamp")" == "$project" ]] \
+    && .venv/bin/python -c "import treeckpt" 2>/dev/null; then
+    have=",$(sed -n 2p "$stamp"),"
+    missing=""
+    for extra in ${extras//,/ }; do
+        [[ "$have" == *",$extra,"* ]] || missing="$missing $extra"
+    done
+    if [[ -z "$missing" ]]; then
+        echo "setup-venv: .venv is up to date"
+        exit 0
+    fi
+    extras="$(sed -n 2p "$stamp")$(printf ',%s' $missing)"
 fi
 
 echo "setup-venv: installing treeckpt[$extras] in editable mode"
 pip_install -e ".[$extras]" "torch==$TORCH_VERSION"
-echo "$want" > "$stamp"
+printf '%s\n%s\n' "$project" "$extras" > "$stamp"
