@@ -30,6 +30,21 @@ class _TreeckptCheckpoints:
     def _sharded(self) -> bool:
         raise NotImplementedError
 
+    # First in each strategy's bases: ``super()`` below is Lightning's strategy.
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None
+    ) -> None:
+        if not self._treeckpt_save(checkpoint, filepath, storage_options):
+            super().save_checkpoint(checkpoint, filepath, storage_options)  # type: ignore[misc]
+
+    def load_checkpoint(
+        self, checkpoint_path: Any, weights_only: bool | None = None
+    ) -> dict[str, Any]:
+        loaded = self._treeckpt_load(checkpoint_path)
+        if loaded is None:
+            return super().load_checkpoint(checkpoint_path, weights_only=weights_only)  # type: ignore[misc]
+        return loaded
+
     def _treeckpt_save(
         self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any
     ) -> bool:
@@ -90,20 +105,6 @@ class ModelParallelStrategy(_TreeckptCheckpoints, _ModelParallelStrategy):
     def _sharded(self) -> bool:
         return bool(self._save_distributed_checkpoint)
 
-    def save_checkpoint(
-        self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None
-    ) -> None:
-        if not self._treeckpt_save(checkpoint, filepath, storage_options):
-            super().save_checkpoint(checkpoint, filepath, storage_options)
-
-    def load_checkpoint(
-        self, checkpoint_path: Any, weights_only: bool | None = None
-    ) -> dict[str, Any]:
-        loaded = self._treeckpt_load(checkpoint_path)
-        if loaded is None:
-            return super().load_checkpoint(checkpoint_path, weights_only=weights_only)
-        return loaded
-
 
 class FSDPStrategy(_TreeckptCheckpoints, _FSDPStrategy):
     """Lightning's ``FSDPStrategy`` with ``state_dict_type="sharded"`` (the default here), checkpointed by treeckpt.
@@ -128,17 +129,3 @@ class FSDPStrategy(_TreeckptCheckpoints, _FSDPStrategy):
 
     def _sharded(self) -> bool:
         return bool(self._state_dict_type == "sharded")
-
-    def save_checkpoint(
-        self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None
-    ) -> None:
-        if not self._treeckpt_save(checkpoint, filepath, storage_options):
-            super().save_checkpoint(checkpoint, filepath, storage_options)
-
-    def load_checkpoint(
-        self, checkpoint_path: Any, weights_only: bool | None = None
-    ) -> dict[str, Any]:
-        loaded = self._treeckpt_load(checkpoint_path)
-        if loaded is None:
-            return super().load_checkpoint(checkpoint_path, weights_only=weights_only)
-        return loaded
