@@ -30,24 +30,9 @@ from treeckpt.dcp.format_utils import (
     main,
     torch_save_to_dcp,
 )
+from treeckpt.testing import assert_same_tree
 
 Pair = collections.namedtuple("Pair", ["a", "b"])
-
-
-def _same(a: Any, b: Any, where: str = "") -> None:
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape, where
-        assert torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8)), where
-    elif isinstance(a, dict):
-        assert isinstance(b, dict) and list(a) == list(b), where
-        for k in a:
-            _same(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, list | tuple):
-        assert type(a) is type(b) and len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            _same(x, y, f"{where}.{i}")
-    else:
-        assert type(a) is type(b) and a == b, where
 
 
 def _state() -> dict[str, Any]:
@@ -73,7 +58,7 @@ def test_dcp_to_torch_save_from_treeckpt(tmp_path: Path) -> None:
     dcp_to_torch_save(tmp_path / "ckpt", tmp_path / "out.pt")
     got = torch.load(tmp_path / "out.pt", weights_only=True, mmap=True)
     want = {**state, "pair": (state["pair"].a, 5)}  # namedtuples become tuples
-    _same(want, got)
+    assert_same_tree(want, got)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "out.pt"]  # no temporary left
 
 
@@ -83,7 +68,7 @@ def test_dcp_to_torch_save_from_torch_dcp_matches_torch(tmp_path: Path) -> None:
     tdcp.save(state, checkpoint_id=str(tmp_path / "dcp"), no_dist=True)
     dcp_to_torch_save(tmp_path / "dcp", tmp_path / "ours.pt")
     torch_dcp_to_torch_save(tmp_path / "dcp", tmp_path / "theirs.pt")
-    _same(
+    assert_same_tree(
         torch.load(tmp_path / "theirs.pt", weights_only=False),
         torch.load(tmp_path / "ours.pt", weights_only=True),
     )
@@ -125,7 +110,7 @@ def test_torch_save_to_dcp_and_errors(tmp_path: Path) -> None:
     state = {**_state(), "pair": (torch.ones(2), 5)}  # weights_only reads no namedtuple
     torch.save(state, tmp_path / "in.pt")
     torch_save_to_dcp(tmp_path / "in.pt", tmp_path / "ckpt")
-    _same(state, treeckpt.restore(tmp_path / "ckpt"))
+    assert_same_tree(state, treeckpt.restore(tmp_path / "ckpt"))
 
     torch.save({"obj": Pair}, tmp_path / "evil.pt")  # a class reference needs pickle
     with pytest.raises(CheckpointError, match=r"evil\.pt: holds objects that need pickle.*Pair"):
@@ -140,10 +125,10 @@ def test_command_line(tmp_path: Path, capsys: Any) -> None:
     torch.save(state, tmp_path / "m.pt")
     assert main(["torch_to_dcp", str(tmp_path / "m.pt"), str(tmp_path / "ckpt")]) == 0
     assert main(["dcp_to_torch", str(tmp_path / "ckpt"), str(tmp_path / "back.pt")]) == 0
-    _same(state, torch.load(tmp_path / "back.pt", weights_only=True))
+    assert_same_tree(state, torch.load(tmp_path / "back.pt", weights_only=True))
     assert main(["treeckpt_to_dcp", str(tmp_path / "ckpt"), str(tmp_path / "dcp")]) == 0
     assert main(["dcp_to_treeckpt", str(tmp_path / "dcp"), str(tmp_path / "again")]) == 0
-    _same(state, treeckpt.restore(tmp_path / "again"))
+    assert_same_tree(state, treeckpt.restore(tmp_path / "again"))
     assert main(["dcp_to_torch", str(tmp_path / "missing"), str(tmp_path / "x.pt")]) == 1
     assert "missing" in capsys.readouterr().err
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
@@ -163,7 +148,7 @@ def test_command_line(tmp_path: Path, capsys: Any) -> None:
         check=False,
     )
     assert run.returncode == 0, run.stderr
-    _same(state, torch.load(tmp_path / "cli.pt", weights_only=True))
+    assert_same_tree(state, torch.load(tmp_path / "cli.pt", weights_only=True))
 
 
 def _broadcast_load(rank: int, world: int, cases: list[tuple[str, bool]]) -> list[Any]:
@@ -211,7 +196,7 @@ def test_broadcasting_reader_into_a_sharded_model(tmp_path: Path) -> None:
         strict=True,
     )
     for got in good:
-        _same(dict(src.state_dict()), got)
+        assert_same_tree(dict(src.state_dict()), got)
     for e in wrong:  # every rank fails the same way, naming the tensors
         assert "model.1.weight (file torch.float32[3, 5], model torch.float32[4, 5])" in e
     for e in refused:
@@ -243,4 +228,4 @@ def test_broadcasting_reader_through_the_facade(tmp_path: Path) -> None:
     src = torch.nn.Sequential(torch.nn.Linear(8, 5), torch.nn.Linear(5, 3))
     torch.save({"model": src.state_dict()}, tmp_path / "m.pt")
     for got in run_ranks(2, _facade_broadcast_load, tmp_path, str(tmp_path / "m.pt")):
-        _same(dict(src.state_dict()), got)
+        assert_same_tree(dict(src.state_dict()), got)

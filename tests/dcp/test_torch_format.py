@@ -26,26 +26,7 @@ from tests.dist_utils import run_ranks
 from treeckpt import Box, CheckpointError, LoadMismatchError, ManifestError
 from treeckpt.dcp.format_utils import dcp_to_treeckpt, treeckpt_to_dcp
 from treeckpt.dcp.state_dict import get_state_dict
-
-
-def _same(a: Any, b: Any, where: str = "") -> None:
-    """Same nesting, same values; tensors equal in dtype, shape and bits."""
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor), where
-        assert a.dtype == b.dtype and a.shape == b.shape, where
-        assert torch.equal(
-            a.view(torch.uint8) if a.dim() else a, b.view(torch.uint8) if b.dim() else b
-        ), where
-    elif isinstance(a, dict):
-        assert isinstance(b, dict) and list(a) == list(b), where
-        for k in a:
-            _same(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, list | tuple):
-        assert type(a) is type(b) and len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            _same(x, y, f"{where}.{i}")
-    else:
-        assert type(a) is type(b) and a == b, where
+from treeckpt.testing import assert_same_tree
 
 
 def _model() -> torch.nn.Module:
@@ -128,7 +109,7 @@ def test_metadata_restore_and_region_reads(fsdp_ckpt: tuple[str, Any], monkeypat
     assert ckpt.tensors["optim.state.2.weight.exp_avg"].shape == (5, 6)
     assert [b.sizes for b, _ in ckpt.tensors["cols"].chunks] == [(5, 4), (5, 3)]
     assert set(ckpt.values) >= {"extra.step", "extra.blob", "extra.names", "extra.loss"}
-    _same(full, tf.restore_dcp(path))
+    assert_same_tree(full, tf.restore_dcp(path))
     assert tf.read_dcp_value(ckpt, "extra.blob") == b"\x00\xffbytes"
 
     # A box inside rank 1's chunk reads that chunk only.
@@ -138,13 +119,13 @@ def test_metadata_restore_and_region_reads(fsdp_ckpt: tuple[str, Any], monkeypat
         tf, "_read_item", lambda c, item, fqn, lim: reads.append(fqn) or real(c, item, fqn, lim)
     )
     got = tf.read_dcp_tensor(ckpt, "model.0.weight", Box(offsets=(4, 2), sizes=(2, 5)))
-    _same(full["model"]["0.weight"][4:6, 2:7], got)
+    assert_same_tree(full["model"]["0.weight"][4:6, 2:7], got)
     assert len(reads) == 1
     # Boxes across both chunks, along dim 0 (FSDP2) and dim 1 (Shard(1)).
     got = tf.read_dcp_tensor(ckpt, "model.0.weight", Box(offsets=(1, 0), sizes=(4, 8)))
-    _same(full["model"]["0.weight"][1:5], got)
+    assert_same_tree(full["model"]["0.weight"][1:5], got)
     got = tf.read_dcp_tensor(ckpt, "cols", Box(offsets=(1, 3), sizes=(3, 2)))
-    _same(full["cols"][1:4, 3:5], got)
+    assert_same_tree(full["cols"][1:4, 3:5], got)
     assert len(reads) == 5
 
 
@@ -166,13 +147,13 @@ def test_load_into_a_sharded_template_on_another_world_size(
 ) -> None:
     path, full = fsdp_ckpt
     for got in run_ranks(3, _load_resharded, tmp_path, path):
-        _same(full, got)
+        assert_same_tree(full, got)
     # One process, plain model: same values.
     model = _model()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     msd, osd = get_state_dict(model, opt)
     got = tf.load_dcp({"model": msd, "optim": osd, "extra": {}}, path, strict=False)
-    _same(full["model"], dict(got["model"]))
+    assert_same_tree(full["model"], dict(got["model"]))
 
 
 def _facade_load(rank: int, world: int, path: str) -> list[Any]:
@@ -201,14 +182,14 @@ def test_facade_load_on_another_world_size(fsdp_ckpt: tuple[str, Any], tmp_path:
     path, full = fsdp_ckpt
     for per_rank in run_ranks(3, _facade_load, tmp_path, path):
         for got in per_rank:
-            _same(full, got)
+            assert_same_tree(full, got)
 
 
 @pytest.mark.distributed
 def test_convert_to_treeckpt_and_back(fsdp_ckpt: tuple[str, Any], tmp_path: Path) -> None:
     path, full = fsdp_ckpt
     dcp_to_treeckpt(path, tmp_path / "tc")
-    _same(full, treeckpt.restore(tmp_path / "tc"))
+    assert_same_tree(full, treeckpt.restore(tmp_path / "tc"))
     treeckpt_to_dcp(tmp_path / "tc", tmp_path / "back")
     # torch's own DCP reads the way back.
     template = tf.restore_dcp(path)
@@ -217,8 +198,8 @@ def test_convert_to_treeckpt_and_back(fsdp_ckpt: tuple[str, Any], tmp_path: Path
         if isinstance(v, torch.Tensor):
             v.zero_()
     tdcp.load(template, checkpoint_id=str(tmp_path / "back"), no_dist=True)
-    _same(_flat(full), _flat(template))
-    _same(full, tf.restore_dcp(tmp_path / "back"))
+    assert_same_tree(_flat(full), _flat(template))
+    assert_same_tree(full, tf.restore_dcp(tmp_path / "back"))
 
 
 def test_single_process_values_and_nesting(tmp_path: Path) -> None:
@@ -230,7 +211,7 @@ def test_single_process_values_and_nesting(tmp_path: Path) -> None:
         "none": None,
     }
     tdcp.save(state, checkpoint_id=str(tmp_path / "c"), no_dist=True)
-    _same(state, tf.restore_dcp(tmp_path / "c"))
+    assert_same_tree(state, tf.restore_dcp(tmp_path / "c"))
     template = {
         "t": torch.zeros(3, 4, dtype=torch.float64),
         "scalar": torch.tensor(0, dtype=torch.int32),
@@ -238,7 +219,7 @@ def test_single_process_values_and_nesting(tmp_path: Path) -> None:
         "nested": {"layers": [{"w": torch.zeros(2)}, {"w": torch.ones(2)}], "lr": 0.0, "name": ""},
         "none": 1,
     }
-    _same(state, tf.load_dcp(template, tmp_path / "c"))
+    assert_same_tree(state, tf.load_dcp(template, tmp_path / "c"))
     bad = {**template, "t": torch.zeros(3, 4, dtype=torch.float32), "more": 1}
     with pytest.raises(
         LoadMismatchError, match=r"t \(template float32\[3, 4\], checkpoint float64\[3, 4\]\).*"
@@ -376,6 +357,6 @@ def test_fsspec_url_and_stateful_template(tmp_path: Path) -> None:
         fresh = torch.nn.Linear(3, 2)
         got = tf.load_dcp({"model": fresh, "step": 0}, "memory://dcp-url-test")
         assert got["model"] is fresh and got["step"] == 4
-        _same(dict(model.state_dict()), dict(fresh.state_dict()))
+        assert_same_tree(dict(model.state_dict()), dict(fresh.state_dict()))
     finally:
         fs.rm("/dcp-url-test", recursive=True)
