@@ -24,7 +24,13 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from benchlib.contenders import ALL_CONTENDER_KEYS, Contender, import_treeckpt, make_contenders
+from benchlib.contenders import (
+    ALL_CONTENDER_KEYS,
+    DEFAULT_CONTENDER_KEYS,
+    Contender,
+    import_treeckpt,
+    make_contenders,
+)
 from benchlib.measure import RSS_SAMPLE_INTERVAL_S, release_memory
 from benchlib.report import build_report, environment, markdown
 from benchlib.runner import run_rounds, warm_up
@@ -83,8 +89,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--contenders",
-        default=",".join(ALL_CONTENDER_KEYS),
-        help=f"comma-separated subset of {','.join(ALL_CONTENDER_KEYS)} (default all)",
+        default=",".join(DEFAULT_CONTENDER_KEYS),
+        help=(
+            f"comma-separated subset of {','.join(ALL_CONTENDER_KEYS)} "
+            f"(default {','.join(DEFAULT_CONTENDER_KEYS)})"
+        ),
     )
     args = parser.parse_args(argv)
     _validate(parser, args)

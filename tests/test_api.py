@@ -746,10 +746,15 @@ def test_chunked_round_trip(tmp_ckpt: str, compress: str, chunk_bytes: int) -> N
         if compress == "never":
             assert set(t.codecs) == {"raw"}, fqn
     if compress != "never" and chunk_bytes >= 4096:
-        assert "shuffle-zstd" in info.tensors["zeros_bf16"].codecs
+        assert "planes" in info.tensors["zeros_bf16"].codecs
         assert info.tensors["zeros_bf16"].stored_bytes < info.tensors["zeros_bf16"].raw_bytes
     if compress == "auto":
-        assert set(info.tensors["random"].codecs) == {"raw"}
+        # random bytes stay raw; random doubles compress their sign and exponent planes only
+        assert set(info.tensors["odd"].codecs) == {"raw"}
+        random = info.tensors["random"]
+        if chunk_bytes >= 4096:
+            assert set(random.codecs) == {"planes"}
+            assert 0.75 * random.raw_bytes < random.stored_bytes < 0.95 * random.raw_bytes
 
 
 @pytest.mark.parametrize("io_threads", [1, 4])
@@ -871,7 +876,14 @@ def test_pickle_not_needed_for_keys_outside_a_non_strict_template(tmp_ckpt: str)
 def test_metadata(tmp_ckpt: str, monkeypatch: pytest.MonkeyPatch) -> None:
     tree = {
         "w": torch.zeros(64, 32, dtype=torch.bfloat16),
-        "r": torch.randn(100, generator=torch.Generator().manual_seed(0)),
+        # random bits: nothing to compress
+        "r": torch.randint(
+            -(2**31),
+            2**31 - 1,
+            (100,),
+            generator=torch.Generator().manual_seed(0),
+            dtype=torch.int32,
+        ).view(torch.float32),
         "e": torch.empty(0, 5),
         "n": np.arange(10, dtype=np.int32),
         "s": np.float64(2.5),
@@ -902,7 +914,7 @@ def test_metadata(tmp_ckpt: str, monkeypatch: pytest.MonkeyPatch) -> None:
     assert info.values == {"step": 12, "name": "run-1"}
     w = info.tensors["w"]
     assert (w.dtype, w.shape, w.lib, w.raw_bytes) == ("bfloat16", (64, 32), "torch", 4096)
-    assert w.chunks == 4 and w.codecs == {"shuffle-zstd": 4}
+    assert w.chunks == 4 and w.codecs == {"planes": 4}
     assert w.stored_bytes < w.raw_bytes and w.ratio > 1
     r = info.tensors["r"]
     assert (r.dtype, r.shape, r.raw_bytes, r.chunks, r.codecs) == (

@@ -120,6 +120,51 @@ def test_resharding_reads_only_the_blocks_it_needs(tmp_path: Path) -> None:
         assert torch.equal(got, x[r * 200 : (r + 1) * 200])
 
 
+def test_resharding_decodes_only_the_compressed_blocks_it_needs(tmp_path: Path) -> None:
+    """2 -> 3 ranks over compressed chunks: each rank decodes the blocks
+    holding its rows, not the whole chunks its shard starts or ends in."""
+    g = torch.Generator().manual_seed(6)
+    x = (torch.randn(600, 256, generator=g) * 0.02).to(torch.bfloat16)  # 300 KiB
+    path = str(tmp_path / "c")
+    opts = treeckpt.SaveOptions(chunk_bytes=150 * 1024, compressed_block_bytes=8 * 1024)
+    treeckpt.save({"x": x}, path, options=opts)
+    assert set(treeckpt.metadata(path).tensors["x"].codecs) == {"planes"}
+    specs = [[_rows(path, "x", (600, 256), "bfloat16", r * 200, (r + 1) * 200)] for r in range(3)]
+    plans = treeckpt.plan_reshard(path, specs)
+    needed = sum(p.needed_bytes for p in plans)
+    decoded = sum(p.read_raw_bytes for p in plans)
+    assert needed == x.numel() * 2
+    # each inner shard boundary costs at most one extra block on each side
+    assert needed < decoded <= needed + 4 * 8 * 1024, decoded / needed
+    stored = sum(p.read_stored_bytes for p in plans)
+    assert stored < 0.8 * decoded  # and what is read from storage is the compressed blocks
+    for r in range(3):
+        got = treeckpt.read_tensor(path, "x", (slice(r * 200, (r + 1) * 200),))
+        assert torch.equal(got.view(torch.int16), x[r * 200 : (r + 1) * 200].view(torch.int16))
+    # one compressed block per chunk: the middle rank decodes both chunks whole
+    whole = str(tmp_path / "whole")
+    treeckpt.save({"x": x}, whole, options=dataclasses.replace(opts, compressed_block_bytes=0))
+    (middle,) = treeckpt.plan_reshard(whole, [specs[1]])
+    assert middle.read_raw_bytes == x.numel() * 2
+
+
+def test_damaged_compressed_block_is_detected_by_a_ranged_read(tmp_path: Path) -> None:
+    x = torch.zeros(256, 256, dtype=torch.float32)
+    x[::7] = 1.5
+    path = tmp_path / "c"
+    opts = treeckpt.SaveOptions(chunk_bytes=1 << 20, compressed_block_bytes=16 * 1024)
+    treeckpt.save({"x": x}, str(path), options=opts)
+    assert torch.equal(treeckpt.read_tensor(str(path), "x", (slice(250, 256),)), x[250:])
+    (data,) = [f for f in path.rglob("*.bin")]
+    raw = bytearray(data.read_bytes())
+    raw[-1] ^= 0x10  # inside the last block
+    data.write_bytes(bytes(raw))
+    # the first rows are still readable: their blocks are intact
+    assert torch.equal(treeckpt.read_tensor(str(path), "x", (slice(0, 4),)), x[:4])
+    with pytest.raises(treeckpt.CorruptChunkError, match="checksum mismatch in block 15"):
+        treeckpt.read_tensor(str(path), "x", (slice(250, 256),))
+
+
 def test_damaged_block_is_detected_by_a_ranged_read(tmp_path: Path) -> None:
     x = torch.arange(64 * 1024, dtype=torch.float32).reshape(256, 256)
     path = tmp_path / "c"

@@ -74,6 +74,20 @@ class TreeCkptContender(Contender):
         return self._module.load(template, path)
 
 
+class TreeCkptOptionsContender(TreeCkptContender):
+    """treeckpt with one ``SaveOptions`` setting changed, to show what a default buys."""
+
+    def __init__(self, module: ModuleType, key: str, label: str, **options: object) -> None:
+        super().__init__(module)
+        self.key = key
+        self.label = label
+        self.description = f"treeckpt.save(tree, path, options=SaveOptions({options}))"
+        self._options = module.SaveOptions(**options)
+
+    def save(self, state: Tree, path: str) -> None:
+        self._module.save(state, path, options=self._options)
+
+
 @contextmanager
 def _quiet_dcp_no_dist() -> Iterator[None]:
     """Silence DCP's per-call 'assuming the intent is to save/load in a single process' warning."""
@@ -282,6 +296,19 @@ def make_contenders(
     contenders: list[Contender] = []
     if treeckpt_module is not None:
         contenders.append(TreeCkptContender(treeckpt_module))
+        contenders.append(
+            TreeCkptOptionsContender(
+                treeckpt_module, "treeckpt-raw", 'treeckpt `compress="never"`', compress="never"
+            )
+        )
+        contenders.append(
+            TreeCkptOptionsContender(
+                treeckpt_module,
+                "treeckpt-always",
+                'treeckpt `compress="always"`',
+                compress="always",
+            )
+        )
     contenders.extend(
         [
             DcpDefaultsContender(),
@@ -297,13 +324,22 @@ def make_contenders(
 
 
 ALL_CONTENDER_KEYS = [
-    cls.key
-    for cls in (
-        TreeCkptContender,
-        DcpDefaultsContender,
-        DcpThreadsContender,
-        TorchSaveContender,
-        RawBytesContender,
-        DiskFloorContender,
-    )
+    "treeckpt",
+    "treeckpt-raw",
+    "treeckpt-always",
+    *(
+        cls.key
+        for cls in (
+            DcpDefaultsContender,
+            DcpThreadsContender,
+            TorchSaveContender,
+            RawBytesContender,
+            DiskFloorContender,
+        )
+    ),
 ]
+
+DEFAULT_CONTENDER_KEYS = [
+    k for k in ALL_CONTENDER_KEYS if k not in ("treeckpt-raw", "treeckpt-always")
+]
+"""Every contender but the treeckpt option variants, which are opt-in."""

@@ -22,14 +22,20 @@ import treeckpt
 from treeckpt.store.checksum import checksum
 
 MANIFEST = "manifest.json"
-SAVE_OPTIONS = treeckpt.SaveOptions(chunk_bytes=2048, io_threads=2)
+# min_ratio 1.1: normal floats ("w2") compress their sign-and-exponent plane
+SAVE_OPTIONS = treeckpt.SaveOptions(
+    chunk_bytes=2048, io_threads=2, compressed_block_bytes=1024, min_ratio=1.1
+)
 
 
 def sample_tree(seed: int = 0) -> dict[str, Any]:
-    """Raw chunks (random floats), compressed chunks (zeros, ints), numpy leaves, values."""
+    """Raw chunks (random bits as floats), compressed chunks (zeros, ints), numpy leaves, values."""
     g = torch.Generator().manual_seed(seed)
+    bits = torch.randint(-(2**31), 2**31 - 1, (32, 32), generator=g, dtype=torch.int32)
     return {
-        "w": torch.randn(32, 32, generator=g),
+        "w": bits.view(torch.float32),
+        # normal floats: the sign and exponent plane compresses, the mantissa planes do not
+        "w2": torch.randn(64, 48, generator=g),
         "z": torch.zeros(30, 50, dtype=torch.bfloat16) + seed,
         "i": torch.arange(500, dtype=torch.int64) * (seed + 1),
         "u8": torch.randint(0, 256, (300,), generator=g, dtype=torch.uint8),

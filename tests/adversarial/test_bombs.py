@@ -26,7 +26,7 @@ from tests.adversarial.forge import Ckpt
 from treeckpt.store.checksum import checksum
 
 GB = 1 << 30
-N = 1024  # the honest tensor: 1024 uint8 zeros, one zstd chunk
+N = 1024  # the honest tensor: 1024 uint8 zeros, one compressed chunk
 
 
 def _zeros_frame(total: int, *, content_size: bool) -> bytes:
@@ -61,21 +61,28 @@ def _honest(path: Path) -> Ckpt:
         options=treeckpt.SaveOptions(compress="always"),
     )
     ck = Ckpt(path)
-    assert [c[6] for c in ck.index()["chunks"]] == ["zstd"]
+    assert [c[6] for c in ck.index()["chunks"]] == ["planes"]
     return ck
 
 
-def _with_payload(ck: Ckpt, payload: bytes, **chunk_fields: Any) -> None:
-    """Replace the only chunk's bytes, keeping every recorded size and checksum consistent."""
+def _with_payload(ck: Ckpt, payload: bytes, codec: str = "zstd", **chunk_fields: Any) -> None:
+    """Replace the only chunk's bytes, keeping every recorded size and checksum consistent.
+
+    ``zstd`` and ``raw`` chunks lose their block list; a ``planes`` chunk gets
+    one block (one ``z`` plane) holding the whole payload as one segment.
+    """
     rel = ck.data_files()[0]
     ck.write(rel, payload)
 
     def edit(body: dict[str, Any]) -> None:
         body["files"][0][1] = len(payload)
         c = body["chunks"][0]
-        c[4], c[5], c[8] = 0, len(payload), checksum(payload)
+        c[4], c[5], c[6], c[8] = 0, len(payload), codec, checksum(payload)
         for k, v in chunk_fields.items():
-            c[{"raw_length": 7, "codec": 6}[k]] = v
+            c[{"raw_length": 7}[k]] = v
+        del c[9:]
+        if codec == "planes":
+            c.append([c[7], [checksum(payload)], "z", [len(payload)]])
 
     ck.edit_index(edit)
 
@@ -144,6 +151,15 @@ def test_bombs_and_absurd_sizes_have_bounded_cost(
         "bomb_unsized": lambda ck: _with_payload(ck, gb_frame_unsized),
         # the header claims 1 KiB, the blocks hold 1 GB
         "bomb_lying_header": lambda ck: _with_payload(ck, _lying_header(gb_frame, N)),
+        # the same bombs as the one segment of a planes chunk
+        "planes_bomb_declared": lambda ck: _with_payload(ck, gb_frame, codec="planes"),
+        "planes_bomb_unsized": lambda ck: _with_payload(ck, gb_frame_unsized, codec="planes"),
+        "planes_bomb_lying_header": lambda ck: _with_payload(
+            ck, _lying_header(gb_frame, N), codec="planes"
+        ),
+        "planes_huge_raw_length": lambda ck: _with_payload(
+            ck, gb_frame, codec="planes", raw_length=GB
+        ),
         # an honest first frame followed by a 1 GB frame
         "bomb_trailing_frame": lambda ck: _with_payload(ck, small + gb_frame),
         # huge raw_length with a box of 1 KiB

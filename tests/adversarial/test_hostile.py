@@ -574,27 +574,91 @@ def test_chunk_pointing_at_another_chunks_bytes(ck: Ckpt) -> None:
     assert out["w"].shape == TREE["w"].shape
 
 
-def test_codec_swapped_between_raw_and_zstd(ck: Ckpt) -> None:
-    def swap(body: dict[str, Any]) -> None:
-        c = _first_chunk(body, "z", "shuffle-zstd")
+def test_planes_chunk_relabelled_zstd(ck: Ckpt) -> None:
+    def relabel(body: dict[str, Any]) -> None:
+        c = _first_chunk(body, "z", "planes")
         c[CODEC] = "zstd"
+        del c[9:]
 
-    ck.edit_index(swap)
-    # the payload decodes (same frame), but unshuffled: bytes would be wrong, and they are
-    # the forger's to choose. Nothing crashes; a zstd frame never decodes beyond its box.
-    treeckpt.restore(str(ck.path))
+    ck.edit_index(relabel)
+    # the first segment is a whole zstd frame, of one plane of one block: it never
+    # decodes to the chunk's raw length, so the chunk is refused, not misread
+    msg = rejects(ck, CorruptChunkError, "declares")
+    assert "tensor 'z'" in msg
 
-    ck.edit_index(lambda body: _first_chunk(body, "z").__setitem__(CODEC, "raw"))
-    rejects(ck, ManifestError, "raw chunk")
+
+def test_planes_chunk_relabelled_raw(ck: Ckpt) -> None:
+    ck.edit_index(lambda body: _first_chunk(body, "z", "planes").__setitem__(CODEC, "raw"))
+    rejects(ck, ManifestError, "(raw chunk|block checksums)")
 
 
 def test_compressed_chunk_declaring_an_impossible_ratio(ck: Ckpt) -> None:
     def edit(body: dict[str, Any]) -> None:
-        c = _first_chunk(body, "z", "shuffle-zstd")
+        c = _first_chunk(body, "z", "planes")
         c[RAW] = c[LEN] * 65536 + (1 << 20) + 2
 
     ck.edit_index(edit)
     rejects(ck, ManifestError)
+
+
+def _planes_edit(field: int, value: Any) -> Any:
+    def edit(body: dict[str, Any]) -> None:
+        _first_chunk(body, "w2", "planes")[9][field] = value
+
+    return edit
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "match"),
+    [
+        (0, 0, "block_bytes"),
+        (0, 3, "block checksums do not cover|malformed planes"),
+        (0, 1 << 40, "do not cover"),
+        (1, [], "block checksums do not cover"),
+        (1, ["crc32:00"], "bad block checksum|do not cover"),
+        (2, "zzz", "one 'r' or 'z' per byte"),
+        (2, "rrrr", "malformed planes chunk"),
+        (2, "rrqz", "one 'r' or 'z' per byte"),
+        (2, 5, "one 'r' or 'z' per byte"),
+        (3, [], "segments do not cover"),
+        (3, [0], "segment"),
+        (3, [-1], "segment"),
+        (3, ["7"], "segment"),
+    ],
+)
+def test_bad_planes_fields(ck: Ckpt, field: int, value: Any, match: str) -> None:
+    ck.edit_index(_planes_edit(field, value))
+    msg = rejects(ck, ManifestError, match)
+    assert "(w2)" in msg
+
+
+def test_planes_segment_lengths_must_add_up(ck: Ckpt) -> None:
+    def edit(body: dict[str, Any]) -> None:
+        segs = _first_chunk(body, "w2", "planes")[9][3]
+        segs[0] += 1  # the stored length no longer matches: refused before any read
+
+    ck.edit_index(edit)
+    rejects(ck, ManifestError, "do not add up")
+
+    def swap(body: dict[str, Any]) -> None:
+        segs = _first_chunk(body, "w2", "planes")[9][3]
+        segs[0] -= 1
+        segs[0], segs[-1] = segs[-1] + 1, segs[0] - 1  # same total, wrong split
+
+    ck.edit_index(swap)
+    msg = rejects(ck, CorruptChunkError)
+    assert "'w2'" in msg
+
+
+def test_planes_block_damage_names_the_block(ck: Ckpt) -> None:
+    body = ck.index()
+    c = _first_chunk(body, "w2", "planes")
+    data = ck.path / body["files"][c[FILE]][0]
+    raw = bytearray(data.read_bytes())
+    raw[c[OFF] + c[LEN] - 1] ^= 0x55  # inside the last block
+    data.write_bytes(bytes(raw))
+    msg = rejects(ck, CorruptChunkError, "checksum mismatch")
+    assert "'w2'" in msg
 
 
 def test_unknown_tensor_library_in_restore(ck: Ckpt) -> None:

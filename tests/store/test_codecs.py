@@ -39,7 +39,7 @@ def _smooth_floats(n: int) -> np.ndarray:
 
 
 def test_codec_table_is_closed() -> None:
-    assert CODECS == ("raw", "zstd", "shuffle-zstd")
+    assert CODECS == ("raw", "zstd", "shuffle-zstd", "planes")
 
 
 @given(

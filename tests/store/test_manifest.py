@@ -244,3 +244,37 @@ def test_block_checksums_round_trip_and_are_validated() -> None:
     ]:
         with pytest.raises(ManifestError, match="block"):
             _decode_alone(m, _with_blocks(index, blocks, bb))
+
+
+def _as_planes(index: ChunkIndex, **fields: Any) -> ChunkIndex:
+    """Chunk 1 (6 bfloat16 values, 9 stored bytes) as a ``planes`` chunk of two blocks."""
+    base: dict[str, Any] = {
+        "codec": "planes",
+        "block_bytes": 8,
+        "blocks": (checksum(b"p0"), checksum(b"p1")),
+        "planes": "rz",
+        "segments": (2, 1),  # block 0: 4 raw + 2; block 1: 2 raw + 1 = 9 bytes
+    }
+    c = dataclasses.replace(index.chunks[1], **{**base, **fields})
+    return dataclasses.replace(index, chunks=(index.chunks[0], c, *index.chunks[2:]))
+
+
+def test_planes_chunks_round_trip_and_are_validated() -> None:
+    m, index = _manifest()
+    good = _as_planes(index)
+    back = _decode_alone(m, good)
+    assert back == good
+    assert back.chunks[1].stored_range(0, 8) == (0, 6)
+    assert back.chunks[1].stored_range(8, 12) == (6, 9)
+    assert back.chunks[1].raw_block_range(9, 10) == (8, 12)
+    for fields, match in [
+        ({"planes": "rzz"}, "one 'r' or 'z' per byte of bfloat16"),
+        ({"planes": "rr"}, "malformed planes chunk"),
+        ({"segments": (3, 1)}, "do not add up to the stored length 9"),
+        ({"segments": (3,)}, "segments do not cover"),
+        ({"block_bytes": 3}, "do not cover|malformed planes"),
+        ({"blocks": (checksum(b"p0"),)}, "block checksums do not cover"),
+        ({"blocks": ()}, "needs its block list"),
+    ]:
+        with pytest.raises(ManifestError, match=match):
+            _decode_alone(m, _as_planes(index, **fields))

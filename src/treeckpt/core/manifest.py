@@ -6,13 +6,23 @@ Encoding, decoding and validation against untrusted bytes live in
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
 from treeckpt.core.box import Box
 from treeckpt.core.leaves import LeafRecord
 
-__all__ = ["FORMAT_VERSION", "ChunkIndex", "ChunkRef", "DataFile", "IndexRef", "Manifest"]
+__all__ = [
+    "FORMAT_VERSION",
+    "ChunkIndex",
+    "ChunkRef",
+    "DataFile",
+    "IndexRef",
+    "Manifest",
+    "block_starts",
+    "planes_block_starts",
+]
 
 FORMAT_VERSION = 1
 
@@ -25,9 +35,16 @@ class ChunkRef:
     ``offset`` of ``file`` hold it, encoded with ``codec``; decoding gives
     exactly ``raw_length`` bytes. ``checksum`` is taken over the stored bytes.
 
-    A raw chunk may also carry ``blocks``: the checksums of its consecutive
-    ``block_bytes``-byte pieces (the last one shorter), so a reader that needs
-    only part of the chunk reads and verifies only the blocks holding it.
+    A chunk may also be cut into blocks of ``block_bytes`` raw bytes (the last
+    one shorter), each stored as one contiguous run with its own checksum in
+    ``blocks``, so a reader that needs only part of the chunk reads, verifies
+    and decodes only the blocks holding it. A ``raw`` chunk's blocks are its
+    bytes as they are. A ``planes`` chunk's blocks are encoded separately:
+    each block's bytes are regrouped by byte position within an element (one
+    byte plane per position, ``len(planes)`` of them), then plane ``i`` is
+    stored as it is when ``planes[i]`` is ``"r"``, or as one zstandard frame
+    when it is ``"z"``; ``segments`` lists the stored lengths of those frames,
+    block by block.
     """
 
     fqn: str
@@ -40,16 +57,54 @@ class ChunkRef:
     checksum: str
     block_bytes: int = 0
     blocks: tuple[str, ...] = ()
+    planes: str = ""
+    segments: tuple[int, ...] = ()
     #: ``"xxh3-128:<hex>"`` of the raw (decoded) bytes, recorded by incremental
     #: saves so that a later save can reuse this chunk; empty when not recorded.
     digest: str = ""
 
-    def block_range(self, start: int, stop: int) -> tuple[int, int]:
-        """The byte range ``[start, stop)`` widened to whole blocks (the whole chunk without blocks)."""
+    def raw_block_range(self, start: int, stop: int) -> tuple[int, int]:
+        """The raw byte range ``[start, stop)`` widened to whole blocks (the whole chunk without blocks)."""
+        if not self.blocks:
+            return 0, self.raw_length
+        bb = self.block_bytes
+        return start - start % bb, min(self.raw_length, -(-stop // bb) * bb)
+
+    def stored_range(self, raw_start: int, raw_stop: int) -> tuple[int, int]:
+        """Where the whole blocks holding raw bytes ``[raw_start, raw_stop)`` are stored."""
         if not self.blocks:
             return 0, self.length
+        if self.codec == "raw":
+            return self.raw_block_range(raw_start, raw_stop)
+        starts = block_starts(self)
         bb = self.block_bytes
-        return start - start % bb, min(self.length, -(-stop // bb) * bb)
+        return starts[raw_start // bb], starts[-(-raw_stop // bb)]
+
+
+def block_starts(c: ChunkRef) -> tuple[int, ...]:
+    """Offsets (within the chunk's stored bytes) of each block of a ``planes`` chunk, and the end.
+
+    Block ``k`` holds raw bytes ``[k * block_bytes, min((k + 1) * block_bytes, raw_length))``;
+    its ``"r"`` planes take ``raw / len(planes)`` bytes each, its ``"z"`` planes their segment.
+    """
+    return planes_block_starts(c.raw_length, c.block_bytes, c.planes, c.segments)
+
+
+@functools.lru_cache(maxsize=4096)
+def planes_block_starts(
+    raw_length: int, bb: int, planes: str, segments: tuple[int, ...]
+) -> tuple[int, ...]:
+    """:func:`block_starts` from the index fields (also used to validate them)."""
+    itemsize = len(planes)
+    n_raw = planes.count("r")
+    nz = itemsize - n_raw
+    out = [0]
+    pos = 0
+    for k in range(-(-raw_length // bb)):
+        raw = min(bb, raw_length - k * bb)
+        pos += n_raw * (raw // itemsize) + sum(segments[k * nz : (k + 1) * nz])
+        out.append(pos)
+    return tuple(out)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

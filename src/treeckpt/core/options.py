@@ -19,12 +19,14 @@ class SaveOptions:
     Attributes:
         chunk_bytes: largest raw size of one stored chunk. Chunks are the unit
             of compression, checksumming and partial reads.
-        compress: ``"auto"`` compresses a chunk when a sample shows it pays,
-            ``"always"`` compresses every chunk (storing raw only when zstd
-            makes it larger), ``"never"`` stores raw bytes.
+        compress: ``"auto"`` compresses the byte planes of a chunk that a
+            sample shows pay (for floats: the sign and exponent byte, not the
+            mantissa bytes), ``"always"`` compresses every byte plane (storing
+            the chunk raw only when that makes it larger), ``"never"`` stores
+            raw bytes.
         zstd_level: zstandard level (1 is fast; higher is smaller and slower).
-        min_ratio: in ``"auto"``, compress only when a sample shrinks to at
-            most ``1 / min_ratio`` of its size.
+        min_ratio: in ``"auto"``, compress a byte plane only when its sample
+            shrinks to at most ``1 / min_ratio`` of its size.
         io_threads: threads per rank that encode and write chunks; each
             writes its own data file.
         sync: fsync data files, the manifest and the directory (durability).
@@ -35,6 +37,10 @@ class SaveOptions:
         block_bytes: raw chunks larger than this also get one checksum per
             block of this size, so a load that needs part of a chunk (another
             sharding) reads and verifies only those blocks. 0 turns it off.
+        compressed_block_bytes: compressed chunks are encoded in independent
+            blocks of this many raw bytes, each with its own checksum, so a
+            load that needs part of a chunk decodes only those blocks. 0 makes
+            one block per chunk.
     """
 
     chunk_bytes: int = 16 * MiB
@@ -45,10 +51,15 @@ class SaveOptions:
     sync: bool = True
     timeout_s: float = 600.0
     block_bytes: int = 64 << 10
+    compressed_block_bytes: int = 256 << 10
 
     def __post_init__(self) -> None:
         if self.block_bytes < 0:
             raise OptionsError(f"block_bytes must be >= 0, got {self.block_bytes}")
+        if self.compressed_block_bytes < 0:
+            raise OptionsError(
+                f"compressed_block_bytes must be >= 0, got {self.compressed_block_bytes}"
+            )
         if self.chunk_bytes < 1:
             raise OptionsError(f"chunk_bytes must be positive, got {self.chunk_bytes}")
         if self.compress not in ("auto", "always", "never"):

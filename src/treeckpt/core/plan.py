@@ -125,8 +125,8 @@ class LoadPlan:
     """What one rank reads. Reports the cost before any I/O.
 
     ``needed_bytes`` is what the destinations hold; ``read_raw_bytes`` is the
-    raw size of what is read (a compressed chunk is decoded whole; a raw chunk
-    with block checksums only from its first to its last needed block), so
+    raw size of what is read and decoded (a chunk cut into blocks only from its
+    first to its last needed block, any other chunk whole), so
     ``read_amplification`` = read / needed (1.0 is ideal).
     """
 
@@ -142,7 +142,7 @@ class LoadPlan:
 
     @property
     def ranges(self) -> dict[tuple[str, int], tuple[int, int]]:
-        """Per chunk (file, offset): the byte range of it to read, whole blocks."""
+        """Per chunk (file, offset): the range of its raw bytes to read, whole blocks."""
         return chunk_read_ranges(self.items)
 
     @property
@@ -214,7 +214,7 @@ def plan_load(stored: Mapping[str, StoredTensor], requests: Sequence[ShardSpec])
                         src=src,
                         dst=parts[-1],
                         byte_range=contiguous_range(chunk.box, src, itemsize)
-                        if chunk.codec == "raw"
+                        if chunk.blocks
                         else None,
                     )
                 )
@@ -229,15 +229,11 @@ def plan_load(stored: Mapping[str, StoredTensor], requests: Sequence[ShardSpec])
             needed += box.volume * itemsize
     ranges = chunk_read_ranges(items)
     chunks = touched.values()
-    read = sum(hi - lo for lo, hi in ranges.values())
     return LoadPlan(
         items=tuple(items),
         needed_bytes=needed,
-        read_raw_bytes=sum(
-            (c.raw_length if c.codec != "raw" else _span(ranges[(c.file, c.offset)]))
-            for c in chunks
-        ),
-        read_stored_bytes=read,
+        read_raw_bytes=sum(_span(ranges[(c.file, c.offset)]) for c in chunks),
+        read_stored_bytes=sum(_span(c.stored_range(*ranges[(c.file, c.offset)])) for c in chunks),
         files=tuple(sorted({c.file for c in chunks})),
     )
 
@@ -268,10 +264,11 @@ def contiguous_range(chunk: Box, src: Box, itemsize: int) -> tuple[int, int] | N
 
 
 def chunk_read_ranges(items: Sequence[ReadItem]) -> dict[tuple[str, int], tuple[int, int]]:
-    """For each chunk the items touch, the stored byte range to read.
+    """For each chunk the items touch, the range of its raw bytes to read and decode.
 
-    A raw chunk with block checksums is read from the first to the last block
-    any item needs (ranged read); any other chunk is read whole.
+    A chunk cut into blocks is read from the first to the last block any item
+    needs (a ranged read of ``ChunkRef.stored_range``); any other chunk is
+    read whole.
     """
     out: dict[tuple[str, int], tuple[int, int]] = {}
     whole: set[tuple[str, int]] = set()
@@ -281,10 +278,10 @@ def chunk_read_ranges(items: Sequence[ReadItem]) -> dict[tuple[str, int], tuple[
         if key in whole:
             continue
         if item.byte_range is None or not c.blocks:
-            out[key] = (0, c.length)
+            out[key] = (0, c.raw_length)
             whole.add(key)
             continue
-        lo, hi = c.block_range(*item.byte_range)
+        lo, hi = c.raw_block_range(*item.byte_range)
         if key in out:
             lo, hi = min(lo, out[key][0]), max(hi, out[key][1])
         out[key] = (lo, hi)

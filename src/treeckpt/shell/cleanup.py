@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 
 from treeckpt.errors import CheckpointError
 from treeckpt.store import layout
@@ -44,9 +45,26 @@ ABANDONED_AFTER_S = 3600.0
 _TMP = f"{layout.MANIFEST}.tmp-"
 
 
-def claim(backend: Backend, save_id: str) -> DirHold | None:
-    """Hold the new save's data directory (``OSError`` when a clean-up has it)."""
-    return backend.hold_dir(layout.data_dir(save_id))
+def claim(backend: Backend, save_id: str, *, tries: int = 50) -> DirHold | None:
+    """Create and hold the new save's data directory.
+
+    Another save's clean-up may take a directory that exists but is not held
+    yet for abandoned, and remove it, between its creation and the claim: the
+    claim then finds it gone (or held for a moment) and makes it again. Raises
+    ``OSError`` when that keeps happening ``tries`` times.
+    """
+    name = layout.data_dir(save_id)
+    for attempt in range(tries):
+        backend.makedirs(name)
+        try:
+            hold = backend.hold_dir(name)
+        except (FileNotFoundError, BlockingIOError):
+            time.sleep(0.001 * (attempt + 1))
+            continue
+        if hold is None or hold.is_current():
+            return hold
+        release(hold)
+    raise OSError(f"{backend.root}/{name}: clean-up by another save kept removing it")
 
 
 def release(hold: DirHold | None) -> None:

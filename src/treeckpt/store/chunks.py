@@ -27,14 +27,14 @@ import zstandard
 
 from treeckpt.core.box import Box
 from treeckpt.core.incremental import ReuseTable
-from treeckpt.core.manifest import ChunkRef, DataFile
+from treeckpt.core.manifest import ChunkRef, DataFile, block_starts
 from treeckpt.core.options import SaveOptions
 from treeckpt.core.plan import WriteItem
 from treeckpt.errors import CheckpointError, CorruptChunkError
 from treeckpt.store import layout
 from treeckpt.store.backends import Backend, Writer
 from treeckpt.store.checksum import checksum, content_digest
-from treeckpt.store.codecs import compressor, decode_into, encode
+from treeckpt.store.codecs import ChunkEncoder, PlanesEncoded, decode_blocks_into, decode_into
 
 __all__ = ["ReadTarget", "ReadTask", "WriteJob", "read_chunks", "write_chunks"]
 
@@ -126,8 +126,12 @@ def _write_lane(
     abort: threading.Event,
     reuse: ReuseTable | None,
 ) -> None:
-    cctx = compressor(options.zstd_level)
-    mode = options.compress
+    encoder = ChunkEncoder(
+        mode=options.compress,
+        level=options.zstd_level,
+        min_ratio=options.min_ratio,
+        block_bytes=options.compressed_block_bytes,
+    )
     for n, job in jobs:
         if abort.is_set():
             raise _Aborted("aborted: another writer thread failed")
@@ -139,17 +143,31 @@ def _write_lane(
             if hit is not None:
                 refs[n] = dataclasses.replace(hit, fqn=job.item.fqn, box=job.item.chunk)
                 continue
-        enc = encode(
-            raw,
-            itemsize=job.itemsize,
-            mode=mode,
-            level=options.zstd_level,
-            min_ratio=options.min_ratio,
-            cctx=cctx,
-        )
+        enc = encoder.encode(raw, job.itemsize)
         writer = lane.open()
         offset = writer.tell()
         writer.write(enc.payload)
+        if isinstance(enc, PlanesEncoded):
+            view = enc.payload
+            refs[n] = ChunkRef(
+                fqn=job.item.fqn,
+                box=job.item.chunk,
+                file=lane.name,
+                offset=offset,
+                length=len(view),
+                codec=enc.codec,
+                raw_length=raw.nbytes,
+                checksum=checksum(view),
+                digest=digest,
+                block_bytes=enc.block_bytes,
+                blocks=tuple(
+                    checksum(view[a:b])
+                    for a, b in zip(enc.block_starts, enc.block_starts[1:], strict=False)
+                ),
+                planes=enc.planes,
+                segments=enc.segments,
+            )
+            continue
         refs[n] = ChunkRef(
             fqn=job.item.fqn,
             box=job.item.chunk,
@@ -223,7 +241,7 @@ class ReadTask:
     chunk: ChunkRef
     itemsize: int
     targets: tuple[ReadTarget, ...]
-    read_range: tuple[int, int] | None = None  # a block-aligned part of a raw chunk
+    read_range: tuple[int, int] | None = None  # raw bytes to decode, whole blocks
 
 
 def read_chunks(backend: Backend, tasks: Sequence[ReadTask], *, io_threads: int) -> None:
@@ -233,12 +251,31 @@ def read_chunks(backend: Backend, tasks: Sequence[ReadTask], *, io_threads: int)
     local = threading.local()
 
     def run(n: int) -> None:
-        dctx = getattr(local, "dctx", None)
-        if dctx is None:
-            dctx = local.dctx = zstandard.ZstdDecompressor()
-        _read_one(backend, ordered[n], dctx)
+        bufs = getattr(local, "bufs", None)
+        if bufs is None:
+            bufs = local.bufs = _Buffers()
+        _read_one(backend, ordered[n], bufs)
 
     _run_all(run, range(len(ordered)), nthreads)
+
+
+class _Buffers:
+    """One reader thread's decompressor and reusable buffers (no fresh allocation per chunk)."""
+
+    def __init__(self) -> None:
+        self.dctx = zstandard.ZstdDecompressor()
+        self._stored = np.empty(0, dtype=np.uint8)
+        self._decoded = np.empty(0, dtype=np.uint8)
+
+    def stored(self, n: int) -> memoryview:
+        if self._stored.nbytes < n:
+            self._stored = np.empty(n, dtype=np.uint8)
+        return self._stored[:n].data.cast("B")
+
+    def decoded(self, n: int) -> Bytes1D:
+        if self._decoded.nbytes < n:
+            self._decoded = np.empty(n, dtype=np.uint8)
+        return self._decoded[:n]
 
 
 def _direct_region(task: ReadTask) -> Bytes1D | None:
@@ -254,72 +291,70 @@ def _direct_region(task: ReadTask) -> Bytes1D | None:
     return region.reshape(-1)
 
 
-def _read_one(backend: Backend, task: ReadTask, dctx: zstandard.ZstdDecompressor) -> None:
-    c = task.chunk
-    where = f"{c.file} at offset {c.offset} (tensor {c.fqn!r})"
-    if task.read_range is not None and task.read_range != (0, c.length):
-        _read_part(backend, task, where)
-        return
-    direct = _direct_region(task)
-    if c.codec == "raw" and direct is not None:
-        try:
-            n = backend.readinto(c.file, c.offset, direct.data)
-        except FileNotFoundError:
-            raise CorruptChunkError(f"{where}: the data file is missing") from None
-        except OSError as exc:
-            raise CheckpointError(f"{where}: read failed ({exc})") from exc
-        if n != c.length:
-            raise CorruptChunkError(
-                f"{where}: the data file is truncated ({n} of {c.length} bytes)"
-            )
-        if checksum(direct.data) != c.checksum:
-            raise CorruptChunkError(f"{where}: checksum mismatch (the data file is damaged)")
-        return
-    payload = bytearray(c.length)
+def _read_into(backend: Backend, c: ChunkRef, start: int, buf: memoryview, where: str) -> None:
+    """Read ``len(buf)`` stored bytes of chunk ``c`` from ``start`` (relative to the chunk)."""
     try:
-        n = backend.readinto(c.file, c.offset, memoryview(payload))
+        n = backend.readinto(c.file, c.offset + start, buf)
     except FileNotFoundError:
         raise CorruptChunkError(f"{where}: the data file is missing") from None
     except OSError as exc:
         raise CheckpointError(f"{where}: read failed ({exc})") from exc
-    if n != c.length:
-        raise CorruptChunkError(f"{where}: the data file is truncated ({n} of {c.length} bytes)")
+    if n != len(buf):
+        raise CorruptChunkError(f"{where}: the data file is truncated ({n} of {len(buf)} bytes)")
+
+
+def _read_one(backend: Backend, task: ReadTask, bufs: _Buffers) -> None:
+    c = task.chunk
+    where = f"{c.file} at offset {c.offset} (tensor {c.fqn!r})"
+    if task.read_range is not None and task.read_range != (0, c.raw_length):
+        _read_part(backend, task, bufs, where)
+        return
+    direct = _direct_region(task)
+    if c.codec == "raw" and direct is not None:
+        _read_into(backend, c, 0, direct.data, where)
+        if checksum(direct.data) != c.checksum:
+            raise CorruptChunkError(f"{where}: checksum mismatch (the data file is damaged)")
+        return
+    payload = bufs.stored(c.length)
+    _read_into(backend, c, 0, payload, where)
     if checksum(payload) != c.checksum:
         raise CorruptChunkError(f"{where}: checksum mismatch (the data file is damaged)")
+    out = direct if direct is not None else bufs.decoded(c.raw_length)
+    if c.codec == "planes":
+        nblocks = len(c.blocks)
+        decode_blocks_into(payload, c, 0, nblocks, out=out, dctx=bufs.dctx, where=where)
+    else:
+        decode_into(payload, c.codec, itemsize=task.itemsize, out=out, dctx=bufs.dctx, where=where)
     if direct is not None:
-        decode_into(payload, c.codec, itemsize=task.itemsize, out=direct, dctx=dctx, where=where)
         return
-    decoded = np.empty(c.raw_length, dtype=np.uint8)
-    decode_into(payload, c.codec, itemsize=task.itemsize, out=decoded, dctx=dctx, where=where)
-    block = decoded.reshape(*c.box.sizes, task.itemsize)
+    block = out.reshape(*c.box.sizes, task.itemsize)
     for t in task.targets:
         t.dest[t.dst.slices()] = block[t.src.slices()]
 
 
-def _read_part(backend: Backend, task: ReadTask, where: str) -> None:
-    """Read only blocks ``[lo, hi)`` of a raw chunk, verify each, copy the targets out."""
+def _read_part(backend: Backend, task: ReadTask, bufs: _Buffers, where: str) -> None:
+    """Read only the blocks holding raw bytes ``[lo, hi)``, verify and decode each, copy out."""
     c = task.chunk
-    lo, hi = task.read_range or (0, c.length)
+    lo, hi = task.read_range or (0, c.raw_length)
     bb = c.block_bytes
-    if not c.blocks or lo % bb or not (0 <= lo < hi <= c.length):
+    if not c.blocks or lo % bb or not (0 <= lo < hi <= c.raw_length):
         raise CorruptChunkError(f"{where}: bad partial read [{lo}, {hi})")
-    buf = bytearray(hi - lo)
-    try:
-        n = backend.readinto(c.file, c.offset + lo, memoryview(buf))
-    except FileNotFoundError:
-        raise CorruptChunkError(f"{where}: the data file is missing") from None
-    except OSError as exc:
-        raise CheckpointError(f"{where}: read failed ({exc})") from exc
-    if n != hi - lo:
-        raise CorruptChunkError(f"{where}: the data file is truncated ({n} of {hi - lo} bytes)")
-    view = memoryview(buf)
-    for k in range(lo // bb, -(-hi // bb)):
-        start, stop = k * bb - lo, min((k + 1) * bb, c.length) - lo
-        if checksum(view[start:stop]) != c.blocks[k]:
+    first, stop = lo // bb, -(-hi // bb)
+    s_lo, s_hi = c.stored_range(lo, hi)
+    stored = bufs.stored(s_hi - s_lo)
+    _read_into(backend, c, s_lo, stored, where)
+    starts = block_starts(c) if c.codec == "planes" else None
+    for k in range(first, stop):
+        a, b = (starts[k], starts[k + 1]) if starts else (k * bb, min((k + 1) * bb, c.length))
+        if checksum(stored[a - s_lo : b - s_lo]) != c.blocks[k]:
             raise CorruptChunkError(
                 f"{where}: checksum mismatch in block {k} (the data file is damaged)"
             )
-    arr = np.frombuffer(buf, dtype=np.uint8)
+    if c.codec == "planes":
+        arr = bufs.decoded(hi - lo)
+        decode_blocks_into(stored, c, first, stop, out=arr, dctx=bufs.dctx, where=where)
+    else:
+        arr = np.frombuffer(stored, dtype=np.uint8)
     for t in task.targets:
         a, b = t.byte_range or (0, 0)
         piece = arr[a - lo : b - lo].reshape(*t.src.sizes, task.itemsize)

@@ -38,6 +38,7 @@ from treeckpt.core.manifest import (
     DataFile,
     IndexRef,
     Manifest,
+    planes_block_starts,
 )
 from treeckpt.core.tree import build_tree, iter_leaf_fqns
 from treeckpt.errors import ManifestError, UnsupportedLeafError
@@ -294,7 +295,7 @@ def encode_index(ix: ChunkIndex) -> bytes:
                 c.codec,
                 c.raw_length,
                 c.checksum,
-                *([[c.block_bytes, list(c.blocks)]] if c.blocks else []),
+                *([_encode_blocks(c)] if c.blocks else []),
             ]
             for c in ix.chunks
         ],
@@ -355,6 +356,12 @@ def decode_index(data: bytes, ref: IndexRef, manifest: Manifest) -> ChunkIndex:
     )
 
 
+def _encode_blocks(c: ChunkRef) -> list[Any]:
+    if c.codec == "planes":
+        return [c.block_bytes, list(c.blocks), c.planes, list(c.segments)]
+    return [c.block_bytes, list(c.blocks)]
+
+
 def _decode_chunk(
     rc: Any, n: int, files: list[DataFile], manifest: Manifest, where: str
 ) -> ChunkRef:
@@ -393,7 +400,7 @@ def _decode_chunk(
         raise ManifestError(f"{w}: declared raw size {raw} is impossible for {ln} compressed bytes")
     if not is_checksum(chk):
         raise ManifestError(f"{w}: bad checksum field")
-    block_bytes, blocks = _decode_blocks(rc[9] if len(rc) == 10 else None, codec, ln, w)
+    blocks = _decode_blocks(rc[9] if len(rc) == 10 else None, codec, ln, raw, rec.dtype, w)
     return ChunkRef(
         fqn=fqn,
         box=box,
@@ -403,21 +410,46 @@ def _decode_chunk(
         codec=codec,
         raw_length=raw,
         checksum=chk,
-        block_bytes=block_bytes,
-        blocks=blocks,
+        **blocks,
     )
 
 
-def _decode_blocks(raw: Any, codec: str, length: int, w: str) -> tuple[int, tuple[str, ...]]:
-    """Block checksums of a raw chunk: ``[block_bytes, [checksum, ...]]`` covering it exactly."""
-    if raw is None:
-        return 0, ()
-    if codec != "raw" or not (isinstance(raw, list) and len(raw) == 2):
+def _decode_blocks(
+    field: Any, codec: str, length: int, raw: int, dtype: str, w: str
+) -> dict[str, Any]:
+    """A chunk's blocks, validated to cover it exactly.
+
+    Raw chunk: ``[block_bytes, [checksum, ...]]``. ``planes`` chunk (required):
+    ``[block_bytes, [checksum, ...], planes, [segment length, ...]]``, whose
+    block lengths must add up to the stored length.
+    """
+    planes = codec == "planes"
+    if field is None:
+        if planes:
+            raise ManifestError(f"{w}: a planes chunk needs its block list")
+        return {}
+    if codec not in ("raw", "planes") or not (
+        isinstance(field, list) and len(field) == 2 + 2 * planes
+    ):
         raise ManifestError(f"{w}: malformed block checksums")
-    bb = _int(raw[0], f"{w} block_bytes", lo=1)
-    checks = raw[1]
-    if not isinstance(checks, list) or len(checks) != -(-length // bb) or len(checks) < 2:
+    bb = _int(field[0], f"{w} block_bytes", lo=1)
+    checks = field[1]
+    nblocks = -(-(raw if planes else length) // bb)
+    if not isinstance(checks, list) or len(checks) != nblocks or len(checks) < 2 - planes:
         raise ManifestError(f"{w}: block checksums do not cover the chunk")
     if not all(is_checksum(x) for x in checks):
         raise ManifestError(f"{w}: bad block checksum field")
-    return bb, tuple(checks)
+    if not planes:
+        return {"block_bytes": bb, "blocks": tuple(checks)}
+    kinds, segs = field[2], field[3]
+    itemsize = DTYPES[dtype].itemsize
+    if not (isinstance(kinds, str) and len(kinds) == itemsize and set(kinds) <= {"r", "z"}):
+        raise ManifestError(f"{w}: planes must be one 'r' or 'z' per byte of {dtype}")
+    if "z" not in kinds or bb % itemsize:
+        raise ManifestError(f"{w}: malformed planes chunk ({kinds!r}, block_bytes {bb})")
+    if not isinstance(segs, list) or len(segs) != nblocks * kinds.count("z"):
+        raise ManifestError(f"{w}: planes segments do not cover the chunk")
+    seg_t = tuple(_int(x, f"{w} segment", lo=1) for x in segs)
+    if planes_block_starts(raw, bb, kinds, seg_t)[-1] != length:
+        raise ManifestError(f"{w}: planes blocks do not add up to the stored length {length}")
+    return {"block_bytes": bb, "blocks": tuple(checks), "planes": kinds, "segments": seg_t}

@@ -28,14 +28,14 @@ import zstandard
 
 from treeckpt.core.dtypes import dtype_info
 from treeckpt.core.leaves import TensorLeaf
-from treeckpt.core.manifest import ChunkIndex, ChunkRef, IndexRef, Manifest
+from treeckpt.core.manifest import ChunkIndex, ChunkRef, IndexRef, Manifest, block_starts
 from treeckpt.core.plan import plan_load
 from treeckpt.core.specs import full_spec
 from treeckpt.errors import CheckpointError, CheckpointNotFoundError, CorruptChunkError
 from treeckpt.store import layout
 from treeckpt.store.backends import Backend, open_backend
 from treeckpt.store.checksum import checksum
-from treeckpt.store.codecs import decode_into
+from treeckpt.store.codecs import decode_blocks_into, decode_into
 from treeckpt.store.manifest import MAX_INDEX_BYTES, decode_index
 from treeckpt.store.reader import read_index, read_manifest, stored_tensors
 
@@ -293,8 +293,12 @@ def check_chunk(
     if checksum(payload) != c.checksum:
         return "checksum mismatch (the data file is damaged)"
     view = memoryview(payload)
+    starts = block_starts(c) if c.codec == "planes" else None
     for k, expected in enumerate(c.blocks):
-        piece = view[k * c.block_bytes : (k + 1) * c.block_bytes]
+        if starts is None:
+            piece = view[k * c.block_bytes : (k + 1) * c.block_bytes]
+        else:
+            piece = view[starts[k] : starts[k + 1]]
         if checksum(piece) != expected:
             return f"block {k} checksum mismatch (the chunk index or data file is damaged)"
     if c.codec == "raw":
@@ -305,7 +309,10 @@ def check_chunk(
         )
     out = np.empty(c.raw_length, dtype=np.uint8)
     try:
-        decode_into(payload, c.codec, itemsize=itemsize, out=out, dctx=dctx, where="chunk")
+        if c.codec == "planes":
+            decode_blocks_into(payload, c, 0, len(c.blocks), out=out, dctx=dctx, where="chunk")
+        else:
+            decode_into(payload, c.codec, itemsize=itemsize, out=out, dctx=dctx, where="chunk")
     except CorruptChunkError as exc:
         return _reason(exc, "", "chunk")
     return None

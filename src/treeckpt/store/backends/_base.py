@@ -29,6 +29,10 @@ class DirHold(ABC):
     @abstractmethod
     def release(self) -> None: ...
 
+    def is_current(self) -> bool:
+        """Whether the held directory is still the one at its path (not removed meanwhile)."""
+        return True
+
 
 class Backend(ABC):
     """Byte-level access to files below one checkpoint root.

@@ -25,6 +25,15 @@ class _FlockHold(DirHold):
             os.close(fd)
             raise
         self._fd = fd
+        self._path = path
+
+    def is_current(self) -> bool:
+        try:
+            at_path = os.stat(self._path)
+        except OSError:
+            return False
+        held = os.fstat(self._fd)
+        return (at_path.st_dev, at_path.st_ino) == (held.st_dev, held.st_ino)
 
     def release(self) -> None:
         fd, self._fd = self._fd, -1
