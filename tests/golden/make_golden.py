@@ -1,6 +1,6 @@
-"""Write the golden checkpoint ``tests/golden/v1/`` (format version 1).
+"""Write the golden checkpoints ``tests/golden/v1/`` and ``v1-planes/`` (format version 1).
 
-Run once, commit the output, and never regenerate it for a format change:
+Each is written only when missing: commit the output and never regenerate it for a format change:
 ``test_golden.py`` loads it and checks every value, so a change that breaks
 reading old checkpoints fails there. A new format version gets a new
 directory (``v2/``) beside this one.
@@ -21,6 +21,7 @@ import torch
 import treeckpt
 
 OUT = Path(__file__).resolve().parent / "v1"
+OUT_PLANES = Path(__file__).resolve().parent / "v1-planes"
 
 
 class Pair(NamedTuple):
@@ -61,9 +62,40 @@ def golden_tree() -> dict[str, Any]:
     }
 
 
+def planes_tree() -> dict[str, Any]:
+    """Chunks of the ``planes`` codec: several blocks, mixed ``r``/``z`` planes."""
+    ramp = (torch.arange(4096) % 97 - 48).to(torch.float32) / 64
+    return {
+        "f32": ramp.reshape(64, 64),
+        "bf16": ramp.to(torch.bfloat16),
+        "i64": torch.arange(3000, dtype=torch.int64) * 3,
+        "u8": (torch.arange(5000) % 3).to(torch.uint8),
+        # values in [1, 2) with scrambled mantissas: "rrzz"-like planes
+        "f32_noise": (0x3F800000 | (torch.arange(3000) * 2654435761 % (1 << 23)))
+        .to(torch.int32)
+        .view(torch.float32),
+    }
+
+
+def main_planes() -> None:
+    """Write ``v1-planes/`` (the ``planes`` codec, added to format version 1 later)."""
+    if OUT_PLANES.exists():
+        shutil.rmtree(OUT_PLANES)
+    treeckpt.save(
+        planes_tree(),
+        str(OUT_PLANES),
+        options=treeckpt.SaveOptions(
+            chunk_bytes=8192, compressed_block_bytes=2048, io_threads=1, min_ratio=1.1
+        ),
+        user_metadata={"golden": "v1-planes"},
+    )
+
+
 def main() -> None:
+    if not OUT_PLANES.exists():
+        main_planes()
     if OUT.exists():
-        shutil.rmtree(OUT)
+        return  # never regenerated: see the module docs
     treeckpt.save(
         golden_tree(),
         str(OUT),

@@ -7,7 +7,7 @@ Codec ids are a closed table stored in the chunk index:
 - ``shuffle-zstd``: the bytes regrouped by byte position within an element
   (all first bytes, then all second bytes, ...), then one zstandard frame.
   Exponent and sign bytes of floats compress far better grouped.
-- ``planes``: what treeckpt writes for a compressed chunk since format 1.1.
+- ``planes``: what treeckpt writes for a compressed chunk (added after the two above).
   The chunk is cut into blocks of ``block_bytes`` raw bytes; within each
   block the bytes are regrouped by byte position (one plane per position),
   and each plane is stored as it is (``r``) or as one zstandard frame
