@@ -304,6 +304,14 @@ def make_contenders(
         contenders.append(
             TreeCkptOptionsContender(
                 treeckpt_module,
+                "treeckpt-ratio-1.15",
+                "treeckpt `min_ratio=1.15`",
+                min_ratio=1.15,
+            )
+        )
+        contenders.append(
+            TreeCkptOptionsContender(
+                treeckpt_module,
                 "treeckpt-always",
                 'treeckpt `compress="always"`',
                 compress="always",
@@ -326,6 +334,7 @@ def make_contenders(
 ALL_CONTENDER_KEYS = [
     "treeckpt",
     "treeckpt-raw",
+    "treeckpt-ratio-1.15",
     "treeckpt-always",
     *(
         cls.key
@@ -339,7 +348,5 @@ ALL_CONTENDER_KEYS = [
     ),
 ]
 
-DEFAULT_CONTENDER_KEYS = [
-    k for k in ALL_CONTENDER_KEYS if k not in ("treeckpt-raw", "treeckpt-always")
-]
+DEFAULT_CONTENDER_KEYS = [k for k in ALL_CONTENDER_KEYS if not k.startswith("treeckpt-")]
 """Every contender but the treeckpt option variants, which are opt-in."""
