@@ -749,12 +749,10 @@ def test_chunked_round_trip(tmp_ckpt: str, compress: str, chunk_bytes: int) -> N
         assert "planes" in info.tensors["zeros_bf16"].codecs
         assert info.tensors["zeros_bf16"].stored_bytes < info.tensors["zeros_bf16"].raw_bytes
     if compress == "auto":
-        # random bytes stay raw; random doubles compress their sign and exponent planes only
+        # random bytes stay raw; so do random doubles: only their sign-and-exponent
+        # planes compress, and the chunk as a whole shrinks less than min_ratio
         assert set(info.tensors["odd"].codecs) == {"raw"}
-        random = info.tensors["random"]
-        if chunk_bytes >= 4096:
-            assert set(random.codecs) == {"planes"}
-            assert 0.75 * random.raw_bytes < random.stored_bytes < 0.95 * random.raw_bytes
+        assert set(info.tensors["random"].codecs) == {"raw"}
 
 
 @pytest.mark.parametrize("io_threads", [1, 4])
@@ -1061,3 +1059,30 @@ def test_pickle_module_untouched_on_plain_load(
     treeckpt.save({"model": model, "optim": opt, "v": VALUES}, tmp_ckpt)
     treeckpt.restore(tmp_ckpt)
     treeckpt.load({"model": model, "optim": opt, "v": VALUES}, tmp_ckpt)
+
+
+def test_staged_loads_hold_few_staging_buffers_at_once(tmp_ckpt: str) -> None:
+    """Tensors that cannot be filled in place (on a GPU, or non-contiguous views) are
+    staged in host memory one at a time, not all together: each staging buffer is
+    copied out and dropped as soon as its last chunk has landed."""
+    import tracemalloc
+
+    n, side = 24, 256  # 24 tensors of 256 KiB
+    g = torch.Generator().manual_seed(3)
+    tree = {f"t{k}": torch.randn(side, side, generator=g) for k in range(n)}
+    treeckpt.save(tree, tmp_ckpt, options=SaveOptions(chunk_bytes=64 << 10))
+    bases = {k: torch.zeros(side, side) for k in tree}
+    template = {k: b.t() for k, b in bases.items()}  # transposed views: staged
+    assert not any(t.is_contiguous() for t in template.values())
+    tracemalloc.start()
+    try:
+        treeckpt.load(template, tmp_ckpt, options=treeckpt.LoadOptions(io_threads=2))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    for k, t in tree.items():
+        assert torch.equal(template[k].view(torch.int32), t.view(torch.int32)), k
+        assert bases[k].data_ptr() == template[k].data_ptr()  # filled in place
+    one = side * side * 4
+    # at least one buffer was seen (staging is traced), far fewer than all of them
+    assert one <= peak < 8 * one, f"peak staging {peak} bytes for {n} tensors of {one}"

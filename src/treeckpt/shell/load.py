@@ -11,6 +11,7 @@ yet) and the object's own ``load_state_dict`` receives the full state.
 from __future__ import annotations
 
 import pickle
+import threading
 from collections.abc import Mapping
 from typing import Any
 
@@ -101,7 +102,7 @@ def read_regions(
                 ReadTarget(
                     src=i.src,
                     dst=i.dst,
-                    dest=dests[(i.fqn, i.request)].array,
+                    dest=_dest_bytes(dests[(i.fqn, i.request)]),
                     byte_range=i.byte_range,
                 )
                 for i in items
@@ -110,10 +111,55 @@ def read_regions(
         )
         for key, items in grouped.items()
     ]
-    read_chunks(backend, tasks, io_threads=options.io_threads)
+    # A staged destination is finished (copied to its tensor, its buffer
+    # dropped) as soon as the last chunk feeding it has landed.
+    pending: dict[int, int] = {}
+    by_id: dict[int, Destination] = {}
+    for task in tasks:
+        for t in task.targets:
+            if isinstance(t.dest, Destination):
+                pending[id(t.dest)] = pending.get(id(t.dest), 0) + 1
+                by_id[id(t.dest)] = t.dest
+    lock = threading.Lock()
+
+    def done(task: ReadTask) -> None:
+        ready = []
+        with lock:
+            for t in task.targets:
+                key = id(t.dest)
+                if key in pending:
+                    pending[key] -= 1
+                    if pending[key] == 0:
+                        ready.append(by_id[key])
+        for d in ready:
+            d.finish()
+
+    if pending:
+        # Fill staged destinations one after the other (in tree order, each
+        # one's chunks in file order), so few staging buffers live at once.
+        rank = {key: n for n, key in enumerate(by_id)}
+        tasks.sort(
+            key=lambda task: (
+                min((rank[id(t.dest)] for t in task.targets if id(t.dest) in rank), default=-1),
+                task.chunk.file,
+                task.chunk.offset,
+            )
+        )
+    read_chunks(
+        backend,
+        tasks,
+        io_threads=options.io_threads,
+        on_done=done if pending else None,
+        in_file_order=not pending,
+    )
     for d in dests.values():
-        d.finish()
+        d.finish()  # destinations no chunk fed (nothing staged: a no-op)
     return plan
+
+
+def _dest_bytes(d: Destination) -> Any:
+    """What a read target writes into: the array itself, or the staged destination."""
+    return d if d.staged else d.array()
 
 
 def read_stored(backend: Backend, manifest: Manifest) -> dict[str, StoredTensor]:

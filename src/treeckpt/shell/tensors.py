@@ -7,9 +7,9 @@ the chunk is a contiguous run of a contiguous CPU tensor.
 
 from __future__ import annotations
 
+import threading
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -108,20 +108,53 @@ def chunk_source(data: Any, shard: Box, chunk: Box) -> Callable[[], Bytes1D]:
     return source
 
 
-@dataclass(frozen=True, slots=True)
 class Destination:
-    """Where a tensor's bytes land: ``array`` (shape ``(*shape, itemsize)``, uint8).
+    """Where a tensor's bytes land, as a uint8 array of shape ``(*shape, itemsize)``.
 
-    ``finish()`` copies staged bytes into the real destination when it could
-    not be written in place (non-contiguous or non-CPU tensors).
+    A contiguous CPU tensor or array is written in place. Any other (a CUDA
+    tensor, a non-contiguous view) is filled through a host staging buffer
+    that is allocated on the first read into it, copied into the real
+    destination by :meth:`finish` as soon as its last chunk has landed (so a
+    host-to-device copy overlaps with reading the rest), and dropped then: a
+    load holds staging memory only for the tensors it is filling at the time,
+    not for the whole state.
     """
 
-    array: npt.NDArray[np.uint8]
-    finish: Callable[[], None]
+    __slots__ = ("_array", "_byte_shape", "_copy", "_lock")
 
+    def __init__(
+        self,
+        byte_shape: tuple[int, ...],
+        array: npt.NDArray[np.uint8] | None = None,
+        copy: Callable[[npt.NDArray[np.uint8]], None] | None = None,
+    ) -> None:
+        self._byte_shape = byte_shape
+        self._array = array
+        self._copy = copy
+        self._lock = threading.Lock()
 
-def _noop() -> None:
-    return None
+    @property
+    def staged(self) -> bool:
+        return self._copy is not None
+
+    def array(self) -> npt.NDArray[np.uint8]:
+        """The bytes to write into (allocating the staging buffer on first use)."""
+        arr = self._array
+        if arr is not None:
+            return arr
+        with self._lock:
+            if self._array is None:
+                self._array = np.empty(self._byte_shape, dtype=np.uint8)
+            return self._array
+
+    def finish(self) -> None:
+        """Copy staged bytes into the real destination and drop the staging buffer."""
+        if self._copy is None:
+            return
+        with self._lock:
+            arr, self._array = self._array, None
+        if arr is not None:
+            self._copy(arr)
 
 
 def destination(obj: Any, dtype: str, shape: tuple[int, ...]) -> Destination:
@@ -131,24 +164,24 @@ def destination(obj: Any, dtype: str, shape: tuple[int, ...]) -> Destination:
     if isinstance(obj, torch.Tensor):
         t = obj.detach()
         if t.device.type == "cpu" and t.is_contiguous() and not t.is_conj() and not t.is_neg():
-            return Destination(t.reshape(-1).view(torch.uint8).numpy().reshape(byte_shape), _noop)
-        staging = torch.empty(shape, dtype=t.dtype)
-        arr = staging.reshape(-1).view(torch.uint8).numpy().reshape(byte_shape)
+            return Destination(
+                byte_shape, array=t.reshape(-1).view(torch.uint8).numpy().reshape(byte_shape)
+            )
 
-        def finish_tensor() -> None:
+        def copy_tensor(staged: npt.NDArray[np.uint8]) -> None:
+            src = torch.from_numpy(staged).view(t.dtype).view(t.shape)
             with torch.no_grad():
-                t.copy_(staging.view(t.shape))
+                t.copy_(src)
 
-        return Destination(arr, finish_tensor)
+        return Destination(byte_shape, copy=copy_tensor)
     assert isinstance(obj, np.ndarray)
     if obj.flags.c_contiguous and obj.flags.writeable:
-        return Destination(obj.reshape(-1).view(np.uint8).reshape(byte_shape), _noop)
-    staging_np = np.empty(obj.shape, dtype=obj.dtype)
+        return Destination(byte_shape, array=obj.reshape(-1).view(np.uint8).reshape(byte_shape))
 
-    def finish_array() -> None:
-        np.copyto(obj, staging_np)
+    def copy_array(staged: npt.NDArray[np.uint8]) -> None:
+        np.copyto(obj, staged.reshape(-1).view(obj.dtype).reshape(obj.shape))
 
-    return Destination(staging_np.reshape(-1).view(np.uint8).reshape(byte_shape), finish_array)
+    return Destination(byte_shape, copy=copy_array)
 
 
 def allocate(rec: TensorLeaf, fqn: str = "") -> Any:

@@ -19,7 +19,7 @@ import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -219,19 +219,30 @@ def _run_all(fn: Callable[[int], None], args: Sequence[int] | range, nthreads: i
 # ------------------------------------------------------------------ reading
 
 
+class LazyBytes(Protocol):
+    """A destination whose bytes exist only once asked for (a staging buffer)."""
+
+    def array(self) -> npt.NDArray[np.uint8]: ...
+
+
 @dataclass(frozen=True, slots=True)
 class ReadTarget:
     """Copy region ``src`` of the chunk into region ``dst`` of ``dest``.
 
     ``dest`` is the destination's bytes as a C-contiguous uint8 array of shape
-    ``(*dest_box.sizes, itemsize)``; ``src`` is relative to the chunk box and
-    ``dst`` relative to the destination box.
+    ``(*dest_box.sizes, itemsize)``, or an object giving that array on demand;
+    ``src`` is relative to the chunk box and ``dst`` relative to the
+    destination box.
     """
 
     src: Box
     dst: Box
-    dest: npt.NDArray[np.uint8]
+    dest: npt.NDArray[np.uint8] | LazyBytes
     byte_range: tuple[int, int] | None = None
+
+    def array(self) -> npt.NDArray[np.uint8]:
+        d = self.dest
+        return d if isinstance(d, np.ndarray) else d.array()
 
 
 @dataclass(frozen=True, slots=True)
@@ -244,9 +255,25 @@ class ReadTask:
     read_range: tuple[int, int] | None = None  # raw bytes to decode, whole blocks
 
 
-def read_chunks(backend: Backend, tasks: Sequence[ReadTask], *, io_threads: int) -> None:
-    """Read, verify and decode every task's chunk into its targets."""
-    ordered = sorted(tasks, key=lambda t: (t.chunk.file, t.chunk.offset))
+def read_chunks(
+    backend: Backend,
+    tasks: Sequence[ReadTask],
+    *,
+    io_threads: int,
+    on_done: Callable[[ReadTask], None] | None = None,
+    in_file_order: bool = True,
+) -> None:
+    """Read, verify and decode every task's chunk into its targets.
+
+    Tasks are started in file order (sequential reads), or in the given order
+    when ``in_file_order`` is false. ``on_done(task)`` is called, on the
+    reading thread, after each task's targets are filled.
+    """
+    ordered = (
+        sorted(tasks, key=lambda t: (t.chunk.file, t.chunk.offset))
+        if in_file_order
+        else list(tasks)
+    )
     nthreads = max(1, min(io_threads, len(ordered)))
     local = threading.local()
 
@@ -255,6 +282,8 @@ def read_chunks(backend: Backend, tasks: Sequence[ReadTask], *, io_threads: int)
         if bufs is None:
             bufs = local.bufs = _Buffers()
         _read_one(backend, ordered[n], bufs)
+        if on_done is not None:
+            on_done(ordered[n])
 
     _run_all(run, range(len(ordered)), nthreads)
 
@@ -285,7 +314,7 @@ def _direct_region(task: ReadTask) -> Bytes1D | None:
     t = task.targets[0]
     if t.src.offsets != (0,) * t.src.ndim or t.src.sizes != task.chunk.box.sizes:
         return None
-    region = t.dest[t.dst.slices()]
+    region = t.array()[t.dst.slices()]
     if not region.flags.c_contiguous:
         return None
     return region.reshape(-1)
@@ -329,7 +358,7 @@ def _read_one(backend: Backend, task: ReadTask, bufs: _Buffers) -> None:
         return
     block = out.reshape(*c.box.sizes, task.itemsize)
     for t in task.targets:
-        t.dest[t.dst.slices()] = block[t.src.slices()]
+        t.array()[t.dst.slices()] = block[t.src.slices()]
 
 
 def _read_part(backend: Backend, task: ReadTask, bufs: _Buffers, where: str) -> None:
@@ -358,4 +387,4 @@ def _read_part(backend: Backend, task: ReadTask, bufs: _Buffers, where: str) -> 
     for t in task.targets:
         a, b = t.byte_range or (0, 0)
         piece = arr[a - lo : b - lo].reshape(*t.src.sizes, task.itemsize)
-        t.dest[t.dst.slices()] = piece
+        t.array()[t.dst.slices()] = piece
