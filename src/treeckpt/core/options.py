@@ -25,8 +25,9 @@ class SaveOptions:
             the chunk raw only when that makes it larger), ``"never"`` stores
             raw bytes.
         zstd_level: zstandard level (1 is fast; higher is smaller and slower).
-        min_ratio: in ``"auto"``, compress a byte plane only when its sample
-            shrinks to at most ``1 / min_ratio`` of its size.
+        min_ratio: in ``"auto"``, compress a chunk only when its sample, with
+            the byte planes that shrink by 1.1x or more compressed, shrinks to
+            at most ``1 / min_ratio`` of its size.
         io_threads: threads per rank that encode and write chunks; each
             writes its own data file.
         sync: fsync data files, the manifest and the directory (durability).

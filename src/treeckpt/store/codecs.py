@@ -48,6 +48,7 @@ __all__ = [
 
 CODECS = ("raw", "zstd", "shuffle-zstd", "planes")
 _PLANE_SAMPLE = 128 * 1024  # one zstd block per byte plane
+_PLANE_MIN_RATIO = 1.1  # a byte plane that shrinks less is stored as it is
 
 
 @dataclass(frozen=True, slots=True)
@@ -245,9 +246,11 @@ class ChunkEncoder:
     def _choose(self, raw: npt.NDArray[np.uint8], itemsize: int) -> str:
         """``"r"``/``"z"`` per byte plane, from a sample of up to three windows.
 
-        A plane is compressed when its sample shrinks by ``min_ratio``; the
-        chunk is compressed (some plane is ``"z"``) only when the whole sample,
-        so encoded, also shrinks by ``min_ratio``. fp32 weights shrink 1.2x
+        A plane is compressed when its sample shrinks by 1.1x (or by
+        ``min_ratio`` when that is lower): the mantissa bytes of floats, which
+        do not shrink at all, are left alone. The chunk is compressed (some
+        plane is ``"z"``) only when the whole sample, so encoded, shrinks by
+        ``min_ratio``. fp32 weights shrink 1.2x
         (their sign and exponent plane 3x, the mantissa planes not at all): on
         a disk that writes at memory-copy speed that costs more CPU than it
         saves, so with the default 1.3 they stay raw; bf16 (1.5x) compresses.
@@ -260,7 +263,8 @@ class ChunkEncoder:
             for i in range(itemsize):
                 plane = np.ascontiguousarray(cols[:, i]) if itemsize > 1 else w
                 packed[i] += len(self._cctx.compress(plane.data))
-        planes = "".join("z" if total >= self._min_ratio * p else "r" for p in packed)
+        plane_ratio = min(self._min_ratio, _PLANE_MIN_RATIO)
+        planes = "".join("z" if total >= plane_ratio * p else "r" for p in packed)
         kept = sum(p if k == "z" else total for k, p in zip(planes, packed, strict=True))
         return planes if total * itemsize >= self._min_ratio * kept else "r" * itemsize
 
