@@ -165,21 +165,7 @@ def decode_into(
         return
     if codec not in ("zstd", "shuffle-zstd"):
         raise CorruptChunkError(f"{where}: unknown codec {codec!r}")
-    try:
-        declared = zstandard.frame_content_size(payload)
-    except zstandard.ZstdError as exc:
-        raise CorruptChunkError(f"{where}: not a zstandard frame ({exc})") from exc
-    if declared != n:
-        raise CorruptChunkError(
-            f"{where}: compressed frame declares {declared} bytes, the index declares {n}"
-        )
-    try:
-        data = dctx.decompress(payload, max_output_size=n)
-    except zstandard.ZstdError as exc:
-        raise CorruptChunkError(f"{where}: decompression failed ({exc})") from exc
-    if len(data) != n:
-        raise CorruptChunkError(f"{where}: decompressed to {len(data)} bytes, expected {n}")
-    arr = np.frombuffer(data, dtype=np.uint8)
+    arr = _decompress_exact(memoryview(payload).cast("B"), n, dctx, where)
     if codec == "shuffle-zstd":
         if n % itemsize:
             raise CorruptChunkError(
@@ -389,7 +375,7 @@ def _decompress_exact(
     except zstandard.ZstdError as exc:
         raise CorruptChunkError(f"{where}: not a zstandard frame ({exc})") from exc
     if declared != n:
-        raise CorruptChunkError(f"{where}: frame declares {declared} bytes, the index implies {n}")
+        raise CorruptChunkError(f"{where}: frame declares {declared} bytes, expected {n}")
     try:
         data = dctx.decompress(frame, max_output_size=n)
     except zstandard.ZstdError as exc:
