@@ -27,7 +27,7 @@ from concurrent.futures import Future
 from concurrent.futures import wait as futures_wait
 from typing import Any
 
-from treeckpt.api import _check_user_metadata, _coordinator, _save_backend
+from treeckpt.api import _check_user_metadata, _coordinator, _open_save_dir, sync_new_dir
 from treeckpt.core.incremental import ReuseTable
 from treeckpt.core.options import SaveOptions
 from treeckpt.errors import CheckpointError
@@ -107,7 +107,7 @@ class AsyncSaver:
                 options = options or SaveOptions()
                 _check_user_metadata(user_metadata)
                 coord = _coordinator(process_group, options.timeout_s, private=True)
-                backend = _save_backend(path, options)
+                backend, new_dir = _open_save_dir(path, options)
             except Exception as exc:
                 future.set_exception(exc)
                 return future
@@ -127,10 +127,19 @@ class AsyncSaver:
             except Exception as exc:
                 failed = exc
             future.blocked_s = time.perf_counter() - start
-            future.host_bytes = self._pool.nbytes
+            # The pool holds exactly what was staged (computed after the clock stops).
+            future.host_bytes = future.staged_bytes if failed is None else self._pool.nbytes
 
             def finish() -> None:
+                nonlocal failed
                 try:
+                    if new_dir and failed is None:
+                        # The new directory's entry is made durable here, before
+                        # the commit: an fsync need not hold training.
+                        try:
+                            sync_new_dir(backend)
+                        except Exception as exc:
+                            failed = exc
                     result = commit_save(
                         prepared,
                         backend,

@@ -6,8 +6,9 @@ The order of durable operations is what makes a commit atomic and last:
 2. every rank writes and fsyncs its data files, then its chunk index;
 3. rank 0 fsyncs the data directory, then commits ``manifest.json`` by an
    atomic replace (temp file, fsync, rename, fsync of the directory);
-4. only then are the previous checkpoint's files removed, and those of
-   abandoned saves (``shell/cleanup.py``).
+4. only then are the previous checkpoint's files removed (every rank its
+   own share at the same time, rank 0 the rest), and those of abandoned
+   saves (``shell/cleanup.py``).
 
 Rank 0 holds a claim on the new data directory from its creation until its
 commit, so no other save's clean-up removes it while this save runs.
@@ -141,6 +142,13 @@ class _Assignment:
     rows: SavePlanTable | None
     save_id: str
     token: str
+
+
+@dataclass(frozen=True, slots=True)
+class _Committed:
+    """The commit took effect; ``previous`` is the save id of the checkpoint it replaced."""
+
+    previous: str | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -351,7 +359,7 @@ def commit_save(
             payload = _Failure(describe_error(err))
         refs = coord.gather(payload, "write")
 
-        verdict: _Verdict | None = None
+        verdict: _Verdict | _Committed | None = None
         if coord.is_coordinator:
             assert refs is not None
             failures = {r: p.text for r, p in enumerate(refs) if isinstance(p, _Failure)}
@@ -376,6 +384,7 @@ def commit_save(
                         layout.MANIFEST, encode_manifest(manifest), sync=options.sync
                     )
                     committed = True
+                    verdict = _Committed(previous)
                 except Exception as exc:
                     err = exc
                     verdict = _Verdict("commit", {0: describe_error(exc)})
@@ -384,14 +393,20 @@ def commit_save(
                     # data must stay. Report the failure, delete nothing.
                     committed = _previous_save_id(backend) == save_id
         verdict = coord.broadcast(verdict, "commit")
-        if verdict is not None:
+        if isinstance(verdict, _Verdict):
             _raise_verdict(coord, verdict, err)
+        assert isinstance(verdict, _Committed)
+        previous = verdict.previous
         committed = True
     finally:
         if not committed and coord.is_coordinator:
             with contextlib.suppress(Exception):
                 backend.remove_tree(layout.data_dir(save_id))
         cleanup.release(prepared.hold)  # after the commit (or the failure): nothing to protect
+    if previous is not None and previous != save_id:
+        # Every rank removes the files it wrote of the replaced checkpoint, at
+        # the same time; rank 0 then removes what is left, the directory too.
+        _remove_rank_files(backend, previous, coord.rank)
     if coord.is_coordinator:
         cleanup.remove_stale(backend, own=save_id, previous=previous)
         return SaveResult(path=backend.root, save_id=save_id, plan=prepared.plan)
@@ -406,6 +421,18 @@ def _previous_save_id(backend: Backend) -> str | None:
         return read_manifest(backend).save_id
     except CheckpointError:
         return None
+
+
+def _remove_rank_files(backend: Backend, save_id: str, rank: int) -> None:
+    """Best effort: rank ``rank``'s data files and chunk index of the replaced save ``save_id``."""
+    folder = layout.data_dir(save_id)
+    index = layout.index_file(save_id, rank)
+    with contextlib.suppress(Exception):
+        for base in backend.listdir(folder):
+            name = f"{folder}/{base}"
+            if name == index or layout.is_data_file(name, save_id, rank):
+                with contextlib.suppress(Exception):
+                    backend.remove_tree(name)
 
 
 def _check_same_tree(plan: SavePlanTable, flat: FlatTree) -> None:
