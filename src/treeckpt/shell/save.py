@@ -161,6 +161,7 @@ class _Decision:
     """What the coordinator decided, for every rank and for itself."""
 
     proposals: list[Any]
+    save_id: str | None = None
     hold: Any = None
     entry: CachedPlan | None = None
     error: BaseException | None = None
@@ -225,7 +226,12 @@ def prepare_save(
             assert gathered is not None
             decision = _decide_plan(gathered, backend, flat, cache, options, coord)
         # The assignment has its own phase name: a rank dying in between is named.
-        mine = coord.scatter(decision.proposals if decision else None, "assign")
+        try:
+            mine = coord.scatter(decision.proposals if decision else None, "assign")
+        except BaseException:
+            if decision is not None and decision.save_id is not None:
+                _abandon(backend, decision.save_id, decision.hold)
+            raise
         if not isinstance(mine, _Resend):
             break
         hit = None
@@ -310,17 +316,26 @@ def _decide_plan(
         hold = cleanup.claim(backend, save_id)
     except Exception as exc:
         if created is not None:
-            with contextlib.suppress(Exception):
-                backend.remove_tree(layout.data_dir(created))
-        cleanup.release(hold)
+            _abandon(backend, created, hold)
+        else:
+            cleanup.release(hold)
         return _Decision([_Verdict("plan", {0: describe_error(exc)})] * world, error=exc)
     if reuse is not None:
-        return _Decision([_Assignment(None, save_id, reuse.token)] * world, hold=hold)
+        return _Decision(
+            [_Assignment(None, save_id, reuse.token)] * world, save_id=save_id, hold=hold
+        )
     assert entry is not None and entry.plan is not None
     proposals: list[Any] = [
         _Assignment(entry.plan.for_rank(r), save_id, entry.token) for r in range(world)
     ]
-    return _Decision(proposals, hold=hold, entry=entry)
+    return _Decision(proposals, save_id=save_id, hold=hold, entry=entry)
+
+
+def _abandon(backend: Backend, save_id: str, hold: Any) -> None:
+    """Remove a save's data directory before anything was written in it, then release it."""
+    with contextlib.suppress(Exception):
+        backend.remove_tree(layout.data_dir(save_id))
+    cleanup.release(hold)
 
 
 def commit_save(
