@@ -62,6 +62,7 @@ def test_saves_the_state_as_it_was_when_called(
     res = fut.result(timeout=60)
     assert isinstance(res, treeckpt.SaveResult)
     assert fut.blocked_s > 0
+    assert 0 < fut.copy_s <= fut.blocked_s
     # model + optimizer moments + step counters + the array, all copied once
     assert fut.staged_bytes >= total * 3 + tree["arr"].nbytes
     assert fut.host_bytes == fut.staged_bytes

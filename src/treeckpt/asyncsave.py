@@ -46,11 +46,13 @@ class SaveFuture(Future[SaveResult]):
     blocking part are attributes:
 
     - ``blocked_s``: seconds ``async_save`` held the caller (plan and copy);
+    - ``copy_s``: of which copying to host memory;
     - ``staged_bytes``: bytes this rank copied to host memory;
     - ``host_bytes``: host memory the staging buffers hold (kept for the next save).
     """
 
     blocked_s: float = 0.0
+    copy_s: float = 0.0
     staged_bytes: int = 0
     host_bytes: int = 0
 
@@ -122,11 +124,13 @@ class AsyncSaver:
             # The other ranks are committed to this save now: a failure to
             # stage here is reported to them when the ranks agree on the writes.
             failed: BaseException | None = None
+            copy_start = time.perf_counter()
             try:
                 prepared, future.staged_bytes = self._pool.stage(prepared)
             except Exception as exc:
                 failed = exc
             future.blocked_s = time.perf_counter() - start
+            future.copy_s = time.perf_counter() - copy_start
             # The pool holds exactly what was staged (computed after the clock stops).
             future.host_bytes = future.staged_bytes if failed is None else self._pool.nbytes
 
