@@ -10,9 +10,14 @@ state as it is now, and nothing more:
    writes) into host buffers kept from one save to the next; CUDA tensors
    go to pinned buffers with non-blocking copies and one synchronisation.
 
-It then returns a :class:`SaveFuture`. A background thread writes, agrees
-with the other ranks and commits, exactly as :func:`treeckpt.save` does:
-the same atomicity, the same error on every rank, on the future.
+The plan of a layout saved before is reused (``shell/plancache.py``), so a
+training run's later saves block for little more than the copy.
+
+It then returns a :class:`SaveFuture`. A background thread does the rest,
+exactly as :func:`treeckpt.save` does: it makes a new checkpoint
+directory's entry durable, writes, agrees with the other ranks, reads the
+manifest being replaced, commits and removes the replaced files. The same
+atomicity, the same error on every rank, on the future.
 
 A second save (asynchronous or not) and any load over the same process
 group wait for the running one first, so staging buffers are never
