@@ -1,7 +1,11 @@
 """Multi-rank save and resharding load: treeckpt against DCP on the same state.
 
 A stack of Linear layers with AdamW state, FSDP2-sharded over 2 ranks (gloo,
-CPU), saved by each contender; then loaded on 3 ranks (resharding). Times are
+CPU), saved by each contender into an empty directory (the previous round's
+removed untimed), and by treeckpt also over its previous checkpoint
+("treeckpt-overwrite": the replaced files are removed after the commit, inside
+the time) and by DCP over its previous files ("dcp-overwrite": the same file
+names truncated and rewritten in place); then loaded on 3 ranks (resharding). Times are
 the slowest rank's, medians over rounds; read amplification is treeckpt's
 load plan (bytes of chunks touched / bytes needed).
 
@@ -16,6 +20,7 @@ import shutil
 import statistics
 import tempfile
 import time
+import warnings
 from typing import Any
 
 import torch
@@ -60,15 +65,34 @@ def _timed(fn: Any) -> float:
 def _save_job(rank: int, world: int, arg: str) -> dict[str, float]:
     workdir, mb, rounds = arg.split("|")
     model, opt = _sharded(int(mb), world)
-    out: dict[str, list[float]] = {"treeckpt": [], "dcp": []}
+    out: dict[str, list[float]] = {
+        "treeckpt": [],
+        "treeckpt-overwrite": [],
+        "dcp": [],
+        "dcp-overwrite": [],
+    }
     tc, dc = os.path.join(workdir, "tc"), os.path.join(workdir, "dcp")
+    fresh = os.path.join(workdir, "tc-fresh")
     state = {"model": model.state_dict(), "optim": opt.state_dict()}
+    tree = {"model": model, "optim": opt}
     for _ in range(int(rounds)):
-        out["treeckpt"].append(_timed(lambda: treeckpt.save({"model": model, "optim": opt}, tc)))
+        # Like DCP's below: into an empty directory, the last one removed untimed.
+        if rank == 0:
+            shutil.rmtree(fresh, ignore_errors=True)
+        dist.barrier()
+        out["treeckpt"].append(_timed(lambda: treeckpt.save(tree, fresh)))
+        # Over the previous checkpoint: its files are removed after the commit, timed.
+        out["treeckpt-overwrite"].append(_timed(lambda: treeckpt.save(tree, tc)))
         if rank == 0:
             shutil.rmtree(dc, ignore_errors=True)
         dist.barrier()
         out["dcp"].append(_timed(lambda: dcp.save(state, checkpoint_id=dc)))
+        # In place over its previous files (same names, truncated: not atomic).
+        with warnings.catch_warnings():  # "Detected an existing checkpoint ..., overwriting"
+            warnings.simplefilter("ignore", UserWarning)
+            out["dcp-overwrite"].append(
+                _timed(lambda: dcp.save(state, checkpoint_id=os.path.join(workdir, "dcp-over")))
+            )
     return {k: statistics.median(v) for k, v in out.items()}
 
 
@@ -135,11 +159,14 @@ def main() -> None:
         )
         print("| contender | save on 2 ranks s | GB/s | load 2->3 ranks s | GB/s |")
         print("|---|---|---|---|---|")
-        for name in ("treeckpt", "dcp"):
-            s, lo = max(x[name] for x in saves), max(x[name] for x in loads)
-            print(
-                f"| {name} | {s:.2f} | {nbytes / s / 1e9:.2f} | {lo:.2f} | {nbytes / lo / 1e9:.2f} |"
-            )
+        for name in ("treeckpt", "treeckpt-overwrite", "dcp", "dcp-overwrite"):
+            s = max(x[name] for x in saves)
+            if name in loads[0]:
+                lo = max(x[name] for x in loads)
+                load_cols = f"{lo:.2f} | {nbytes / lo / 1e9:.2f}"
+            else:
+                load_cols = "| "
+            print(f"| {name} | {s:.2f} | {nbytes / s / 1e9:.2f} | {load_cols} |")
         print(f"treeckpt 2->3 read amplification: {amp:.3f}")
     finally:
         shutil.rmtree(workdir, ignore_errors=True)

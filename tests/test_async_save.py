@@ -62,6 +62,7 @@ def test_saves_the_state_as_it_was_when_called(
     res = fut.result(timeout=60)
     assert isinstance(res, treeckpt.SaveResult)
     assert fut.blocked_s > 0
+    assert 0 < fut.copy_s <= fut.blocked_s
     # model + optimizer moments + step counters + the array, all copied once
     assert fut.staged_bytes >= total * 3 + tree["arr"].nbytes
     assert fut.host_bytes == fut.staged_bytes
@@ -132,6 +133,37 @@ def test_write_errors_are_on_the_future_and_nothing_is_lost(
         fut.result(timeout=60)
     assert torch.equal(treeckpt.restore(path)["w"], torch.ones(4))
     assert len([p for p in path.iterdir() if p.name.startswith("data-")]) == 1
+
+
+def test_a_new_directory_is_made_durable_before_the_commit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from treeckpt import api, asyncsave
+
+    synced: list[str] = []
+    committed_before: list[bool] = []
+
+    def sync_then_record(backend: Any) -> None:
+        committed_before.append((Path(backend.root) / "manifest.json").exists())
+        synced.append(backend.root)
+        api.sync_new_dir(backend)
+
+    monkeypatch.setattr(asyncsave, "sync_new_dir", sync_then_record)
+    fut = treeckpt.async_save({"w": torch.ones(4)}, tmp_path / "new")
+    fut.result(timeout=60)
+    assert len(synced) == 1 and committed_before == [False]
+    fut = treeckpt.async_save({"w": torch.ones(4)}, tmp_path / "new")  # exists: no fsync
+    fut.result(timeout=60)
+    assert len(synced) == 1
+
+    def broken(backend: Any) -> None:
+        raise treeckpt.CheckpointError(f"{backend.root}: cannot create the checkpoint directory")
+
+    monkeypatch.setattr(asyncsave, "sync_new_dir", broken)
+    fut = treeckpt.async_save({"w": torch.ones(4)}, tmp_path / "other")
+    with pytest.raises(treeckpt.CheckpointError, match="cannot create the checkpoint directory"):
+        fut.result(timeout=60)
+    assert not (tmp_path / "other" / "manifest.json").exists()
 
 
 def test_staging_copies_only_what_the_rank_writes() -> None:

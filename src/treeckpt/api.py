@@ -135,18 +135,39 @@ def save(
 
 def _save_backend(path: Any, options: SaveOptions) -> Backend:
     """The backend of a save, with its directory created (and made durable when new)."""
+    backend, new_dir = _open_save_dir(path, options)
+    if new_dir:
+        try:
+            sync_new_dir(backend)
+        except BaseException:
+            backend.close()
+            raise
+    return backend
+
+
+def _open_save_dir(path: Any, options: SaveOptions) -> tuple[Backend, bool]:
+    """The backend of a save, its directory created; True when that directory's own
+    entry still needs an fsync (:func:`sync_new_dir`) before anything is committed in it."""
     backend = _backend(path)
     try:
         new_dir = backend.size("") is None and not backend.listdir()
         backend.makedirs("")
-        if new_dir and options.sync and backend.supports_fsync:
-            backend.sync_dir("..")  # make the new directory's own entry durable
     except OSError as exc:
         backend.close()
         raise CheckpointError(
             f"{backend.root}: cannot create the checkpoint directory ({exc})"
         ) from exc
-    return backend
+    return backend, new_dir and options.sync and backend.supports_fsync
+
+
+def sync_new_dir(backend: Backend) -> None:
+    """Make a new checkpoint directory's own entry durable (fsync of its parent)."""
+    try:
+        backend.sync_dir("..")
+    except OSError as exc:
+        raise CheckpointError(
+            f"{backend.root}: cannot create the checkpoint directory ({exc})"
+        ) from exc
 
 
 def _check_user_metadata(user_metadata: dict[str, Any] | None) -> None:

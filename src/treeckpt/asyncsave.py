@@ -10,9 +10,14 @@ state as it is now, and nothing more:
    writes) into host buffers kept from one save to the next; CUDA tensors
    go to pinned buffers with non-blocking copies and one synchronisation.
 
-It then returns a :class:`SaveFuture`. A background thread writes, agrees
-with the other ranks and commits, exactly as :func:`treeckpt.save` does:
-the same atomicity, the same error on every rank, on the future.
+The plan of a layout saved before is reused (``shell/plancache.py``), so a
+training run's later saves block for little more than the copy.
+
+It then returns a :class:`SaveFuture`. A background thread does the rest,
+exactly as :func:`treeckpt.save` does: it makes a new checkpoint
+directory's entry durable, writes, agrees with the other ranks, reads the
+manifest being replaced, commits and removes the replaced files. The same
+atomicity, the same error on every rank, on the future.
 
 A second save (asynchronous or not) and any load over the same process
 group wait for the running one first, so staging buffers are never
@@ -27,7 +32,7 @@ from concurrent.futures import Future
 from concurrent.futures import wait as futures_wait
 from typing import Any
 
-from treeckpt.api import _check_user_metadata, _coordinator, _save_backend
+from treeckpt.api import _check_user_metadata, _coordinator, _open_save_dir, sync_new_dir
 from treeckpt.core.incremental import ReuseTable
 from treeckpt.core.options import SaveOptions
 from treeckpt.errors import CheckpointError
@@ -46,11 +51,13 @@ class SaveFuture(Future[SaveResult]):
     blocking part are attributes:
 
     - ``blocked_s``: seconds ``async_save`` held the caller (plan and copy);
+    - ``copy_s``: of which copying to host memory;
     - ``staged_bytes``: bytes this rank copied to host memory;
     - ``host_bytes``: host memory the staging buffers hold (kept for the next save).
     """
 
     blocked_s: float = 0.0
+    copy_s: float = 0.0
     staged_bytes: int = 0
     host_bytes: int = 0
 
@@ -107,7 +114,7 @@ class AsyncSaver:
                 options = options or SaveOptions()
                 _check_user_metadata(user_metadata)
                 coord = _coordinator(process_group, options.timeout_s, private=True)
-                backend = _save_backend(path, options)
+                backend, new_dir = _open_save_dir(path, options)
             except Exception as exc:
                 future.set_exception(exc)
                 return future
@@ -122,15 +129,26 @@ class AsyncSaver:
             # The other ranks are committed to this save now: a failure to
             # stage here is reported to them when the ranks agree on the writes.
             failed: BaseException | None = None
+            copy_start = time.perf_counter()
             try:
                 prepared, future.staged_bytes = self._pool.stage(prepared)
             except Exception as exc:
                 failed = exc
             future.blocked_s = time.perf_counter() - start
-            future.host_bytes = self._pool.nbytes
+            future.copy_s = time.perf_counter() - copy_start
+            # The pool holds exactly what was staged (computed after the clock stops).
+            future.host_bytes = future.staged_bytes if failed is None else self._pool.nbytes
 
             def finish() -> None:
+                nonlocal failed
                 try:
+                    if new_dir and failed is None:
+                        # The new directory's entry is made durable here, before
+                        # the commit: an fsync need not hold training.
+                        try:
+                            sync_new_dir(backend)
+                        except Exception as exc:
+                            failed = exc
                     result = commit_save(
                         prepared,
                         backend,

@@ -135,11 +135,14 @@ def describe_leaf(fqn: str, obj: Any, *, allow_pickle: bool = False) -> LeafReco
                 f"{fqn!r}: tensor layout {obj.layout} / quantized={obj.is_quantized} is not "
                 "supported; convert it to a dense tensor"
             )
-        with warnings.catch_warnings():
-            # ShardedTensor warns on every attribute access that it is deprecated;
-            # supporting it is deliberate, so do not pass that on to the user.
-            warnings.simplefilter("ignore", FutureWarning)
-            dtype, shape = obj.dtype, tuple(int(s) for s in obj.shape)
+        if plain:
+            dtype, shape = obj.dtype, tuple(obj.shape)
+        else:
+            with warnings.catch_warnings():
+                # ShardedTensor warns on every attribute access that it is deprecated;
+                # supporting it is deliberate, so do not pass that on to the user.
+                warnings.simplefilter("ignore", FutureWarning)
+                dtype, shape = obj.dtype, tuple(int(s) for s in obj.shape)
         code = torch_dtype_code(dtype)
         if code is None:
             raise UnsupportedLeafError(f"{fqn!r}: torch dtype {dtype} is not supported")

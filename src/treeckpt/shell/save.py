@@ -6,14 +6,20 @@ The order of durable operations is what makes a commit atomic and last:
 2. every rank writes and fsyncs its data files, then its chunk index;
 3. rank 0 fsyncs the data directory, then commits ``manifest.json`` by an
    atomic replace (temp file, fsync, rename, fsync of the directory);
-4. only then are the previous checkpoint's files removed, and those of
-   abandoned saves (``shell/cleanup.py``).
+4. only then are the previous checkpoint's files removed (every rank its
+   own share at the same time, rank 0 the rest), and those of abandoned
+   saves (``shell/cleanup.py``).
 
 Rank 0 holds a claim on the new data directory from its creation until its
 commit, so no other save's clean-up removes it while this save runs.
 
 A failure before step 3 leaves the previous manifest and its files untouched;
 the failed save's directory is removed on a best-effort basis.
+
+A save is four collectives: descriptions gathered, assignments scattered,
+chunk index references gathered, the commit verdict broadcast. Each rank's
+error rides in the gather and the verdict naming every failed rank in the
+answer, so every rank raises the same error without rounds of their own.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from __future__ import annotations
 import contextlib
 import secrets
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 from treeckpt.core.box import Box
 from treeckpt.core.dtypes import dtype_info
@@ -33,9 +39,10 @@ from treeckpt.core.options import SaveOptions
 from treeckpt.core.plan_table import LocalTable, SavePlanTable, local_table, plan_save_table
 from treeckpt.core.specs import ShardSpec
 from treeckpt.core.tree import FlatTree, flatten_tree
-from treeckpt.errors import CheckpointError, PlanError
+from treeckpt.errors import CheckpointError, PlanError, RankFailureError
 from treeckpt.shell import cleanup
-from treeckpt.shell.coord import Coordinator
+from treeckpt.shell.coord import Coordinator, describe_error
+from treeckpt.shell.plancache import CachedPlan, PlanCache, PlanKey, new_token
 from treeckpt.shell.tensors import chunk_source, local_shards
 from treeckpt.store import layout
 from treeckpt.store.backends import Backend
@@ -65,13 +72,17 @@ def save_tree(
     allow_pickle: bool = False,
     user_metadata: dict[str, Any] | None = None,
     reuse: ReuseTable | None = None,
+    cache: PlanCache | None = None,
 ) -> SaveResult:
     """Save ``tree`` to ``backend`` from every rank of ``coord``.
 
     ``reuse`` (incremental saves, this rank's table) lets chunks whose raw
     bytes a committed sibling checkpoint stores be referenced, not rewritten.
+    ``cache``: plans kept from earlier saves (the process-wide one by default).
     """
-    prepared = prepare_save(tree, backend, options=options, coord=coord, allow_pickle=allow_pickle)
+    prepared = prepare_save(
+        tree, backend, options=options, coord=coord, allow_pickle=allow_pickle, cache=cache
+    )
     return commit_save(
         prepared, backend, options=options, coord=coord, user_metadata=user_metadata, reuse=reuse
     )
@@ -90,8 +101,76 @@ class PreparedSave:
     local: dict[str, list[tuple[Box, Any]]]
     save_id: str
     plan: SavePlanTable | None
-    previous: str | None
     hold: Any = None  # rank 0's claim on the data directory, released by the commit
+    reused_plan: bool = False  # the plan came from the plan cache
+
+
+#: Plans kept across saves when the caller gives no cache of its own.
+SHARED_PLAN_CACHE = PlanCache()
+
+
+# What crosses ranks. A phase is one gather to the coordinator, which decides,
+# and one scatter or broadcast of its decision: each rank's error travels in
+# the gather and the verdict naming every failed rank in the answer, so every
+# rank raises the same error without a separate agreement round.
+@dataclass(frozen=True, slots=True)
+class _Failure:
+    """This rank failed the phase: the description of its error."""
+
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class _Verdict:
+    """The phase failed on these ranks: every rank raises it."""
+
+    phase: str
+    failures: dict[int, str]
+
+
+@dataclass(frozen=True, slots=True)
+class _Same:
+    """This rank's description is unchanged since the plan named ``token``."""
+
+    token: str
+
+
+@dataclass(frozen=True, slots=True)
+class _Assignment:
+    """A rank's share of the plan: ``rows`` (``None``: reuse the cached plan ``token``)."""
+
+    rows: SavePlanTable | None
+    save_id: str
+    token: str
+
+
+@dataclass(frozen=True, slots=True)
+class _Committed:
+    """The commit took effect; ``previous`` is the save id of the checkpoint it replaced."""
+
+    previous: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class _Resend:
+    """The coordinator lacks a rank's description: every rank sends its own."""
+
+
+@dataclass(slots=True)
+class _Decision:
+    """What the coordinator decided, for every rank and for itself."""
+
+    proposals: list[Any]
+    save_id: str | None = None
+    hold: Any = None
+    entry: CachedPlan | None = None
+    error: BaseException | None = None
+
+
+def _raise_verdict(coord: Coordinator, verdict: _Verdict, own: BaseException | None) -> NoReturn:
+    if own is not None and coord.world_size == 1:
+        coord.agree(verdict.phase, own)  # one process: the error itself, as it was raised
+    raise RankFailureError(verdict.phase, dict(verdict.failures)) from own
 
 
 def prepare_save(
@@ -101,16 +180,24 @@ def prepare_save(
     options: SaveOptions,
     coord: Coordinator,
     allow_pickle: bool = False,
+    cache: PlanCache | None = None,
 ) -> PreparedSave:
     """Flatten and describe on every rank, plan on the coordinator, scatter the plan.
 
-    On failure every rank raises and nothing is left behind.
+    Two collectives: every rank's description (or error) is gathered, and
+    the coordinator scatters each rank's assignment (or the verdict). A
+    layout planned before is not planned again (``cache``, see
+    ``shell/plancache.py``). On failure every rank raises and nothing is
+    left behind.
     """
+    cache = SHARED_PLAN_CACHE if cache is None else cache
     flat: FlatTree | None = None
     local: dict[str, list[tuple[Box, Any]]] = {}
     specs: list[ShardSpec] = []
-    table: LocalTable | None = None
+    key: PlanKey | None = None
+    hit: CachedPlan | None = None
     err: BaseException | None = None
+    payload: Any
     try:
         flat = flatten_tree(tree, allow_pickle=allow_pickle)
         for fqn, rec in flat.records.items():
@@ -118,52 +205,137 @@ def prepare_save(
                 spec, shards = local_shards(fqn, flat.leaves[fqn], rec)
                 specs.append(spec)
                 local[fqn] = shards
-        table = local_table(specs, coord.rank)
+        key = PlanKey(
+            world_size=coord.world_size,
+            rank=coord.rank,
+            chunk_bytes=options.chunk_bytes,
+            specs=tuple(specs),
+        )
+        hit = cache.lookup(key)
+        # Columns, not an object per box: the coordinator of thousands of ranks
+        # plans millions of boxes in seconds, and each rank gets only its rows.
+        payload = _Same(hit.token) if hit is not None else local_table(specs, coord.rank)
     except Exception as exc:
         err = exc
-    coord.agree("describe", err)
-    assert flat is not None
+        payload = _Failure(describe_error(exc))
 
-    # Columns, not an object per box: the coordinator of thousands of ranks
-    # plans millions of boxes in seconds, and each rank gets only its rows.
-    gathered = coord.gather(table, "plan")
-    plan: SavePlanTable | None = None
-    previous: str | None = None
-    proposals: list[Any] | None = None
-    hold = None
-    if coord.is_coordinator:
-        created: str | None = None
-        try:
+    decision: _Decision | None = None
+    while True:
+        gathered = coord.gather(payload, "plan")
+        if coord.is_coordinator:
             assert gathered is not None
-            plan = plan_save_table(gathered, chunk_bytes=options.chunk_bytes)
-            _check_same_tree(plan, flat)
-            save_id = secrets.token_hex(8)
-            previous = _previous_save_id(backend)
-            created = save_id
-            # Its entry in the checkpoint directory becomes durable with the
-            # directory fsync that follows the manifest's rename.
-            backend.makedirs(layout.data_dir(save_id))
-            hold = cleanup.claim(backend, save_id)
-            proposals = [(plan.for_rank(r), save_id) for r in range(coord.world_size)]
-        except Exception as exc:
-            if created is not None:
-                with contextlib.suppress(Exception):
-                    backend.remove_tree(layout.data_dir(created))
-            cleanup.release(hold)
-            proposals = [exc] * coord.world_size
-    mine = coord.scatter(proposals, "assign")  # its own name: a rank dying in between is named
-    failed = isinstance(mine, BaseException) and coord.is_coordinator
-    coord.agree("plan", mine if failed else None)
-    my_rows, save_id = mine
+            decision = _decide_plan(gathered, backend, flat, cache, options, coord)
+        # The assignment has its own phase name: a rank dying in between is named.
+        try:
+            mine = coord.scatter(decision.proposals if decision else None, "assign")
+        except BaseException:
+            if decision is not None and decision.save_id is not None:
+                _abandon(backend, decision.save_id, decision.hold)
+            raise
+        if not isinstance(mine, _Resend):
+            break
+        hit = None
+        try:
+            payload = local_table(specs, coord.rank)
+        except Exception as exc:  # cannot happen after a hit, which was planned before
+            err = exc
+            payload = _Failure(describe_error(exc))
+    if isinstance(mine, _Verdict):
+        _raise_verdict(coord, mine, err if decision is None else decision.error or err)
+    assert isinstance(mine, _Assignment) and flat is not None and key is not None
+    if mine.rows is None:
+        assert hit is not None and hit.token == mine.token
+        entry = hit
+    else:
+        if decision is not None and decision.entry is not None:
+            entry = decision.entry
+        else:
+            entry = CachedPlan(token=mine.token, items=mine.rows.items_for(coord.rank))
+        cache.store(key, entry)
     return PreparedSave(
         flat=flat,
-        items=my_rows.items_for(coord.rank),
+        items=entry.items,
         local=local,
-        save_id=save_id,
-        plan=plan,
-        previous=previous,
-        hold=hold,
+        save_id=mine.save_id,
+        plan=entry.plan,
+        hold=decision.hold if decision is not None else None,
+        reused_plan=mine.rows is None,
     )
+
+
+def _decide_plan(
+    gathered: list[Any],
+    backend: Backend,
+    flat: FlatTree | None,
+    cache: PlanCache,
+    options: SaveOptions,
+    coord: Coordinator,
+) -> _Decision:
+    """The coordinator's answer to every rank's description: an assignment each, or the verdict.
+
+    The plan of the last saves is reused when every rank sends the same
+    token and the coordinator still holds that plan; a rank's unchanged
+    description is taken from the coordinator's copy when another rank
+    changed; when the coordinator has no copy, every rank is asked to resend.
+    """
+    world = coord.world_size
+    failures = {r: p.text for r, p in enumerate(gathered) if isinstance(p, _Failure)}
+    if failures:
+        return _Decision([_Verdict("describe", failures)] * world)
+    assert flat is not None
+    created: str | None = None
+    hold = None
+    try:
+        tokens = {p.token for p in gathered if isinstance(p, _Same)}
+        reuse: CachedPlan | None = None
+        if len(tokens) == 1 and all(isinstance(p, _Same) for p in gathered):
+            reuse = cache.by_token(next(iter(tokens)))
+            if reuse is not None and (reuse.tables is None or reuse.plan is None):
+                reuse = None
+        entry: CachedPlan | None = None
+        if reuse is None:
+            tables: list[LocalTable] = []
+            for r, p in enumerate(gathered):
+                if isinstance(p, _Same):
+                    known = cache.by_token(p.token)
+                    if known is None or known.tables is None or len(known.tables) != world:
+                        return _Decision([_Resend()] * world)
+                    tables.append(known.tables[r])
+                else:
+                    tables.append(p)
+            plan = plan_save_table(tables, chunk_bytes=options.chunk_bytes)
+            _check_same_tree(plan, flat)
+            entry = CachedPlan(
+                token=new_token(), items=plan.items_for(0), plan=plan, tables=tuple(tables)
+            )
+        save_id = secrets.token_hex(8)
+        created = save_id
+        # Its entry in the checkpoint directory becomes durable with the
+        # directory fsync that follows the manifest's rename.
+        backend.makedirs(layout.data_dir(save_id))
+        hold = cleanup.claim(backend, save_id)
+    except Exception as exc:
+        if created is not None:
+            _abandon(backend, created, hold)
+        else:
+            cleanup.release(hold)
+        return _Decision([_Verdict("plan", {0: describe_error(exc)})] * world, error=exc)
+    if reuse is not None:
+        return _Decision(
+            [_Assignment(None, save_id, reuse.token)] * world, save_id=save_id, hold=hold
+        )
+    assert entry is not None and entry.plan is not None
+    proposals: list[Any] = [
+        _Assignment(entry.plan.for_rank(r), save_id, entry.token) for r in range(world)
+    ]
+    return _Decision(proposals, save_id=save_id, hold=hold, entry=entry)
+
+
+def _abandon(backend: Backend, save_id: str, hold: Any) -> None:
+    """Remove a save's data directory before anything was written in it, then release it."""
+    with contextlib.suppress(Exception):
+        backend.remove_tree(layout.data_dir(save_id))
+    cleanup.release(hold)
 
 
 def commit_save(
@@ -178,6 +350,8 @@ def commit_save(
 ) -> SaveResult:
     """Write every rank's items, then commit the manifest on the coordinator.
 
+    Two collectives: every rank's chunk index reference (or error) is
+    gathered, and the coordinator broadcasts the verdict after its commit.
     If anything fails on any rank, every rank raises, nothing is committed and
     the save's own directory is removed; the previous checkpoint is untouched.
     ``failed``: this rank already failed (e.g. while staging); it writes
@@ -185,51 +359,71 @@ def commit_save(
     """
     flat, save_id = prepared.flat, prepared.save_id
     committed = False
+    previous: str | None = None
     try:
-        ref: IndexRef | None = None
         err: BaseException | None = failed
+        payload: Any = None
         if err is None:
             try:
-                ref = _write_rank(
+                payload = _write_rank(
                     backend, prepared.items, save_id, coord.rank, prepared.local, options, reuse
                 )
             except Exception as exc:
                 err = exc
-        coord.agree("write", err)
-        refs = coord.gather(ref, "write")
+        if err is not None:
+            payload = _Failure(describe_error(err))
+        refs = coord.gather(payload, "write")
 
-        err = None
+        verdict: _Verdict | _Committed | None = None
         if coord.is_coordinator:
-            try:
-                assert refs is not None
-                manifest = Manifest(
-                    format_version=FORMAT_VERSION,
-                    save_id=save_id,
-                    world_size=coord.world_size,
-                    structure=flat.structure,
-                    records=flat.records,
-                    indexes=tuple(r for r in refs if r is not None),
-                    user_metadata=dict(user_metadata or {}),
-                )
-                if options.sync and backend.supports_fsync:
-                    backend.sync_dir(layout.data_dir(save_id))
-                backend.commit_file(layout.MANIFEST, encode_manifest(manifest), sync=options.sync)
-                committed = True
-            except Exception as exc:
-                err = exc
-                # The rename may have taken effect before a later step (the
-                # directory fsync) failed: then the new manifest is live and its
-                # data must stay. Report the failure, delete nothing.
-                committed = _previous_save_id(backend) == save_id
-        coord.agree("commit", err)
+            assert refs is not None
+            failures = {r: p.text for r, p in enumerate(refs) if isinstance(p, _Failure)}
+            if failures:
+                verdict = _Verdict("write", failures)
+            else:
+                try:
+                    # The checkpoint this commit replaces: its files go after the commit.
+                    previous = _previous_save_id(backend)
+                    manifest = Manifest(
+                        format_version=FORMAT_VERSION,
+                        save_id=save_id,
+                        world_size=coord.world_size,
+                        structure=flat.structure,
+                        records=flat.records,
+                        indexes=tuple(r for r in refs if r is not None),
+                        user_metadata=dict(user_metadata or {}),
+                    )
+                    if options.sync and backend.supports_fsync:
+                        backend.sync_dir(layout.data_dir(save_id))
+                    backend.commit_file(
+                        layout.MANIFEST, encode_manifest(manifest), sync=options.sync
+                    )
+                    committed = True
+                    verdict = _Committed(previous)
+                except Exception as exc:
+                    err = exc
+                    verdict = _Verdict("commit", {0: describe_error(exc)})
+                    # The rename may have taken effect before a later step (the
+                    # directory fsync) failed: then the new manifest is live and its
+                    # data must stay. Report the failure, delete nothing.
+                    committed = _previous_save_id(backend) == save_id
+        verdict = coord.broadcast(verdict, "commit")
+        if isinstance(verdict, _Verdict):
+            _raise_verdict(coord, verdict, err)
+        assert isinstance(verdict, _Committed)
+        previous = verdict.previous
         committed = True
     finally:
         if not committed and coord.is_coordinator:
             with contextlib.suppress(Exception):
                 backend.remove_tree(layout.data_dir(save_id))
         cleanup.release(prepared.hold)  # after the commit (or the failure): nothing to protect
+    if previous is not None and previous != save_id:
+        # Every rank removes the files it wrote of the replaced checkpoint, at
+        # the same time; rank 0 then removes what is left, the directory too.
+        _remove_rank_files(backend, previous, coord.rank)
     if coord.is_coordinator:
-        cleanup.remove_stale(backend, own=save_id, previous=prepared.previous)
+        cleanup.remove_stale(backend, own=save_id, previous=previous)
         return SaveResult(path=backend.root, save_id=save_id, plan=prepared.plan)
     return SaveResult(path=backend.root, save_id=save_id, plan=None)
 
@@ -242,6 +436,18 @@ def _previous_save_id(backend: Backend) -> str | None:
         return read_manifest(backend).save_id
     except CheckpointError:
         return None
+
+
+def _remove_rank_files(backend: Backend, save_id: str, rank: int) -> None:
+    """Best effort: rank ``rank``'s data files and chunk index of the replaced save ``save_id``."""
+    folder = layout.data_dir(save_id)
+    index = layout.index_file(save_id, rank)
+    with contextlib.suppress(Exception):
+        for base in backend.listdir(folder):
+            name = f"{folder}/{base}"
+            if name == index or layout.is_data_file(name, save_id, rank):
+                with contextlib.suppress(Exception):
+                    backend.remove_tree(name)
 
 
 def _check_same_tree(plan: SavePlanTable, flat: FlatTree) -> None:
