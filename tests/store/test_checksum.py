@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from treeckpt.store.checksum import ALGORITHM, checksum, is_checksum
+from treeckpt.store.checksum import ALGORITHM, are_checksums, checksum, is_checksum
 
 
 def test_known_vectors() -> None:
@@ -58,3 +58,13 @@ def test_detects_single_bit_flips() -> None:
 )
 def test_rejects_malformed(value: object) -> None:
     assert not is_checksum(value)
+    good = [checksum(b"a"), checksum(b"b")]
+    assert are_checksums(good) and are_checksums([])
+    for at in range(3):  # one bad element anywhere spoils the list
+        assert not are_checksums([*good[:at], value, *good[at:]])
+
+
+def test_a_list_check_is_not_fooled_by_joined_elements() -> None:
+    a, b = checksum(b"a"), checksum(b"b")
+    assert not are_checksums([f"{a}\n{b}"])
+    assert not are_checksums([a[:-1] + "\n", b])

@@ -32,8 +32,18 @@ def checksum(data: BytesLike) -> str:
     return f"{ALGORITHM}:{xxhash.xxh3_64_hexdigest(data)}"
 
 
+_PATTERNS = re.compile(r"(?:xxh3-64:[0-9a-f]{16}\n)*")
+
+
 def is_checksum(value: object) -> bool:
     return isinstance(value, str) and _PATTERN.fullmatch(value) is not None
+
+
+def are_checksums(values: list[object]) -> bool:
+    """Whether every element is a checksum (one regex pass over them all)."""
+    if not all(type(v) is str and len(v) == 24 for v in values):
+        return False
+    return _PATTERNS.fullmatch("\n".join(values) + "\n" if values else "") is not None  # type: ignore[arg-type]
 
 
 _DIGEST = re.compile(r"xxh3-128:[0-9a-f]{32}")

@@ -43,7 +43,7 @@ from treeckpt.core.manifest import (
 from treeckpt.core.tree import build_tree, iter_leaf_fqns
 from treeckpt.errors import ManifestError, UnsupportedLeafError
 from treeckpt.store import layout
-from treeckpt.store.checksum import checksum, is_checksum, is_content_digest
+from treeckpt.store.checksum import are_checksums, checksum, is_checksum, is_content_digest
 from treeckpt.store.codecs import CODECS
 
 __all__ = [
@@ -437,7 +437,7 @@ def _decode_blocks(
     nblocks = -(-(raw if planes else length) // bb)
     if not isinstance(checks, list) or len(checks) != nblocks or len(checks) < 2 - planes:
         raise ManifestError(f"{w}: block checksums do not cover the chunk")
-    if not all(is_checksum(x) for x in checks):
+    if not are_checksums(checks):
         raise ManifestError(f"{w}: bad block checksum field")
     if not planes:
         return {"block_bytes": bb, "blocks": tuple(checks)}
