@@ -74,20 +74,26 @@ class ChunkRef:
         """Where the whole blocks holding raw bytes ``[raw_start, raw_stop)`` are stored."""
         if not self.blocks:
             return 0, self.length
-        if self.codec == "raw":
-            return self.raw_block_range(raw_start, raw_stop)
         starts = block_starts(self)
         bb = self.block_bytes
         return starts[raw_start // bb], starts[-(-raw_stop // bb)]
 
 
 def block_starts(c: ChunkRef) -> tuple[int, ...]:
-    """Offsets (within the chunk's stored bytes) of each block of a ``planes`` chunk, and the end.
+    """Offsets (within the chunk's stored bytes) of each block of a chunk with blocks, and the end.
 
-    Block ``k`` holds raw bytes ``[k * block_bytes, min((k + 1) * block_bytes, raw_length))``;
-    its ``"r"`` planes take ``raw / len(planes)`` bytes each, its ``"z"`` planes their segment.
+    Block ``k`` holds raw bytes ``[k * block_bytes, min((k + 1) * block_bytes, raw_length))``.
+    A ``raw`` block is stored as it is; a ``planes`` block's ``"r"`` planes take
+    ``raw / len(planes)`` bytes each, its ``"z"`` planes their segment.
     """
-    return planes_block_starts(c.raw_length, c.block_bytes, c.planes, c.segments)
+    if c.codec == "planes":
+        return planes_block_starts(c.raw_length, c.block_bytes, c.planes, c.segments)
+    return _raw_block_starts(c.length, c.block_bytes)
+
+
+@functools.lru_cache(maxsize=4096)
+def _raw_block_starts(length: int, bb: int) -> tuple[int, ...]:
+    return (*range(0, length, bb), length)
 
 
 @functools.lru_cache(maxsize=4096)

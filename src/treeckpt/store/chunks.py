@@ -19,6 +19,7 @@ import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass
+from itertools import pairwise
 from typing import Any, Protocol
 
 import numpy as np
@@ -34,7 +35,13 @@ from treeckpt.errors import CheckpointError, CorruptChunkError
 from treeckpt.store import layout
 from treeckpt.store.backends import Backend, Writer
 from treeckpt.store.checksum import checksum, content_digest
-from treeckpt.store.codecs import ChunkEncoder, PlanesEncoded, decode_blocks_into, decode_into
+from treeckpt.store.codecs import (
+    ChunkEncoder,
+    Encoded,
+    PlanesEncoded,
+    decode_blocks_into,
+    decode_into,
+)
 
 __all__ = ["ReadTarget", "ReadTask", "WriteJob", "read_chunks", "write_chunks"]
 
@@ -147,27 +154,6 @@ def _write_lane(
         writer = lane.open()
         offset = writer.tell()
         writer.write(enc.payload)
-        if isinstance(enc, PlanesEncoded):
-            view = enc.payload
-            refs[n] = ChunkRef(
-                fqn=job.item.fqn,
-                box=job.item.chunk,
-                file=lane.name,
-                offset=offset,
-                length=len(view),
-                codec=enc.codec,
-                raw_length=raw.nbytes,
-                checksum=checksum(view),
-                digest=digest,
-                block_bytes=enc.block_bytes,
-                blocks=tuple(
-                    checksum(view[a:b])
-                    for a, b in zip(enc.block_starts, enc.block_starts[1:], strict=False)
-                ),
-                planes=enc.planes,
-                segments=enc.segments,
-            )
-            continue
         refs[n] = ChunkRef(
             fqn=job.item.fqn,
             box=job.item.chunk,
@@ -178,14 +164,23 @@ def _write_lane(
             raw_length=raw.nbytes,
             checksum=checksum(enc.payload),
             digest=digest,
-            **_blocks(enc.payload, enc.codec, options.block_bytes),
+            **_blocks(enc, options.block_bytes),
         )
 
 
-def _blocks(payload: bytes | memoryview, codec: str, block_bytes: int) -> dict[str, Any]:
-    """Per-block checksums of a raw chunk larger than one block (for ranged reads)."""
-    view = memoryview(payload).cast("B")
-    if codec != "raw" or block_bytes <= 0 or len(view) <= block_bytes:
+def _blocks(enc: Encoded | PlanesEncoded, block_bytes: int) -> dict[str, Any]:
+    """The block fields of a chunk: a ``planes`` chunk's blocks as encoded; for a raw
+    chunk larger than one block, a checksum per ``block_bytes`` (for ranged reads)."""
+    view = memoryview(enc.payload).cast("B")
+    if isinstance(enc, PlanesEncoded):
+        starts = enc.block_starts
+        return {
+            "block_bytes": enc.block_bytes,
+            "blocks": tuple(checksum(view[a:b]) for a, b in pairwise(starts)),
+            "planes": enc.planes,
+            "segments": enc.segments,
+        }
+    if enc.codec != "raw" or block_bytes <= 0 or len(view) <= block_bytes:
         return {}
     blocks = tuple(checksum(view[i : i + block_bytes]) for i in range(0, len(view), block_bytes))
     return {"block_bytes": block_bytes, "blocks": blocks}
@@ -372,10 +367,9 @@ def _read_part(backend: Backend, task: ReadTask, bufs: _Buffers, where: str) -> 
     s_lo, s_hi = c.stored_range(lo, hi)
     stored = bufs.stored(s_hi - s_lo)
     _read_into(backend, c, s_lo, stored, where)
-    starts = block_starts(c) if c.codec == "planes" else None
+    starts = block_starts(c)
     for k in range(first, stop):
-        a, b = (starts[k], starts[k + 1]) if starts else (k * bb, min((k + 1) * bb, c.length))
-        if checksum(stored[a - s_lo : b - s_lo]) != c.blocks[k]:
+        if checksum(stored[starts[k] - s_lo : starts[k + 1] - s_lo]) != c.blocks[k]:
             raise CorruptChunkError(
                 f"{where}: checksum mismatch in block {k} (the data file is damaged)"
             )

@@ -293,13 +293,9 @@ def check_chunk(
     if checksum(payload) != c.checksum:
         return "checksum mismatch (the data file is damaged)"
     view = memoryview(payload)
-    starts = block_starts(c) if c.codec == "planes" else None
+    starts = block_starts(c) if c.blocks else ()
     for k, expected in enumerate(c.blocks):
-        if starts is None:
-            piece = view[k * c.block_bytes : (k + 1) * c.block_bytes]
-        else:
-            piece = view[starts[k] : starts[k + 1]]
-        if checksum(piece) != expected:
+        if checksum(view[starts[k] : starts[k + 1]]) != expected:
             return f"block {k} checksum mismatch (the chunk index or data file is damaged)"
     if c.codec == "raw":
         return (
