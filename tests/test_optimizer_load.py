@@ -87,7 +87,9 @@ def test_every_torch_optimizer_has_a_recipe() -> None:
     found = {
         n
         for n, c in vars(torch.optim).items()
-        if inspect.isclass(c) and issubclass(c, torch.optim.Optimizer) and c is not torch.optim.Optimizer
+        if inspect.isclass(c)
+        and issubclass(c, torch.optim.Optimizer)
+        and c is not torch.optim.Optimizer
     }
     assert found == set(TORCH_OPTIMIZERS)
 

@@ -527,7 +527,7 @@ def _update(
         return obj
     if kind == "dataclass":
         fields = dataclasses.fields(obj)
-        if not type(obj).__dataclass_params__.frozen:  # type: ignore[attr-defined]
+        if not type(obj).__dataclass_params__.frozen:
             for i in changed:
                 setattr(obj, fields[i].name, new[i])
             return obj

@@ -89,7 +89,7 @@ def state_targets(
     return out
 
 
-def init_state_by_step(opt: torch.optim.Optimizer) -> None:
+def init_state_by_step(optim: torch.optim.Optimizer) -> None:
     """Create ``opt``'s state with one zero-gradient step, then undo everything else it did.
 
     Does nothing when the optimizer has state already. Parameters are
@@ -99,6 +99,7 @@ def init_state_by_step(opt: torch.optim.Optimizer) -> None:
     entries (``lr`` and anything ``step()`` writes there) are restored. An
     optimizer whose ``step`` needs a closure (LBFGS) is left without state.
     """
+    opt = optim  # torch's helper, which this stands in for, names its argument so
     if opt.state:
         return
     params = _params(opt)
