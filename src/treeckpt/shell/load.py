@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import pickle
 import threading
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -349,10 +350,10 @@ def _is_meta(obj: Any) -> bool:
     """A tensor (or the local shard of a DTensor) with no storage to load into."""
     if not isinstance(obj, torch.Tensor):
         return False
-    if obj.is_meta:
-        return True
-    local = getattr(obj, "_local_tensor", None)
-    return isinstance(local, torch.Tensor) and local.is_meta
+    with warnings.catch_warnings():  # ShardedTensor warns it is deprecated on every access
+        warnings.simplefilter("ignore", FutureWarning)
+        local = getattr(obj, "_local_tensor", None)  # a DTensor's shard
+        return bool(local.is_meta if isinstance(local, torch.Tensor) else obj.is_meta)
 
 
 def _in_open(fqn: str, prefixes: list[str]) -> bool:
