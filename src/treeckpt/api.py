@@ -47,7 +47,9 @@ __all__ = [
 ]
 
 
-def _coordinator(process_group: Any, timeout_s: float, *, private: bool = False) -> Coordinator:
+def _coordinator(
+    process_group: Any, timeout_s: float | None, *, private: bool = False
+) -> Coordinator:
     """The ranks taking part: a process group when one is initialised, else this process.
 
     Over a process group, saves still running in the background finish first,
