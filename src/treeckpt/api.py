@@ -191,6 +191,9 @@ def load(
         CheckpointNotFoundError / IncompleteCheckpointError: nothing committed at ``path``.
         LoadMismatchError: the template does not match (every problem listed).
         CorruptChunkError / ManifestError: damaged data (file and FQN named).
+        CheckpointReplacedError: a new save replaced the checkpoint while it was
+            being read, and reading the new one (once, refilling every tensor
+            and value) failed too; the template may be partly filled.
     """
     options = options or LoadOptions()
     coord = _coordinator(process_group, options.timeout_s)
@@ -226,7 +229,9 @@ def restore(
 
     Modules and other ``Stateful`` objects come back as their state dicts;
     namedtuples and dataclasses as types of the same name and fields made on
-    the fly (no code is imported from a checkpoint).
+    the fly (no code is imported from a checkpoint). A checkpoint replaced by
+    a new save while it is read is read again, once, from the new manifest
+    (``CheckpointReplacedError`` if that fails too).
     """
     options = options or LoadOptions()
     coord = _coordinator(process_group, options.timeout_s)
@@ -253,6 +258,8 @@ def read_tensor(path: Any, fqn: str, region: Box | tuple[slice, ...] | None = No
 
     Raises:
         LeafNotFoundError: ``fqn`` is not a tensor of the checkpoint (also a ``KeyError``).
+        CheckpointReplacedError: the checkpoint was replaced while being read,
+            and reading the new one failed too.
     """
     backend = _backend(path)
 

@@ -62,6 +62,9 @@ def _call(op: str, path: str, options: Any) -> None:
 
 
 def _options(op: str, timeout_s: float | None) -> Any:
+    """No options at all (the defaults) unless ``timeout_s`` is given."""
+    if timeout_s is None:
+        return None
     if op in ("load", "restore"):
         return treeckpt.LoadOptions(timeout_s=timeout_s)
     return treeckpt.SaveOptions(timeout_s=timeout_s)
@@ -73,7 +76,7 @@ def _absent_peer(
     """Rank 0 runs ``op`` alone; rank 1 never does. Returns rank 0's error and its time."""
     done = path + ".done"
     if warm:  # treeckpt's gloo group exists: the first collective of ``op`` waits
-        treeckpt.save(TREE, path, options=treeckpt.SaveOptions(timeout_s=timeout_s))
+        treeckpt.save(TREE, path, options=_options("save", timeout_s))
     if rank == 1:
         deadline = time.monotonic() + WINDOW
         while not os.path.exists(done) and time.monotonic() < deadline:
