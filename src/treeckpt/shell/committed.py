@@ -118,7 +118,8 @@ def load_committed(
                 backend,
                 old[0],
                 new[0],
-                f"the new one lacks tensors the load had started to fill ({shown})",
+                f"the new one lacks tensors of the old one the load may have begun to "
+                f"fill ({shown})",
             ) from failure
     try:
         return agreed(coord, phase, lambda: fn(*new))
