@@ -9,11 +9,10 @@ records its arrival in the rendezvous store, so when a collective fails
 
 The timeout is the process group's own unless the options give one: a job
 that chose a short timeout for its group fails as fast in a checkpoint.
-Creating the gloo group is bounded by it too: gloo connects the ranks
-through the store and waits for every peer with no bound of treeckpt's, so
-every rank first records its arrival and waits, within the timeout, for the
-others' before creating the group; a rank that never calls ``save`` or
-``load`` is named instead of holding the others for as long as gloo waits.
+Creating the gloo group is bounded by it too, and names the missing ranks:
+gloo connects the ranks inside ``new_group``, which says nothing about who
+is missing, so every rank first records its arrival and waits, within the
+timeout, for the others' before creating the group.
 """
 
 from __future__ import annotations
@@ -90,9 +89,9 @@ def _cpu_group(process_group: Any, timeout_s: float, private: bool = False) -> A
 def _await_peers(pg: Any, timeout_s: float) -> None:
     """Wait, at most ``timeout_s``, until every rank of ``pg`` is about to create the group.
 
-    Gloo's own connection wait is not bounded by the group's timeout, so a
-    rank that never calls ``save`` would hold the others for as long as gloo
-    waits; this wait is, and names that rank.
+    A rank that never calls ``save`` or ``load`` is named here, and no rank
+    enters ``new_group`` (whose failure would leave the ranks' group
+    counters apart) unless every rank has arrived.
     """
     store = _default_store()
     if store is None:
