@@ -25,12 +25,22 @@ DEAD = object()  # result of a rank that exited or was killed without reporting
 
 
 def _child(
-    rank: int, world: int, init: str, fn: Callable[..., Any], args: tuple[Any, ...], q: Any
+    rank: int,
+    world: int,
+    init: str,
+    fn: Callable[..., Any],
+    args: tuple[Any, ...],
+    q: Any,
+    group_timeout: float,
 ) -> None:
     torch.set_num_threads(1)
     try:
         dist.init_process_group(
-            "gloo", init_method=init, rank=rank, world_size=world, timeout=timedelta(seconds=60)
+            "gloo",
+            init_method=init,
+            rank=rank,
+            world_size=world,
+            timeout=timedelta(seconds=group_timeout),
         )
         res = fn(rank, world, *args)
         # Plain pickle: torch's queue reductions would pass tensors through
@@ -51,16 +61,21 @@ def run_ranks(
     *args: Any,
     timeout: float = 120.0,
     allow_dead: bool = False,
+    group_timeout: float = 60.0,
 ) -> list[Any]:
     """Run ``fn(rank, world, *args)`` on ``world`` processes; return each rank's result.
 
     A rank that raised makes this raise with its traceback. With
     ``allow_dead``, a rank that exits without reporting gets ``DEAD``.
+    ``group_timeout`` is the process group's timeout (``init_process_group``).
     """
     ctx = mp.get_context("fork")
     q = ctx.Queue()
     init = f"file://{tmp_path}/rdv-{uuid.uuid4().hex}"
-    procs = [ctx.Process(target=_child, args=(r, world, init, fn, args, q)) for r in range(world)]
+    procs = [
+        ctx.Process(target=_child, args=(r, world, init, fn, args, q, group_timeout))
+        for r in range(world)
+    ]
     for p in procs:
         p.start()
     results: dict[int, tuple[str, Any]] = {}

@@ -24,6 +24,7 @@ from treeckpt.core.tree import is_stateful
 from treeckpt.errors import (
     CheckpointError,
     CheckpointNotFoundError,
+    CheckpointReplacedError,
     CollectiveError,
     CorruptChunkError,
     FQNCollisionError,
@@ -49,6 +50,7 @@ __all__ = [
     "CheckpointInfo",
     "CheckpointManager",
     "CheckpointNotFoundError",
+    "CheckpointReplacedError",
     "CollectiveError",
     "CorruptChunkError",
     "FQNCollisionError",

@@ -8,7 +8,7 @@ runs in one process.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,17 +23,17 @@ from treeckpt.errors import (
     CheckpointError,
     LeafNotFoundError,
     PlanError,
-    RankFailureError,
     UnsupportedLeafError,
 )
 from treeckpt.shell import inflight
-from treeckpt.shell.coord import Coordinator, LocalCoordinator, agreed, describe_error
+from treeckpt.shell.committed import load_committed
+from treeckpt.shell.coord import Coordinator, LocalCoordinator
 from treeckpt.shell.dist import DistCoordinator, distributed_active
 from treeckpt.shell.load import load_tree, read_regions, read_stored, restore_tree
 from treeckpt.shell.save import SaveResult, save_tree
 from treeckpt.shell.tensors import allocate
 from treeckpt.store.backends import Backend, open_backend
-from treeckpt.store.reader import read_indexes, read_manifest
+from treeckpt.store.reader import read_committed, read_indexes
 
 __all__ = [
     "CheckpointInfo",
@@ -47,7 +47,9 @@ __all__ = [
 ]
 
 
-def _coordinator(process_group: Any, timeout_s: float, *, private: bool = False) -> Coordinator:
+def _coordinator(
+    process_group: Any, timeout_s: float | None, *, private: bool = False
+) -> Coordinator:
     """The ranks taking part: a process group when one is initialised, else this process.
 
     Over a process group, saves still running in the background finish first,
@@ -57,30 +59,6 @@ def _coordinator(process_group: Any, timeout_s: float, *, private: bool = False)
         inflight.wait_all()
         return DistCoordinator(process_group, timeout_s=timeout_s, private=private)
     return LocalCoordinator()
-
-
-def _read_checkpoint(
-    backend: Backend, coord: Coordinator
-) -> tuple[Manifest, dict[str, StoredTensor]]:
-    """Rank 0 reads and validates the manifest and the chunk indexes once; every
-    rank gets them, or the error. Each rank then plans only its own reads."""
-    got: tuple[Manifest, dict[str, StoredTensor]] | Exception | str | None = None
-    cause: Exception | None = None
-    if coord.is_coordinator:
-        try:
-            manifest = read_manifest(backend)
-            got = (manifest, read_stored(backend, manifest))
-        except CheckpointError as exc:  # every rank must raise it
-            got = exc
-        except Exception as exc:  # any other error: a description crosses ranks
-            got, cause = describe_error(exc), exc
-    got = coord.broadcast(got, "manifest")
-    if isinstance(got, Exception):
-        raise got
-    if isinstance(got, str):
-        raise RankFailureError("manifest", {0: got}) from cause
-    assert isinstance(got, tuple)
-    return got
 
 
 def _backend(path: Any) -> Backend:
@@ -219,16 +197,19 @@ def load(
         CheckpointNotFoundError / IncompleteCheckpointError: nothing committed at ``path``.
         LoadMismatchError: the template does not match (every problem listed).
         CorruptChunkError / ManifestError: damaged data (file and FQN named).
+        CheckpointReplacedError: a new save replaced the checkpoint while it was
+            being read, and reading the new one (once, refilling every tensor
+            and value) failed too; the template may be partly filled.
     """
     options = options or LoadOptions()
     coord = _coordinator(process_group, options.timeout_s)
     backend = _backend(path)
     try:
-        manifest, stored = _read_checkpoint(backend, coord)
-        return agreed(
+        return load_committed(
+            backend,
             coord,
             "load",
-            lambda: load_tree(
+            lambda manifest, stored: load_tree(
                 tree,
                 backend,
                 manifest,
@@ -237,6 +218,7 @@ def load(
                 allow_pickle=allow_pickle,
                 options=options,
             ),
+            fills_in_place=True,
         )
     finally:
         backend.close()
@@ -253,17 +235,19 @@ def restore(
 
     Modules and other ``Stateful`` objects come back as their state dicts;
     namedtuples and dataclasses as types of the same name and fields made on
-    the fly (no code is imported from a checkpoint).
+    the fly (no code is imported from a checkpoint). A checkpoint replaced by
+    a new save while it is read is read again, once, from the new manifest
+    (``CheckpointReplacedError`` if that fails too).
     """
     options = options or LoadOptions()
     coord = _coordinator(process_group, options.timeout_s)
     backend = _backend(path)
     try:
-        manifest, stored = _read_checkpoint(backend, coord)
-        return agreed(
+        return load_committed(
+            backend,
             coord,
             "restore",
-            lambda: restore_tree(
+            lambda manifest, stored: restore_tree(
                 backend, manifest, stored, allow_pickle=allow_pickle, options=options
             ),
         )
@@ -280,21 +264,25 @@ def read_tensor(path: Any, fqn: str, region: Box | tuple[slice, ...] | None = No
 
     Raises:
         LeafNotFoundError: ``fqn`` is not a tensor of the checkpoint (also a ``KeyError``).
+        CheckpointReplacedError: the checkpoint was replaced while being read,
+            and reading the new one failed too.
     """
     backend = _backend(path)
-    try:
-        manifest = read_manifest(backend)
+
+    def read(manifest: Manifest, stored: Mapping[str, StoredTensor]) -> Any:
         rec = manifest.records.get(fqn)
         if not isinstance(rec, TensorLeaf):
             raise LeafNotFoundError(f"{fqn!r} is not a tensor of the checkpoint at {backend.root}")
         box = _region_box(rec.shape, region)
-        stored = read_stored(backend, manifest)
         spec = ShardSpec(fqn=fqn, dtype=rec.dtype, shape=rec.shape, boxes=(box,))
         plan_load(stored, [spec])  # coverage before allocation: shapes are untrusted
         lib: TensorLib = "numpy" if rec.lib != "torch" else "torch"
         out = allocate(TensorLeaf(lib=lib, dtype=rec.dtype, shape=box.sizes), fqn)
         read_regions(backend, manifest, stored, {fqn: [(box, out)]}, LoadOptions())
         return out
+
+    try:
+        return load_committed(backend, LocalCoordinator(), "read_tensor", read)
     finally:
         backend.close()
 
@@ -328,8 +316,7 @@ def plan_reshard(path: Any, specs_by_rank: Sequence[Sequence[ShardSpec]]) -> lis
     """
     backend = _backend(path)
     try:
-        manifest = read_manifest(backend)
-        stored = read_stored(backend, manifest)
+        _, stored = read_committed(backend, lambda m: read_stored(backend, m))
     finally:
         backend.close()
     return [plan_load(stored, specs) for specs in specs_by_rank]
@@ -403,8 +390,7 @@ def metadata(path: Any) -> CheckpointInfo:
     """Structure, shapes, dtypes, sizes and codecs of a checkpoint, without reading tensor data."""
     backend = _backend(path)
     try:
-        manifest: Manifest = read_manifest(backend)
-        indexes = read_indexes(backend, manifest)
+        manifest, indexes = read_committed(backend, lambda m: read_indexes(backend, m))
     finally:
         backend.close()
     stats: dict[str, tuple[int, int, dict[str, int]]] = {}

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 __all__ = [
     "CheckpointError",
     "CheckpointNotFoundError",
+    "CheckpointReplacedError",
     "CollectiveError",
     "CorruptChunkError",
     "FQNCollisionError",
@@ -46,6 +47,16 @@ class IncompleteCheckpointError(CheckpointNotFoundError):
 
 class ManifestError(CheckpointError, ValueError):
     """The manifest or a chunk index is malformed, inconsistent or fails its checksum."""
+
+
+class CheckpointReplacedError(CheckpointError):
+    """The checkpoint was replaced by a new save (or removed) while it was being read.
+
+    A load, restore or ``read_tensor`` that finds its checkpoint replaced
+    reads the new one once; this error says that did not work either (the
+    checkpoint was replaced again, or the new one does not load). An open
+    checkpoint (``treeckpt.open``) raises it at once: open the path again.
+    """
 
 
 class LeafNotFoundError(CheckpointError, KeyError):

@@ -133,7 +133,7 @@ PHASES: dict[str, tuple[int, str, str]] = {
     "plan": (0, "treeckpt.shell.save", "plan_save_table"),
     "write": (1, "treeckpt.shell.save", "write_chunks"),
     "commit": (0, "treeckpt.shell.save", "encode_manifest"),
-    "load-manifest": (0, "treeckpt.api", "read_manifest"),
+    "load-manifest": (0, "treeckpt.shell.committed", "read_committed"),
     "load-read": (1, "treeckpt.shell.load", "read_chunks"),
 }
 KINDS = ("raise", "exit", "kill", "stall")

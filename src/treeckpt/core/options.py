@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -34,7 +35,9 @@ class SaveOptions:
             Turn off only for throwaway checkpoints.
         timeout_s: with several ranks, how long any rank waits for the others
             in one phase before every surviving rank raises, naming the ranks
-            that never arrived.
+            that never arrived. ``None`` (the default) is the timeout of the
+            process group the save runs on (the default group's when none is
+            given), so a job that chose a short timeout fails as fast.
         block_bytes: raw chunks larger than this also get one checksum per
             block of this size, so a load that needs part of a chunk (another
             sharding) reads and verifies only those blocks. 0 turns it off.
@@ -50,7 +53,7 @@ class SaveOptions:
     min_ratio: float = 1.3
     io_threads: int = 2
     sync: bool = True
-    timeout_s: float = 600.0
+    timeout_s: float | None = None
     block_bytes: int = 64 << 10
     compressed_block_bytes: int = 256 << 10
 
@@ -69,8 +72,7 @@ class SaveOptions:
             )
         if self.io_threads < 1:
             raise OptionsError(f"io_threads must be at least 1, got {self.io_threads}")
-        if self.timeout_s <= 0:
-            raise OptionsError(f"timeout_s must be positive, got {self.timeout_s}")
+        _check_timeout(self.timeout_s)
         if not -7 <= self.zstd_level <= 22:
             raise OptionsError(f"zstd_level must be in [-7, 22], got {self.zstd_level}")
 
@@ -82,13 +84,30 @@ class LoadOptions:
     Attributes:
         io_threads: threads per rank that read, verify and decode chunks.
         timeout_s: with several ranks, how long any rank waits for the others.
+            ``None`` (the default) is the timeout of the process group the
+            load runs on (the default group's when none is given).
     """
 
     io_threads: int = 4
-    timeout_s: float = 600.0
+    timeout_s: float | None = None
 
     def __post_init__(self) -> None:
         if self.io_threads < 1:
             raise OptionsError(f"io_threads must be at least 1, got {self.io_threads}")
-        if self.timeout_s <= 0:
-            raise OptionsError(f"timeout_s must be positive, got {self.timeout_s}")
+        _check_timeout(self.timeout_s)
+
+
+def _check_timeout(timeout_s: float | None) -> None:
+    """``None`` (the process group's timeout) or a positive, finite number of seconds."""
+    if timeout_s is None:
+        return
+    if (
+        isinstance(timeout_s, bool)
+        or not isinstance(timeout_s, int | float)
+        or not math.isfinite(timeout_s)
+        or timeout_s <= 0
+    ):
+        raise OptionsError(
+            f"timeout_s must be a positive, finite number of seconds or None "
+            f"(the process group's timeout), got {timeout_s!r}"
+        )

@@ -51,18 +51,22 @@ log = logging.getLogger("treeckpt.dcp")
 
 
 def coordinator(
-    process_group: Any, no_dist: bool, timeout_s: float = 600.0, *, private: bool = False
+    process_group: Any, no_dist: bool, timeout_s: float | None = None, *, private: bool = False
 ) -> Coordinator:
     """The ranks taking part: none with ``no_dist``, else the process group when initialised.
 
     Over a process group, saves still running in the background finish first
-    (their collectives must not interleave with this call's); ``private``
+    (their collectives must not interleave with this call's). Collectives
+    wait for the others as long as the process group's timeout; ``private``
     gives a group of treeckpt's own, for collectives run from a background
     thread while training uses the caller's group.
     """
     if not no_dist and distributed_active(process_group):
         inflight.wait_all()
-        return DistCoordinator(process_group, timeout_s=timeout_s, private=private)
+        try:
+            return DistCoordinator(process_group, timeout_s=timeout_s, private=private)
+        except CheckpointError as exc:  # a peer never arrived: DCP's error type, as any failure
+            raise wrap_failure(exc, torch.distributed.get_rank()) from exc
     return LocalCoordinator()
 
 

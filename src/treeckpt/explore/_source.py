@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import collections
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from treeckpt.core.box import Box
 from treeckpt.core.dtypes import dtype_info
@@ -16,14 +16,16 @@ from treeckpt.core.options import LoadOptions
 from treeckpt.core.plan import LoadPlan, StoredTensor, plan_load
 from treeckpt.core.specs import ShardSpec
 from treeckpt.core.tree import build_tree
-from treeckpt.errors import ManifestError
+from treeckpt.errors import CheckpointError, CheckpointReplacedError, ManifestError
 from treeckpt.explore._handle import TensorHandle
 from treeckpt.shell.load import read_regions, value_of
 from treeckpt.shell.tensors import allocate
 from treeckpt.store.backends import Backend
-from treeckpt.store.reader import read_indexes
+from treeckpt.store.reader import read_indexes, replacement
 
 __all__ = ["ChunkInfo", "Node", "Source", "nbytes"]
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -78,7 +80,7 @@ class Source:
     def indexes(self) -> list[ChunkIndex]:
         with self._lock:
             if self._indexes is None:
-                indexes = read_indexes(self.backend, self.manifest)
+                indexes = self.unless_replaced(lambda: read_indexes(self.backend, self.manifest))
                 chunks: dict[str, list[ChunkInfo]] = {}
                 refs: dict[str, list[Any]] = {}
                 for ix in indexes:
@@ -128,16 +130,40 @@ class Source:
         self.plan(fqn, boxes)  # coverage before allocation: shapes are untrusted
         lib: TensorLib = "torch" if rec.lib == "torch" else "numpy"
         outs = [allocate(TensorLeaf(lib=lib, dtype=rec.dtype, shape=b.sizes), fqn) for b in boxes]
-        plan = read_regions(
-            self.backend,
-            self.manifest,
-            {fqn: self.stored(fqn)},
-            {fqn: list(zip(boxes, outs, strict=True))},
-            self.options,
+        plan = self.unless_replaced(
+            lambda: read_regions(
+                self.backend,
+                self.manifest,
+                {fqn: self.stored(fqn)},
+                {fqn: list(zip(boxes, outs, strict=True))},
+                self.options,
+            )
         )
         with self._lock:
             self.bytes_read += plan.read_stored_bytes
         return outs
+
+    def unless_replaced(self, read: Callable[[], T]) -> T:
+        """``read()``; when it fails because a new save replaced the checkpoint since it
+        was opened (its files are gone), a :class:`CheckpointReplacedError` that says so.
+
+        An open checkpoint is one save's snapshot: it never switches to the new one.
+        """
+        try:
+            return read()
+        except CheckpointReplacedError:
+            raise
+        except CheckpointError as exc:
+            try:
+                newer = replacement(self.backend, self.manifest)
+            except CheckpointError:
+                newer = None
+            if newer is None:
+                raise
+            raise CheckpointReplacedError(
+                f"{self.backend.root}: the checkpoint was replaced by a new save since it was "
+                f"opened (save {self.manifest.save_id}, now save {newer.save_id}); open it again"
+            ) from exc
 
     def entry(self, fqn: str) -> Any:
         rec = self.manifest.records[fqn]

@@ -6,6 +6,13 @@ training and get a CPU group here, created once per (group, timeout). Every
 collective is bounded by the timeout, and before each phase every rank
 records its arrival in the rendezvous store, so when a collective fails
 (a peer died or stalled), the survivors name the ranks that never arrived.
+
+The timeout is the process group's own unless the options give one: a job
+that chose a short timeout for its group fails as fast in a checkpoint.
+Creating the gloo group is bounded by it too, and names the missing ranks:
+gloo connects the ranks inside ``new_group``, which says nothing about who
+is missing, so every rank first records its arrival and waits, within the
+timeout, for the others' before creating the group.
 """
 
 from __future__ import annotations
@@ -20,10 +27,11 @@ import torch.distributed as dist
 from treeckpt.errors import CheckpointError, CollectiveError, RankFailureError
 from treeckpt.shell.coord import Coordinator, describe_error
 
-__all__ = ["DistCoordinator", "distributed_active"]
+__all__ = ["DistCoordinator", "distributed_active", "group_timeout_s"]
 
 _GROUPS: dict[tuple[int, float, bool], Any] = {}
 _SEQ = itertools.count()
+_GROUP_SEQ = itertools.count()
 
 
 def distributed_active(process_group: Any = None) -> bool:
@@ -31,6 +39,27 @@ def distributed_active(process_group: Any = None) -> bool:
     if not (dist.is_available() and dist.is_initialized()):
         return False
     return int(dist.get_world_size(process_group)) > 1
+
+
+def group_timeout_s(process_group: Any = None) -> float:
+    """The timeout, in seconds, of ``process_group`` (the default group's when ``None``).
+
+    Read from the group's backend (gloo or NCCL options); when a backend does
+    not say, the rendezvous store's timeout (the one ``init_process_group``
+    was given), else torch's default.
+    """
+    pg: Any = process_group if process_group is not None else dist.group.WORLD
+    for device in getattr(pg, "_device_types", ()):
+        with contextlib.suppress(Exception):
+            timeout = pg._get_backend(device).options._timeout
+            if isinstance(timeout, timedelta) and timeout.total_seconds() > 0:
+                return float(timeout.total_seconds())
+    store = _default_store()
+    with contextlib.suppress(Exception):
+        timeout = store.timeout
+        if isinstance(timeout, timedelta) and timeout.total_seconds() > 0:
+            return float(timeout.total_seconds())
+    return float(dist.default_pg_timeout.total_seconds())
 
 
 def _cpu_group(process_group: Any, timeout_s: float, private: bool = False) -> Any:
@@ -42,22 +71,69 @@ def _cpu_group(process_group: Any, timeout_s: float, private: bool = False) -> A
     if group is None:
         # new_group is collective over the default group: every rank saves or
         # loads together, so every rank reaches this call in the same order.
+        _await_peers(pg, timeout_s)
         ranks = dist.get_process_group_ranks(pg) if pg is not dist.group.WORLD else None
-        group = _GROUPS[key] = dist.new_group(
-            ranks=ranks, backend="gloo", timeout=timedelta(seconds=timeout_s)
-        )
+        try:
+            group = dist.new_group(
+                ranks=ranks, backend="gloo", timeout=timedelta(seconds=timeout_s)
+            )
+        except Exception as exc:  # a peer left between arriving and connecting
+            raise CollectiveError(
+                f"creating treeckpt's gloo group failed on rank {dist.get_rank()} within the "
+                f"{timeout_s:g} s timeout ({type(exc).__name__}: {str(exc)[:200]})"
+            ) from exc
+        _GROUPS[key] = group
     return group
+
+
+def _await_peers(pg: Any, timeout_s: float) -> None:
+    """Wait, at most ``timeout_s``, until every rank of ``pg`` is about to create the group.
+
+    A rank that never calls ``save`` or ``load`` is named here, and no rank
+    enters ``new_group`` (whose failure would leave the ranks' group
+    counters apart) unless every rank has arrived.
+    """
+    store = _default_store()
+    if store is None:
+        return
+    ranks = dist.get_process_group_ranks(pg) if pg is not dist.group.WORLD else None
+    if ranks is None:
+        ranks = list(range(dist.get_world_size()))
+    seq = next(_GROUP_SEQ)
+    me = dist.get_rank()
+    keys = [f"treeckpt/group/{seq}/{r}" for r in ranks]
+    try:
+        store.set(f"treeckpt/group/{seq}/{me}", "1")
+        store.wait(keys, timedelta(seconds=timeout_s))
+    except Exception as exc:
+        absent = []
+        for r, k in zip(ranks, keys, strict=True):
+            with contextlib.suppress(Exception):
+                if not store.check([k]):
+                    absent.append(r)
+        who = (
+            f"rank(s) {', '.join(map(str, absent))} did not reach it (dead, stalled, or not "
+            "saving or loading)"
+            if absent
+            else "a peer failed or timed out"
+        )
+        raise CollectiveError(
+            f"phase 'connect' failed on rank {me} within the {timeout_s:g} s timeout: {who} "
+            f"({type(exc).__name__}: {str(exc)[:200]})"
+        ) from exc
 
 
 class DistCoordinator(Coordinator):
     """The ranks of a ``torch.distributed`` process group; group rank 0 coordinates."""
 
     def __init__(
-        self, process_group: Any = None, *, timeout_s: float = 600.0, private: bool = False
+        self, process_group: Any = None, *, timeout_s: float | None = None, private: bool = False
     ) -> None:
         # ``private``: a group of treeckpt's own even when the user's is gloo,
         # for collectives run from a background thread while training uses
-        # the user's group.
+        # the user's group. ``timeout_s=None``: the process group's timeout.
+        if timeout_s is None:
+            timeout_s = group_timeout_s(process_group)
         self.group = _cpu_group(process_group, timeout_s, private)
         self.rank = int(dist.get_rank(self.group))
         self.world_size = int(dist.get_world_size(self.group))

@@ -320,7 +320,9 @@ def _read_into(backend: Backend, c: ChunkRef, start: int, buf: memoryview, where
     try:
         n = backend.readinto(c.file, c.offset + start, buf)
     except FileNotFoundError:
-        raise CorruptChunkError(f"{where}: the data file is missing") from None
+        raise CorruptChunkError(
+            f"{where}: the data file is missing ({backend.root}/{layout.MANIFEST} refers to it)"
+        ) from None
     except OSError as exc:
         raise CheckpointError(f"{where}: read failed ({exc})") from exc
     if n != len(buf):
@@ -329,7 +331,7 @@ def _read_into(backend: Backend, c: ChunkRef, start: int, buf: memoryview, where
 
 def _read_one(backend: Backend, task: ReadTask, bufs: _Buffers) -> None:
     c = task.chunk
-    where = f"{c.file} at offset {c.offset} (tensor {c.fqn!r})"
+    where = f"{backend.root}/{c.file} at offset {c.offset} (tensor {c.fqn!r})"
     if task.read_range is not None and task.read_range != (0, c.raw_length):
         _read_part(backend, task, bufs, where)
         return

@@ -1,8 +1,16 @@
-"""Reading a committed checkpoint's records: the manifest and the chunk indexes."""
+"""Reading a committed checkpoint's records: the manifest and the chunk indexes.
+
+A new save to the same path commits its manifest and then removes the files
+of the checkpoint it replaces, so a reader that read the old manifest can
+find the files it names gone. That is not damage: :func:`replacement` tells
+the two apart by reading the manifest again (a new save id: the checkpoint
+was replaced), and :func:`read_committed` reads the new one instead.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 from treeckpt.core.leaves import TensorLeaf
 from treeckpt.core.manifest import ChunkIndex, ChunkRef, IndexRef, Manifest
@@ -10,6 +18,7 @@ from treeckpt.core.plan import StoredTensor
 from treeckpt.errors import (
     CheckpointError,
     CheckpointNotFoundError,
+    CheckpointReplacedError,
     CorruptChunkError,
     IncompleteCheckpointError,
     ManifestError,
@@ -23,7 +32,17 @@ from treeckpt.store.manifest import (
     decode_manifest,
 )
 
-__all__ = ["read_index", "read_indexes", "read_manifest", "stored_tensors"]
+__all__ = [
+    "read_committed",
+    "read_index",
+    "read_indexes",
+    "read_manifest",
+    "replaced_error",
+    "replacement",
+    "stored_tensors",
+]
+
+T = TypeVar("T")
 
 
 def read_manifest(backend: Backend) -> Manifest:
@@ -60,7 +79,10 @@ def read_index(backend: Backend, manifest: Manifest, ref: IndexRef) -> ChunkInde
     try:
         data = backend.read_file(ref.file, min(MAX_INDEX_BYTES, ref.size))
     except FileNotFoundError:
-        raise ManifestError(f"{backend.root}/{ref.file}: chunk index is missing") from None
+        raise ManifestError(
+            f"{backend.root}/{ref.file}: chunk index is missing "
+            f"({backend.root}/{layout.MANIFEST} refers to it)"
+        ) from None
     except ValueError:
         raise ManifestError(
             f"{backend.root}/{ref.file}: larger than the {ref.size} bytes the manifest recorded"
@@ -74,7 +96,10 @@ def read_index(backend: Backend, manifest: Manifest, ref: IndexRef) -> ChunkInde
         except OSError as exc:
             raise CheckpointError(f"{backend.root}/{f.name}: cannot be read ({exc})") from exc
         if actual is None:
-            raise CorruptChunkError(f"{backend.root}/{f.name}: data file is missing")
+            raise CorruptChunkError(
+                f"{backend.root}/{f.name}: data file is missing "
+                f"({backend.root}/{layout.MANIFEST} refers to it through {ref.file})"
+            )
         if actual != f.size:
             raise CorruptChunkError(
                 f"{backend.root}/{f.name}: data file has {actual} bytes, the index recorded {f.size} "
@@ -104,3 +129,52 @@ def stored_tensors(manifest: Manifest, indexes: Sequence[ChunkIndex]) -> dict[st
         for fqn, rec in manifest.records.items()
         if isinstance(rec, TensorLeaf)
     }
+
+
+def replacement(backend: Backend, manifest: Manifest) -> Manifest | None:
+    """The manifest committed at ``backend`` now, if a save other than ``manifest``'s committed it.
+
+    ``None``: ``manifest`` is still the committed one, so a file it names that
+    is missing or damaged is missing or damaged, not replaced.
+
+    Raises:
+        CheckpointError: the manifest cannot be read now (the checkpoint was
+            removed, or is damaged).
+    """
+    now = read_manifest(backend)
+    return None if now.save_id == manifest.save_id else now
+
+
+def replaced_error(
+    backend: Backend, old: Manifest, new: Manifest, detail: str
+) -> CheckpointReplacedError:
+    """The error of a read whose checkpoint a new save replaced, and whose retry failed."""
+    return CheckpointReplacedError(
+        f"{backend.root}: the checkpoint was replaced while it was being read (save "
+        f"{old.save_id}, then save {new.save_id}), and {detail}; read it again"
+    )
+
+
+def read_committed(backend: Backend, read: Callable[[Manifest], T]) -> tuple[Manifest, T]:
+    """The committed manifest and ``read(manifest)`` (its chunk indexes), of one save.
+
+    When ``read`` fails because a new save replaced the checkpoint meanwhile
+    (its manifest has another save id now), the new checkpoint is read once.
+
+    Raises:
+        CheckpointReplacedError: it was replaced again while the new one was read.
+        CheckpointError: what ``read`` raised, when the checkpoint was not replaced.
+    """
+    manifest = read_manifest(backend)
+    try:
+        return manifest, read(manifest)
+    except CheckpointError:
+        newer = replacement(backend, manifest)
+        if newer is None:
+            raise
+    try:
+        return newer, read(newer)
+    except CheckpointError as exc:
+        raise replaced_error(
+            backend, manifest, newer, f"reading the new one failed too ({exc})"
+        ) from exc
