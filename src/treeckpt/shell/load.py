@@ -26,6 +26,7 @@ from treeckpt.core.options import LoadOptions
 from treeckpt.core.plan import LoadPlan, ReadItem, StoredTensor, plan_load
 from treeckpt.core.specs import ShardSpec, full_spec
 from treeckpt.core.tree import StatefulRef, build_tree, find_subtree, flatten_tree, map_tree
+from treeckpt.core.values import adopt_value
 from treeckpt.errors import LoadMismatchError, ManifestError, UnsupportedLeafError
 from treeckpt.shell.tensors import Destination, allocate, destination, finish_leaf, local_shards
 from treeckpt.store.backends import Backend
@@ -35,10 +36,18 @@ from treeckpt.store.reader import read_indexes, stored_tensors
 __all__ = ["load_tree", "read_into", "restore_tree"]
 
 
-def value_of(fqn: str, rec: LeafRecord, *, allow_pickle: bool) -> Any:
-    """The Python value of a non-tensor leaf record."""
+_NO_TEMPLATE: Any = object()
+
+
+def value_of(fqn: str, rec: LeafRecord, *, allow_pickle: bool, template: Any = _NO_TEMPLATE) -> Any:
+    """The Python value of a non-tensor leaf record (a fresh copy: sets, Counters).
+
+    With ``template`` (the template's leaf at ``fqn``), enum members take the
+    template's enum types (raises LoadMismatchError when its type lacks the
+    member or gives it another value).
+    """
     if isinstance(rec, ValueLeaf):
-        return rec.value
+        return adopt_value(fqn, rec.value, None if template is _NO_TEMPLATE else template)
     if isinstance(rec, PickleLeaf):
         if not allow_pickle:
             raise UnsupportedLeafError(
@@ -301,6 +310,9 @@ def load_tree(
     def leaf(fqn: str, obj: Any) -> Any:
         if fqn not in ck:
             return obj  # missing, allowed by strict=False
+        rec = ck[fqn]
+        if not isinstance(rec, TensorLeaf):
+            return value_of(fqn, rec, allow_pickle=allow_pickle, template=obj)
         return ck_leaf(fqn)
 
     def stateful(ref: StatefulRef) -> Any:
