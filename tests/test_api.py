@@ -409,7 +409,7 @@ def test_value_subclasses_are_not_silently_flattened(tmp_ckpt: str) -> None:
     class Level(int):  # an int subclass (not an enum: those are stored typed)
         pass
 
-    with pytest.raises(UnsupportedLeafError, match="'color': cannot store a .*Level"):
+    with pytest.raises(UnsupportedLeafError, match=r"'color': cannot store a .*Level"):
         treeckpt.save({"color": Level(1)}, tmp_ckpt)
 
 

@@ -289,6 +289,10 @@ def test_allow_pickle_accepts_what_pickle_can_store() -> None:
     flat = flatten_tree({"o": Opaque(), "r": range(3), "s": {3, 1}}, allow_pickle=True)
     assert all(isinstance(flat.records[k], PickleLeaf) for k in ("o", "r"))
     assert isinstance(flat.records["s"], ValueLeaf)  # typed values are never pickled
+    # ... unless they hold something only pickle can store (and the caller allows it)
+    assert isinstance(
+        flatten_tree({"s": {1, Opaque()}}, allow_pickle=True).records["s"], PickleLeaf
+    )
     assert isinstance(
         flatten_tree({"t": torch.ones(1)}, allow_pickle=True).records["t"], TensorLeaf
     )
@@ -560,7 +564,9 @@ def test_defaultdict_factories_outside_the_list_are_refused(factory: Any, name: 
     # allow_pickle=True also flattens load templates: the refusal waits for the manifest.
     flat = flatten_tree(tree, allow_pickle=True)
     assert isinstance(flat.structure["children"][0]["children"][0]["factory"], UnstorableFactory)
-    assert map_tree(tree, lambda f, o: o, lambda r: r.obj)["opt"]["state"].default_factory is factory
+    assert (
+        map_tree(tree, lambda f, o: o, lambda r: r.obj)["opt"]["state"].default_factory is factory
+    )
 
 
 # A JSON-shaped fuzzer: whatever a manifest holds, build_tree returns a tree or raises ManifestError.

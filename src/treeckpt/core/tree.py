@@ -191,8 +191,13 @@ def describe_leaf(fqn: str, obj: Any, *, allow_pickle: bool = False) -> LeafReco
     if obj is None or type(obj) in (bool, int, float, str, bytes):
         return ValueLeaf(value=obj)
     if is_plain_value(obj):
-        encode_value(obj, fqn)  # refuses, naming the FQN, what it cannot store exactly
-        return ValueLeaf(value=copy_value(obj))  # a snapshot: async saves encode it later
+        try:
+            encode_value(obj, fqn)  # refuses, naming the FQN, what it cannot store exactly
+        except UnsupportedLeafError:
+            if not allow_pickle:
+                raise
+        else:
+            return ValueLeaf(value=copy_value(obj))  # a snapshot: async saves encode it later
     if allow_pickle:
         try:
             return PickleLeaf(data=pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL))
