@@ -23,6 +23,7 @@ from treeckpt.core.leaves import ValueLeaf
 from treeckpt.core.tree import describe_leaf, flatten_tree
 from treeckpt.core.values import (
     MAX_DEPTH,
+    MAX_ENUM_MEMBERS,
     EnumTypes,
     adopt_value,
     canonical,
@@ -474,6 +475,16 @@ def test_enum_types_are_made_per_class_over_the_whole_manifest() -> None:
     assert type(a).__name__ == "Mode" and [m.name for m in type(a)] == ["A", "B"]
     assert type(other) is not type(a) and other.value == 3 and type(other).__name__ == "Mode"
     assert isinstance(low, enum.IntEnum) and low == 1
+
+
+def test_enum_members_per_manifest_are_bounded() -> None:
+    enums = EnumTypes()
+    for i in range(MAX_ENUM_MEMBERS):
+        decode_value(_enum_rec("E", f"M{i}", i), "w", enums)
+    with pytest.raises(ManifestError, match=f"^w: more than {MAX_ENUM_MEMBERS} enum members"):
+        decode_value(_enum_rec("E", "LAST", -1), "w", enums)
+    enums.build("w")  # one type of 4096 members: linear, not quadratic
+    assert len(type(decode_value(_enum_rec("E", "M7", 7), "w", enums))) == MAX_ENUM_MEMBERS
 
 
 def test_adopt_value_gives_the_templates_members() -> None:

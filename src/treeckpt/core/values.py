@@ -57,6 +57,7 @@ from treeckpt.errors import LoadMismatchError, ManifestError, UnsupportedLeafErr
 
 __all__ = [
     "MAX_DEPTH",
+    "MAX_ENUM_MEMBERS",
     "NUMPY_VALUE_TYPES",
     "VALUE_KINDS",
     "EnumTypes",
@@ -70,7 +71,7 @@ __all__ = [
 
 MAX_DEPTH = 32
 MAX_ITEMS = 1 << 20  # elements of one set, Counter or tuple
-MAX_ENUM_MEMBERS = 1 << 16  # enum members one manifest may make types for
+MAX_ENUM_MEMBERS = 1 << 12  # distinct enum members one manifest may make types for
 _MAX_INT_DIGITS = 4300
 _INT_LIMIT = 10**_MAX_INT_DIGITS
 _I64 = 1 << 63
@@ -402,7 +403,7 @@ class EnumTypes:
     def __init__(self) -> None:
         self.collecting = True
         self.met = 0
-        self._groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+        self._groups: dict[tuple[str, str], list[_Group]] = {}
         self._where: dict[tuple[str, str, str, str], int] = {}
         self._members: dict[tuple[str, str, str, str], enum.Enum] = {}
 
@@ -415,17 +416,10 @@ class EnumTypes:
             if len(self._where) >= MAX_ENUM_MEMBERS:
                 raise ManifestError(f"{where}: more than {MAX_ENUM_MEMBERS} enum members")
             groups = self._groups.setdefault((cls, base), [])
-            n = next(
-                (
-                    i
-                    for i, g in enumerate(groups)
-                    if name not in g and not any(_same(value, v) for v in g.values())
-                ),
-                len(groups),
-            )
+            n = next((i for i, g in enumerate(groups) if g.admits(name, value)), len(groups))
             if n == len(groups):
-                groups.append({})
-            groups[n][name] = value
+                groups.append(_Group())
+            groups[n].add(name, value)
             self._where[key] = n
         return object()  # a placeholder, unique (the real member comes in the second pass)
 
@@ -433,7 +427,8 @@ class EnumTypes:
         """Make the types of every collected member, and leave collect mode."""
         types: dict[tuple[str, str, int], type[enum.Enum]] = {}
         for (cls, base), groups in self._groups.items():
-            for n, g in enumerate(groups):
+            for n, group in enumerate(groups):
+                g = group.members
                 b = _ENUM_BASES[base]
                 want = {"IntFlag": int, "Flag": int, "IntEnum": int, "StrEnum": str}.get(base)
                 if want is not None and not all(type(v) is want for v in g.values()):
@@ -457,6 +452,36 @@ class EnumTypes:
                 raise ManifestError(f"{where}: enum {cls} member {name} cannot be made exactly")
             self._members[key] = m
         self.collecting = False
+
+
+class _Group:
+    """The members of one enum type to make: no name twice, no two equal values.
+
+    Equal values are found through a hash table (linear only among unhashable
+    values), so collecting stays linear in the number of members.
+    """
+
+    __slots__ = ("by_value", "members", "unhashable")
+
+    def __init__(self) -> None:
+        self.members: dict[str, Any] = {}
+        self.by_value: dict[Any, str] = {}
+        self.unhashable: list[Any] = []
+
+    def admits(self, name: str, value: Any) -> bool:
+        if name in self.members:
+            return False
+        try:
+            return value not in self.by_value and not any(_same(value, u) for u in self.unhashable)
+        except TypeError:  # unhashable: compare with every value
+            return not any(_same(value, v) for v in self.members.values())
+
+    def add(self, name: str, value: Any) -> None:
+        self.members[name] = value
+        try:
+            self.by_value[value] = name
+        except TypeError:
+            self.unhashable.append(value)
 
 
 def _same(a: Any, b: Any) -> bool:
