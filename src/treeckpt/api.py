@@ -196,12 +196,18 @@ def load(
     options: LoadOptions | None = None,
     process_group: Any = None,
 ) -> Any:
-    """Load the checkpoint at ``path`` into ``tree`` in place and return the loaded tree.
+    """Load the checkpoint at ``path`` into ``tree`` in place and return ``tree``.
 
     Tensors and arrays of the template are filled in place (a module's
-    parameters, an optimizer's state); values (ints, floats, strings...)
-    come from the checkpoint in the returned tree; ``Stateful`` objects get
-    ``load_state_dict`` called.
+    parameters, an optimizer's state); every mutable container (dict, list,
+    OrderedDict, defaultdict, deque, dataclass instance) gets the loaded
+    values (ints, floats, strings...) assigned, so ``tree["step"]`` is the
+    checkpoint's afterwards; a tuple, namedtuple or frozen dataclass is
+    rebuilt inside its parent (the return value differs from ``tree`` only
+    when the root itself is immutable); ``Stateful`` objects get
+    ``load_state_dict`` called. A fresh optimizer's state is created without
+    a step: no parameter or gradient changes. Nothing changes when the
+    template does not match.
 
     Args:
         strict: report keys missing from the checkpoint and keys the template

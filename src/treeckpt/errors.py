@@ -94,7 +94,11 @@ class LoadMismatchError(CheckpointError, ValueError):
             parts.append(f"not in template ({len(self.unexpected)}): {_preview(self.unexpected)}")
         if self.mismatched:
             parts.append(f"mismatched ({len(self.mismatched)}): {_preview(self.mismatched)}")
-        hint = " (pass strict=False to load the keys both sides have)"
+        hint = (
+            " (pass strict=False to load the keys both sides have)"
+            if self.missing or self.unexpected
+            else ""
+        )
         super().__init__("template does not match checkpoint; " + "; ".join(parts) + hint)
 
 

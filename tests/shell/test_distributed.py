@@ -161,8 +161,16 @@ def _fsdp_load(rank: int, world: int, path: str) -> dict[str, torch.Tensor]:
             fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    out = treeckpt.load({"model": model, "optim": opt, "step": 0}, path)
-    assert out["step"] == 2
+    tree = {"model": model, "optim": opt, "step": 0}
+    out = treeckpt.load(tree, path)
+    assert out is tree and tree["step"] == 2  # in place
+    # The fresh optimizer's state is laid out like its parameters (no step taken).
+    params = list(model.parameters())
+    for pid, st in opt.state_dict()["state"].items():
+        for name in ("exp_avg", "exp_avg_sq"):
+            v, p = st[name], params[pid]
+            assert isinstance(v, DTensor) and v.placements == p.placements, name
+            assert v.to_local().shape == p.to_local().shape, name
     full = {k: v.full_tensor() for k, v in model.state_dict().items()}
     for pid, st in opt.state_dict()["state"].items():
         for name, v in st.items():

@@ -54,6 +54,7 @@ __all__ = [
     "iter_leaf_fqns",
     "map_tree",
     "render_fqn",
+    "update_tree",
 ]
 
 NAMESPACE = "treeckpt"
@@ -542,5 +543,68 @@ def _map(
         return collections.defaultdict(obj.default_factory, zip(entries, new, strict=True))
     if kind == "namespace":
         return argparse.Namespace(**{str(k): v for k, v in zip(entries, new, strict=True)})
+    one = optree.tree_flatten_one_level(obj, none_is_leaf=True, namespace=NAMESPACE)
+    return one.unflatten_func(one.metadata, new)
+
+
+def update_tree(
+    tree: Any,
+    leaf: Callable[[str, Any], Any],
+    stateful: Callable[[StatefulRef], Any],
+) -> Any:
+    """Put new leaves into ``tree`` in place; returns the root (itself unless immutable).
+
+    Traverses exactly like :func:`flatten_tree`. ``leaf(fqn, obj)`` gives
+    each new leaf and ``stateful(ref)`` handles each Stateful object (it
+    loads its state; its subtree is not traversed). A mutable container
+    (dict, OrderedDict, defaultdict, list, deque, argparse.Namespace, a
+    dataclass that is not frozen) keeps its identity: an entry is assigned
+    only when the new leaf is another object. An immutable one (tuple, namedtuple, frozen
+    dataclass) with a changed child is rebuilt, and its mutable parent
+    holds the new one.
+    """
+    return _update(tree, (), leaf, stateful)
+
+
+def _update(
+    obj: Any,
+    path: Path,
+    leaf: Callable[[str, Any], Any],
+    stateful: Callable[[StatefulRef], Any],
+) -> Any:
+    if is_stateful(obj) and not _is_tensor_like(obj):
+        return stateful(StatefulRef(path=path, obj=obj))
+    kind = _container_kind(obj)
+    if kind is None:
+        return leaf(render_fqn(path), obj)
+    children, entries, _ = _children(obj, kind, path)
+    new = [_update(c, (*path, e), leaf, stateful) for c, e in zip(children, entries, strict=True)]
+    changed = [i for i, (c, n) in enumerate(zip(children, new, strict=True)) if c is not n]
+    if not changed:
+        return obj
+    if kind in ("dict", "odict", "ddict", "list"):
+        for i in changed:
+            obj[entries[i]] = new[i]
+        return obj
+    if kind == "deque":
+        obj.clear()
+        obj.extend(new)
+        return obj
+    if kind == "namespace":
+        for i in changed:
+            setattr(obj, str(entries[i]), new[i])
+        return obj
+    if kind == "dataclass":
+        fields = dataclasses.fields(obj)
+        if not type(obj).__dataclass_params__.frozen:
+            for i in changed:
+                setattr(obj, fields[i].name, new[i])
+            return obj
+        init = {f.name: v for f, v in zip(fields, new, strict=True) if f.init}
+        out = dataclasses.replace(obj, **init)
+        for f, v in zip(fields, new, strict=True):
+            if not f.init:
+                object.__setattr__(out, f.name, v)
+        return out
     one = optree.tree_flatten_one_level(obj, none_is_leaf=True, namespace=NAMESPACE)
     return one.unflatten_func(one.metadata, new)

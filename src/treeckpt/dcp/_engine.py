@@ -15,7 +15,7 @@ import inspect
 import logging
 import os
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import torch
@@ -307,7 +307,7 @@ def _load_tree(
         )
     backend = open_backend(reader.path)
     try:
-        loaded = load_tree(
+        load_tree(  # in place: tensors, values and Statefuls of ``state_dict``
             state_dict,
             backend,
             manifest,
@@ -318,23 +318,6 @@ def _load_tree(
         )
     finally:
         backend.close()
-    _merge_values(state_dict, loaded)
-
-
-def _merge_values(target: Any, loaded: Any) -> None:
-    """Put loaded non-tensor values into the caller's dicts, as DCP does (tensors load in place)."""
-    if not isinstance(target, dict) or not isinstance(loaded, Mapping):
-        return
-    for key, old in target.items():
-        if key not in loaded:
-            continue
-        new = loaded[key]
-        if isinstance(old, torch.Tensor | Stateful):
-            continue
-        if isinstance(old, dict):
-            _merge_values(old, new)
-        else:
-            target[key] = new
 
 
 def _load_protocol(

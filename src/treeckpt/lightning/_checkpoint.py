@@ -20,6 +20,7 @@ import treeckpt
 from treeckpt.core.options import SaveOptions
 from treeckpt.core.tree import flatten_tree
 from treeckpt.errors import CheckpointError, LoadMismatchError, UnsupportedLeafError
+from treeckpt.shell.optim import safe_torch_state_init
 from treeckpt.store.backends import open_backend
 from treeckpt.store.layout import MANIFEST
 
@@ -157,7 +158,10 @@ def load_checkpoint(
         )
     model_sd = get_model_state_dict(module)
     load_optims = bool(optimizers) and _OPTIMIZERS in top
-    optim_sds = [get_optimizer_state_dict(module, opt) for opt in optimizers] if load_optims else []
+    with safe_torch_state_init():  # torch's own init step could move weights (shell/optim.py)
+        optim_sds = (
+            [get_optimizer_state_dict(module, opt) for opt in optimizers] if load_optims else []
+        )
     state: dict[str, Any] = {_MODEL: model_sd}
     if load_optims:
         state[_OPTIMIZERS] = optim_sds
@@ -176,8 +180,9 @@ def load_checkpoint(
 
     options = StateDictOptions(strict=strict)
     set_model_state_dict(module, got[_MODEL], options=options)
-    for opt, osd in zip(optimizers, got.get(_OPTIMIZERS, []), strict=False):
-        set_optimizer_state_dict(module, opt, osd, options=options)
+    with safe_torch_state_init():
+        for opt, osd in zip(optimizers, got.get(_OPTIMIZERS, []), strict=False):
+            set_optimizer_state_dict(module, opt, osd, options=options)
     loaded: dict[str, Any] = {}
     for k in top:  # the checkpoint's own key order
         if k in meta:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import pickle
 import threading
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -25,9 +26,17 @@ from treeckpt.core.manifest import Manifest
 from treeckpt.core.options import LoadOptions
 from treeckpt.core.plan import LoadPlan, ReadItem, StoredTensor, plan_load
 from treeckpt.core.specs import ShardSpec, full_spec
-from treeckpt.core.tree import StatefulRef, build_tree, find_subtree, flatten_tree, map_tree
+from treeckpt.core.tree import (
+    StatefulRef,
+    build_tree,
+    find_subtree,
+    flatten_tree,
+    map_tree,
+    update_tree,
+)
 from treeckpt.core.values import adopt_value
 from treeckpt.errors import LoadMismatchError, ManifestError, UnsupportedLeafError
+from treeckpt.shell.optim import safe_torch_state_init, state_targets
 from treeckpt.shell.tensors import Destination, allocate, destination, finish_leaf, local_shards
 from treeckpt.store.backends import Backend
 from treeckpt.store.chunks import ReadTarget, ReadTask, read_chunks
@@ -243,11 +252,21 @@ def load_tree(
     allow_pickle: bool,
     options: LoadOptions,
 ) -> Any:
-    """Load ``manifest``'s checkpoint into ``tree`` in place; returns the loaded tree."""
-    flat = flatten_tree(tree, allow_pickle=True)
+    """Load ``manifest``'s checkpoint into ``tree`` in place; returns ``tree``.
+
+    Tensors are filled in place; every mutable container of ``tree`` gets
+    its new values assigned (an immutable one is rebuilt inside its mutable
+    parent, so the return value differs from ``tree`` only when the root
+    itself is immutable); Stateful objects get ``load_state_dict``. Nothing
+    changes until the whole template is known to match, and nothing outside
+    what is loaded changes: optimizers get their state without a step.
+    """
+    with safe_torch_state_init():  # state_dict() of wrappers around torch's utilities
+        flat = flatten_tree(tree, allow_pickle=True)
     ck = manifest.records
     # Statefuls whose state follows the checkpoint's structure (not modules).
-    open_prefixes = [s.fqn for s in flat.statefuls if not isinstance(s.obj, torch.nn.Module)]
+    open_refs = [s for s in flat.statefuls if not isinstance(s.obj, torch.nn.Module)]
+    open_prefixes = [s.fqn for s in open_refs]
 
     missing = [f for f in flat.records if f not in ck]
     unexpected = [
@@ -269,6 +288,13 @@ def load_tree(
                 f"{fqn} (template {trec.dtype}{list(trec.shape)}, checkpoint "
                 f"{crec.dtype}{list(crec.shape)})"
             )
+        elif isinstance(crec, ValueLeaf) and (why := _value_mismatch(fqn, crec, flat.leaves[fqn])):
+            mismatched.append(why)  # an enum the template's type cannot hold
+        elif isinstance(crec, TensorLeaf) and _is_meta(flat.leaves[fqn]):
+            mismatched.append(
+                f"{fqn} (template tensor is on the meta device and holds no memory to load "
+                "into; materialise it first, e.g. module.to_empty(device=...))"
+            )
     if mismatched or (strict and (missing or unexpected)):
         raise LoadMismatchError(
             missing=missing if strict else (),
@@ -276,12 +302,8 @@ def load_tree(
             mismatched=mismatched,
         )
 
-    # Only now that the template is known to match: give fresh optimizers their
-    # state (with the parameters' sharding), then look at the template again.
-    if _init_optimizer_states(tree):
-        flat = flatten_tree(tree, allow_pickle=True)
-
-    # Destinations: template tensors in place; materialised ones for open Statefuls.
+    # Destinations: template tensors in place; state a fresh optimizer lacks is
+    # laid out like its parameters (no step); anything else is materialised.
     targets: dict[str, Any] = {}
     fresh: list[str] = []
     for fqn, rec in ck.items():
@@ -296,7 +318,13 @@ def load_tree(
             targets[fqn] = obj
         elif fqn in flat.records or _in_open(fqn, open_prefixes):
             fresh.append(fqn)  # numpy scalars, and state a fresh Stateful lacks
-    targets.update(allocate_covered(manifest, stored, fresh))
+    wanted = set(fresh)
+    for ref in open_refs:
+        if isinstance(ref.obj, torch.optim.Optimizer):
+            like = state_targets(ref.obj, ref.path, manifest.structure, ck, wanted)
+            targets.update(like)
+            wanted.difference_update(like)
+    targets.update(allocate_covered(manifest, stored, [f for f in fresh if f in wanted]))
     read_into(backend, manifest, stored, targets, options)
 
     def ck_leaf(fqn: str) -> Any:
@@ -328,61 +356,27 @@ def load_tree(
         ref.obj.load_state_dict(build_tree(node, ck_leaf))
         return ref.obj
 
-    return map_tree(tree, leaf, stateful)
+    with safe_torch_state_init():
+        return update_tree(tree, leaf, stateful)
 
 
-def _init_optimizer_states(tree: Any) -> bool:
-    """Give every torch optimizer in ``tree`` its state tensors before loading.
-
-    A fresh optimizer has no state yet, so its state dict offers no tensors to
-    load into; materialising them from the checkpoint would give plain tensors
-    where the parameters are sharded (DTensor). One step with zero gradients
-    and a learning rate of 0 creates the state with the parameters' own
-    layout and leaves the parameters unchanged (the loaded state then
-    overwrites it, step counters included), as torch's own state-dict
-    utilities do. Optimizers whose ``step`` needs a closure (LBFGS) are left
-    alone: their state is materialised from the checkpoint instead. Returns
-    whether any state was created.
-    """
-    created = False
-    for ref in flatten_tree_statefuls(tree):
-        opt = ref.obj
-        if not isinstance(opt, torch.optim.Optimizer):
-            continue
-        params = [p for g in opt.param_groups for p in g["params"] if p.requires_grad]
-        if not params or all(p in opt.state and opt.state[p] for p in params):
-            continue
-        lrs = [g["lr"] for g in opt.param_groups]
-        zeroed = []
-        for p in params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-                zeroed.append(p)
-        try:
-            for g in opt.param_groups:
-                g["lr"] = torch.zeros_like(g["lr"]) if isinstance(g["lr"], torch.Tensor) else 0.0
-            opt.step()
-            created = True
-        except TypeError:
-            pass  # step() needs a closure
-        finally:
-            for g, lr in zip(opt.param_groups, lrs, strict=True):
-                g["lr"] = lr
-            for p in zeroed:
-                p.grad = None
-    return created
+def _value_mismatch(fqn: str, rec: ValueLeaf, template: Any) -> str | None:
+    """Why ``rec`` cannot be loaded where the template holds ``template`` (enum members)."""
+    try:
+        adopt_value(fqn, rec.value, template)
+    except LoadMismatchError as exc:
+        return exc.mismatched[0]
+    return None
 
 
-def flatten_tree_statefuls(tree: Any) -> list[StatefulRef]:
-    """The Stateful objects of ``tree`` (outermost), without flattening their state."""
-    found: list[StatefulRef] = []
-
-    def stateful(ref: StatefulRef) -> Any:
-        found.append(ref)
-        return ref.obj
-
-    map_tree(tree, lambda fqn, obj: obj, stateful)
-    return found
+def _is_meta(obj: Any) -> bool:
+    """A tensor (or the local shard of a DTensor) with no storage to load into."""
+    if not isinstance(obj, torch.Tensor):
+        return False
+    with warnings.catch_warnings():  # ShardedTensor warns it is deprecated on every access
+        warnings.simplefilter("ignore", FutureWarning)
+        local = getattr(obj, "_local_tensor", None)  # a DTensor's shard
+        return bool(local.is_meta if isinstance(local, torch.Tensor) else obj.is_meta)
 
 
 def _in_open(fqn: str, prefixes: list[str]) -> bool:

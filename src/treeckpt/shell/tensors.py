@@ -42,6 +42,11 @@ def local_shards(fqn: str, obj: Any, rec: TensorLeaf) -> tuple[ShardSpec, list[t
         raise UnsupportedLeafError(f"{fqn!r}: cannot describe its shards: {exc}") from exc
     if pairs is None:
         pairs = [(full_box(rec.shape), obj)]
+    if any(isinstance(t, torch.Tensor) and t.is_meta for _, t in pairs):
+        raise UnsupportedLeafError(
+            f"{fqn!r}: a tensor on the meta device holds no data to save; materialise it "
+            "first (e.g. module.to_empty(device=...) and initialise it)"
+        )
     spec = ShardSpec(fqn=fqn, dtype=rec.dtype, shape=rec.shape, boxes=tuple(b for b, _ in pairs))
     return spec, pairs
 
