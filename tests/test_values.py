@@ -134,7 +134,9 @@ def test_config_loads_into_a_template_with_its_own_enums(tmp_ckpt: str) -> None:
     template["cfg"]["mode"] = Mode.EVAL
     template["cfg"]["level"] = Level.LOW
     template["cfg"]["modes"] = {Mode.EVAL}
+    args = template["cfg"]["args"]
     out = treeckpt.load(template, tmp_ckpt)
+    assert out is template and out["cfg"]["args"] is args  # in place, the namespace too
     _check_exact(config(), out["cfg"], "cfg", template_enums=True)
     assert out["cfg"]["mode"] is Mode.TRAIN and out["cfg"]["level"] is Level.HIGH
     assert out["cfg"]["modes"] == {Mode.TRAIN, Mode.EVAL}
@@ -149,16 +151,18 @@ def test_load_refuses_an_enum_the_template_cannot_hold(tmp_ckpt: str) -> None:
         TRAIN = "train"
         EVAL = 2
 
-    treeckpt.save({"mode": globals()["Mode"].EVAL}, tmp_ckpt)
+    treeckpt.save({"mode": globals()["Mode"].EVAL, "w": torch.ones(2)}, tmp_ckpt)
+    w = torch.zeros(2)
     with pytest.raises(
         LoadMismatchError, match=r"mode \(template enum .*Mode has no member 'EVAL'\)"
     ):
-        treeckpt.load({"mode": Mode.TRAIN}, tmp_ckpt)
+        treeckpt.load({"mode": Mode.TRAIN, "w": w}, tmp_ckpt)
+    assert torch.equal(w, torch.zeros(2))  # refused before any byte of the template changed
     with pytest.raises(
         LoadMismatchError,
         match=r"mode \(template .*Renamed\.EVAL = 2, checkpoint Mode\.EVAL = 'eval'\)",
     ):
-        treeckpt.load({"mode": Renamed.TRAIN}, tmp_ckpt)
+        treeckpt.load({"mode": Renamed.TRAIN, "w": w}, tmp_ckpt)
 
 
 def test_restored_values_are_fresh_copies(tmp_ckpt: str) -> None:
