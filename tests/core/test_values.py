@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import datetime as dt
 import enum
 import json
@@ -24,6 +25,7 @@ from treeckpt.core.tree import describe_leaf, flatten_tree
 from treeckpt.core.values import (
     MAX_DEPTH,
     MAX_ENUM_MEMBERS,
+    VALUE_KINDS,
     EnumTypes,
     adopt_value,
     canonical,
@@ -569,3 +571,42 @@ def test_nested_values_round_trip(value: Any) -> None:
     rec = encode_value(value, "v")
     back = decode_value(json.loads(json.dumps(rec)), "w")
     assert canonical(encode_value(back)) == canonical(rec)
+
+
+# A JSON-shaped fuzzer: whatever a record holds, decode_value returns a value or raises
+# ManifestError (never another exception, never a crash).
+_JSON = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.text(max_size=8)
+    | st.sampled_from(["", "0" * 16, "f" * 32, "s", "us", "generic", "UTC", "cuda", "A", "Enum"]),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+_FIELDS = st.sampled_from(
+    ["value", "items", "class", "base", "member", "type", "index", "unit", "step", "fold", "tz"]
+)
+
+
+@st.composite
+def _records(draw: st.DrawFn, depth: int = 0) -> Any:
+    rec: dict[str, Any] = {"kind": draw(st.sampled_from(sorted(VALUE_KINDS)))}
+    for f in draw(st.lists(_FIELDS, max_size=4, unique=True)):
+        rec[f] = draw(_JSON)
+    if depth < 2 and draw(st.booleans()):
+        rec[draw(st.sampled_from(["value", "items"]))] = draw(
+            st.lists(_records(depth + 1), max_size=3)
+            if draw(st.booleans())
+            else _records(depth + 1)
+        )
+    return rec
+
+
+@settings(max_examples=300, deadline=None)
+@given(_records())
+def test_decoding_any_record_returns_or_raises_manifest_error(raw: Any) -> None:
+    with contextlib.suppress(ManifestError):
+        decode_value(raw, "w")
