@@ -309,3 +309,27 @@ def test_load_fills_the_templates_own_tensors(tmp_ckpt: str) -> None:
     out = treeckpt.load({"p": p, "t": t}, tmp_ckpt)
     assert out["p"] is p and out["t"] is t and not t.requires_grad
     assert torch.equal(p.detach(), torch.ones(2)) and p.grad is None
+
+
+def test_async_save_snapshots_values(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sets and Counters are copied when async_save returns: later changes are not saved."""
+    import threading
+
+    from treeckpt.shell import save as save_mod
+
+    changed = threading.Event()
+    real = save_mod._write_rank
+
+    def write_after_change(*args: Any, **kwargs: Any) -> Any:
+        changed.wait(30)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(save_mod, "_write_rank", write_after_change)
+    tree = {"milestones": collections.Counter({30: 1}), "seen": {1}, "w": torch.ones(2)}
+    fut = treeckpt.async_save(tree, tmp_path / "ck")
+    tree["milestones"][80] += 1
+    tree["seen"].add(2)
+    changed.set()
+    fut.result(timeout=60)
+    back = treeckpt.restore(tmp_path / "ck")
+    assert back["milestones"] == collections.Counter({30: 1}) and back["seen"] == {1}
