@@ -677,3 +677,24 @@ def test_flatten_is_thread_safe_with_mixed_key_order() -> None:
     for t in threads:
         t.join(timeout=60)
     assert len(results) == 80 and all(r == expected for r in results)
+
+
+def test_namespace_nodes_round_trip_and_are_validated() -> None:
+    import argparse
+
+    ns = argparse.Namespace(lr=0.1, **{"odd-name": 2}, sub=argparse.Namespace(w=torch.ones(1)))
+    rebuilt = _rebuild(flatten_tree({"args": ns}))["args"]
+    assert type(rebuilt) is argparse.Namespace and type(rebuilt.sub) is argparse.Namespace
+    assert list(vars(rebuilt)) == ["lr", "odd-name", "sub"]
+    node = {"type": "namespace", "keys": ["a"], "children": [{"leaf": "a"}]}
+    assert vars(build_tree(node, lambda fqn: 1)) == {"a": 1}
+    for bad, match in [
+        ({**node, "keys": [{"int": "1"}]}, "namespace node has a non-string key"),
+        ({**node, "keys": ["a", "a"], "children": [{"leaf": "a"}, {"leaf": "b"}]}, "repeated"),
+        ({**node, "keys": []}, "bad keys"),
+    ]:
+        with pytest.raises(ManifestError, match=match):
+            build_tree(bad, lambda fqn: 1)
+    assert find_subtree({"type": "dict", "keys": ["args"], "children": [node]}, ("args", "a")) == {
+        "leaf": "a"
+    }
