@@ -5,8 +5,10 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import decimal
 import json
 import math
+import re
 import struct
 from typing import Any, NamedTuple
 
@@ -21,6 +23,7 @@ from treeckpt.core.leaves import PickleLeaf, TensorLeaf, ValueLeaf
 from treeckpt.core.tree import (
     FlatTree,
     StatefulRef,
+    UnstorableFactory,
     build_tree,
     describe_leaf,
     find_subtree,
@@ -199,10 +202,10 @@ class Opaque:
     ("leaf", "type_name"),
     [
         (object(), "builtins.object"),
-        ({1, 2}, "builtins.set"),
+        (range(3), "builtins.range"),
         (lambda: 0, "function"),
         (Opaque(), "Opaque"),
-        (1 + 2j, "builtins.complex"),
+        (decimal.Decimal(1), "decimal.Decimal"),
         (np.array(["a"]), "numpy dtype <U1"),
         (np.array([1.0], dtype=">f8"), "numpy dtype >f8"),
         (np.array([None], dtype=object), "numpy dtype object"),
@@ -225,6 +228,10 @@ class RowList(list[Any]):
     pass
 
 
+class RowTuple(tuple[Any, ...]):
+    pass
+
+
 class SortedDict(collections.OrderedDict[str, Any]):
     pass
 
@@ -232,7 +239,7 @@ class SortedDict(collections.OrderedDict[str, Any]):
 @pytest.mark.parametrize(
     ("leaf", "type_name"),
     [
-        (torch.Size([2, 3]), "torch.Size"),
+        (RowTuple((2, 3)), "RowTuple"),
         (ConfigDict(a=1), "ConfigDict"),
         (RowList([1]), "RowList"),
         (SortedDict(a=1), "SortedDict"),
@@ -279,8 +286,13 @@ def test_unsupported_tensors() -> None:
 
 
 def test_allow_pickle_accepts_what_pickle_can_store() -> None:
-    flat = flatten_tree({"o": Opaque(), "s": {3, 1}, "c": 2j}, allow_pickle=True)
-    assert all(isinstance(flat.records[k], PickleLeaf) for k in ("o", "s", "c"))
+    flat = flatten_tree({"o": Opaque(), "r": range(3), "s": {3, 1}}, allow_pickle=True)
+    assert all(isinstance(flat.records[k], PickleLeaf) for k in ("o", "r"))
+    assert isinstance(flat.records["s"], ValueLeaf)  # typed values are never pickled
+    # ... unless they hold something only pickle can store (and the caller allows it)
+    assert isinstance(
+        flatten_tree({"s": {1, Opaque()}}, allow_pickle=True).records["s"], PickleLeaf
+    )
     assert isinstance(
         flatten_tree({"t": torch.ones(1)}, allow_pickle=True).records["t"], TensorLeaf
     )
@@ -519,9 +531,42 @@ def test_defaultdict_factories() -> None:
         tree = collections.defaultdict(factory, {"k": 1})
         rebuilt = _rebuild(flatten_tree(tree))
         assert rebuilt.default_factory is factory
-    # A factory outside the table is recorded as none (the values are kept).
-    rebuilt = _rebuild(flatten_tree(collections.defaultdict(lambda: 0, {"k": 1})))
-    assert rebuilt.default_factory is None and rebuilt == {"k": 1}
+    assert _rebuild(flatten_tree(collections.defaultdict(None, {"k": 1}))).default_factory is None
+
+
+class Factory:
+    def __call__(self) -> int:
+        return 0
+
+
+def _user_factory() -> int:
+    return 0
+
+
+@pytest.mark.parametrize(
+    ("factory", "name"),
+    [
+        (lambda: 0, "<lambda>"),
+        (_user_factory, "_user_factory"),
+        (Factory, "Factory"),
+        (Factory(), "Factory"),
+        (collections.Counter, "Counter"),
+    ],
+)
+def test_defaultdict_factories_outside_the_list_are_refused(factory: Any, name: str) -> None:
+    tree = {"opt": {"state": collections.defaultdict(factory, {"k": 1})}}
+    with pytest.raises(
+        UnsupportedLeafError,
+        match=rf"^'opt\.state': the factory {re.escape(name)} of a defaultdict cannot be stored "
+        r"\(only list, dict, set, int, float, str, bool, tuple or None can\)",
+    ):
+        flatten_tree(tree)
+    # allow_pickle=True also flattens load templates: the refusal waits for the manifest.
+    flat = flatten_tree(tree, allow_pickle=True)
+    assert isinstance(flat.structure["children"][0]["children"][0]["factory"], UnstorableFactory)
+    assert (
+        map_tree(tree, lambda f, o: o, lambda r: r.obj)["opt"]["state"].default_factory is factory
+    )
 
 
 # A JSON-shaped fuzzer: whatever a manifest holds, build_tree returns a tree or raises ManifestError.
@@ -632,3 +677,24 @@ def test_flatten_is_thread_safe_with_mixed_key_order() -> None:
     for t in threads:
         t.join(timeout=60)
     assert len(results) == 80 and all(r == expected for r in results)
+
+
+def test_namespace_nodes_round_trip_and_are_validated() -> None:
+    import argparse
+
+    ns = argparse.Namespace(lr=0.1, **{"odd-name": 2}, sub=argparse.Namespace(w=torch.ones(1)))
+    rebuilt = _rebuild(flatten_tree({"args": ns}))["args"]
+    assert type(rebuilt) is argparse.Namespace and type(rebuilt.sub) is argparse.Namespace
+    assert list(vars(rebuilt)) == ["lr", "odd-name", "sub"]
+    node = {"type": "namespace", "keys": ["a"], "children": [{"leaf": "a"}]}
+    assert vars(build_tree(node, lambda fqn: 1)) == {"a": 1}
+    for bad, match in [
+        ({**node, "keys": [{"int": "1"}]}, "namespace node has a non-string key"),
+        ({**node, "keys": ["a", "a"], "children": [{"leaf": "a"}, {"leaf": "b"}]}, "repeated"),
+        ({**node, "keys": []}, "bad keys"),
+    ]:
+        with pytest.raises(ManifestError, match=match):
+            build_tree(bad, lambda fqn: 1)
+    assert find_subtree({"type": "dict", "keys": ["args"], "children": [node]}, ("args", "a")) == {
+        "leaf": "a"
+    }

@@ -1,4 +1,4 @@
-"""Write the golden checkpoints ``tests/golden/v1/`` and ``v1-planes/`` (format version 1).
+"""Write the golden checkpoints ``tests/golden/v1/``, ``v1-planes/`` and ``v1-values/`` (format 1).
 
 Each is written only when missing: commit the output and never regenerate it for a format change:
 ``test_golden.py`` loads it and checks every value, so a change that breaks
@@ -10,8 +10,14 @@ directory (``v2/``) beside this one.
 
 from __future__ import annotations
 
+import argparse
+import collections
+import datetime as dt
+import enum
 import math
+import pathlib
 import shutil
+import zoneinfo
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -22,6 +28,7 @@ import treeckpt
 
 OUT = Path(__file__).resolve().parent / "v1"
 OUT_PLANES = Path(__file__).resolve().parent / "v1-planes"
+OUT_VALUES = Path(__file__).resolve().parent / "v1-values"
 
 
 class Pair(NamedTuple):
@@ -77,6 +84,74 @@ def planes_tree() -> dict[str, Any]:
     }
 
 
+class Mode(enum.Enum):
+    TRAIN = "train"
+    EVAL = "eval"
+
+
+class Level(enum.IntEnum):
+    LOW = 1
+    HIGH = 2
+
+
+class Perm(enum.IntFlag):
+    R = 4
+    W = 2
+
+
+def values_tree() -> dict[str, Any]:
+    """Every typed value kind, namespaces, parameters and grads, defaultdict factories."""
+    nan = math.nan
+    return {
+        "values": {
+            "complex": complex(nan, -0.0),
+            "set": {3, "x", (1, b"y"), None},
+            "frozenset": frozenset({1.5, -0.0}),
+            "counter": collections.Counter({30: 1, 80: 2}),
+            "dtype": torch.bfloat16,
+            "size": torch.Size([4, 0, 2]),
+            "device": torch.device("cuda", 1),
+            "pure_posix": pathlib.PurePosixPath("/data/x"),
+            "pure_windows": pathlib.PureWindowsPath("C:/data/x"),
+            "posix": pathlib.PosixPath("runs/1"),
+            "datetime": dt.datetime(2024, 1, 2, 3, 4, 5, 6),
+            "datetime_offset": dt.datetime(
+                2024, 1, 2, tzinfo=dt.timezone(dt.timedelta(hours=-5, seconds=1), "X")
+            ),
+            "datetime_zone": dt.datetime(
+                2024, 10, 27, 2, 30, fold=1, tzinfo=zoneinfo.ZoneInfo("Europe/Paris")
+            ),
+            "date": dt.date(2024, 2, 29),
+            "time": dt.time(12, 0, 1, 5, tzinfo=dt.timezone.utc),
+            "timedelta": dt.timedelta(days=-1, seconds=5, microseconds=7),
+            "mode": Mode.TRAIN,
+            "modes": {Mode.TRAIN, Mode.EVAL},
+            "level": Level.HIGH,
+            "perm": Perm.W,
+            "np_str": np.str_("r\u00e9sum\u00e9"),
+            "np_bytes": np.bytes_(b"\x01\x02"),
+            "np_datetime": np.datetime64(3, "10s"),
+            "np_timedelta": np.timedelta64(-5, "ns"),
+            "np_nat": np.datetime64("NaT"),
+        },
+        "args": argparse.Namespace(lr=0.5, scale=torch.arange(3, dtype=torch.float32)),
+        "param": torch.nn.Parameter(torch.tensor([1.0, -2.0])),
+        "frozen": torch.nn.Parameter(torch.tensor([3.0]), requires_grad=False),
+        "grad": torch.tensor([0.5, 0.25]).requires_grad_(),
+        "ddict": collections.defaultdict(list, {"a": [1]}),
+    }
+
+
+def main_values() -> None:
+    """Write ``v1-values/`` (value records and tensor flags, added to format version 1 later)."""
+    treeckpt.save(
+        values_tree(),
+        str(OUT_VALUES),
+        options=treeckpt.SaveOptions(io_threads=1),
+        user_metadata={"golden": "v1-values"},
+    )
+
+
 def main_planes() -> None:
     """Write ``v1-planes/`` (the ``planes`` codec, added to format version 1 later)."""
     if OUT_PLANES.exists():
@@ -94,6 +169,8 @@ def main_planes() -> None:
 def main() -> None:
     if not OUT_PLANES.exists():
         main_planes()
+    if not OUT_VALUES.exists():
+        main_values()
     if OUT.exists():
         return  # never regenerated: see the module docs
     treeckpt.save(

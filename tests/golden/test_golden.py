@@ -1,4 +1,4 @@
-"""The committed golden checkpoint of format version 1 still loads, value for value.
+"""The committed golden checkpoints of format version 1 still load, value for value.
 
 ``v1/`` was written once by ``make_golden.py`` and is never regenerated: if a
 change to treeckpt makes this test fail, it broke every checkpoint users have
@@ -8,10 +8,16 @@ the script.
 
 from __future__ import annotations
 
+import argparse
+import collections
+import datetime as dt
+import enum
 import json
 import math
+import pathlib
 import shutil
 import struct
+import zoneinfo
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -192,3 +198,147 @@ def test_golden_planes_chunks_still_load(tmp_path: Path) -> None:
 
 def _zeros_like(tree: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: torch.zeros_like(v) for k, v in tree.items()}
+
+
+# ------------------------------------------------- typed values and tensor flags
+
+GOLDEN_VALUES = Path(__file__).resolve().parent / "v1-values"
+VALUES_SAVE_ID = "78a960a026c85a1e"
+
+
+class Mode(enum.Enum):
+    TRAIN = "train"
+    EVAL = "eval"
+
+
+class Level(enum.IntEnum):
+    LOW = 1
+    HIGH = 2
+
+
+class Perm(enum.IntFlag):
+    R = 4
+    W = 2
+
+
+def _expected_values() -> dict[str, Any]:
+    return {
+        "complex": complex(struct.unpack(">d", bytes.fromhex("7ff8000000000000"))[0], -0.0),
+        "set": {3, "x", (1, b"y"), None},
+        "frozenset": frozenset({1.5, -0.0}),
+        "counter": collections.Counter({30: 1, 80: 2}),
+        "dtype": torch.bfloat16,
+        "size": torch.Size([4, 0, 2]),
+        "device": torch.device("cuda:1"),
+        "pure_posix": pathlib.PurePosixPath("/data/x"),
+        "pure_windows": pathlib.PureWindowsPath("C:\\data\\x"),
+        "posix": pathlib.PosixPath("runs/1"),
+        "datetime": dt.datetime(2024, 1, 2, 3, 4, 5, 6),
+        "datetime_offset": dt.datetime(
+            2024, 1, 2, tzinfo=dt.timezone(dt.timedelta(seconds=-17999), "X")
+        ),
+        "datetime_zone": dt.datetime(
+            2024, 10, 27, 2, 30, fold=1, tzinfo=zoneinfo.ZoneInfo("Europe/Paris")
+        ),
+        "date": dt.date(2024, 2, 29),
+        "time": dt.time(12, 0, 1, 5, tzinfo=dt.timezone.utc),
+        "timedelta": dt.timedelta(days=-1, seconds=5, microseconds=7),
+        "mode": Mode.TRAIN,
+        "modes": {Mode.TRAIN, Mode.EVAL},
+        "level": Level.HIGH,
+        "perm": Perm.W,
+        "np_str": np.str_("r\u00e9sum\u00e9"),
+        "np_bytes": np.bytes_(b"\x01\x02"),
+        "np_datetime": np.datetime64(30, "s").astype("M8[10s]"),
+        "np_timedelta": np.timedelta64(-5, "ns"),
+        "np_nat": np.datetime64("NaT"),
+    }
+
+
+def _record(v: Any) -> str:
+    from treeckpt.core.values import canonical, encode_value
+
+    return canonical(encode_value(v))
+
+
+def _check_values(tree: Any, *, template: bool) -> None:
+    assert list(tree) == ["values", "args", "param", "frozen", "grad", "ddict"]
+    values = tree["values"]
+    expected = _expected_values()
+    assert list(values) == list(expected)
+    for k, e in expected.items():
+        got = values[k]
+        if isinstance(e, enum.Enum):
+            assert (got is e) if template else (type(got).__name__ == type(e).__name__), k
+            assert got.name == e.name and got.value == e.value, k
+        elif k == "modes":
+            assert type(got) is set and {(type(m).__name__, m.name) for m in got} == {
+                ("Mode", "TRAIN"),
+                ("Mode", "EVAL"),
+            }
+            assert (got == e) is template
+        else:
+            assert type(got) is type(e), k
+            assert _record(got) == _record(e), k
+    if not template:  # one made-up type per class name
+        assert {type(m) for m in values["modes"]} == {type(values["mode"])}
+        assert isinstance(values["level"], enum.IntEnum) and isinstance(
+            values["perm"], enum.IntFlag
+        )
+    args = tree["args"]
+    assert type(args) is argparse.Namespace and list(vars(args)) == ["lr", "scale"]
+    assert args.lr == 0.5 and _bits(args.scale) == _bits(torch.arange(3, dtype=torch.float32))
+    assert type(tree["param"]) is torch.nn.Parameter and tree["param"].requires_grad
+    assert _bits(tree["param"]) == _bits(torch.tensor([1.0, -2.0]))
+    assert type(tree["frozen"]) is torch.nn.Parameter and not tree["frozen"].requires_grad
+    assert type(tree["grad"]) is torch.Tensor and tree["grad"].requires_grad
+    assert _bits(tree["grad"]) == _bits(torch.tensor([0.5, 0.25]))
+    dd = tree["ddict"]
+    assert type(dd) is collections.defaultdict and dd.default_factory is list and dd == {"a": [1]}
+
+
+def _zone_known(key: str) -> bool:
+    try:
+        zoneinfo.ZoneInfo(key)
+    except zoneinfo.ZoneInfoNotFoundError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _zone_known("Europe/Paris"), reason="no time zone database")
+def test_golden_values_restore_and_load(tmp_path: Path) -> None:
+    dst = tmp_path / "v1-values"
+    shutil.copytree(GOLDEN_VALUES, dst)
+    names = sorted(str(p.relative_to(dst)) for p in dst.rglob("*") if p.is_file())
+    assert names == [
+        f"data-{VALUES_SAVE_ID}/index-r0.json",
+        f"data-{VALUES_SAVE_ID}/r0-0.bin",
+        "manifest.json",
+    ]
+    leaves = json.loads((dst / "manifest.json").read_bytes())["body"]["leaves"]
+    kinds = {r["kind"] for r in leaves.values()}
+    from treeckpt.core.values import VALUE_KINDS
+
+    assert kinds == (VALUE_KINDS - {"none", "bool", "int", "float", "str", "bytes", "tuple"}) | {
+        "tensor",
+        "int",  # the defaultdict's list
+        "float",  # args.lr
+    }
+    assert leaves["param"]["requires_grad"] is True and leaves["param"]["parameter"] is True
+    _check_values(treeckpt.restore(str(dst)), template=False)
+
+    template = {
+        "values": {k: None for k in _expected_values()},
+        "args": argparse.Namespace(lr=0.0, scale=torch.zeros(3)),
+        "param": torch.nn.Parameter(torch.zeros(2)),
+        "frozen": torch.nn.Parameter(torch.zeros(1), requires_grad=False),
+        "grad": torch.zeros(2).requires_grad_(),
+        "ddict": collections.defaultdict(list, {"a": [0]}),
+    }
+    for k in ("mode", "level", "perm"):
+        template["values"][k] = _expected_values()[k]
+    template["values"]["modes"] = {Mode.EVAL}
+    param = template["param"]
+    out = treeckpt.load(template, str(dst))
+    _check_values(out, template=True)
+    assert out["param"] is param

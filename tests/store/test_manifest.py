@@ -278,3 +278,77 @@ def test_planes_chunks_round_trip_and_are_validated() -> None:
     ]:
         with pytest.raises(ManifestError, match=match):
             _decode_alone(m, _as_planes(index, **fields))
+
+
+# ------------------------------------------- tensor flags and typed values
+
+
+@pytest.mark.parametrize(
+    ("fields", "match"),
+    [
+        ({"requires_grad": 1}, "bad requires_grad"),
+        ({"requires_grad": "true"}, "bad requires_grad"),
+        ({"parameter": None}, "bad parameter"),
+        ({"lib": "numpy", "requires_grad": True}, "bad requires_grad"),
+        ({"lib": "numpy", "parameter": True}, "bad parameter"),
+        ({"dtype": "int64", "requires_grad": True}, "bad requires_grad"),
+    ],
+)
+def test_tensor_flags_are_validated(fields: dict[str, Any], match: str) -> None:
+    raw = {"kind": "tensor", "lib": "torch", "dtype": "float32", "shape": [2], **fields}
+    with pytest.raises(ManifestError, match=rf"leaf 'x': {match} \(a bool, true only for floating"):
+        decode_record(raw, "leaf 'x'")
+
+
+def test_tensor_flags_round_trip_and_are_absent_by_default() -> None:
+    plain = TensorLeaf(lib="torch", dtype="float32", shape=(2,))
+    assert encode_record(plain) == {
+        "kind": "tensor",
+        "lib": "torch",
+        "dtype": "float32",
+        "shape": [2],
+    }
+    assert decode_record(encode_record(plain), "x") == plain
+    flagged = TensorLeaf(
+        lib="torch", dtype="bfloat16", shape=(2,), requires_grad=True, parameter=True
+    )
+    assert decode_record(json.loads(json.dumps(encode_record(flagged))), "x") == flagged
+
+
+def test_a_bad_value_record_in_a_manifest_names_file_and_leaf() -> None:
+    m, _ = _manifest()
+    doc = json.loads(encode_manifest(m))
+    doc["body"]["leaves"]["v.none"] = {"kind": "torch-dtype", "value": "os.system"}
+    text = json.dumps(doc["body"], separators=(",", ":"))
+    doc["checksum"] = checksum(text.encode())
+    with pytest.raises(
+        ManifestError, match=r"^manifest\.json: leaf 'v\.none': torch dtype 'os\.system' is not"
+    ):
+        decode_manifest(json.dumps(doc, separators=(",", ":")).encode())
+
+
+def test_enum_members_of_one_manifest_share_their_types() -> None:
+    import enum
+
+    class Mode(enum.Enum):
+        A = 1
+        B = 2
+
+    m, _ = _manifest()
+    records = {
+        **m.records,
+        "e1": ValueLeaf(value=Mode.A),
+        "e2": ValueLeaf(value={Mode.B, 3}),
+        "e3": ValueLeaf(value=Mode.A),
+    }
+    structure = {
+        **m.structure,
+        "keys": [*m.structure["keys"], "e1", "e2", "e3"],
+        "children": [*m.structure["children"], {"leaf": "e1"}, {"leaf": "e2"}, {"leaf": "e3"}],
+    }
+    back = decode_manifest(
+        encode_manifest(dataclasses.replace(m, records=records, structure=structure))
+    )
+    e1, e2, e3 = (back.records[k].value for k in ("e1", "e2", "e3"))  # type: ignore[union-attr]
+    (b,) = (x for x in e2 if x != 3)
+    assert e1 is e3 and type(b) is type(e1) and b.name == "B" and type(e1).__name__ == "Mode"

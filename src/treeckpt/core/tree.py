@@ -11,6 +11,7 @@ Structure record nodes (the ``tree`` field of the manifest)::
 
     {"leaf": FQN}
     {"type": "dict" | "odict" | "ddict", "keys": [KEY...], "children": [...], "factory": NAME}
+    {"type": "namespace", "keys": [STR...], "children": [...]}   (argparse.Namespace)
     {"type": "list" | "tuple" | "deque", "children": [...], "maxlen": INT | None}
     {"type": "namedtuple" | "dataclass", "name": NAME, "fields": [STR...], "children": [...]}
 
@@ -20,6 +21,7 @@ Any node may carry ``"stateful": true``: it was produced by ``state_dict()``.
 
 from __future__ import annotations
 
+import argparse
 import collections
 import dataclasses
 import keyword
@@ -36,12 +38,14 @@ import torch
 
 from treeckpt.core.dtypes import numpy_dtype_code, torch_dtype_code
 from treeckpt.core.leaves import LeafRecord, PickleLeaf, TensorLeaf, TensorLib, ValueLeaf
+from treeckpt.core.values import NUMPY_VALUE_TYPES, copy_value, encode_value, is_plain_value
 from treeckpt.errors import FQNCollisionError, ManifestError, UnsupportedLeafError
 
 __all__ = [
     "FlatTree",
     "PathEntry",
     "StatefulRef",
+    "UnstorableFactory",
     "build_tree",
     "describe_leaf",
     "find_subtree",
@@ -74,6 +78,19 @@ _FACTORY_NAMES = {f: n for n, f in _FACTORIES.items() if f is not None}
 _MAX_DEPTH = 200
 _MAX_INT_DIGITS = 4300  # what the manifest reader accepts (Python's str/int limit)
 _INT_LIMIT = 10**_MAX_INT_DIGITS
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class UnstorableFactory:
+    """Stands for a ``defaultdict`` factory outside the closed list in a structure record.
+
+    Flattening refuses such a factory at once unless ``allow_pickle=True``
+    (the mode that also flattens load templates, whose structure is never
+    written); then this marker takes the factory's place, and writing the
+    manifest refuses it with ``message``.
+    """
+
+    message: str
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -137,17 +154,27 @@ def describe_leaf(fqn: str, obj: Any, *, allow_pickle: bool = False) -> LeafReco
                 "supported; convert it to a dense tensor"
             )
         if plain:
-            dtype, shape = obj.dtype, tuple(obj.shape)
+            dtype, shape, grad = obj.dtype, tuple(obj.shape), obj.requires_grad
         else:
             with warnings.catch_warnings():
                 # ShardedTensor warns on every attribute access that it is deprecated;
                 # supporting it is deliberate, so do not pass that on to the user.
                 warnings.simplefilter("ignore", FutureWarning)
                 dtype, shape = obj.dtype, tuple(int(s) for s in obj.shape)
+                grad = obj.requires_grad
         code = torch_dtype_code(dtype)
         if code is None:
             raise UnsupportedLeafError(f"{fqn!r}: torch dtype {dtype} is not supported")
-        return TensorLeaf(lib="torch", dtype=code, shape=shape)
+        return TensorLeaf(
+            lib="torch",
+            dtype=code,
+            shape=shape,
+            requires_grad=bool(grad),
+            parameter=isinstance(obj, torch.nn.Parameter),
+        )
+    if type(obj) in NUMPY_VALUE_TYPES:  # numpy scalars that are not numbers
+        encode_value(obj, fqn)
+        return ValueLeaf(value=obj)
     if isinstance(obj, np.ndarray | np.generic):
         code = numpy_dtype_code(obj.dtype)
         if code is None:
@@ -164,6 +191,14 @@ def describe_leaf(fqn: str, obj: Any, *, allow_pickle: bool = False) -> LeafReco
         )
     if obj is None or type(obj) in (bool, int, float, str, bytes):
         return ValueLeaf(value=obj)
+    if is_plain_value(obj):
+        try:
+            encode_value(obj, fqn)  # refuses, naming the FQN, what it cannot store exactly
+        except UnsupportedLeafError:
+            if not allow_pickle:
+                raise
+        else:
+            return ValueLeaf(value=copy_value(obj))  # a snapshot: async saves encode it later
     if allow_pickle:
         try:
             return PickleLeaf(data=pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL))
@@ -205,11 +240,25 @@ class _Flattener:
         if kind is None:
             return self.leaf(obj, path)
         children, entries, extra = _children(obj, kind, path)
+        if kind == "ddict" and extra["factory"] is None:
+            extra["factory"] = self.unstorable_factory(obj, path)
         node: Node = {"type": kind, **extra}
         node["children"] = [
             self.walk(c, (*path, e)) for c, e in zip(children, entries, strict=True)
         ]
         return node
+
+    def unstorable_factory(self, obj: Any, path: Path) -> UnstorableFactory:
+        f = obj.default_factory
+        name = getattr(f, "__qualname__", None) or type(f).__qualname__
+        message = (
+            f"{render_fqn(path) or '<root>'!r}: the factory {name} of a defaultdict cannot be "
+            "stored (only list, dict, set, int, float, str, bool, tuple or None can); "
+            "convert it to a dict or use one of those"
+        )
+        if not self.allow_pickle:
+            raise UnsupportedLeafError(message)
+        return UnstorableFactory(message=message)
 
     def leaf(self, obj: Any, path: Path) -> Node:
         fqn = render_fqn(path)
@@ -261,6 +310,7 @@ _CONTAINER_KINDS: dict[type, str] = {
     list: "list",
     tuple: "tuple",
     collections.deque: "deque",
+    argparse.Namespace: "namespace",
 }
 
 
@@ -284,14 +334,23 @@ def _children(obj: Any, kind: str, path: Path) -> tuple[list[Any], list[PathEntr
                 "fields": names,
             },
         )
-    if kind in ("dict", "odict", "ddict"):
+    if kind in ("dict", "odict", "ddict", "namespace"):
         # Insertion order, read directly: optree's dict_insertion_ordered is a
         # process-wide switch, unsafe while another thread flattens.
-        keys = [_check_key(k, path) for k in obj]
-        children = [obj[k] for k in keys]
+        src = vars(obj) if kind == "namespace" else obj
+        keys = [_check_key(k, path) for k in src]
+        if kind == "namespace" and not all(type(k) is str for k in keys):
+            raise UnsupportedLeafError(
+                f"{render_fqn(path) or '<root>'!r}: an argparse.Namespace with a non-str attribute"
+            )
+        children = [src[k] for k in keys]
         extra: Node = {"keys": [_encode_key(k) for k in keys]}
         if kind == "ddict":
-            extra["factory"] = _FACTORY_NAMES.get(obj.default_factory, "none")
+            f = obj.default_factory
+            try:
+                extra["factory"] = "none" if f is None else _FACTORY_NAMES.get(f)
+            except TypeError:  # an unhashable callable
+                extra["factory"] = None
         return children, keys, extra
     children = list(
         optree.tree_flatten_one_level(obj, none_is_leaf=True, namespace=NAMESPACE).children
@@ -346,7 +405,7 @@ def _build(node: Any, leaf: Callable[[str], Any], depth: int, types: dict[Any, A
     if not isinstance(raw_children, list):
         raise ManifestError(f"tree structure node of type {kind!r} has no children list")
     children = [_build(c, leaf, depth + 1, types) for c in raw_children]
-    if kind in ("dict", "odict", "ddict"):
+    if kind in ("dict", "odict", "ddict", "namespace"):
         keys = node.get("keys")
         if not isinstance(keys, list) or len(keys) != len(children):
             raise ManifestError(
@@ -359,6 +418,10 @@ def _build(node: Any, leaf: Callable[[str], Any], depth: int, types: dict[Any, A
             return dict(items)
         if kind == "odict":
             return collections.OrderedDict(items)
+        if kind == "namespace":
+            if not all(isinstance(k, str) for k, _ in items):
+                raise ManifestError("tree structure namespace node has a non-string key")
+            return argparse.Namespace(**{str(k): v for k, v in items})
         factory = node.get("factory", "none")
         if not isinstance(factory, str) or factory not in _FACTORIES:
             raise ManifestError(
@@ -408,7 +471,7 @@ def find_subtree(structure: Node, path: Sequence[PathEntry]) -> Node | None:
             return None
         kind = node.get("type")
         children = node.get("children", [])
-        if kind in ("dict", "odict", "ddict"):
+        if kind in ("dict", "odict", "ddict", "namespace"):
             keys = [_decode_key(k) for k in node.get("keys", [])]
             idx = next(
                 (i for i, k in enumerate(keys) if k == entry and type(k) is type(entry)), None
@@ -478,6 +541,8 @@ def _map(
         return collections.OrderedDict(zip(entries, new, strict=True))
     if kind == "ddict":
         return collections.defaultdict(obj.default_factory, zip(entries, new, strict=True))
+    if kind == "namespace":
+        return argparse.Namespace(**{str(k): v for k, v in zip(entries, new, strict=True)})
     one = optree.tree_flatten_one_level(obj, none_is_leaf=True, namespace=NAMESPACE)
     return one.unflatten_func(one.metadata, new)
 
@@ -492,9 +557,9 @@ def update_tree(
     Traverses exactly like :func:`flatten_tree`. ``leaf(fqn, obj)`` gives
     each new leaf and ``stateful(ref)`` handles each Stateful object (it
     loads its state; its subtree is not traversed). A mutable container
-    (dict, OrderedDict, defaultdict, list, deque, a dataclass that is not
-    frozen) keeps its identity: an entry is assigned only when the new leaf
-    is another object. An immutable one (tuple, namedtuple, frozen
+    (dict, OrderedDict, defaultdict, list, deque, argparse.Namespace, a
+    dataclass that is not frozen) keeps its identity: an entry is assigned
+    only when the new leaf is another object. An immutable one (tuple, namedtuple, frozen
     dataclass) with a changed child is rebuilt, and its mutable parent
     holds the new one.
     """
@@ -524,6 +589,10 @@ def _update(
     if kind == "deque":
         obj.clear()
         obj.extend(new)
+        return obj
+    if kind == "namespace":
+        for i in changed:
+            setattr(obj, str(entries[i]), new[i])
         return obj
     if kind == "dataclass":
         fields = dataclasses.fields(obj)

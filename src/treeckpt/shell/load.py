@@ -34,6 +34,7 @@ from treeckpt.core.tree import (
     map_tree,
     update_tree,
 )
+from treeckpt.core.values import adopt_value
 from treeckpt.errors import LoadMismatchError, ManifestError, UnsupportedLeafError
 from treeckpt.shell.optim import safe_torch_state_init, state_targets
 from treeckpt.shell.tensors import Destination, allocate, destination, finish_leaf, local_shards
@@ -44,10 +45,18 @@ from treeckpt.store.reader import read_indexes, stored_tensors
 __all__ = ["load_tree", "read_into", "restore_tree"]
 
 
-def value_of(fqn: str, rec: LeafRecord, *, allow_pickle: bool) -> Any:
-    """The Python value of a non-tensor leaf record."""
+_NO_TEMPLATE: Any = object()
+
+
+def value_of(fqn: str, rec: LeafRecord, *, allow_pickle: bool, template: Any = _NO_TEMPLATE) -> Any:
+    """The Python value of a non-tensor leaf record (a fresh copy: sets, Counters).
+
+    With ``template`` (the template's leaf at ``fqn``), enum members take the
+    template's enum types (raises LoadMismatchError when its type lacks the
+    member or gives it another value).
+    """
     if isinstance(rec, ValueLeaf):
-        return rec.value
+        return adopt_value(fqn, rec.value, None if template is _NO_TEMPLATE else template)
     if isinstance(rec, PickleLeaf):
         if not allow_pickle:
             raise UnsupportedLeafError(
@@ -279,6 +288,8 @@ def load_tree(
                 f"{fqn} (template {trec.dtype}{list(trec.shape)}, checkpoint "
                 f"{crec.dtype}{list(crec.shape)})"
             )
+        elif isinstance(crec, ValueLeaf) and (why := _value_mismatch(fqn, crec, flat.leaves[fqn])):
+            mismatched.append(why)  # an enum the template's type cannot hold
         elif isinstance(crec, TensorLeaf) and _is_meta(flat.leaves[fqn]):
             mismatched.append(
                 f"{fqn} (template tensor is on the meta device and holds no memory to load "
@@ -327,6 +338,9 @@ def load_tree(
     def leaf(fqn: str, obj: Any) -> Any:
         if fqn not in ck:
             return obj  # missing, allowed by strict=False
+        rec = ck[fqn]
+        if not isinstance(rec, TensorLeaf):
+            return value_of(fqn, rec, allow_pickle=allow_pickle, template=obj)
         return ck_leaf(fqn)
 
     def stateful(ref: StatefulRef) -> Any:
@@ -344,6 +358,15 @@ def load_tree(
 
     with safe_torch_state_init():
         return update_tree(tree, leaf, stateful)
+
+
+def _value_mismatch(fqn: str, rec: ValueLeaf, template: Any) -> str | None:
+    """Why ``rec`` cannot be loaded where the template holds ``template`` (enum members)."""
+    try:
+        adopt_value(fqn, rec.value, template)
+    except LoadMismatchError as exc:
+        return exc.mismatched[0]
+    return None
 
 
 def _is_meta(obj: Any) -> bool:

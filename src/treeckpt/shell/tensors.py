@@ -192,12 +192,19 @@ def destination(obj: Any, dtype: str, shape: tuple[int, ...]) -> Destination:
 def allocate(rec: TensorLeaf, fqn: str = "") -> Any:
     """A fresh, uninitialised leaf for ``rec`` (torch tensor, numpy array or numpy scalar).
 
+    A torch tensor is made an ``nn.Parameter`` and given ``requires_grad`` as
+    recorded (it is filled through a detached view, so autograd never sees
+    the load).
+
     Raises CheckpointError (not a bare RuntimeError or MemoryError) when the
     declared shape cannot be allocated: shapes come from the manifest.
     """
     try:
         if rec.lib == "torch":
-            return torch.empty(rec.shape, dtype=torch_dtype(rec.dtype))
+            t = torch.empty(rec.shape, dtype=torch_dtype(rec.dtype))
+            if rec.parameter:
+                return torch.nn.Parameter(t, requires_grad=rec.requires_grad)
+            return t.requires_grad_(True) if rec.requires_grad else t
         np_name = dtype_info(rec.dtype).numpy
         assert np_name is not None
         return np.empty(rec.shape, dtype=np.dtype(np_name))

@@ -24,8 +24,6 @@ import base64
 import dataclasses
 import json
 import math
-import re
-import struct
 from typing import Any
 
 from treeckpt.core.box import Box
@@ -40,7 +38,8 @@ from treeckpt.core.manifest import (
     Manifest,
     planes_block_starts,
 )
-from treeckpt.core.tree import build_tree, iter_leaf_fqns
+from treeckpt.core.tree import UnstorableFactory, build_tree, iter_leaf_fqns
+from treeckpt.core.values import EnumTypes, decode_value, encode_value
 from treeckpt.errors import ManifestError, UnsupportedLeafError
 from treeckpt.store import layout
 from treeckpt.store.checksum import are_checksums, checksum, is_checksum, is_content_digest
@@ -71,7 +70,15 @@ def _envelope(magic: str, body: dict[str, Any]) -> bytes:
 
 
 def _dumps(obj: Any) -> str:
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+    return json.dumps(
+        obj, separators=(",", ":"), ensure_ascii=True, allow_nan=False, default=_unstorable
+    )
+
+
+def _unstorable(obj: Any) -> Any:
+    if isinstance(obj, UnstorableFactory):  # a defaultdict factory met with allow_pickle=True
+        raise UnsupportedLeafError(obj.message)
+    raise TypeError(f"{type(obj).__qualname__} is not JSON serializable")
 
 
 def _open(data: bytes, magic: str, where: str) -> dict[str, Any]:
@@ -106,33 +113,35 @@ def _open(data: bytes, magic: str, where: str) -> dict[str, Any]:
 # ------------------------------------------------------------------ values
 
 
-def encode_record(rec: LeafRecord) -> dict[str, Any]:
+def encode_record(rec: LeafRecord, fqn: str = "") -> dict[str, Any]:
+    """The manifest record of a leaf (values: see ``core/values.py``).
+
+    Raises:
+        UnsupportedLeafError: a value cannot be stored; the message names ``fqn``.
+    """
     if isinstance(rec, TensorLeaf):
-        return {"kind": "tensor", "lib": rec.lib, "dtype": rec.dtype, "shape": list(rec.shape)}
+        out: dict[str, Any] = {
+            "kind": "tensor",
+            "lib": rec.lib,
+            "dtype": rec.dtype,
+            "shape": list(rec.shape),
+        }
+        # Written only when set, so records of plain tensors stay as they always were.
+        if rec.requires_grad:
+            out["requires_grad"] = True
+        if rec.parameter:
+            out["parameter"] = True
+        return out
     if isinstance(rec, PickleLeaf):
         return {"kind": "pickle", "data": base64.b64encode(rec.data).decode()}
-    v = rec.value
-    if v is None:
-        return {"kind": "none"}
-    if isinstance(v, bool):
-        return {"kind": "bool", "value": v}
-    if isinstance(v, int):
-        # The reader accepts at most _MAX_INT_DIGITS digits, whatever this interpreter allows.
-        if abs(v) >= _INT_LIMIT:
-            raise ValueError(f"an int of more than {_MAX_INT_DIGITS} digits cannot be stored")
-        return {"kind": "int", "value": str(v)}
-    if isinstance(v, float):
-        return {"kind": "float", "value": struct.pack(">d", v).hex()}
-    if isinstance(v, str):
-        return {"kind": "str", "value": v}
-    return {"kind": "bytes", "value": base64.b64encode(v).decode()}
+    return encode_value(rec.value, fqn)
 
 
-def decode_record(raw: Any, where: str) -> LeafRecord:
+def decode_record(raw: Any, where: str, enums: EnumTypes | None = None) -> LeafRecord:
+    """A leaf record, validated; ``enums`` gathers the enum types of the whole manifest."""
     if not isinstance(raw, dict):
         raise ManifestError(f"{where}: leaf record is not an object")
     kind = raw.get("kind")
-    value = raw.get("value")
     try:
         if kind == "tensor":
             lib, dtype, shape = raw.get("lib"), raw.get("dtype"), raw.get("shape")
@@ -147,30 +156,39 @@ def decode_record(raw: Any, where: str) -> LeafRecord:
                 raise ManifestError(f"{where}: a numpy scalar must have shape []")
             if lib != "torch" and DTYPES[dtype].numpy is None:
                 raise ManifestError(f"{where}: numpy has no dtype {dtype}")
-            return TensorLeaf(lib=lib, dtype=dtype, shape=tuple(dims))
-        if kind == "none":
-            return ValueLeaf(value=None)
-        if kind == "bool" and isinstance(value, bool):
-            return ValueLeaf(value=value)
-        if (
-            kind == "int"
-            and isinstance(value, str)
-            and re.fullmatch(rf"-?[0-9]{{1,{_MAX_INT_DIGITS}}}", value)
-        ):
-            return ValueLeaf(value=int(value))
-        if kind == "float" and isinstance(value, str) and re.fullmatch(r"[0-9a-f]{16}", value):
-            return ValueLeaf(value=struct.unpack(">d", bytes.fromhex(value))[0])
-        if kind == "str" and isinstance(value, str):
-            return ValueLeaf(value=value)
-        if kind == "bytes" and isinstance(value, str):
-            return ValueLeaf(value=base64.b64decode(value, validate=True))
-        if kind == "pickle" and isinstance(raw.get("data"), str):
+            flags = {f: raw.get(f, False) for f in ("requires_grad", "parameter")}
+            for f, v in flags.items():
+                if type(v) is not bool or (v and (lib != "torch" or not DTYPES[dtype].floating)):
+                    raise ManifestError(
+                        f"{where}: bad {f} (a bool, true only for floating torch tensors)"
+                    )
+            return TensorLeaf(lib=lib, dtype=dtype, shape=tuple(dims), **flags)
+        if kind == "pickle":
+            if not isinstance(raw.get("data"), str):
+                raise ManifestError(f"{where}: bad leaf record of kind 'pickle'")
             return PickleLeaf(data=base64.b64decode(raw["data"], validate=True))
     except ManifestError:
         raise
     except (ValueError, TypeError) as exc:
         raise ManifestError(f"{where}: bad {kind} value ({str(exc)[:60]})") from None
-    raise ManifestError(f"{where}: bad leaf record of kind {str(kind)[:40]!r}")
+    return ValueLeaf(value=decode_value(raw, where, enums))
+
+
+def _decode_records(raw_leaves: dict[str, Any], where: str) -> dict[str, LeafRecord]:
+    """Every leaf record; those holding enum members are decoded again once their types exist."""
+    enums = EnumTypes()
+    records: dict[str, LeafRecord] = {}
+    again = []
+    for fqn, r in raw_leaves.items():
+        met = enums.met
+        records[fqn] = decode_record(r, f"{where}: leaf {fqn!r}", enums)
+        if enums.met != met:
+            again.append(fqn)
+    if again:
+        enums.build(where)
+        for fqn in again:
+            records[fqn] = decode_record(raw_leaves[fqn], f"{where}: leaf {fqn!r}", enums)
+    return records
 
 
 def _int(value: Any, where: str, *, lo: int = 0, hi: int = _MAX_INT) -> int:
@@ -206,10 +224,7 @@ def encode_manifest(m: Manifest) -> bytes:
 
 
 def _encode_leaf(fqn: str, rec: LeafRecord) -> dict[str, Any]:
-    try:
-        return encode_record(rec)
-    except ValueError as exc:
-        raise UnsupportedLeafError(f"{fqn!r}: {exc}") from None
+    return encode_record(rec, fqn)
 
 
 def decode_manifest(data: bytes, where: str = layout.MANIFEST) -> Manifest:
@@ -225,7 +240,7 @@ def decode_manifest(data: bytes, where: str = layout.MANIFEST) -> Manifest:
     raw_leaves = body.get("leaves")
     if not isinstance(raw_leaves, dict):
         raise ManifestError(f"{where}: leaves is missing")
-    records = {fqn: decode_record(r, f"{where}: leaf {fqn!r}") for fqn, r in raw_leaves.items()}
+    records = _decode_records(raw_leaves, where)
     tree = body.get("tree")
     if not isinstance(tree, dict):
         raise ManifestError(f"{where}: tree structure is missing")

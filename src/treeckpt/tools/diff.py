@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import struct
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -42,6 +41,7 @@ from treeckpt.core.leaves import LeafRecord, PickleLeaf, TensorLeaf, TensorLib, 
 from treeckpt.core.manifest import Manifest
 from treeckpt.core.options import LoadOptions
 from treeckpt.core.plan import StoredTensor
+from treeckpt.core.values import canonical, encode_value
 from treeckpt.shell.load import read_regions
 from treeckpt.shell.tensors import allocate
 from treeckpt.store.backends import Backend, open_backend
@@ -200,11 +200,10 @@ def _compare(
     return _compare_tensor(fqn, ra, rb, side_a, side_b, tol, on_read)
 
 
-def _value_key(v: Any) -> tuple[str, Any]:
-    """Equality key of a stored value: its type, and floats by their bits."""
-    if isinstance(v, float):
-        return ("float", struct.pack("<d", v))
-    return (type(v).__name__, v)
+def _value_key(v: Any) -> str:
+    """Equality key of a stored value: its canonical record (type, bits, sets in order, enums by
+    class and member name, whichever checkpoint made their types)."""
+    return canonical(encode_value(v))
 
 
 def _short(v: Any, limit: int = 60) -> str:
