@@ -333,3 +333,26 @@ def test_async_save_snapshots_values(tmp_path: Path, monkeypatch: pytest.MonkeyP
     fut.result(timeout=60)
     back = treeckpt.restore(tmp_path / "ck")
     assert back["milestones"] == collections.Counter({30: 1}) and back["seen"] == {1}
+
+
+def test_enums_inside_a_stateful_come_back_in_its_own_types(tmp_path: Path) -> None:
+    """A Stateful's current state is the template of its values: its own enum types."""
+
+    class Phase(enum.Enum):
+        WARMUP = 1
+        DECAY = 2
+
+    class Schedule:
+        def __init__(self, phase: Phase) -> None:
+            self.phase = phase
+
+        def state_dict(self) -> dict[str, Any]:
+            return {"phase": self.phase}
+
+        def load_state_dict(self, sd: dict[str, Any]) -> None:
+            self.phase = sd["phase"]
+
+    treeckpt.save({"sched": Schedule(Phase.DECAY)}, tmp_path / "c")
+    sched = Schedule(Phase.WARMUP)
+    treeckpt.load({"sched": sched}, tmp_path / "c")
+    assert sched.phase is Phase.DECAY

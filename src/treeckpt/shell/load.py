@@ -333,6 +333,10 @@ def load_tree(
             if fqn not in targets:
                 raise ManifestError(f"{fqn!r}: tensor was not loaded")
             return finish_leaf(targets[fqn], rec)
+        # Inside a Stateful, the object's own current state is the template of
+        # its values (enum members come back in the object's own enum types).
+        if fqn in flat.leaves:
+            return value_of(fqn, rec, allow_pickle=allow_pickle, template=flat.leaves[fqn])
         return value_of(fqn, rec, allow_pickle=allow_pickle)
 
     def leaf(fqn: str, obj: Any) -> Any:
