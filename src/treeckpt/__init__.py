@@ -33,6 +33,7 @@ from treeckpt.errors import (
     ManifestError,
     OptionsError,
     PlanError,
+    RankConflictError,
     RankFailureError,
     UnsupportedLeafError,
 )
@@ -60,6 +61,7 @@ __all__ = [
     "ManifestError",
     "OptionsError",
     "PlanError",
+    "RankConflictError",
     "RankFailureError",
     "ReadItem",
     "SaveFuture",
