@@ -230,6 +230,8 @@ def load(
                 strict=strict,
                 allow_pickle=allow_pickle,
                 options=options,
+                rank=coord.rank,
+                world_size=coord.world_size,
             ),
         )
     finally:

@@ -233,17 +233,22 @@ def load_tree(
     strict: bool,
     allow_pickle: bool,
     options: LoadOptions,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> Any:
-    """Load ``manifest``'s checkpoint into ``tree`` in place; returns the loaded tree."""
+    """Load ``manifest``'s checkpoint into ``tree`` in place; returns the loaded tree.
+
+    ``rank`` and ``world_size`` are the loading rank's: a key that only other
+    saving ranks held is not expected of it (see :func:`key_differences`).
+    """
     flat = flatten_tree(tree, allow_pickle=True)
     ck = manifest.records
     # Statefuls whose state follows the checkpoint's structure (not modules).
     open_prefixes = [s.fqn for s in flat.statefuls if not isinstance(s.obj, torch.nn.Module)]
 
-    missing = [f for f in flat.records if f not in ck]
-    unexpected = [
-        f for f in ck if f not in flat.records and not any(_under(f, p) for p in open_prefixes)
-    ]
+    missing, unexpected, notes = key_differences(
+        flat.records, manifest, open_prefixes, rank=rank, world_size=world_size
+    )
     mismatched = []
     for fqn, trec in flat.records.items():
         crec = ck.get(fqn)
@@ -265,6 +270,7 @@ def load_tree(
             missing=missing if strict else (),
             unexpected=unexpected if strict else (),
             mismatched=mismatched,
+            notes=notes if strict else (),
         )
 
     # Only now that the template is known to match: give fresh optimizers their
@@ -317,6 +323,52 @@ def load_tree(
         return ref.obj
 
     return map_tree(tree, leaf, stateful)
+
+
+def key_differences(
+    template: Mapping[str, LeafRecord],
+    manifest: Manifest,
+    open_prefixes: list[str],
+    *,
+    rank: int,
+    world_size: int,
+) -> tuple[list[str], list[str], list[str]]:
+    """The template's keys the checkpoint lacks, the checkpoint's keys this rank should load but
+    does not ask for, and notes explaining the latter.
+
+    A key every saving rank held is expected of every loading rank (unless it
+    lies inside a Stateful whose state follows the checkpoint). A key only
+    some saving ranks held (``manifest.holders``, a per-rank key such as
+    ``dataloader.dp_rank_1``) is expected only of the loading ranks with the
+    same numbers. When no loading rank has any of those numbers (a restart on
+    fewer ranks), nobody would load it: it is expected of every rank, with a
+    note saying so, and ``strict=False`` skips it.
+    """
+    ck = manifest.records
+    missing = [f for f in template if f not in ck]
+    unexpected: list[str] = []
+    orphans: list[str] = []
+    for f in ck:
+        if f in template or _in_open(f, open_prefixes):
+            continue
+        holders = manifest.holders.get(f)
+        if holders is None or rank in holders:
+            unexpected.append(f)
+        elif holders[0] >= world_size:
+            unexpected.append(f)
+            orphans.append(f"{f} (rank{'s' if len(holders) > 1 else ''} {_list(holders)})")
+    notes = []
+    if orphans:
+        notes.append(
+            f"saved only by ranks this load of {world_size} rank(s) does not have: "
+            + ", ".join(orphans[:5])
+            + (f" and {len(orphans) - 5} more" if len(orphans) > 5 else "")
+        )
+    return missing, unexpected, notes
+
+
+def _list(ranks: tuple[int, ...]) -> str:
+    return ", ".join(map(str, ranks))
 
 
 def _init_optimizer_states(tree: Any) -> bool:
