@@ -270,8 +270,8 @@ def prepare_save(
         hit = cache.lookup(key)
         # Columns, not an object per box: the coordinator of thousands of ranks
         # plans millions of boxes in seconds, and each rank gets only its rows.
-        shards = _Same(hit.token) if hit is not None else local_table(specs, coord.rank)
-        payload = _Described(digest, shards)
+        own = _Same(hit.token) if hit is not None else local_table(specs, coord.rank)
+        payload = _Described(digest, own)
     except Exception as exc:
         err = exc
         payload = _Failure(describe_error(exc))

@@ -64,12 +64,12 @@ def tensor_digest(data: Any) -> str:
         t = data.detach().resolve_conj().resolve_neg()
         flat = t.contiguous().reshape(-1).view(torch.uint8)
         if t.device.type == "cpu":
-            h.update(flat.numpy())
+            h.update(flat.numpy().data)
         else:
             for start in range(0, flat.numel(), _DEVICE_BLOCK):
-                h.update(flat[start : start + _DEVICE_BLOCK].cpu().numpy())
+                h.update(flat[start : start + _DEVICE_BLOCK].cpu().numpy().data)
     else:
-        h.update(np.ascontiguousarray(np.asarray(data)).reshape(-1).view(np.uint8))
+        h.update(np.ascontiguousarray(np.asarray(data)).reshape(-1).view(np.uint8).data)
     return h.hexdigest()
 
 
