@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import treeckpt
-from tests.dist_utils import run_ranks
+from tests.dist_utils import DEAD, run_ranks
 from treeckpt.store.backends import open_backend
 from treeckpt.store.reader import read_manifest
 
@@ -154,6 +154,8 @@ def _save_catching(rank: int, world: int, path: str, scenario: str) -> str:
     try:
         if scenario.startswith("async"):
             treeckpt.async_save(tree, path).result(timeout=60)
+        elif scenario == "replica-unchecked":
+            treeckpt.save(tree, path, options=treeckpt.SaveOptions(check_replicas=False))
         else:
             treeckpt.save(tree, path)
     except treeckpt.CheckpointError as exc:
@@ -210,6 +212,13 @@ def test_contradicting_ranks_raise_everywhere_and_commit_nothing(
     treeckpt.save(OLD, path)
     assert run_ranks(2, _save_catching, tmp_path, path, scenario) == [expected, expected]
     _assert_old_intact(path)
+
+
+def test_the_replica_check_can_be_turned_off(tmp_path: Path) -> None:
+    path = str(tmp_path / "ckpt")
+    got = run_ranks(2, _save_catching, tmp_path, path, "replica-unchecked")
+    assert got == ["no error", "no error"]
+    assert treeckpt.restore(path)["step"] == 2
 
 
 def test_nan_on_every_rank_is_one_value(tmp_path: Path) -> None:
@@ -269,3 +278,47 @@ def test_alike_ranks_cost_four_collectives_and_per_rank_keys_two_more(tmp_path: 
         assert calls == [alike, alike, union, union]
     back = treeckpt.restore(path)
     assert back == {"w": back["w"], "step": 4, "rng_0": 0, "rng_1": 1}
+
+
+# ------------------------------------------------------------------- faults
+
+
+def _fault_in_tree_phase(rank: int, world: int, path: str, kind: str) -> str:
+    import treeckpt.shell.save as save_mod
+
+    def bad(*args: Any) -> Any:
+        if kind == "exit":
+            os._exit(3)
+        raise OSError("disk on fire")
+
+    if rank == 1 and kind == "exit":
+        save_mod.describe_tree = bad  # type: ignore[assignment]  # a forked child's own module
+    if rank == 0 and kind == "raise":
+        save_mod.merge_trees = bad  # type: ignore[assignment]
+    try:
+        treeckpt.save(
+            {"w": torch.ones(2), f"k{rank}": 1}, path, options=treeckpt.SaveOptions(timeout_s=5)
+        )
+    except treeckpt.CheckpointError as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return "no error"
+
+
+def test_a_rank_dying_while_trees_are_gathered_is_named(tmp_path: Path) -> None:
+    path = str(tmp_path / "ckpt")
+    treeckpt.save(OLD, path)
+    results = run_ranks(2, _fault_in_tree_phase, tmp_path, path, "exit", allow_dead=True)
+    assert results[1] is DEAD
+    assert results[0].startswith(
+        "CollectiveError: phase 'tree' failed on rank 0 within the 5 s timeout: rank(s) 1 did "
+        "not reach it (dead or stalled)"
+    )
+    _assert_old_intact(path)
+
+
+def test_a_merge_failing_on_the_coordinator_reaches_every_rank(tmp_path: Path) -> None:
+    path = str(tmp_path / "ckpt")
+    treeckpt.save(OLD, path)
+    expected = "RankFailureError: tree failed on rank(s) 0: rank 0: OSError: disk on fire"
+    assert run_ranks(2, _fault_in_tree_phase, tmp_path, path, "raise") == [expected, expected]
+    _assert_old_intact(path)

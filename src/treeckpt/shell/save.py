@@ -292,8 +292,12 @@ def prepare_save(
                 assert trees is not None and gathered is not None
                 try:
                     merged = merge_trees([describe_tree(flat) if t is None else t for t in trees])
-                except RankConflictError as exc:
-                    verdict = _Verdict("tree", {}, conflict=str(exc))
+                except Exception as exc:
+                    verdict = (
+                        _Verdict("tree", {}, conflict=str(exc))
+                        if isinstance(exc, RankConflictError)
+                        else _Verdict("tree", {0: describe_error(exc)})
+                    )
                     decision = _Decision([verdict] * coord.world_size, error=exc)
                 else:
                     decision = _decide_plan(gathered, backend, flat, cache, options, coord, merged)
