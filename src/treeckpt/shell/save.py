@@ -237,8 +237,11 @@ def prepare_save(
     Two collectives: every rank's description (or error) is gathered, and
     the coordinator scatters each rank's assignment (or the verdict). A
     layout planned before is not planned again (``cache``, see
-    ``shell/plancache.py``). On failure every rank raises and nothing is
-    left behind.
+    ``shell/plancache.py``). When a rank's tree differs from the
+    coordinator's (its digest does), the coordinator's answer asks for the
+    trees instead: they are gathered and merged, then the assignments are
+    scattered (two collectives more). On failure or conflict every rank
+    raises and nothing is left behind.
     """
     cache = SHARED_PLAN_CACHE if cache is None else cache
     flat: FlatTree | None = None
