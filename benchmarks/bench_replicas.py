@@ -8,7 +8,10 @@
 - replica digests: the xxh3-128 of every plain tensor of the state, which each
   rank holding a replicated plain tensor (DDP, or any plain tensor saved from
   several ranks) computes once per save (``SaveOptions.check_replicas``);
-- flatten: ``flatten_tree`` of the same state, for scale.
+- flatten: ``flatten_tree`` of the same state, for scale;
+- the tree round of a save whose ranks differ (``--ranks`` simulated ranks,
+  each with its own ``dataloader.dp_rank_<r>`` entry, as torchtitan saves):
+  the bytes each rank sends (pickled), and rank 0's merge.
 
 CPU tensors only (a CUDA tensor is copied to the host 64 MiB at a time).
 Medians over the rounds, printed as a markdown table.
@@ -17,6 +20,8 @@ Medians over the rounds, printed as a markdown table.
 from __future__ import annotations
 
 import argparse
+import gc
+import pickle
 import statistics
 import time
 from collections.abc import Callable
@@ -42,10 +47,19 @@ def main() -> None:
     parser.add_argument("--state", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--ranks", type=int, default=1024)
     args = parser.parse_args()
     import_treeckpt(Path(__file__).resolve().parent.parent)
+    from treeckpt.core.merge import merge_trees
     from treeckpt.core.tree import flatten_tree
-    from treeckpt.shell.union import is_plain, tensor_digest, tree_digest
+    from treeckpt.shell.union import (
+        describe_parts,
+        describe_tree,
+        is_plain,
+        part_digests,
+        tensor_digest,
+        tree_digest,
+    )
 
     torch.set_num_threads(1)
     dtype = torch.float32 if args.state == "fp32" else torch.bfloat16
@@ -58,6 +72,20 @@ def main() -> None:
         ("tree digest", _median_s(lambda: tree_digest(flat), args.rounds)),
         ("replica digests", _median_s(lambda: [tensor_digest(t) for t in plain], args.rounds)),
     ]
+
+    # The tree round: what each rank sends, and the merge on rank 0.
+    def rank_state(r: int) -> object:
+        return {**state, "dataloader": {f"dp_rank_{r}": bytes(200), "world_size": args.ranks}}
+
+    base_flat = flatten_tree(rank_state(0))
+    theirs = part_digests(base_flat)
+    sent = []
+    for r in range(1, args.ranks):
+        blob = pickle.dumps(describe_parts(flatten_tree(rank_state(r)), theirs))
+        sent.append(pickle.loads(blob))  # as gathered: distinct objects
+    base = describe_tree(base_flat)
+    gc.collect()
+    merge_s = _median_s(lambda: merge_trees([base, *sent]), args.rounds)
     gb = nbytes / 1e9
     print(
         f"state: {args.state}, {tensor_count(state)} tensors, {gb:.3f} GB, {len(flat.records)} leaves"
@@ -67,6 +95,11 @@ def main() -> None:
     print("|---|---|---|")
     for name, s in rows:
         print(f"| {name} | {s * 1e3:.1f} | {s * 1e3 / gb:.1f} |")
+    print()
+    whole = len(pickle.dumps(describe_tree(base_flat)))
+    print(f"tree round, {args.ranks} ranks with per-rank data-loader entries:")
+    print(f"- each rank sends {len(blob)} bytes (its whole tree would be {whole})")
+    print(f"- rank 0 merges them in {merge_s * 1e3:.1f} ms")
 
 
 if __name__ == "__main__":

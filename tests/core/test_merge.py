@@ -323,3 +323,57 @@ def test_tensor_leaf_records_compare_exactly() -> None:
     a = TensorLeaf(lib="torch", dtype="float32", shape=(2,))
     assert exact_key(a) == exact_key(TensorLeaf(lib="torch", dtype="float32", shape=(2,)))
     assert exact_key(a) != exact_key(TensorLeaf(lib="torch", dtype="float32", shape=(2, 1)))
+
+
+# ----------------------------------------------------- entries left out (None)
+
+
+def _left_out(tree: Any, keys: set[str]) -> TreeDescription:
+    """``tree``'s description with the root entries under ``keys`` left out (like rank 0's)."""
+    d = _d(tree)
+    root = d.structure
+    children = [
+        None if k in keys else c for k, c in zip(root["keys"], root["children"], strict=True)
+    ]
+    kept = {f: r for f, r in d.records.items() if f.split(".")[0] not in keys}
+    return TreeDescription(structure={**root, "children": children}, records=kept)
+
+
+def test_a_left_out_entry_is_rank_0s_entry() -> None:
+    base = {"model": {"w": torch.zeros(2)}, "step": 3, "dl": {"dp_rank_0": 0}}
+    ranks = [_d(base)] + [
+        _left_out({"model": {"w": torch.zeros(2)}, "step": 3, "dl": {f"dp_rank_{r}": r}}, {"model", "step"})
+        for r in (1, 2)
+    ]  # fmt: skip
+    full = merge_trees(
+        [_d({"model": {"w": torch.zeros(2)}, "step": 3, "dl": {f"dp_rank_{r}": r}}) for r in range(3)]
+    )  # fmt: skip
+    merged = merge_trees(ranks)
+    assert merged.structure == full.structure
+    assert list(merged.records) == list(full.records)
+    assert merged.holders == full.holders == {f"dl.dp_rank_{r}": (r,) for r in range(3)}
+
+
+def test_a_sent_entry_still_conflicts_with_rank_0s_naming_every_rank() -> None:
+    ranks = [
+        _d({"step": 3, "lr": 1.0}),
+        _left_out({"step": 4, "lr": 1.0}, {"lr"}),
+        _left_out({"step": 3, "lr": 1.0}, {"step", "lr"}),
+    ]
+    with pytest.raises(RankConflictError) as info:
+        merge_trees(ranks)
+    assert str(info.value) == PREFIX + (
+        f"'step' holds different values on different ranks (ranks 0, 2: int 3; rank 1: int 4); {HINT}"
+    )
+
+
+def test_a_left_out_entry_must_stand_for_one_of_rank_0s() -> None:
+    with pytest.raises(ValueError, match=r"^'x': a left-out child that rank 0 does not have$"):
+        merge_trees([_d({"a": 1}), _left_out({"x": 1}, {"x"})])
+    nested = TreeDescription(
+        structure={"type": "dict", "keys": ["a"], "children": [
+            {"type": "dict", "keys": ["b"], "children": [None]}]},
+        records={},
+    )  # fmt: skip
+    with pytest.raises(ValueError, match=r"^'a': a left-out child below the root$"):
+        merge_trees([_d({"a": {"b": 1}}), nested])

@@ -292,7 +292,7 @@ def _fault_in_tree_phase(rank: int, world: int, path: str, kind: str) -> str:
         raise OSError("disk on fire")
 
     if rank == 1 and kind == "exit":
-        save_mod.describe_tree = bad  # type: ignore[assignment]  # a forked child's own module
+        save_mod.describe_parts = bad  # type: ignore[assignment]  # a forked child's own module
     if rank == 0 and kind == "raise":
         save_mod.merge_trees = bad  # type: ignore[assignment]
     try:

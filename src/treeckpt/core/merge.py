@@ -61,7 +61,7 @@ class TreeDescription:
     """One rank's tree as plain data: its structure record and its leaf records."""
 
     structure: Node
-    records: dict[str, LeafRecord]
+    records: Mapping[str, LeafRecord]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -96,28 +96,34 @@ def exact_key(rec: LeafRecord) -> Hashable:
 def merge_trees(trees: Sequence[TreeDescription]) -> MergedTree:
     """The union of ``trees`` (``trees[r]`` is rank r's), or an error naming every conflict.
 
-    Ranks passing the very same description object are merged once, so the
-    common case (every rank alike) costs one walk of one tree.
+    A rank's tree may leave out top-level entries it has exactly like rank 0:
+    when both roots are dict-like, a child of ``trees[r]``'s root may be
+    ``None``, standing for ``trees[0]``'s child under the same key (with
+    ``trees[0]``'s records; ``trees[r].records`` then needs only the records
+    of the children it gives). Ranks passing the very same node object with
+    the same records (or leaving an entry out) are merged once, so the cost
+    grows with the parts that differ, not with the number of ranks.
 
     Raises:
         RankConflictError: the ranks' trees contradict each other (see the
             module docstring); each conflict names its path or FQN and the ranks.
+        ValueError: ``trees`` is empty, or a ``None`` child stands for nothing.
     """
     if not trees:
         raise ValueError("merge_trees needs at least one tree")
     groups: dict[int, tuple[TreeDescription, list[int]]] = {}
     for rank, tree in enumerate(trees):
         groups.setdefault(id(tree), (tree, []))[1].append(rank)
-    parts = [(tuple(ranks), tree) for tree, ranks in groups.values()]
-    merger = _Merger(len(trees))
-    structure = merger.node([(ranks, t.structure) for ranks, t in parts], ())
-    records = merger.records(parts)
+    merger = _Merger(len(trees), trees[0])
+    structure = merger.node(
+        [(tuple(ranks), t.structure, t.records) for t, ranks in groups.values()], ()
+    )
     if merger.conflicts:
         shown = merger.conflicts[:_MAX_SHOWN]
         more = len(merger.conflicts) - len(shown)
         text = "; ".join(shown) + (f"; and {more} more" if more else "")
         raise RankConflictError(f"the ranks' trees contradict each other: {text}")
-    return MergedTree(structure=structure, records=records, holders=merger.holders)
+    return MergedTree(structure=structure, records=merger.records, holders=merger.holders)
 
 
 def _ranks(ranks: Sequence[int]) -> str:
@@ -172,41 +178,52 @@ def _describe_record(rec: LeafRecord) -> str:
     return f"{type(v).__name__} {v!r}"
 
 
+Records = Mapping[str, LeafRecord]
+Part = tuple[tuple[int, ...], Node, Records]  # ranks holding a node alike, with their records
+
+
 class _Merger:
-    def __init__(self, world: int) -> None:
+    def __init__(self, world: int, base: TreeDescription) -> None:
         self.world = world
+        self.base = base
         self.conflicts: list[str] = []
         self.holders: dict[str, tuple[int, ...]] = {}
+        self.records: dict[str, LeafRecord] = {}
         self.leaf_ranks: dict[str, tuple[int, ...]] = {}
         self.paths: dict[str, tuple[PathEntry, ...]] = {}
 
-    def node(self, parts: list[tuple[tuple[int, ...], Node]], path: tuple[PathEntry, ...]) -> Node:
+    def node(self, parts: list[Part], path: tuple[PathEntry, ...]) -> Node:
+        if len(parts) > 1:  # ranks passing the very same node and records are merged once
+            same: dict[tuple[int, int], tuple[list[int], Node, Records]] = {}
+            for ranks, n, recs in parts:
+                same.setdefault((id(n), id(recs)), ([], n, recs))[0].extend(ranks)
+            parts = [(tuple(sorted(ranks)), n, recs) for ranks, n, recs in same.values()]
         first = parts[0][1]
         if len(parts) == 1:
-            self._leaves(first, parts[0][0], path)
+            self._leaves(first, parts[0][0], parts[0][2], path)
             return first
         headers: dict[Hashable, list[int]] = {}
-        for ranks, n in parts:
+        for ranks, n, _ in parts:
             headers.setdefault(_header(n), []).extend(ranks)
         if len(headers) > 1:
             by_desc: dict[str, list[int]] = {}
-            for ranks, n in parts:
+            for ranks, n, _ in parts:
                 by_desc.setdefault(_describe_node(n), []).extend(ranks)
             sides = "; ".join(f"{_ranks(r)}: {d}" for d, r in by_desc.items())
             where = render_fqn(path) or "<root>"
             self.conflicts.append(f"{where!r} is not the same kind of node on every rank ({sides})")
             return first
-        ranks_here = tuple(sorted(r for ranks, _ in parts for r in ranks))
         if "leaf" in first:
-            self._leaf(first["leaf"], ranks_here, path)
+            self._leaf(first["leaf"], parts, path)
             return first
         kind = first["type"]
         out: Node = {k: v for k, v in first.items() if k not in ("children", "keys")}
         if kind in _DICTS:
-            order: dict[Hashable, tuple[Any, list[tuple[tuple[int, ...], Node]]]] = {}
-            for ranks, n in parts:
+            order: dict[Hashable, tuple[Any, list[Part]]] = {}
+            for ranks, n, recs in parts:
                 for raw, child in zip(n["keys"], n["children"], strict=True):
-                    order.setdefault(_key_id(raw), (raw, []))[1].append((ranks, child))
+                    got = self._child(raw, child, recs, path)
+                    order.setdefault(_key_id(raw), (raw, []))[1].append((ranks, *got))
             out["keys"] = [raw for raw, _ in order.values()]
             out["children"] = [
                 self.node(kids, (*path, _key_entry(raw))) for raw, kids in order.values()
@@ -214,25 +231,42 @@ class _Merger:
             return out
         entries = first.get("fields") or range(len(first["children"]))
         out["children"] = [
-            self.node([(ranks, n["children"][i]) for ranks, n in parts], (*path, entry))
-            for i, entry in enumerate(entries)
+            self.node([(ranks, n["children"][i], recs) for ranks, n, recs in parts], (*path, e))
+            for i, e in enumerate(entries)
         ]
         return out
 
-    def _leaves(self, node: Node, ranks: tuple[int, ...], path: tuple[PathEntry, ...]) -> None:
-        """Every leaf below ``node``, which only ``ranks`` hold (alike)."""
+    def _child(self, raw: Any, child: Any, recs: Records, path: tuple[PathEntry, ...]) -> Any:
+        """A dict child with its records; ``None`` at the root stands for rank 0's child."""
+        if child is not None:
+            return child, recs
+        root = self.base.structure
+        if path or root.get("type") not in _DICTS:
+            raise ValueError(f"{render_fqn(path) or '<root>'!r}: a left-out child below the root")
+        for k, c in zip(root["keys"], root["children"], strict=True):
+            if _key_id(k) == _key_id(raw) and c is not None:
+                return c, self.base.records
+        raise ValueError(f"{_key_entry(raw)!r}: a left-out child that rank 0 does not have")
+
+    def _leaves(
+        self, node: Node, ranks: tuple[int, ...], recs: Records, path: tuple[PathEntry, ...]
+    ) -> None:
+        """Every leaf below ``node``, which only ``ranks`` hold, alike, with records ``recs``."""
         if "leaf" in node:
-            self._leaf(node["leaf"], tuple(sorted(ranks)), path)
+            self._leaf(node["leaf"], [(ranks, node, recs)], path)
             return
         kind = node.get("type")
         if kind in _DICTS:
-            entries: Sequence[PathEntry] = [_key_entry(k) for k in node.get("keys", [])]
-        else:
-            entries = node.get("fields") or range(len(node.get("children", [])))
+            for raw, child in zip(node.get("keys", []), node.get("children", []), strict=True):
+                kid, kid_recs = self._child(raw, child, recs, path)
+                self._leaves(kid, ranks, kid_recs, (*path, _key_entry(raw)))
+            return
+        entries = node.get("fields") or range(len(node.get("children", [])))
         for entry, child in zip(entries, node.get("children", []), strict=True):
-            self._leaves(child, ranks, (*path, entry))
+            self._leaves(child, ranks, recs, (*path, entry))
 
-    def _leaf(self, fqn: str, ranks: tuple[int, ...], path: tuple[PathEntry, ...]) -> None:
+    def _leaf(self, fqn: str, parts: list[Part], path: tuple[PathEntry, ...]) -> None:
+        ranks = tuple(sorted(r for rs, _, _ in parts for r in rs))
         seen = self.paths.get(fqn)
         if seen is not None:
             other = self.leaf_ranks[fqn]
@@ -245,25 +279,20 @@ class _Merger:
         self.leaf_ranks[fqn] = ranks
         if len(ranks) != self.world:
             self.holders[fqn] = ranks
-
-    def records(
-        self, parts: list[tuple[tuple[int, ...], TreeDescription]]
-    ) -> dict[str, LeafRecord]:
-        """Each FQN's record, checked equal on every rank holding it (first holder's order)."""
-        out: dict[str, LeafRecord] = {}
-        if len(parts) == 1:
-            return dict(parts[0][1].records)
-        found: dict[str, dict[Hashable, tuple[LeafRecord, list[int]]]] = {}
-        for ranks, t in parts:
-            for fqn, rec in t.records.items():
-                found.setdefault(fqn, {}).setdefault(exact_key(rec), (rec, []))[1].extend(ranks)
-        ordered = {fqn: found[fqn] for fqn in self.paths if fqn in found}
-        for fqn, variants in ordered.items():
-            first = next(iter(variants.values()))[0]
-            out[fqn] = first
-            if len(variants) > 1:
-                self.conflicts.append(_record_conflict(fqn, list(variants.values())))
-        return out
+        # By object first (ranks often share record objects), then by exact form.
+        objects: dict[int, tuple[LeafRecord, list[int]]] = {}
+        for rs, _, recs in parts:
+            rec = recs[fqn]
+            objects.setdefault(id(rec), (rec, []))[1].extend(rs)
+        if len(objects) == 1:
+            self.records[fqn] = next(iter(objects.values()))[0]
+            return
+        variants: dict[Hashable, tuple[LeafRecord, list[int]]] = {}
+        for rec, held in objects.values():
+            variants.setdefault(exact_key(rec), (rec, []))[1].extend(held)
+        self.records[fqn] = next(iter(variants.values()))[0]
+        if len(variants) > 1:
+            self.conflicts.append(_record_conflict(fqn, list(variants.values())))
 
 
 def _access(path: Sequence[PathEntry]) -> str:

@@ -53,7 +53,14 @@ from treeckpt.shell import cleanup
 from treeckpt.shell.coord import Coordinator, describe_error
 from treeckpt.shell.plancache import CachedPlan, PlanCache, PlanKey, new_token
 from treeckpt.shell.tensors import chunk_source, local_shards
-from treeckpt.shell.union import describe_tree, is_plain, replica_digests, tree_digest
+from treeckpt.shell.union import (
+    describe_parts,
+    describe_tree,
+    is_plain,
+    part_digests,
+    replica_digests,
+    tree_digest,
+)
 from treeckpt.store import layout
 from treeckpt.store.backends import Backend
 from treeckpt.store.checksum import checksum
@@ -160,9 +167,14 @@ class _Described:
 
 @dataclass(frozen=True, slots=True)
 class _SendTree:
-    """Some rank's tree differs from the coordinator's (whose digest this is): send it."""
+    """Some rank's tree differs from the coordinator's (whose digest this is): send it.
+
+    ``parts``: the digest of each of the coordinator's top-level entries; a
+    rank leaves out those it has alike (``shell/union.py``).
+    """
 
     digest: str
+    parts: dict[str, str] | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -290,11 +302,13 @@ def prepare_save(
         mine = _receive(coord, backend, decision)
         if isinstance(mine, _SendTree):
             assert flat is not None  # no rank failed to describe itself
-            trees = coord.gather(None if mine.digest == digest else describe_tree(flat), "tree")
+            sent = None if mine.digest == digest else describe_parts(flat, mine.parts)
+            trees = coord.gather(sent, "tree")
             if coord.is_coordinator:
                 assert trees is not None and gathered is not None
                 try:
-                    merged = merge_trees([describe_tree(flat) if t is None else t for t in trees])
+                    base = describe_tree(flat)
+                    merged = merge_trees([base if t is None else t for t in trees])
                 except Exception as exc:
                     verdict = (
                         _Verdict("tree", {}, conflict=str(exc))
@@ -371,15 +385,15 @@ def _decide_plan(
     if failures:
         return _Decision([_Verdict("describe", failures)] * world)
     assert flat is not None
-    if merged is None:
-        own = gathered[0].digest
-        if any(p.digest != own for p in gathered):
-            return _Decision([_SendTree(own)] * world)
-        merged = MergedTree(structure=flat.structure, records=flat.records, holders={})
     shards = [p.shards for p in gathered]
     created: str | None = None
     hold = None
     try:
+        if merged is None:
+            own = gathered[0].digest
+            if any(p.digest != own for p in gathered):
+                return _Decision([_SendTree(own, part_digests(flat))] * world)
+            merged = MergedTree(structure=flat.structure, records=flat.records, holders={})
         tokens = {p.token for p in shards if isinstance(p, _Same)}
         reuse: CachedPlan | None = None
         if len(tokens) == 1 and all(isinstance(p, _Same) for p in shards):
