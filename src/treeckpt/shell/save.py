@@ -23,9 +23,10 @@ answer, so every rank raises the same error without rounds of their own.
 
 The checkpoint holds the union of every rank's tree (``core/merge.py``).
 Each description carries a digest of the rank's structure and leaf records;
-when one differs from the coordinator's, the coordinator asks for the full
-trees (one more gather and scatter, the only extra cost) and merges them, or
-every rank raises the conflict. Each chunk index reference carries digests
+when one differs from the coordinator's, the coordinator asks for the trees
+(one more gather and scatter; each rank sends only its top-level entries
+that differ from the coordinator's) and merges them, or every rank raises
+the conflict. Each chunk index reference carries digests
 of the rank's plain tensors, so that replicas whose bytes differ between
 ranks are refused before the commit (``shell/union.py``).
 """
