@@ -245,9 +245,20 @@ def test_async_replicas_are_compared_as_staged_not_as_later_changed(tmp_path: Pa
 # ---------------------------------------------------------------- collectives
 
 
-def _count_collectives(rank: int, world: int, path: str) -> list[list[str]]:
+def _count_collectives(rank: int, world: int, path: str) -> tuple[list[list[str]], list[bool]]:
+    import treeckpt.shell.save as save_mod
     from treeckpt.shell.dist import DistCoordinator
 
+    reused: list[bool] = []
+    real_prepare = save_mod.prepare_save
+
+    def prepare(*args: Any, **kwargs: Any) -> Any:
+        prepared = real_prepare(*args, **kwargs)
+        reused.append(prepared.reused_plan)
+        return prepared
+
+    save_mod.prepare_save = prepare  # type: ignore[assignment]  # a forked child's own module
+    save_mod.SHARED_PLAN_CACHE.clear()
     calls: list[str] = []
     for name in ("gather", "scatter", "broadcast"):
         real = getattr(DistCoordinator, name)
@@ -267,15 +278,18 @@ def _count_collectives(rank: int, world: int, path: str) -> list[list[str]]:
         calls.clear()
         treeckpt.save(tree, path)
         out.append(list(calls))
-    return out
+    return out, reused
 
 
 def test_alike_ranks_cost_four_collectives_and_per_rank_keys_two_more(tmp_path: Path) -> None:
     path = str(tmp_path / "ckpt")
     alike = ["gather:plan", "scatter:assign", "gather:write", "broadcast:commit"]
     union = ["gather:plan", "scatter:assign", "gather:tree", "scatter:assign", *alike[2:]]
-    for calls in run_ranks(2, _count_collectives, tmp_path, path):
+    for calls, reused in run_ranks(2, _count_collectives, tmp_path, path):
         assert calls == [alike, alike, union, union]
+        # The plan is cached across the saves (the tensors' layout never changes):
+        # the digests ride with the plan tokens.
+        assert reused == [False, True, True, True]
     back = treeckpt.restore(path)
     assert back == {"w": back["w"], "step": 4, "rng_0": 0, "rng_1": 1}
 
