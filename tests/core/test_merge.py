@@ -133,7 +133,11 @@ def test_different_values_name_the_fqn_and_the_ranks() -> None:
         (1, True, "int 1; rank 1: bool True"),
         (1, 1.0, "int 1; rank 1: float 1.0"),
         (0.0, -0.0, "float 0.0; rank 1: float -0.0"),
-        (math.nan, -math.nan, "float nan; rank 1: float nan"),
+        (
+            math.nan,
+            -math.nan,
+            "float nan (bits 7ff8000000000000); rank 1: float nan (bits fff8000000000000)",
+        ),
         ("a", b"a", "str 'a'; rank 1: bytes b'a'"),
         (None, 0, "NoneType None; rank 1: int 0"),
         ("x" * 50, "y" * 50, "str of length 50; rank 1: str of length 50"),

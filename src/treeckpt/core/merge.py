@@ -15,8 +15,8 @@ one rank's version would silently lose the others':
 - the same FQN is a tensor on one rank and a value on another, or tensors of
   different dtypes, shapes or libraries;
 - the same FQN holds values that differ, compared by their exact stored form
-  (type and bits: ``1``, ``True`` and ``1.0`` differ, ``nan`` equals ``nan``,
-  ``0.0`` and ``-0.0`` differ);
+  (type and bits: ``1``, ``True`` and ``1.0`` differ, ``0.0`` and ``-0.0``
+  differ, a ``nan`` equals a ``nan`` of the same bits);
 - two different paths render to the same FQN on different ranks.
 
 Dict-like containers merge key by key (the coordinator's keys first, in its
@@ -175,6 +175,8 @@ def _describe_record(rec: LeafRecord) -> str:
     v = rec.value
     if isinstance(v, str | bytes) and len(v) > 40:
         return f"{type(v).__name__} of length {len(v)}"
+    if isinstance(v, float) and v != v:  # nans differ only in their bits
+        return f"float nan (bits {struct.pack('>d', v).hex()})"
     return f"{type(v).__name__} {v!r}"
 
 
