@@ -22,7 +22,7 @@ from treeckpt.core.merge import (
 from treeckpt.core.tree import build_tree, find_subtree, flatten_tree, iter_leaf_fqns
 from treeckpt.errors import RankConflictError
 from treeckpt.store.manifest import encode_record
-from treeckpt.testing.strategies import plain_values, trees
+from treeckpt.testing.strategies import plain_values, rank_trees, trees
 
 HINT = (
     'save per-rank state under per-rank keys (e.g. f"rng.rank_{rank}") or make it equal '
@@ -249,22 +249,6 @@ def test_exact_key_equals_iff_the_stored_forms_do(a: Any, b: Any) -> None:
 
 def _records_of(tree: TreeDescription) -> dict[str, Any]:
     return {f: exact_key(r) for f, r in tree.records.items()}
-
-
-@st.composite
-def rank_trees(draw: st.DrawFn) -> list[Any]:
-    """A shared tree plus, on each rank, per-rank keys and a random share of optional keys."""
-    shared = draw(trees(max_leaves=8))
-    optional = draw(st.dictionaries(st.sampled_from("abcd"), trees(max_leaves=4), max_size=3))
-    world = draw(st.integers(1, 4))
-    out = []
-    for r in range(world):
-        keep = draw(st.lists(st.sampled_from(sorted(optional) or ["-"]), unique=True))
-        mine = draw(trees(max_leaves=4))
-        tree = {"shared": shared, **{k: optional[k] for k in keep if k in optional}}
-        tree[f"rank_{r}"] = mine
-        out.append(tree)
-    return out
 
 
 @given(rank_trees())

@@ -10,7 +10,6 @@ import torch
 import xxhash
 from hypothesis import given
 
-from tests.core.test_merge import rank_trees
 from treeckpt.core.merge import exact_key, merge_trees
 from treeckpt.core.tree import flatten_tree
 from treeckpt.shell.union import (
@@ -22,6 +21,7 @@ from treeckpt.shell.union import (
     tensor_digest,
     tree_digest,
 )
+from treeckpt.testing.strategies import rank_trees
 
 
 def test_tree_digest_is_equal_exactly_when_structure_and_stored_values_are() -> None:
