@@ -34,6 +34,7 @@ from treeckpt.errors import (
     ManifestError,
     OptionsError,
     PlanError,
+    RankConflictError,
     RankFailureError,
     UnsupportedLeafError,
 )
@@ -62,6 +63,7 @@ __all__ = [
     "ManifestError",
     "OptionsError",
     "PlanError",
+    "RankConflictError",
     "RankFailureError",
     "ReadItem",
     "SaveFuture",

@@ -93,6 +93,10 @@ def save(
     Raises:
         UnsupportedLeafError: a leaf cannot be stored (its FQN and type are named).
         FQNCollisionError: two paths render to the same FQN.
+        RankConflictError: with several ranks, a value or a replicated plain
+            tensor differs between ranks under one FQN, or the ranks' trees
+            disagree on a container (the FQN and the ranks are named). Keys
+            only some ranks hold are saved (the union of the ranks' trees).
         CheckpointError: any other failure; the previous checkpoint is intact.
     """
     options = options or SaveOptions()
@@ -217,6 +221,8 @@ def load(
                 strict=strict,
                 allow_pickle=allow_pickle,
                 options=options,
+                rank=coord.rank,
+                world_size=coord.world_size,
             ),
             fills_in_place=True,
         )

@@ -24,6 +24,7 @@ __all__ = [
     "ManifestError",
     "OptionsError",
     "PlanError",
+    "RankConflictError",
     "RankFailureError",
     "UnsupportedLeafError",
 ]
@@ -94,6 +95,7 @@ class LoadMismatchError(CheckpointError, ValueError):
         missing: Sequence[str] = (),
         unexpected: Sequence[str] = (),
         mismatched: Sequence[str] = (),
+        notes: Sequence[str] = (),
     ) -> None:
         self.missing = tuple(missing)
         self.unexpected = tuple(unexpected)
@@ -110,7 +112,17 @@ class LoadMismatchError(CheckpointError, ValueError):
             if self.missing or self.unexpected
             else ""
         )
-        super().__init__("template does not match checkpoint; " + "; ".join(parts) + hint)
+        extra = "".join(f"; {n}" for n in notes)
+        super().__init__("template does not match checkpoint; " + "; ".join(parts) + hint + extra)
+
+
+class RankConflictError(CheckpointError, ValueError):
+    """The ranks of a save hold contradicting state under one name; nothing was saved.
+
+    The same FQN holds different values (or tensor bytes) on different ranks,
+    a tensor on one and a value on another, or one path is a different kind
+    of container on different ranks. Every rank raises it.
+    """
 
 
 class CollectiveError(CheckpointError):

@@ -117,10 +117,34 @@ def _disagree(rank: int, world: int, path: str) -> str:
     return "no error"
 
 
+def _overlap(rank: int, world: int, path: str) -> str:
+    from treeckpt.dcp._shards import ShardSet
+
+    rows = (0, 3) if rank == 0 else (2, 2)  # rows 0-2 and 2-3 of 4: row 2 twice, not a replica
+    w = ShardSet((4, 4), torch.float32, [((rows[0], 0), (rows[1], 4), torch.zeros(rows[1], 4))])
+    try:
+        treeckpt.save({"w": w}, path)
+    except treeckpt.CheckpointError as exc:
+        return str(exc)
+    return "no error"
+
+
 def test_plan_error_on_coordinator_reaches_every_rank(tmp_path: Path, old_ckpt: str) -> None:
+    for msg in run_ranks(2, _overlap, tmp_path, old_ckpt):
+        assert msg == (
+            "plan failed on rank(s) 0: rank 0: PlanError: w: shards [offsets [0, 0], sizes "
+            "[3, 4]] and [offsets [2, 0], sizes [2, 4]] overlap without being replicas"
+        )
+    _assert_old_intact(old_ckpt)
+
+
+def test_shape_disagreement_reaches_every_rank(tmp_path: Path, old_ckpt: str) -> None:
+    # Found when the ranks' trees are merged, on the coordinator; every rank raises it.
     for msg in run_ranks(2, _disagree, tmp_path, old_ckpt):
-        assert (
-            "plan failed on rank(s) 0" in msg and "w: rank 0 has dtype float32 shape [3, 4]" in msg
+        assert msg == (
+            "the ranks' trees contradict each other: 'w' is a tensor of different dtypes or "
+            "shapes on different ranks (rank 0: torch tensor float32[3, 4]; rank 1: torch "
+            "tensor float32[4, 4])"
         )
     _assert_old_intact(old_ckpt)
 

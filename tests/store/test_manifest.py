@@ -352,3 +352,51 @@ def test_enum_members_of_one_manifest_share_their_types() -> None:
     e1, e2, e3 = (back.records[k].value for k in ("e1", "e2", "e3"))  # type: ignore[union-attr]
     (b,) = (x for x in e2 if x != 3)
     assert e1 is e3 and type(b) is type(e1) and b.name == "B" and type(e1).__name__ == "Mode"
+
+
+# ----------------------------------------------------- per-rank keys (holders)
+
+
+def _with_holders(raw: Any) -> bytes:
+    """The test manifest (world size 2) with its body's ``holders`` set to ``raw``."""
+    m, _ = _manifest()
+    doc = json.loads(encode_manifest(m))
+    doc["body"]["holders"] = raw
+    text = json.dumps(doc["body"], separators=(",", ":"), ensure_ascii=True)
+    doc["checksum"] = checksum(text.encode())
+    return json.dumps(doc).encode()
+
+
+def test_holders_round_trip_and_are_absent_when_every_rank_held_every_key() -> None:
+    m, _ = _manifest()
+    assert "holders" not in json.loads(encode_manifest(m))["body"]
+    assert decode_manifest(encode_manifest(m)).holders == {}
+    fqn = next(iter(m.records))
+    with_holders = dataclasses.replace(m, holders={fqn: (1,)})
+    data = encode_manifest(with_holders)
+    assert json.loads(data)["body"]["holders"] == {fqn: [1]}
+    assert decode_manifest(data).holders == {fqn: (1,)}
+    assert decode_manifest(_with_holders({fqn: [0]})).holders == {fqn: (0,)}
+
+
+@pytest.mark.parametrize(
+    ("raw", "error"),
+    [
+        ([], "holders must be an object"),
+        ({"nope": [0]}, "holders of 'nope': not a leaf of this checkpoint"),
+        ({"FQN": []}, "holders of 'FQN': expected a list of 1 to world_size - 1 ranks"),
+        ({"FQN": [0, 1]}, "holders of 'FQN': expected a list of 1 to world_size - 1 ranks"),
+        ({"FQN": 0}, "holders of 'FQN': expected a list of 1 to world_size - 1 ranks"),
+        ({"FQN": [2]}, r"holders of 'FQN': expected an integer in \[0, 2\), got '2'"),
+        ({"FQN": [-1]}, r"holders of 'FQN': expected an integer in \[0, 2\), got '-1'"),
+        ({"FQN": ["0"]}, r"holders of 'FQN': expected an integer in \[0, 2\), got '0'"),
+    ],
+)
+def test_holders_are_validated(raw: Any, error: str) -> None:
+    m, _ = _manifest()
+    fqn = next(iter(m.records))
+    if isinstance(raw, dict):
+        raw = {fqn if k == "FQN" else k: v for k, v in raw.items()}
+        error = error.replace("FQN", fqn)
+    with pytest.raises(ManifestError, match="^manifest.json: " + error + "$"):
+        decode_manifest(_with_holders(raw))

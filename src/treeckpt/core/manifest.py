@@ -7,7 +7,7 @@ Encoding, decoding and validation against untrusted bytes live in
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from treeckpt.core.box import Box
@@ -147,7 +147,9 @@ class Manifest:
 
     ``structure`` is the tree structure record (see ``treeckpt.core.tree``),
     ``records`` describes every leaf by FQN, ``indexes`` points to the chunk
-    index of each writer rank.
+    index of each writer rank. ``holders`` maps each FQN that only some of the
+    saving ranks held (a per-rank key, see ``treeckpt.core.merge``) to those
+    ranks; an FQN every rank held is absent from it.
     """
 
     format_version: int
@@ -157,3 +159,4 @@ class Manifest:
     records: dict[str, LeafRecord]
     indexes: tuple[IndexRef, ...]
     user_metadata: dict[str, Any]
+    holders: dict[str, tuple[int, ...]] = field(default_factory=dict)

@@ -45,6 +45,12 @@ class SaveOptions:
             blocks of this many raw bytes, each with its own checksum, so a
             load that needs part of a chunk decodes only those blocks. 0 makes
             one block per chunk.
+        check_replicas: with several ranks, compare the bytes of every plain
+            (not sharded) tensor that several ranks hold, by an xxh3 digest of
+            each rank's copy, and refuse the save when they differ (only one
+            copy is stored). Costs a read of those tensors on every rank
+            holding them (see the performance page); turn off only when the
+            replicas are known to be identical.
     """
 
     chunk_bytes: int = 16 * MiB
@@ -56,6 +62,7 @@ class SaveOptions:
     timeout_s: float | None = None
     block_bytes: int = 64 << 10
     compressed_block_bytes: int = 256 << 10
+    check_replicas: bool = True
 
     def __post_init__(self) -> None:
         if self.block_bytes < 0:

@@ -251,6 +251,8 @@ def load_tree(
     strict: bool,
     allow_pickle: bool,
     options: LoadOptions,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> Any:
     """Load ``manifest``'s checkpoint into ``tree`` in place; returns ``tree``.
 
@@ -260,6 +262,8 @@ def load_tree(
     itself is immutable); Stateful objects get ``load_state_dict``. Nothing
     changes until the whole template is known to match, and nothing outside
     what is loaded changes: optimizers get their state without a step.
+    ``rank`` and ``world_size`` are the loading rank's: a key that only other
+    saving ranks held is not expected of it (see :func:`key_differences`).
     """
     with safe_torch_state_init():  # state_dict() of wrappers around torch's utilities
         flat = flatten_tree(tree, allow_pickle=True)
@@ -268,10 +272,9 @@ def load_tree(
     open_refs = [s for s in flat.statefuls if not isinstance(s.obj, torch.nn.Module)]
     open_prefixes = [s.fqn for s in open_refs]
 
-    missing = [f for f in flat.records if f not in ck]
-    unexpected = [
-        f for f in ck if f not in flat.records and not any(_under(f, p) for p in open_prefixes)
-    ]
+    missing, unexpected, notes = key_differences(
+        flat.records, manifest, open_prefixes, rank=rank, world_size=world_size
+    )
     mismatched = []
     for fqn, trec in flat.records.items():
         crec = ck.get(fqn)
@@ -300,6 +303,7 @@ def load_tree(
             missing=missing if strict else (),
             unexpected=unexpected if strict else (),
             mismatched=mismatched,
+            notes=notes if strict else (),
         )
 
     # Destinations: template tensors in place; state a fresh optimizer lacks is
@@ -371,6 +375,52 @@ def _value_mismatch(fqn: str, rec: ValueLeaf, template: Any) -> str | None:
     except LoadMismatchError as exc:
         return exc.mismatched[0]
     return None
+
+
+def key_differences(
+    template: Mapping[str, LeafRecord],
+    manifest: Manifest,
+    open_prefixes: list[str],
+    *,
+    rank: int,
+    world_size: int,
+) -> tuple[list[str], list[str], list[str]]:
+    """The template's keys the checkpoint lacks, the checkpoint's keys this rank should load but
+    does not ask for, and notes explaining the latter.
+
+    A key every saving rank held is expected of every loading rank (unless it
+    lies inside a Stateful whose state follows the checkpoint). A key only
+    some saving ranks held (``manifest.holders``, a per-rank key such as
+    ``dataloader.dp_rank_1``) is expected only of the loading ranks with the
+    same numbers. When no loading rank has any of those numbers (a restart on
+    fewer ranks), nobody would load it: it is expected of every rank, with a
+    note saying so, and ``strict=False`` skips it.
+    """
+    ck = manifest.records
+    missing = [f for f in template if f not in ck]
+    unexpected: list[str] = []
+    orphans: list[str] = []
+    for f in ck:
+        if f in template or _in_open(f, open_prefixes):
+            continue
+        holders = manifest.holders.get(f)
+        if holders is None or rank in holders:
+            unexpected.append(f)
+        elif holders[0] >= world_size:
+            unexpected.append(f)
+            orphans.append(f"{f} (rank{'s' if len(holders) > 1 else ''} {_list(holders)})")
+    notes = []
+    if orphans:
+        notes.append(
+            f"saved only by ranks this load of {world_size} rank(s) does not have: "
+            + ", ".join(orphans[:5])
+            + (f" and {len(orphans) - 5} more" if len(orphans) > 5 else "")
+        )
+    return missing, unexpected, notes
+
+
+def _list(ranks: tuple[int, ...]) -> str:
+    return ", ".join(map(str, ranks))
 
 
 def _is_meta(obj: Any) -> bool:

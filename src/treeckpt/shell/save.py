@@ -20,13 +20,22 @@ A save is four collectives: descriptions gathered, assignments scattered,
 chunk index references gathered, the commit verdict broadcast. Each rank's
 error rides in the gather and the verdict naming every failed rank in the
 answer, so every rank raises the same error without rounds of their own.
+
+The checkpoint holds the union of every rank's tree (``core/merge.py``).
+Each description carries a digest of the rank's structure and leaf records;
+when one differs from the coordinator's, the coordinator asks for the trees
+(one more gather and scatter; each rank sends only its top-level entries
+that differ from the coordinator's) and merges them, or every rank raises
+the conflict. Each chunk index reference carries digests
+of the rank's plain tensors, so that replicas whose bytes differ between
+ranks are refused before the commit (``shell/union.py``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
 from treeckpt.core.box import Box
@@ -35,15 +44,24 @@ from treeckpt.core.incremental import ReuseTable
 from treeckpt.core.items import WriteItem
 from treeckpt.core.leaves import TensorLeaf
 from treeckpt.core.manifest import FORMAT_VERSION, ChunkIndex, IndexRef, Manifest
+from treeckpt.core.merge import MergedTree, merge_trees, replica_conflicts
 from treeckpt.core.options import SaveOptions
 from treeckpt.core.plan_table import LocalTable, SavePlanTable, local_table, plan_save_table
 from treeckpt.core.specs import ShardSpec
 from treeckpt.core.tree import FlatTree, flatten_tree
-from treeckpt.errors import CheckpointError, PlanError, RankFailureError
+from treeckpt.errors import CheckpointError, PlanError, RankConflictError, RankFailureError
 from treeckpt.shell import cleanup
 from treeckpt.shell.coord import Coordinator, describe_error
 from treeckpt.shell.plancache import CachedPlan, PlanCache, PlanKey, new_token
 from treeckpt.shell.tensors import chunk_source, local_shards
+from treeckpt.shell.union import (
+    describe_parts,
+    describe_tree,
+    is_plain,
+    part_digests,
+    replica_digests,
+    tree_digest,
+)
 from treeckpt.store import layout
 from treeckpt.store.backends import Backend
 from treeckpt.store.checksum import checksum
@@ -94,6 +112,10 @@ class PreparedSave:
 
     ``local`` maps an FQN to (global box, local tensor) pairs; an asynchronous
     save replaces the tensors with staged host copies before writing.
+    ``tree`` is the union of every rank's tree (on the coordinator only).
+    ``plain`` names this rank's plain tensors whose copies are compared
+    across ranks; ``digests`` holds those already computed (by staging, for
+    the replicas it does not copy).
     """
 
     flat: FlatTree
@@ -103,6 +125,9 @@ class PreparedSave:
     plan: SavePlanTable | None
     hold: Any = None  # rank 0's claim on the data directory, released by the commit
     reused_plan: bool = False  # the plan came from the plan cache
+    tree: MergedTree | None = None
+    plain: tuple[str, ...] = ()
+    digests: dict[str, str] = field(default_factory=dict)
 
 
 #: Plans kept across saves when the caller gives no cache of its own.
@@ -122,10 +147,43 @@ class _Failure:
 
 @dataclass(frozen=True, slots=True)
 class _Verdict:
-    """The phase failed on these ranks: every rank raises it."""
+    """The phase failed on these ranks: every rank raises it.
+
+    ``conflict``: the ranks' states contradict each other (no rank failed):
+    every rank raises a ``RankConflictError`` with this text.
+    """
 
     phase: str
     failures: dict[int, str]
+    conflict: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _Described:
+    """A rank's description: the digest of its tree (empty with one rank) and its shards."""
+
+    digest: str
+    shards: Any  # LocalTable, or _Same when the plan cache holds them
+
+
+@dataclass(frozen=True, slots=True)
+class _SendTree:
+    """Some rank's tree differs from the coordinator's (whose digest this is): send it.
+
+    ``parts``: the digest of each of the coordinator's top-level entries; a
+    rank leaves out those it has alike (``shell/union.py``).
+    """
+
+    digest: str
+    parts: dict[str, str] | None
+
+
+@dataclass(frozen=True, slots=True)
+class _Written:
+    """A rank's chunk index (``None``: it wrote nothing) and the digests of its plain tensors."""
+
+    ref: IndexRef | None
+    digests: dict[str, str]
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,9 +223,14 @@ class _Decision:
     hold: Any = None
     entry: CachedPlan | None = None
     error: BaseException | None = None
+    tree: MergedTree | None = None
 
 
 def _raise_verdict(coord: Coordinator, verdict: _Verdict, own: BaseException | None) -> NoReturn:
+    if verdict.conflict is not None:
+        if isinstance(own, RankConflictError):
+            raise own
+        raise RankConflictError(verdict.conflict)
     if own is not None and coord.world_size == 1:
         coord.agree(verdict.phase, own)  # one process: the error itself, as it was raised
     raise RankFailureError(verdict.phase, dict(verdict.failures)) from own
@@ -187,8 +250,11 @@ def prepare_save(
     Two collectives: every rank's description (or error) is gathered, and
     the coordinator scatters each rank's assignment (or the verdict). A
     layout planned before is not planned again (``cache``, see
-    ``shell/plancache.py``). On failure every rank raises and nothing is
-    left behind.
+    ``shell/plancache.py``). When a rank's tree differs from the
+    coordinator's (its digest does), the coordinator's answer asks for the
+    trees instead: they are gathered and merged, then the assignments are
+    scattered (two collectives more). On failure or conflict every rank
+    raises and nothing is left behind.
     """
     cache = SHARED_PLAN_CACHE if cache is None else cache
     flat: FlatTree | None = None
@@ -197,6 +263,8 @@ def prepare_save(
     key: PlanKey | None = None
     hit: CachedPlan | None = None
     err: BaseException | None = None
+    digest = ""
+    plain: tuple[str, ...] = ()
     payload: Any
     try:
         flat = flatten_tree(tree, allow_pickle=allow_pickle)
@@ -205,6 +273,10 @@ def prepare_save(
                 spec, shards = local_shards(fqn, flat.leaves[fqn], rec)
                 specs.append(spec)
                 local[fqn] = shards
+        if coord.world_size > 1:
+            digest = tree_digest(flat)
+            if options.check_replicas:
+                plain = tuple(f for f in local if is_plain(flat.leaves[f]))
         key = PlanKey(
             world_size=coord.world_size,
             rank=coord.rank,
@@ -214,29 +286,45 @@ def prepare_save(
         hit = cache.lookup(key)
         # Columns, not an object per box: the coordinator of thousands of ranks
         # plans millions of boxes in seconds, and each rank gets only its rows.
-        payload = _Same(hit.token) if hit is not None else local_table(specs, coord.rank)
+        own = _Same(hit.token) if hit is not None else local_table(specs, coord.rank)
+        payload = _Described(digest, own)
     except Exception as exc:
         err = exc
         payload = _Failure(describe_error(exc))
 
     decision: _Decision | None = None
+    merged: MergedTree | None = None  # the coordinator's, once the ranks' trees were merged
     while True:
         gathered = coord.gather(payload, "plan")
         if coord.is_coordinator:
             assert gathered is not None
-            decision = _decide_plan(gathered, backend, flat, cache, options, coord)
+            decision = _decide_plan(gathered, backend, flat, cache, options, coord, merged)
         # The assignment has its own phase name: a rank dying in between is named.
-        try:
-            mine = coord.scatter(decision.proposals if decision else None, "assign")
-        except BaseException:
-            if decision is not None and decision.save_id is not None:
-                _abandon(backend, decision.save_id, decision.hold)
-            raise
+        mine = _receive(coord, backend, decision)
+        if isinstance(mine, _SendTree):
+            assert flat is not None  # no rank failed to describe itself
+            sent = None if mine.digest == digest else describe_parts(flat, mine.parts)
+            trees = coord.gather(sent, "tree")
+            if coord.is_coordinator:
+                assert trees is not None and gathered is not None
+                try:
+                    base = describe_tree(flat)
+                    merged = merge_trees([base if t is None else t for t in trees])
+                except Exception as exc:
+                    verdict = (
+                        _Verdict("tree", {}, conflict=str(exc))
+                        if isinstance(exc, RankConflictError)
+                        else _Verdict("tree", {0: describe_error(exc)})
+                    )
+                    decision = _Decision([verdict] * coord.world_size, error=exc)
+                else:
+                    decision = _decide_plan(gathered, backend, flat, cache, options, coord, merged)
+            mine = _receive(coord, backend, decision)
         if not isinstance(mine, _Resend):
             break
         hit = None
         try:
-            payload = local_table(specs, coord.rank)
+            payload = _Described(digest, local_table(specs, coord.rank))
         except Exception as exc:  # cannot happen after a hit, which was planned before
             err = exc
             payload = _Failure(describe_error(exc))
@@ -260,7 +348,19 @@ def prepare_save(
         plan=entry.plan,
         hold=decision.hold if decision is not None else None,
         reused_plan=mine.rows is None,
+        tree=decision.tree if decision is not None else None,
+        plain=plain,
     )
+
+
+def _receive(coord: Coordinator, backend: Backend, decision: _Decision | None) -> Any:
+    """This rank's share of the coordinator's decision (the data directory goes if that fails)."""
+    try:
+        return coord.scatter(decision.proposals if decision else None, "assign")
+    except BaseException:
+        if decision is not None and decision.save_id is not None:
+            _abandon(backend, decision.save_id, decision.hold)
+        raise
 
 
 def _decide_plan(
@@ -270,9 +370,12 @@ def _decide_plan(
     cache: PlanCache,
     options: SaveOptions,
     coord: Coordinator,
+    merged: MergedTree | None = None,
 ) -> _Decision:
     """The coordinator's answer to every rank's description: an assignment each, or the verdict.
 
+    When a rank's tree digest differs from the coordinator's and the trees
+    were not merged yet (``merged``), every rank is asked for its tree first.
     The plan of the last saves is reused when every rank sends the same
     token and the coordinator still holds that plan; a rank's unchanged
     description is taken from the coordinator's copy when another rank
@@ -283,19 +386,25 @@ def _decide_plan(
     if failures:
         return _Decision([_Verdict("describe", failures)] * world)
     assert flat is not None
+    shards = [p.shards for p in gathered]
     created: str | None = None
     hold = None
     try:
-        tokens = {p.token for p in gathered if isinstance(p, _Same)}
+        if merged is None:
+            own = gathered[0].digest
+            if any(p.digest != own for p in gathered):
+                return _Decision([_SendTree(own, part_digests(flat))] * world)
+            merged = MergedTree(structure=flat.structure, records=flat.records, holders={})
+        tokens = {p.token for p in shards if isinstance(p, _Same)}
         reuse: CachedPlan | None = None
-        if len(tokens) == 1 and all(isinstance(p, _Same) for p in gathered):
+        if len(tokens) == 1 and all(isinstance(p, _Same) for p in shards):
             reuse = cache.by_token(next(iter(tokens)))
             if reuse is not None and (reuse.tables is None or reuse.plan is None):
                 reuse = None
         entry: CachedPlan | None = None
         if reuse is None:
             tables: list[LocalTable] = []
-            for r, p in enumerate(gathered):
+            for r, p in enumerate(shards):
                 if isinstance(p, _Same):
                     known = cache.by_token(p.token)
                     if known is None or known.tables is None or len(known.tables) != world:
@@ -304,7 +413,7 @@ def _decide_plan(
                 else:
                     tables.append(p)
             plan = plan_save_table(tables, chunk_bytes=options.chunk_bytes)
-            _check_same_tree(plan, flat)
+            _check_same_tree(plan, merged)
             entry = CachedPlan(
                 token=new_token(), items=plan.items_for(0), plan=plan, tables=tuple(tables)
             )
@@ -322,13 +431,16 @@ def _decide_plan(
         return _Decision([_Verdict("plan", {0: describe_error(exc)})] * world, error=exc)
     if reuse is not None:
         return _Decision(
-            [_Assignment(None, save_id, reuse.token)] * world, save_id=save_id, hold=hold
+            [_Assignment(None, save_id, reuse.token)] * world,
+            save_id=save_id,
+            hold=hold,
+            tree=merged,
         )
     assert entry is not None and entry.plan is not None
     proposals: list[Any] = [
         _Assignment(entry.plan.for_rank(r), save_id, entry.token) for r in range(world)
     ]
-    return _Decision(proposals, save_id=save_id, hold=hold, entry=entry)
+    return _Decision(proposals, save_id=save_id, hold=hold, entry=entry, tree=merged)
 
 
 def _abandon(backend: Backend, save_id: str, hold: Any) -> None:
@@ -365,9 +477,11 @@ def commit_save(
         payload: Any = None
         if err is None:
             try:
-                payload = _write_rank(
+                digests = replica_digests(prepared.local, prepared.plain, prepared.digests)
+                ref = _write_rank(
                     backend, prepared.items, save_id, coord.rank, prepared.local, options, reuse
                 )
+                payload = _Written(ref, digests)
             except Exception as exc:
                 err = exc
         if err is not None:
@@ -378,20 +492,28 @@ def commit_save(
         if coord.is_coordinator:
             assert refs is not None
             failures = {r: p.text for r, p in enumerate(refs) if isinstance(p, _Failure)}
+            conflicts = [] if failures else replica_conflicts([p.digests for p in refs])
             if failures:
                 verdict = _Verdict("write", failures)
+            elif conflicts:
+                text = "; ".join(conflicts)
+                verdict = _Verdict("write", {}, conflict=f"replicas differ between ranks: {text}")
             else:
                 try:
                     # The checkpoint this commit replaces: its files go after the commit.
                     previous = _previous_save_id(backend)
+                    tree = prepared.tree or MergedTree(
+                        structure=flat.structure, records=flat.records, holders={}
+                    )
                     manifest = Manifest(
                         format_version=FORMAT_VERSION,
                         save_id=save_id,
                         world_size=coord.world_size,
-                        structure=flat.structure,
-                        records=flat.records,
-                        indexes=tuple(r for r in refs if r is not None),
+                        structure=tree.structure,
+                        records=tree.records,
+                        indexes=tuple(p.ref for p in refs if p.ref is not None),
                         user_metadata=dict(user_metadata or {}),
+                        holders=tree.holders,
                     )
                     if options.sync and backend.supports_fsync:
                         backend.sync_dir(layout.data_dir(save_id))
@@ -450,14 +572,11 @@ def _remove_rank_files(backend: Backend, save_id: str, rank: int) -> None:
                     backend.remove_tree(name)
 
 
-def _check_same_tree(plan: SavePlanTable, flat: FlatTree) -> None:
-    """Every tensor some rank holds must be a tensor leaf of the coordinator's tree."""
+def _check_same_tree(plan: SavePlanTable, tree: MergedTree) -> None:
+    """Every tensor some rank holds must be a tensor leaf of the union of the ranks' trees."""
     for fqn in plan.tensors.fqns:
-        if not isinstance(flat.records.get(fqn), TensorLeaf):
-            raise PlanError(
-                f"{fqn}: a tensor on another rank but not on rank 0; every rank must "
-                "save a tree with the same keys"
-            )
+        if not isinstance(tree.records.get(fqn), TensorLeaf):
+            raise PlanError(f"{fqn}: a tensor on some rank but not a tensor of the saved tree")
 
 
 def _write_rank(

@@ -1,7 +1,7 @@
 """Host copies of a planned save's tensors, so training can go on while they are written.
 
 Only the shards this rank writes are staged (replicas another rank writes
-are not copied), into buffers kept from one save to the next: the second
+are not copied: the digest their check needs is taken now), into buffers kept from one save to the next: the second
 save of the same state allocates nothing. Buffers for CUDA tensors are
 pinned, and the device-to-host copies are issued without waiting, then
 synchronised once.
@@ -18,6 +18,7 @@ import torch
 
 from treeckpt.core.box import Box
 from treeckpt.shell.save import PreparedSave
+from treeckpt.shell.union import tensor_digest
 
 __all__ = ["StagingPool"]
 
@@ -65,7 +66,12 @@ class StagingPool:
             for device in devices:
                 torch.cuda.synchronize(device)
             self._buffers = kept
-        return dataclasses.replace(prepared, local=local), copied
+        # A replica this rank does not write is compared by its digest, which
+        # must be taken before training changes it.
+        digests = {
+            f: tensor_digest(prepared.local[f][0][1]) for f in prepared.plain if f not in local
+        }
+        return dataclasses.replace(prepared, local=local, digests=digests), copied
 
 
 def _nbytes(buf: Any) -> int:

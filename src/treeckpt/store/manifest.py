@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import itertools
 import json
 import math
 from typing import Any
@@ -220,6 +221,10 @@ def encode_manifest(m: Manifest) -> bytes:
         ],
         "user_metadata": m.user_metadata,
     }
+    if m.holders:
+        # Added without a version bump: older readers ignore it and load
+        # every key as if all ranks had saved it.
+        body["holders"] = {fqn: list(ranks) for fqn, ranks in m.holders.items()}
     return _envelope("treeckpt", body)
 
 
@@ -279,6 +284,7 @@ def decode_manifest(data: bytes, where: str = layout.MANIFEST) -> Manifest:
     meta = body.get("user_metadata", {})
     if not isinstance(meta, dict):
         raise ManifestError(f"{where}: user_metadata must be an object")
+    holders = _decode_holders(body.get("holders", {}), records, world, where)
     return Manifest(
         format_version=FORMAT_VERSION,
         save_id=save_id,
@@ -287,7 +293,28 @@ def decode_manifest(data: bytes, where: str = layout.MANIFEST) -> Manifest:
         records=records,
         indexes=tuple(indexes),
         user_metadata=meta,
+        holders=holders,
     )
+
+
+def _decode_holders(
+    raw: Any, records: dict[str, LeafRecord], world: int, where: str
+) -> dict[str, tuple[int, ...]]:
+    """The ranks that held each per-rank key: known FQNs, increasing ranks below world_size."""
+    if not isinstance(raw, dict):
+        raise ManifestError(f"{where}: holders must be an object")
+    out: dict[str, tuple[int, ...]] = {}
+    for fqn, ranks in raw.items():
+        w = f"{where}: holders of {str(fqn)[:80]!r}"
+        if fqn not in records:
+            raise ManifestError(f"{w}: not a leaf of this checkpoint")
+        if not isinstance(ranks, list) or not 0 < len(ranks) < world:
+            raise ManifestError(f"{w}: expected a list of 1 to world_size - 1 ranks")
+        got = tuple(_int(r, w, hi=world) for r in ranks)
+        if any(a >= b for a, b in itertools.pairwise(got)):
+            raise ManifestError(f"{w}: ranks must be increasing")
+        out[fqn] = got
+    return out
 
 
 # ------------------------------------------------------------------- index

@@ -53,6 +53,7 @@ __all__ = [
     "grid_tilings",
     "layouts",
     "plain_values",
+    "rank_trees",
     "replicated_layouts",
     "shapes",
     "shard_specs",
@@ -450,3 +451,22 @@ def trees(
     :func:`plain_values` and :func:`tensor_leaves`. No two paths render to one FQN."""
     base = leaves if leaves is not None else st.one_of(plain_values(), tensor_leaves())
     return st.recursive(base, _containers, max_leaves=max_leaves)
+
+
+@st.composite
+def rank_trees(draw: st.DrawFn, *, max_ranks: int = 4) -> list[Any]:
+    """The trees of 1 to ``max_ranks`` ranks of one save, which merge without conflict.
+
+    Every rank holds one shared subtree (``"shared"``), a random share of a
+    few optional entries (alike wherever present) and an entry of its own
+    (``"rank_<r>"``), as a data loader's per-rank state is.
+    """
+    shared = draw(trees(max_leaves=8))
+    optional = draw(st.dictionaries(st.sampled_from("abcd"), trees(max_leaves=4), max_size=3))
+    out = []
+    for r in range(draw(st.integers(1, max_ranks))):
+        keep = draw(st.lists(st.sampled_from(sorted(optional) or ["-"]), unique=True))
+        tree = {"shared": shared, **{k: optional[k] for k in keep if k in optional}}
+        tree[f"rank_{r}"] = draw(trees(max_leaves=4))
+        out.append(tree)
+    return out
