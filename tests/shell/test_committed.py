@@ -412,3 +412,23 @@ def test_loads_racing_a_saving_thread_are_whole_or_replaced(tmp_path: Path) -> N
     assert seen.get("whole", 0) > 0, seen
     assert len(saved) > 3, saved
     assert_version(treeckpt.restore(path), saved[-1])
+
+
+def test_dcp_facade_load_replaced_midway_refills_wholly(
+    ckpt: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The facade's one-call load keeps the same promise as ``treeckpt.load``."""
+    import treeckpt.dcp as dcp
+    from treeckpt.dcp import _engine
+
+    todo = [2]
+
+    def overwrite() -> None:
+        treeckpt.save(version(todo.pop(0)), ckpt, options=OPTS)
+
+    backend = patch_reader(data_read, overwrite)
+    monkeypatch.setattr(_engine, "open_backend", backend)
+    tree = template()
+    dcp.load(tree, checkpoint_id=ckpt)
+    assert [b.fired for b in backend.made] == [0, 1]  # type: ignore[attr-defined]
+    assert_version(tree, 2)

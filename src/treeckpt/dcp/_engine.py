@@ -15,7 +15,7 @@ import inspect
 import logging
 import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 import torch
@@ -24,6 +24,8 @@ from torch.distributed.checkpoint.planner import LoadPlanner, SavePlanner
 from torch.distributed.checkpoint.stateful import Stateful
 from torch.distributed.checkpoint.storage import StorageReader, StorageWriter
 
+from treeckpt.core.manifest import Manifest
+from treeckpt.core.plan import StoredTensor
 from treeckpt.core.tree import flatten_tree
 from treeckpt.dcp._view import (
     RAW_BYTES_KEY,
@@ -37,10 +39,12 @@ from treeckpt.dcp.default_planner import DefaultLoadPlanner, DefaultSavePlanner
 from treeckpt.dcp.filesystem import FileSystemReader, FileSystemWriter
 from treeckpt.errors import CheckpointError, LoadMismatchError
 from treeckpt.shell import inflight
+from treeckpt.shell.committed import load_committed
 from treeckpt.shell.coord import Coordinator, LocalCoordinator, agreed
 from treeckpt.shell.dist import DistCoordinator, distributed_active
 from treeckpt.shell.load import load_tree, read_stored
-from treeckpt.store.backends import open_backend
+from treeckpt.shell.optim import safe_torch_state_init
+from treeckpt.store.backends import Backend, open_backend
 from treeckpt.store.reader import read_manifest
 
 __all__ = ["coordinator", "run_load", "run_save", "storage_reader_for", "storage_writer_for"]
@@ -271,11 +275,23 @@ def _load(
             assert isinstance(storage, TreeckptStorage)
             if RAW_BYTES_KEY not in storage.manifest.user_metadata:
                 assert isinstance(planner, DefaultLoadPlanner)
-                agreed(
-                    coord,
-                    "load",
-                    lambda: _load_tree(state_dict, reader, storage, planner.allow_partial_load),
-                )
+                partial = planner.allow_partial_load
+                backend = open_backend(path)
+                try:
+                    # A save replacing the checkpoint meanwhile: the new one, wholly, or
+                    # CheckpointReplacedError (shell/committed.py).
+                    load_committed(
+                        backend,
+                        coord,
+                        "load",
+                        lambda manifest, stored: _load_tree(
+                            state_dict, reader, backend, manifest, stored, partial
+                        ),
+                        fills_in_place=True,
+                        first=(storage.manifest, dict(storage.stored)),
+                    )
+                finally:
+                    backend.close()
                 return
     if metadata is None:
         metadata = _on_coordinator(coord, "metadata", reader.read_metadata)
@@ -285,11 +301,13 @@ def _load(
 def _load_tree(
     state_dict: dict[str, Any],
     reader: FileSystemReader,
-    storage: TreeckptStorage,
+    backend: Backend,
+    manifest: Manifest,
+    stored: Mapping[str, StoredTensor],
     allow_partial_load: bool,
 ) -> None:
-    manifest = storage.manifest
-    template = flatten_tree(state_dict, allow_pickle=True)
+    with safe_torch_state_init():  # state_dict() of wrappers around torch's utilities
+        template = flatten_tree(state_dict, allow_pickle=True)
     missing = [f for f in template.records if f not in manifest.records]
     if missing and not allow_partial_load:
         raise LoadMismatchError(missing=missing)
@@ -309,19 +327,15 @@ def _load_tree(
             len(unexpected),
             unexpected[:20],
         )
-    backend = open_backend(reader.path)
-    try:
-        load_tree(  # in place: tensors, values and Statefuls of ``state_dict``
-            state_dict,
-            backend,
-            manifest,
-            storage.stored,
-            strict=False,
-            allow_pickle=False,
-            options=reader.options,
-        )
-    finally:
-        backend.close()
+    load_tree(  # in place: tensors, values and Statefuls of ``state_dict``
+        state_dict,
+        backend,
+        manifest,
+        stored,
+        strict=False,
+        allow_pickle=False,
+        options=reader.options,
+    )
 
 
 def _load_protocol(

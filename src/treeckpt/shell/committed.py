@@ -80,13 +80,15 @@ def load_committed(
     fn: Callable[[Manifest, Mapping[str, StoredTensor]], T],
     *,
     fills_in_place: bool = False,
+    first: Committed | None = None,
 ) -> T:
     """``fn(manifest, stored)`` on every rank over one committed checkpoint, wholly.
 
     ``fills_in_place``: ``fn`` writes into the caller's tensors (a load into a
     template), so a retry from a new checkpoint is made only when that one
     has every tensor the old one had: each tensor the first try wrote is then
-    rewritten.
+    rewritten. ``first``: the checkpoint as every rank already has it (read
+    on rank 0 and broadcast), so it is not read again.
 
     Raises:
         CheckpointReplacedError: the checkpoint was replaced while being read
@@ -94,7 +96,7 @@ def load_committed(
             not load).
         CheckpointError: any other failure, on every rank.
     """
-    old = read_checkpoint(backend, coord)
+    old = read_checkpoint(backend, coord) if first is None else first
     try:
         return agreed(coord, phase, lambda: fn(*old))
     except CollectiveError:
