@@ -63,9 +63,11 @@ fi
 echo "setup-venv: installing treeckpt[$extras] in editable mode"
 pip_install -e ".[$extras]" "torch==$TORCH_VERSION"
 if [[ ",$extras," == *",test,"* ]]; then
-    # timm's optimizers are tested as real code; timm itself depends on torchvision,
-    # whose PyPI wheels do not import next to the CPU build of torch, so timm comes
-    # without its dependencies (the tests import only its optimizer modules).
-    pip_install --no-deps "timm>=1.0.20,<2" "torch==$TORCH_VERSION"
+    # Real code the tests run, without its dependencies (docs/dependencies.md):
+    # timm depends on torchvision, whose PyPI wheels do not import next to the CPU
+    # build of torch (the tests import only timm's optimizer modules); torchtitan
+    # depends on datasets, whose fsspec pin fights s3fs's and sends pip's resolver
+    # into a long backtrack (its tested components need only the test extra).
+    pip_install --no-deps "timm>=1.0.20,<2" "torchtitan>=0.3,<0.4" "torch==$TORCH_VERSION"
 fi
 printf '%s\n%s\n' "$project" "$extras" > "$stamp"

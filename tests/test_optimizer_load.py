@@ -35,8 +35,9 @@ def _timm_optimizer(module: str, name: str) -> Any:
     """A class from timm's optimizer package, imported without timm's own ``__init__``
     (which needs torchvision, whose PyPI wheels do not import next to the CPU torch)."""
     spec = importlib.util.find_spec("timm")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("timm is not installed")
+    assert spec is not None and spec.submodule_search_locations, (
+        "timm is not installed (scripts/setup-venv.sh installs it)"
+    )
     pkg_name = "_tests_timm_optim"
     if pkg_name not in sys.modules:
         pkg = types.ModuleType(pkg_name)
@@ -240,7 +241,8 @@ def test_facade_load_of_fresh_optimizer_through_dcp_api(tmp_path: Path) -> None:
 def _titan_container(model: nn.Module) -> torch.optim.Optimizer:
     """torchtitan's ``OptimizersContainer``: a ``torch.optim.Optimizer`` wrapping several,
     whose own param groups carry no ``lr`` and whose state dict is keyed by FQN."""
-    optimizer = pytest.importorskip("torchtitan.components.optimizer.optimizer")
+    import torchtitan.components.optimizer.optimizer as optimizer
+
     config = optimizer.OptimizersContainer.Config(
         param_groups=[
             optimizer.ParamGroupConfig(

@@ -13,13 +13,11 @@ from typing import Any
 
 import pytest
 import torch
+import torchtitan.components.dataloader as dataloader
 from torch.utils.data import Dataset, DistributedSampler, IterableDataset
 
+import treeckpt
 from tests.dist_utils import run_ranks
-
-dataloader = pytest.importorskip("torchtitan.components.dataloader")
-
-import treeckpt  # noqa: E402
 
 pytestmark = pytest.mark.distributed
 
