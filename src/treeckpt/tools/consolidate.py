@@ -154,12 +154,12 @@ class _TorchDcpSource:
     format = "dcp"
 
     def __init__(self, path: str) -> None:
-        from treeckpt.dcp._torch_metadata import read_dcp_metadata
+        from treeckpt.formats.torch_dcp import read_dcp_metadata
 
         self.ckpt = read_dcp_metadata(path)
 
     def skeleton(self) -> tuple[Any, dict[str, TensorLeaf]]:
-        from treeckpt.dcp._torch_format import nest, read_dcp_value
+        from treeckpt.formats.torch_dcp import nest, read_dcp_value
 
         records: dict[str, TensorLeaf] = {}
         flat: dict[str, Any] = {}
@@ -173,7 +173,7 @@ class _TorchDcpSource:
         return nest(flat, self.ckpt.paths), records
 
     def read(self, requests: list[tuple[str, Box, torch.Tensor]]) -> None:
-        from treeckpt.dcp._torch_format import read_dcp_tensor
+        from treeckpt.formats.torch_dcp import read_dcp_tensor
 
         for fqn, box, out in requests:
             read_dcp_tensor(self.ckpt, fqn, box, out=out)
