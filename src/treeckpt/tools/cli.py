@@ -27,7 +27,7 @@ import treeckpt
 from treeckpt.api import CheckpointInfo, TensorInfo
 from treeckpt.core.tree import iter_leaf_fqns
 from treeckpt.errors import CheckpointError, CorruptChunkError, ManifestError
-from treeckpt.explore._display import fmt_size as _size
+from treeckpt.explore import fmt_size as _size
 from treeckpt.tools.diff import DiffEntry, DiffReport, diff, entries_by_status
 from treeckpt.tools.verify import Problem, VerifyReport, verify
 
