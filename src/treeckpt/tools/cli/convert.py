@@ -10,7 +10,7 @@ import argparse
 from dataclasses import asdict
 
 from treeckpt.explore import fmt_size
-from treeckpt.tools.cli._args import FORMATTER, Subparsers, byte_size, help_text
+from treeckpt.tools.cli._args import Subparsers, add_command, byte_size
 from treeckpt.tools.cli._output import print_json, progress_bar
 
 __all__ = ["add_parser", "run"]
@@ -20,29 +20,27 @@ def add_parser(sub: Subparsers) -> argparse.ArgumentParser:
     """Add this command's parser to the ``treeckpt`` subcommands."""
     from treeckpt.tools.convert import FORMATS
 
-    p = sub.add_parser(
+    p = add_command(
+        sub,
         "convert",
+        "Convert the checkpoint at SRC into another format at DST. SRC may be a treeckpt "
+        "checkpoint (directory or URL), a DCP directory written by "
+        "torch.distributed.checkpoint, a torch.save file or a safetensors file; its format "
+        "is recognised from its contents. --to safetensors writes the tensor leaves only, "
+        "keyed by FQN (non-tensor leaves are listed as dropped). --to torch from a treeckpt "
+        "checkpoint consolidates it into one torch.save file in bounded memory.",
+        "torch.save files are read with weights_only=True; DCP checkpoints are read without "
+        "running their pickles (no flag needed). An existing DST is never replaced "
+        "without --overwrite.",
+        "exit codes: 0 converted, 2 usage error, no checkpoint at SRC, DST exists, or the "
+        "target format cannot hold a leaf",
         help="convert between treeckpt, DCP, torch.save and safetensors",
-        description=help_text(
-            "Convert the checkpoint at SRC into another format at DST. SRC may be a treeckpt "
-            "checkpoint (directory or URL), a DCP directory written by "
-            "torch.distributed.checkpoint, a torch.save file or a safetensors file; its format "
-            "is recognised from its contents. --to safetensors writes the tensor leaves only, "
-            "keyed by FQN (non-tensor leaves are listed as dropped). --to torch from a treeckpt "
-            "checkpoint consolidates it into one torch.save file in bounded memory.",
-            "torch.save files are read with weights_only=True; DCP checkpoints are read without "
-            "running their pickles (no flag needed). An existing DST is never replaced "
-            "without --overwrite.",
-            "exit codes: 0 converted, 2 usage error, no checkpoint at SRC, DST exists, or the "
-            "target format cannot hold a leaf",
-        ),
         epilog="examples:\n"
         "  treeckpt convert ckpt/ model.safetensors --to safetensors\n"
         "  treeckpt convert dcp-ckpt/ ckpt/ --to treeckpt\n"
         "  treeckpt convert ckpt/ dcp-ckpt/ --to dcp\n"
         "  treeckpt convert model.pt s3://bucket/ckpt --to treeckpt\n"
         "  treeckpt convert ckpt/ full.pt --to torch --max-memory 8GiB --overwrite",
-        formatter_class=FORMATTER,
     )
     p.add_argument("src", metavar="SRC", help="checkpoint to read (directory, file or URL)")
     p.add_argument("dst", metavar="DST", help="where to write (URLs for --to treeckpt only)")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import asdict
 
-from treeckpt.tools.cli._args import FORMATTER, Subparsers, help_text, tolerance
+from treeckpt.tools.cli._args import Subparsers, add_command, tolerance
 from treeckpt.tools.cli._output import aligned, print_json, progress_bar
 from treeckpt.tools.diff import DiffEntry, DiffReport, diff, entries_by_status
 
@@ -14,24 +14,22 @@ __all__ = ["add_parser", "run"]
 
 def add_parser(sub: Subparsers) -> argparse.ArgumentParser:
     """Add this command's parser to the ``treeckpt`` subcommands."""
-    p = sub.add_parser(
+    p = add_command(
+        sub,
         "diff",
+        "Compare two checkpoints FQN by FQN: same, different, only in A, only in B. "
+        "Tensors with different dtype or shape differ at once; tensors stored in the same chunks "
+        "with equal checksums are the same without reading data; all others are read and "
+        "compared bit for bit, with the count of differing elements and the largest absolute "
+        "and relative difference (|a-b| / |b|). Values compare by type and value (floats by "
+        "bits: nan equals nan).",
+        "exit codes: 0 identical (or close, within --atol/--rtol), 1 different, "
+        "2 a checkpoint is missing or damaged, or usage error",
         help="compare two checkpoints leaf by leaf; exit 1 when they differ",
-        description=help_text(
-            "Compare two checkpoints FQN by FQN: same, different, only in A, only in B. "
-            "Tensors with different dtype or shape differ at once; tensors stored in the same chunks "
-            "with equal checksums are the same without reading data; all others are read and "
-            "compared bit for bit, with the count of differing elements and the largest absolute "
-            "and relative difference (|a-b| / |b|). Values compare by type and value (floats by "
-            "bits: nan equals nan).",
-            "exit codes: 0 identical (or close, within --atol/--rtol), 1 different, "
-            "2 a checkpoint is missing or damaged, or usage error",
-        ),
         epilog="examples:\n"
         "  treeckpt diff ckpt-a/ ckpt-b/\n"
         "  treeckpt diff run1/step-100 run2/step-100 --rtol 1e-5 --atol 1e-8\n"
         "  treeckpt diff a/ b/ --json | jq '.entries[] | select(.status != \"same\")'",
-        formatter_class=FORMATTER,
     )
     p.add_argument("a", metavar="A", help="first checkpoint")
     p.add_argument("b", metavar="B", help="second checkpoint (the reference for relative error)")

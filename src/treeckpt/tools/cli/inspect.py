@@ -13,7 +13,7 @@ from treeckpt.api import CheckpointInfo, TensorInfo
 from treeckpt.core.tree import iter_leaf_fqns
 from treeckpt.explore import fmt_size
 from treeckpt.tools.cli import _output
-from treeckpt.tools.cli._args import FORMATTER, Subparsers, help_text
+from treeckpt.tools.cli._args import Subparsers, add_command
 from treeckpt.tools.cli._output import aligned, print_json
 
 __all__ = ["add_parser", "run"]
@@ -21,19 +21,17 @@ __all__ = ["add_parser", "run"]
 
 def add_parser(sub: Subparsers) -> argparse.ArgumentParser:
     """Add this command's parser to the ``treeckpt`` subcommands."""
-    p = sub.add_parser(
+    p = add_command(
+        sub,
         "inspect",
+        "Show every leaf of a checkpoint in tree order: tensors with shape, dtype, "
+        "raw and stored size, compression ratio, chunks and codecs; values with their value; "
+        "then the totals. Reads only the manifest and chunk indexes, never tensor data.",
         help="show the tensors and values of a checkpoint (reads no tensor data)",
-        description=help_text(
-            "Show every leaf of a checkpoint in tree order: tensors with shape, dtype, "
-            "raw and stored size, compression ratio, chunks and codecs; values with their value; "
-            "then the totals. Reads only the manifest and chunk indexes, never tensor data."
-        ),
         epilog="examples:\n"
         "  treeckpt inspect ckpt/\n"
         "  treeckpt inspect ckpt/ --filter 'optim.state.*.exp_avg' --filter step\n"
         "  treeckpt inspect s3://bucket/run-7/step-1000 --json | jq '.totals'",
-        formatter_class=FORMATTER,
     )
     p.add_argument("path", help="checkpoint directory or URL")
     p.add_argument(
@@ -151,27 +149,32 @@ def _inspect_plain(
     print(_totals_line(info))
 
 
+def _rich_table(title: str) -> Any:
+    from rich import box
+    from rich.table import Table
+
+    return Table(
+        title=title,
+        title_justify="left",
+        header_style="bold",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+    )
+
+
 def _inspect_rich(
     info: CheckpointInfo,
     tensors: list[TensorInfo],
     values: list[tuple[str, Any]],
     globs: list[str] | None,
 ) -> None:
-    from rich import box
     from rich.console import Console
     from rich.markup import escape
-    from rich.table import Table
 
     console = Console(file=sys.stdout)
     console.print(f"[bold]checkpoint[/bold] {escape(info.path)}")
     if tensors:
-        table = Table(
-            title="tensors",
-            title_justify="left",
-            header_style="bold",
-            box=box.SIMPLE_HEAD,
-            pad_edge=False,
-        )
+        table = _rich_table("tensors")
         for i, h in enumerate(_TENSOR_HEADERS):
             table.add_column(
                 h,
@@ -182,13 +185,7 @@ def _inspect_rich(
             table.add_row(*(escape(c) for c in _tensor_row(t)))
         console.print(table)
     if values:
-        table = Table(
-            title="values",
-            title_justify="left",
-            header_style="bold",
-            box=box.SIMPLE_HEAD,
-            pad_edge=False,
-        )
+        table = _rich_table("values")
         table.add_column("FQN", overflow="fold")
         table.add_column("value", overflow="fold")
         table.add_column("type")

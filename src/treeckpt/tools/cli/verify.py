@@ -7,7 +7,7 @@ import os
 from dataclasses import asdict
 
 from treeckpt.explore import fmt_size
-from treeckpt.tools.cli._args import FORMATTER, Subparsers, help_text, positive_int
+from treeckpt.tools.cli._args import Subparsers, add_command, positive_int
 from treeckpt.tools.cli._output import print_json, progress_bar
 from treeckpt.tools.verify import Problem, VerifyReport, verify
 
@@ -16,19 +16,17 @@ __all__ = ["add_parser", "run"]
 
 def add_parser(sub: Subparsers) -> argparse.ArgumentParser:
     """Add this command's parser to the ``treeckpt`` subcommands."""
-    p = sub.add_parser(
+    p = add_command(
+        sub,
         "verify",
+        "Read every stored chunk of every writer and check it as a load would: the "
+        "data file holds all its bytes, the checksum of the stored bytes matches, and a "
+        "compressed chunk decodes to exactly its declared size. Also checks the manifest, every "
+        "chunk index, data file sizes and that each tensor is fully covered. Reports every "
+        "problem with its file, byte offset and tensor FQN.",
+        "exit codes: 0 intact, 1 damage found, 2 no checkpoint at PATH or usage error",
         help="read every chunk and check checksums and decoding; exit 1 on damage",
-        description=help_text(
-            "Read every stored chunk of every writer and check it as a load would: the "
-            "data file holds all its bytes, the checksum of the stored bytes matches, and a "
-            "compressed chunk decodes to exactly its declared size. Also checks the manifest, every "
-            "chunk index, data file sizes and that each tensor is fully covered. Reports every "
-            "problem with its file, byte offset and tensor FQN.",
-            "exit codes: 0 intact, 1 damage found, 2 no checkpoint at PATH or usage error",
-        ),
         epilog="examples:\n  treeckpt verify ckpt/\n  treeckpt verify ckpt/ --threads 16 --json",
-        formatter_class=FORMATTER,
     )
     p.add_argument("path", help="checkpoint directory or URL")
     p.add_argument(
