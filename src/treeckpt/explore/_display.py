@@ -22,7 +22,7 @@ __all__ = ["GroupView", "render_html", "render_text"]
 
 
 class GroupView(Protocol):
-    """What the renderers need of a group (``_checkpoint.GroupView``), without importing it.
+    """What the renderers need of a group (``_checkpoint.Group``), without importing it.
 
     ``_title`` is the first words of the header line: ``treeckpt subtree 'model'``
     or, for the root, the checkpoint's path, save id and writer count.
