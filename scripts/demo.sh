@@ -5,4 +5,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 bash scripts/setup-venv.sh lightning   # the demo needs only the Lightning extra
-.venv/bin/python -m treeckpt.tools.demo "$@"
+.venv/bin/python scripts/demo.py "$@"

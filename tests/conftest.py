@@ -9,6 +9,7 @@ import importlib.util
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import settings
@@ -42,3 +43,19 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 def tmp_ckpt(tmp_path: Path) -> Iterator[str]:
     """Path of a checkpoint directory that does not exist yet; saving creates it."""
     yield str(tmp_path / "ckpt")
+
+
+@pytest.fixture(scope="session", params=[False, True], ids=["raw", "zstd"])
+def fsdp_dcp_ckpt(request: Any, tmp_path_factory: Any) -> tuple[str, Any]:
+    """``(path, full state)`` of a checkpoint torch's DCP wrote on 2 FSDP2 ranks.
+
+    Shared by the tests of the reader (``tests/formats``) and of the facade
+    (``tests/dcp``): one 2-rank save per session and parameter.
+    """
+    from tests.dist_utils import run_ranks
+    from tests.torch_dcp_utils import dcp_save_fsdp
+
+    tmp = tmp_path_factory.mktemp("dcp")
+    path = str(tmp / "ckpt")
+    full = run_ranks(2, dcp_save_fsdp, tmp, path, request.param)[0]
+    return path, full

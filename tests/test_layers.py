@@ -3,6 +3,9 @@
 import-linter checks the layers and keeps fsspec, zstandard and xxhash out of
 `core`. It cannot forbid a subpackage of an external package, so the
 `torch.distributed` rule for `core` and `store` is checked here on the ASTs.
+Two more import-linter contracts hold for every package, including ones not
+written yet: a private module (`_name`) is imported only from inside its own
+package, and sibling modules never import each other in a circle.
 """
 
 from __future__ import annotations
@@ -80,6 +83,13 @@ def test_import_contracts_catch_violations(tmp_path: Path) -> None:
         "store/__init__.py": "import treeckpt.core\n",
         "core/__init__.py": "",
         "core/plan.py": "import fsspec\nfrom treeckpt.shell import run\n",
+        # tools -> explore._display: a private module of another package.
+        "tools/__init__.py": "",
+        "tools/cli.py": "from treeckpt.explore._display import fmt_size\n",
+        "explore/__init__.py": "",
+        # _display -> _checkpoint -> _display: siblings in a circle.
+        "explore/_display.py": "from treeckpt.explore import _checkpoint\n",
+        "explore/_checkpoint.py": "from treeckpt.explore import _display\n",
     }
     for name, text in files.items():
         path = tmp_path / "treeckpt" / name
@@ -91,6 +101,9 @@ def test_import_contracts_catch_violations(tmp_path: Path) -> None:
     assert result.returncode != 0, out
     assert "treeckpt layers BROKEN" in out, out
     assert "core is pure BROKEN" in out, out
+    assert "private modules are private to their package BROKEN" in out, out
+    assert "treeckpt.tools.cli -> treeckpt.explore._display" in out, out
+    assert "no import cycles between siblings BROKEN" in out, out
 
 
 @pytest.mark.parametrize("layer", sorted(FORBIDDEN))

@@ -20,7 +20,7 @@ from torch.distributed.tensor import DTensor
 
 import treeckpt
 import treeckpt.dcp as dcp
-import treeckpt.dcp._torch_format_write as tw
+import treeckpt.formats.torch_dcp.writer as tw
 from tests.dist_utils import run_ranks
 from treeckpt import CheckpointError, CheckpointNotFoundError
 from treeckpt.dcp.format_utils import (

@@ -14,7 +14,7 @@ pytest.importorskip("lightning")
 def saved_on_2(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """Train 20 steps on 2 processes (ModelParallelStrategy, FSDP2, gloo) and save through
     treeckpt.lightning; the state each rank held at the save, gathered, is in ``end.pt``."""
-    from treeckpt.tools.demo import run_job
+    from scripts.demo import run_job
 
     root = tmp_path_factory.mktemp("lightning")
     ckpt = root / "ckpt"

@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 import torch
 
+from scripts.demo import run_job, states_equal
 from treeckpt.tools.consolidate import consolidate
-from treeckpt.tools.demo import run_job, states_equal
 
 pytestmark = pytest.mark.distributed
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import treeckpt
-from treeckpt.tools.demo import run_job, states_equal
+from scripts.demo import run_job, states_equal
 
 pytestmark = pytest.mark.distributed
 

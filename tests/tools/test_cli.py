@@ -24,6 +24,7 @@ from treeckpt.core.manifest import ChunkRef
 from treeckpt.store.backends import open_backend
 from treeckpt.store.reader import read_indexes, read_manifest
 from treeckpt.tools import cli
+from treeckpt.tools.cli import _output as cli_output
 from treeckpt.tools.verify import check_chunk
 
 FAST = SaveOptions(sync=False)
@@ -123,7 +124,7 @@ def test_inspect_filter_matches_fqn_globs(saved: Path, capsys: pytest.CaptureFix
 def test_inspect_on_a_terminal_prints_a_rich_table(
     saved: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(cli, "_is_terminal", lambda stream: True)
+    monkeypatch.setattr(cli_output, "is_terminal", lambda stream: True)
     monkeypatch.setenv("COLUMNS", "200")
     code, out, _ = run(["inspect", str(saved), "--filter", "model.0.*", "--filter", "step"], capsys)
     assert code == 0
@@ -284,7 +285,7 @@ def test_verify_multi_chunk_compressed_checkpoint(
 def test_verify_and_diff_over_fsspec_with_progress_bars(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(cli, "_is_terminal", lambda stream: True)
+    monkeypatch.setattr(cli_output, "is_terminal", lambda stream: True)
     root = f"memory://treeckpt-cli-{uuid.uuid4().hex}"
     treeckpt.save({"w": torch.arange(3000.0)}, f"{root}/a", options=SMALL_CHUNKS)
     treeckpt.save({"w": torch.arange(3000.0)}, f"{root}/b", options=FAST)

@@ -18,7 +18,8 @@ from hypothesis import strategies as st
 
 import treeckpt
 from treeckpt.errors import CheckpointError, CheckpointNotFoundError, OptionsError
-from treeckpt.tools.consolidate import _slabs, consolidate
+from treeckpt.tools.consolidate import consolidate
+from treeckpt.tools.consolidate.writer import slabs as _slabs
 
 
 def _tree() -> dict[str, Any]:

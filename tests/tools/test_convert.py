@@ -21,8 +21,8 @@ import treeckpt
 from treeckpt import SaveOptions
 from treeckpt.core.leaves import TensorLeaf
 from treeckpt.core.tree import flatten_tree
-from treeckpt.dcp._torch_format import restore_dcp
 from treeckpt.errors import CheckpointError
+from treeckpt.formats.torch_dcp import restore_dcp
 from treeckpt.tools import cli
 from treeckpt.tools.convert import convert, detect_format
 from treeckpt.tools.diff import diff

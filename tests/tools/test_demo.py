@@ -8,7 +8,7 @@ import pytest
 
 pytest.importorskip("lightning")
 
-from treeckpt.tools import demo
+from scripts import demo
 
 pytestmark = pytest.mark.distributed
 

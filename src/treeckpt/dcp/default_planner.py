@@ -28,7 +28,7 @@ from torch.distributed.checkpoint.planner import (
 )
 
 from treeckpt.core.box import Box
-from treeckpt.dcp._flat import decode_bytes, encode_bytes, flatten_dcp, set_path
+from treeckpt.dcp._flat import flatten_dcp, set_path
 from treeckpt.dcp._plans import (
     create_default_global_load_plan,
     create_default_global_save_plan,
@@ -37,6 +37,7 @@ from treeckpt.dcp._plans import (
     dedup_plans,
     local_for,
 )
+from treeckpt.formats.torch_dcp.protocol import decode_bytes, encode_bytes
 
 __all__ = [
     "DefaultLoadPlanner",

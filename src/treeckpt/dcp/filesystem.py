@@ -5,7 +5,7 @@ per-save data files, checksums, atomic overwrite) at a local path or any
 fsspec URL; :class:`FileSystemReader` reads it back with resharding, and
 presents it to planners as DCP's :class:`~treeckpt.dcp.metadata.Metadata`.
 A directory written by torch's own DCP (a ``.metadata`` file and no
-``manifest.json``) is read by :class:`~treeckpt.dcp._torch_format.TorchDcpReader`,
+``manifest.json``) is read by :class:`~treeckpt.formats.torch_dcp.TorchDcpReader`,
 without running its pickles, with the same resharding.
 
 ``FileSystem``, ``FileSystemBase`` and ``SerializationFormat`` are torch's,
@@ -42,10 +42,7 @@ from treeckpt.core.box import Box
 from treeckpt.core.dtypes import torch_dtype
 from treeckpt.core.leaves import TensorLeaf
 from treeckpt.core.options import LoadOptions, SaveOptions
-from treeckpt.dcp._flat import commit_read, done, encode_bytes, stored_box
 from treeckpt.dcp._shards import ShardSet
-from treeckpt.dcp._torch_format import TorchDcpReader
-from treeckpt.dcp._torch_metadata import DcpCheckpoint
 from treeckpt.dcp._view import (
     RAW_BYTES_KEY,
     TreeckptStorage,
@@ -55,6 +52,8 @@ from treeckpt.dcp._view import (
 )
 from treeckpt.dcp.staging import BlockingAsyncStager
 from treeckpt.errors import CheckpointError, LoadMismatchError
+from treeckpt.formats.torch_dcp import DcpCheckpoint, TorchDcpReader
+from treeckpt.formats.torch_dcp.protocol import commit_read, done, encode_bytes, stored_box
 from treeckpt.shell.coord import Coordinator
 from treeckpt.shell.load import read_regions, read_stored
 from treeckpt.shell.save import SaveResult, save_tree

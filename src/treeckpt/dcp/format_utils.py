@@ -38,11 +38,10 @@ from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPla
 from torch.futures import Future
 
 from treeckpt.core.options import SaveOptions
-from treeckpt.dcp._flat import commit_read, done
-from treeckpt.dcp._torch_format import restore_dcp
-from treeckpt.dcp._torch_format import unpickling_reason as _reason
-from treeckpt.dcp._torch_format_write import open_lazy, write_dcp, write_torch_save
 from treeckpt.errors import CheckpointError, CheckpointNotFoundError
+from treeckpt.formats.torch_dcp import open_lazy, restore_dcp, write_dcp, write_torch_save
+from treeckpt.formats.torch_dcp import unpickling_reason as _reason
+from treeckpt.formats.torch_dcp.protocol import commit_read, done
 from treeckpt.shell.coord import LocalCoordinator
 from treeckpt.shell.save import save_tree
 from treeckpt.store.backends import open_backend

@@ -18,5 +18,14 @@ from treeckpt.explore._checkpoint import Checkpoint, Group, open
 from treeckpt.explore._handle import TensorHandle
 from treeckpt.explore._source import ChunkInfo
 from treeckpt.explore._stats import TensorStats
+from treeckpt.explore._units import fmt_size
 
-__all__ = ["Checkpoint", "ChunkInfo", "Group", "TensorHandle", "TensorStats", "open"]
+__all__ = [
+    "Checkpoint",
+    "ChunkInfo",
+    "Group",
+    "TensorHandle",
+    "TensorStats",
+    "fmt_size",
+    "open",
+]

@@ -14,10 +14,22 @@ from treeckpt.errors import CheckpointError, LeafNotFoundError
 from treeckpt.explore import _display
 from treeckpt.explore._handle import TensorHandle
 from treeckpt.explore._source import Node, Source, nbytes
+from treeckpt.shell.load import value_of
 from treeckpt.store.backends import Backend, open_backend
 from treeckpt.store.reader import read_manifest
 
 __all__ = ["Checkpoint", "Group", "open"]
+
+
+def _entry(src: Source, fqn: str) -> Any:
+    """A tensor's one handle (made on first use, kept by the source), or a value."""
+    rec = src.manifest.records[fqn]
+    if isinstance(rec, TensorLeaf):
+        handle = src.handles.get(fqn)
+        if not isinstance(handle, TensorHandle):
+            handle = src.handles[fqn] = TensorHandle(src, fqn, rec)
+        return handle
+    return value_of(fqn, rec, allow_pickle=src.allow_pickle)
 
 
 def open(
@@ -81,9 +93,9 @@ class Group(Mapping[str, Any]):
         if isinstance(child, Node):
             return Group(self._src, child)
         if isinstance(child, str):
-            return self._src.entry(child)
+            return _entry(self._src, child)
         if full in records:
-            return self._src.entry(full)
+            return _entry(self._src, full)
         if full in self._src.groups:
             return Group(self._src, self._src.groups[full])
         near = difflib.get_close_matches(full, [*records, *self._src.groups], n=3)
@@ -124,7 +136,7 @@ class Group(Mapping[str, Any]):
     def tensors(self) -> dict[str, TensorHandle]:
         """FQN -> handle of every tensor below this group."""
         recs = self._src.manifest.records
-        return {f: self._src.entry(f) for f in self.fqns() if isinstance(recs[f], TensorLeaf)}
+        return {f: _entry(self._src, f) for f in self.fqns() if isinstance(recs[f], TensorLeaf)}
 
     def leaf_values(self) -> dict[str, Any]:
         """FQN -> value of every non-tensor leaf below this group (pickles shown, not loaded)."""
@@ -137,7 +149,7 @@ class Group(Mapping[str, Any]):
 
         def build(node: Node) -> dict[str, Any]:
             return {
-                name: build(c) if isinstance(c, Node) else self._src.entry(c)
+                name: build(c) if isinstance(c, Node) else _entry(self._src, c)
                 for name, c in node.children.items()
             }
 
@@ -164,6 +176,11 @@ class Group(Mapping[str, Any]):
     def _repr_html_(self) -> str:
         return _display.render_html(self)
 
+    @property
+    def _title(self) -> str:
+        """The header's first words (for display)."""
+        return f"treeckpt subtree {self.fqn!r}"
+
     def _children(self) -> list[tuple[str, Group | str]]:
         """(name, subgroup or leaf FQN) in saved order (for display)."""
         return [
@@ -175,7 +192,7 @@ class Group(Mapping[str, Any]):
         return self._src.manifest.records[fqn]
 
     def _handle(self, fqn: str) -> TensorHandle:
-        handle = self._src.entry(fqn)
+        handle = _entry(self._src, fqn)
         assert isinstance(handle, TensorHandle)
         return handle
 
@@ -189,6 +206,13 @@ class Checkpoint(Group):
 
     def __init__(self, source: Source) -> None:
         super().__init__(source, source.root)
+
+    @property
+    def _title(self) -> str:
+        return (
+            f"treeckpt checkpoint {self.path} (save {self.save_id}, "
+            f"{self.world_size} writer rank(s))"
+        )
 
     @property
     def path(self) -> str:

@@ -8,40 +8,42 @@ indexes; no tensor data is read to display anything.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from html import escape
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
-from treeckpt.core.leaves import PickleLeaf, TensorLeaf
+from treeckpt.core.leaves import LeafRecord, PickleLeaf, TensorLeaf
+from treeckpt.explore._units import codecs_text, fmt_size, ratio
 
 if TYPE_CHECKING:
-    from treeckpt.explore._checkpoint import Group, TensorHandle
+    from treeckpt.explore._handle import TensorHandle
 
-__all__ = ["fmt_size", "handle_html", "handle_text", "render_html", "render_text"]
+__all__ = ["GroupView", "render_html", "render_text"]
+
+
+class GroupView(Protocol):
+    """What the renderers need of a group (``_checkpoint.Group``), without importing it.
+
+    ``_title`` is the first words of the header line: ``treeckpt subtree 'model'``
+    or, for the root, the checkpoint's path, save id and writer count.
+    """
+
+    @property
+    def _title(self) -> str: ...
+
+    def fqns(self) -> list[str]: ...
+
+    def tensors(self) -> Mapping[str, TensorHandle]: ...
+
+    def _children(self) -> Sequence[tuple[str, GroupView | str]]: ...
+
+    def _record(self, fqn: str) -> LeafRecord: ...
+
+    def _handle(self, fqn: str) -> TensorHandle: ...
+
 
 #: Leaves shown at most in one HTML rendering (the rest are counted).
 MAX_HTML_LEAVES = 2000
-
-
-def fmt_size(n: float) -> str:
-    """Bytes for people: 512 B, 1.5 KiB, 12.3 MiB."""
-    if n < 1024:
-        return f"{int(n)} B"
-    for unit in ("KiB", "MiB", "GiB", "TiB"):
-        n /= 1024
-        if n < 1024 or unit == "TiB":
-            return f"{n:.3g} {unit}" if n < 100 else f"{n:.0f} {unit}"
-    raise AssertionError  # pragma: no cover
-
-
-def _ratio(raw: int, stored: int) -> str:
-    return f"{raw / stored:.2f}x" if stored else "-"
-
-
-def _codecs(h: TensorHandle) -> str:
-    cs = h.codecs
-    if len(cs) <= 1:
-        return next(iter(cs), "-")
-    return " ".join(f"{c}({n})" for c, n in sorted(cs.items(), key=lambda kv: -kv[1]))
 
 
 def _short(v: Any, limit: int = 60) -> str:
@@ -49,14 +51,14 @@ def _short(v: Any, limit: int = 60) -> str:
     return r if len(r) <= limit else r[: limit - 3] + "..."
 
 
-def _value_of(g: Group, fqn: str) -> str:
+def _value_of(g: GroupView, fqn: str) -> str:
     rec = g._record(fqn)
     if isinstance(rec, PickleLeaf):
         return f"<pickled object, {len(rec.data)} bytes>"
     return _short(getattr(rec, "value", None))
 
 
-def _group_line(g: Group) -> str:
+def _group_line(g: GroupView) -> str:
     t = g.tensors()
     n_values = len(g.fqns()) - len(t)
     raw = sum(h.nbytes for h in t.values())
@@ -65,37 +67,22 @@ def _group_line(g: Group) -> str:
     if t:
         parts.append(
             f"{len(t)} tensors, {fmt_size(raw)} raw, {fmt_size(stored)} stored "
-            f"({_ratio(raw, stored)})"
+            f"({ratio(raw, stored)})"
         )
     if n_values or not t:
         parts.append(f"{n_values} values")
     return "; ".join(parts)
 
 
-def _header(g: Group) -> str:
-    from treeckpt.explore._checkpoint import Checkpoint
-
-    if isinstance(g, Checkpoint):
-        return (
-            f"treeckpt checkpoint {g.path} (save {g.save_id}, {g.world_size} writer rank(s)): "
-            f"{_group_line(g)}"
-        )
-    return f"treeckpt subtree {g.fqn!r}: {_group_line(g)}"
+def _header(g: GroupView) -> str:
+    return f"{g._title}: {_group_line(g)}"
 
 
-def handle_text(h: TensorHandle) -> str:
-    return (
-        f"<tensor {h.fqn} {h.dtype}{list(h.shape)}: {fmt_size(h.nbytes)} raw, "
-        f"{fmt_size(h.stored_bytes)} stored ({_ratio(h.nbytes, h.stored_bytes)}), "
-        f"{len(h.chunks)} chunk(s) {_codecs(h)} from {len(h.layout)} writer rank(s)>"
-    )
-
-
-def render_text(g: Group, *, max_lines: int | None) -> str:
+def render_text(g: GroupView, *, max_lines: int | None) -> str:
     lines = [_header(g)]
     skipped = 0
 
-    def walk(grp: Group, depth: int) -> None:
+    def walk(grp: GroupView, depth: int) -> None:
         nonlocal skipped
         pad = "  " * depth
         for name, child in grp._children():
@@ -109,8 +96,8 @@ def render_text(g: Group, *, max_lines: int | None) -> str:
                     h = grp._handle(child)
                     lines.append(
                         f"{pad}{name}: {h.dtype}{list(h.shape)} {fmt_size(h.nbytes)} -> "
-                        f"{fmt_size(h.stored_bytes)} ({_ratio(h.nbytes, h.stored_bytes)}, "
-                        f"{_codecs(h)})"
+                        f"{fmt_size(h.stored_bytes)} ({ratio(h.nbytes, h.stored_bytes)}, "
+                        f"{codecs_text(h.codecs)})"
                     )
                 else:
                     lines.append(f"{pad}{name} = {_value_of(grp, child)}")
@@ -151,13 +138,13 @@ def _tensor_row(name: str, h: TensorHandle) -> str:
         f'<td style="{_STYLE_CELL}">{e(str(list(h.shape)))}</td>'
         f'<td style="{_STYLE_NUM}">{fmt_size(h.nbytes)}</td>'
         f'<td style="{_STYLE_NUM}">{fmt_size(h.stored_bytes)}</td>'
-        f'<td style="{_STYLE_NUM}">{_ratio(h.nbytes, h.stored_bytes)}</td>'
+        f'<td style="{_STYLE_NUM}">{ratio(h.nbytes, h.stored_bytes)}</td>'
         f'<td style="{_STYLE_NUM}">{len(h.chunks)}</td>'
-        f'<td style="{_STYLE_CELL}">{e(_codecs(h))}</td></tr>'
+        f'<td style="{_STYLE_CELL}">{e(codecs_text(h.codecs))}</td></tr>'
     )
 
 
-def _value_row(g: Group, name: str, fqn: str) -> str:
+def _value_row(g: GroupView, name: str, fqn: str) -> str:
     e = escape
     return (
         f'<tr title="{e(fqn)}"><td style="{_STYLE_CELL}"><code>{e(name)}</code></td>'
@@ -165,7 +152,7 @@ def _value_row(g: Group, name: str, fqn: str) -> str:
     )
 
 
-def render_html(g: Group) -> str:
+def render_html(g: GroupView) -> str:
     shown = 0
     hidden = 0
     out: list[str] = [
@@ -173,7 +160,7 @@ def render_html(g: Group) -> str:
         f"<div><b>{escape(_header(g))}</b></div>",
     ]
 
-    def walk(grp: Group, depth: int) -> None:
+    def walk(grp: GroupView, depth: int) -> None:
         nonlocal shown, hidden
         rows: list[str] = []
 
@@ -214,14 +201,3 @@ def render_html(g: Group) -> str:
         )
     out.append("</div>")
     return "".join(out)
-
-
-def handle_html(h: TensorHandle) -> str:
-    e = escape
-    layout = "; ".join(f"rank {r}: {len(boxes)} chunk(s)" for r, boxes in h.layout.items())
-    return (
-        f'<div class="treeckpt" style="font-family:monospace"><b>{e(h.fqn)}</b> '
-        f"{e(h.dtype)}{e(str(list(h.shape)))}<br>{fmt_size(h.nbytes)} raw, "
-        f"{fmt_size(h.stored_bytes)} stored ({_ratio(h.nbytes, h.stored_bytes)}); "
-        f"{len(h.chunks)} chunk(s): {e(_codecs(h))}; {e(layout)}</div>"
-    )

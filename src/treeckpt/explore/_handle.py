@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import operator
-from typing import TYPE_CHECKING, Any
+from html import escape
+from typing import Any
 
 import numpy as np
 import torch
@@ -12,12 +13,10 @@ from treeckpt.core.box import Box, full_box
 from treeckpt.core.dtypes import dtype_info, torch_dtype
 from treeckpt.core.leaves import TensorLeaf
 from treeckpt.core.plan import LoadPlan
-from treeckpt.explore import _display
+from treeckpt.explore._source import ChunkInfo, Source
 from treeckpt.explore._stats import StatsAccumulator, TensorStats
+from treeckpt.explore._units import codecs_text, fmt_size, ratio
 from treeckpt.shell.tensors import finish_leaf
-
-if TYPE_CHECKING:
-    from treeckpt.explore._source import ChunkInfo, Source
 
 __all__ = ["STATS_BATCH_BYTES", "TensorHandle"]
 
@@ -158,10 +157,10 @@ class TensorHandle:
         return acc.result()
 
     def __repr__(self) -> str:
-        return _display.handle_text(self)
+        return _text(self)
 
     def _repr_html_(self) -> str:
-        return _display.handle_html(self)
+        return _html(self)
 
 
 def _index_box(shape: tuple[int, ...], index: Any) -> tuple[Box, tuple[Any, ...]]:
@@ -206,3 +205,22 @@ def _index_box(shape: tuple[int, ...], index: Any) -> tuple[Box, tuple[Any, ...]
         sizes.append(1)
         post.append(0)
     return Box(offsets=tuple(offsets), sizes=tuple(sizes)), tuple(post)
+
+
+def _text(h: TensorHandle) -> str:
+    return (
+        f"<tensor {h.fqn} {h.dtype}{list(h.shape)}: {fmt_size(h.nbytes)} raw, "
+        f"{fmt_size(h.stored_bytes)} stored ({ratio(h.nbytes, h.stored_bytes)}), "
+        f"{len(h.chunks)} chunk(s) {codecs_text(h.codecs)} from {len(h.layout)} writer rank(s)>"
+    )
+
+
+def _html(h: TensorHandle) -> str:
+    e = escape
+    layout = "; ".join(f"rank {r}: {len(boxes)} chunk(s)" for r, boxes in h.layout.items())
+    return (
+        f'<div class="treeckpt" style="font-family:monospace"><b>{e(h.fqn)}</b> '
+        f"{e(h.dtype)}{e(str(list(h.shape)))}<br>{fmt_size(h.nbytes)} raw, "
+        f"{fmt_size(h.stored_bytes)} stored ({ratio(h.nbytes, h.stored_bytes)}); "
+        f"{len(h.chunks)} chunk(s): {e(codecs_text(h.codecs))}; {e(layout)}</div>"
+    )

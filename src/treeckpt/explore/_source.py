@@ -17,8 +17,7 @@ from treeckpt.core.plan import LoadPlan, StoredTensor, plan_load
 from treeckpt.core.specs import ShardSpec
 from treeckpt.core.tree import build_tree
 from treeckpt.errors import CheckpointError, CheckpointReplacedError, ManifestError
-from treeckpt.explore._handle import TensorHandle
-from treeckpt.shell.load import read_regions, value_of
+from treeckpt.shell.load import read_regions
 from treeckpt.shell.tensors import allocate
 from treeckpt.store.backends import Backend
 from treeckpt.store.reader import read_indexes, replacement
@@ -74,7 +73,8 @@ class Source:
         self._chunks: dict[str, tuple[ChunkInfo, ...]] = {}
         self._stored: dict[str, StoredTensor] = {}
         self.root, self.groups = _build_nodes(manifest)
-        self.handles: dict[str, TensorHandle] = {}
+        #: FQN -> its one ``TensorHandle``, made by the views (``_checkpoint``) on first use.
+        self.handles: dict[str, object] = {}
 
     @property
     def indexes(self) -> list[ChunkIndex]:
@@ -164,15 +164,6 @@ class Source:
                 f"{self.backend.root}: the checkpoint was replaced by a new save since it was "
                 f"opened (save {self.manifest.save_id}, now save {newer.save_id}); open it again"
             ) from exc
-
-    def entry(self, fqn: str) -> Any:
-        rec = self.manifest.records[fqn]
-        if isinstance(rec, TensorLeaf):
-            handle = self.handles.get(fqn)
-            if handle is None:
-                handle = self.handles[fqn] = TensorHandle(self, fqn, rec)
-            return handle
-        return value_of(fqn, rec, allow_pickle=self.allow_pickle)
 
 
 def _build_nodes(manifest: Manifest) -> tuple[Node, dict[str, Node]]:

@@ -46,10 +46,9 @@ import torch
 import treeckpt
 from treeckpt.core.leaves import TensorLeaf
 from treeckpt.core.tree import build_tree, flatten_tree
-from treeckpt.dcp._torch_format import restore_dcp
-from treeckpt.dcp._torch_format_write import write_dcp
 from treeckpt.errors import CheckpointError, CheckpointNotFoundError
 from treeckpt.explore import TensorHandle
+from treeckpt.formats.torch_dcp import restore_dcp, write_dcp
 from treeckpt.store import layout
 from treeckpt.store.backends import open_backend
 

@@ -1,15 +1,19 @@
 """The treeckpt demo: the Lightning workflow on CPU, with treeckpt doing the checkpointing.
 
-Run it with ``python -m treeckpt.tools.demo [--dir DIR]``. It trains a small
+Run it with ``bash scripts/demo.sh`` (or ``python scripts/demo.py [--dir DIR]``
+where treeckpt and Lightning are installed). It trains a small
 transformer on synthetic data on 2 processes (gloo) with Lightning's
 ``ModelParallelStrategy`` (FSDP2) through :mod:`treeckpt.lightning`, saves a
 sharded checkpoint, resumes it on 1 process and checks that the model and
 optimizer state are bit-identical to the saved ones, inspects the checkpoint,
 consolidates it into one file and loads that with ``torch.load``.
 
-Each Lightning run is a separate ``python -m treeckpt.tools.demo --job ...``
+Each Lightning run is a separate ``python scripts/demo.py --job ...``
 process: Lightning's launcher starts the other ranks by re-running that
 command, and a process can only take part in one process group layout.
+
+This script is not part of the installed package; the Lightning tests import
+``run_job`` and ``states_equal`` from it (``scripts.demo``) as their harness.
 """
 
 from __future__ import annotations
@@ -192,7 +196,7 @@ def run_job(
 ) -> dict[str, Any]:
     """Run one Lightning job in a fresh process (Lightning starts the other ranks); its summary."""
     out.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "treeckpt.tools.demo", "--job", "--devices", str(devices)]
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--job", "--devices", str(devices)]
     cmd += ["--steps", str(steps), "--out", str(out)]
     if save:
         cmd += ["--save", save]

@@ -32,7 +32,8 @@ from treeckpt.core.dtypes import torch_dtype
 from treeckpt.core.leaves import TensorLeaf
 from treeckpt.core.options import LoadOptions
 from treeckpt.core.tree import build_tree
-from treeckpt.dcp._torch_format import (
+from treeckpt.errors import CheckpointError
+from treeckpt.formats.torch_dcp.reader import (
     dcp_flatten,
     is_dcp_checkpoint,
     nest,
@@ -40,7 +41,6 @@ from treeckpt.dcp._torch_format import (
     read_dcp_tensor,
     read_dcp_value,
 )
-from treeckpt.errors import CheckpointError
 from treeckpt.shell.load import read_regions, read_stored, value_of
 from treeckpt.shell.tensors import allocate
 from treeckpt.store.backends import open_backend

@@ -54,15 +54,6 @@ from treeckpt.core.box import Box, full_box
 from treeckpt.core.dtypes import dtype_info, torch_dtype, torch_dtype_code
 from treeckpt.core.leaves import TensorLeaf
 from treeckpt.core.tree import map_tree
-from treeckpt.dcp._flat import commit_read, done, encode_bytes, stored_box
-from treeckpt.dcp._torch_metadata import (
-    DcpCheckpoint,
-    DcpItem,
-    DcpTensor,
-    fs_and_root,
-    is_dcp_checkpoint,
-    read_dcp_metadata,
-)
 from treeckpt.errors import (
     CheckpointError,
     CorruptChunkError,
@@ -71,14 +62,25 @@ from treeckpt.errors import (
     ManifestError,
     PlanError,
 )
+from treeckpt.formats.torch_dcp.metadata import (
+    DcpCheckpoint,
+    DcpItem,
+    DcpTensor,
+    fs_and_root,
+    is_dcp_checkpoint,
+    read_dcp_metadata,
+)
+from treeckpt.formats.torch_dcp.protocol import commit_read, done, encode_bytes, stored_box
 from treeckpt.shell.tensors import local_shards
 
 __all__ = [
+    "MAX_VALUE_BYTES",
     "DcpCheckpoint",
     "DcpItem",
     "DcpTensor",
     "TorchDcpReader",
     "dcp_flatten",
+    "dcp_metadata",
     "is_dcp_checkpoint",
     "load_dcp",
     "nest",
