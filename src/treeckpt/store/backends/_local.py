@@ -81,6 +81,7 @@ class _LocalWriter(Writer):
 
 class LocalBackend(Backend):
     supports_fsync = True
+    supports_exclusive_create = True
 
     def __init__(self, root: str) -> None:
         self.root = os.path.abspath(os.path.expanduser(root))
@@ -172,6 +173,41 @@ class LocalBackend(Backend):
         else:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
+
+    def exists(self, name: str) -> bool:
+        return os.path.lexists(self._path(name))
+
+    def remove(self, name: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._path(name))
+
+    def list_files(self, name: str = "") -> list[str]:
+        top = self._path(name)
+        if not os.path.isdir(top):
+            return []
+        files = []
+        for here, _, names in os.walk(top):
+            rel = os.path.relpath(here, self.root)
+            for n in names:
+                files.append(n if rel == "." else f"{rel}/{n}".replace(os.sep, "/"))
+        return sorted(files)
+
+    def create_file(self, name: str, data: bytes, *, sync: bool) -> bool:
+        try:
+            fd = os.open(self._path(name), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            return False
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            if sync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        if sync:
+            self.sync_dir(os.path.dirname(name))
+        return True
 
     def hold_dir(self, name: str) -> DirHold | None:
         try:
