@@ -39,8 +39,7 @@ def retain(root: StepRoot, newest: int, keep: KeepPolicy, *, sync: bool) -> None
         metrics: dict[str, float] = {}
         if keep.best_metric is not None:  # only then are manifests read
             with contextlib.suppress(CheckpointError):
-                mine, _ = root.user_metadata(step)
-                metrics = dict(mine.get("metrics", {}))
+                metrics = root.step_info(step).metrics
         records.append(StepRecord(step=step, metrics=metrics))
     kept = steps_to_keep(records, keep) | {newest}
     drop = [s for s in scan.committed if s not in kept]

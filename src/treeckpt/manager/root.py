@@ -19,6 +19,7 @@ checkpoint. Only rank 0 calls the methods that list or change the root.
 from __future__ import annotations
 
 import contextlib
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,13 +29,13 @@ from treeckpt.core.incremental import ReuseTable, build_reuse_table
 from treeckpt.core.leaves import TensorLeaf
 from treeckpt.core.manifest import ChunkIndex, Manifest
 from treeckpt.core.options import SaveOptions
-from treeckpt.errors import CheckpointError
+from treeckpt.errors import CheckpointError, CheckpointNotFoundError
 from treeckpt.shell.ranks import open_save_dir
 from treeckpt.store import layout
 from treeckpt.store.backends import Backend, open_backend
 from treeckpt.store.reader import read_indexes, read_manifest
 
-__all__ = ["RETIRED", "Scan", "StepRoot", "step_dir"]
+__all__ = ["RETIRED", "Scan", "StepInfo", "StepRoot", "step_dir"]
 
 _STEP_DIR = re.compile(r"step-([0-9]{10,18})")
 #: the marker of a deleted step whose data files a kept step still reads
@@ -46,6 +47,17 @@ META_KEY = "treeckpt.manager"
 def step_dir(step: int) -> str:
     """The directory name of ``step`` (zero-padded, so names sort like numbers)."""
     return f"step-{step:010d}"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StepInfo:
+    """The metadata of one committed step (stored in its manifest)."""
+
+    step: int
+    path: str
+    time: float
+    metrics: dict[str, float] = field(default_factory=dict)
+    user_metadata: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -97,6 +109,23 @@ class StepRoot:
             steps.sort()
         return scan
 
+    def candidates(self, step: int | None) -> tuple[list[int], list[int]]:
+        """The steps a restore tries, newest first, and the partial steps newer than them.
+
+        Raises:
+            CheckpointNotFoundError: ``step`` is given and not committed.
+        """
+        scan = self.scan()
+        if step is not None:
+            if step not in scan.committed:
+                raise CheckpointNotFoundError(
+                    f"{self.step_path(step)}: step {step} is not a committed step "
+                    f"(committed: {scan.committed[-8:]})"
+                )
+            return [step], []
+        newest = scan.committed[-1] if scan.committed else -1
+        return sorted(scan.committed, reverse=True), [s for s in scan.partial if s > newest]
+
     def is_retired(self, step: int) -> bool:
         return self.backend.exists(f"{step_dir(step)}/{RETIRED}")
 
@@ -111,15 +140,21 @@ class StepRoot:
         finally:
             backend.close()
 
-    def user_metadata(self, step: int) -> tuple[dict[str, Any], dict[str, Any]]:
-        """The manager's entry (time, metrics) and the user's keys of ``step``'s manifest."""
+    def step_info(self, step: int) -> StepInfo:
+        """Time, metrics and user metadata of a committed step, from its manifest."""
         backend = self.open_step(step)
         try:
             meta = read_manifest(backend).user_metadata
         finally:
             backend.close()
         mine = meta.get(META_KEY, {}) if isinstance(meta.get(META_KEY), dict) else {}
-        return mine, {k: v for k, v in meta.items() if k != META_KEY}
+        return StepInfo(
+            step=step,
+            path=self.step_path(step),
+            time=float(mine.get("time", math.nan)),
+            metrics=dict(mine.get("metrics", {})),
+            user_metadata={k: v for k, v in meta.items() if k != META_KEY},
+        )
 
     def readable(self, step: int) -> bool:
         """Whether a committed step's manifest and chunk indexes are intact."""

@@ -12,12 +12,10 @@ error (``treeckpt.shell.ranks.on_coordinator``).
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import time
 import warnings
 import weakref
-from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from treeckpt import api
@@ -34,8 +32,8 @@ from treeckpt.errors import (
 )
 from treeckpt.manager import retention
 from treeckpt.manager.lock import RootLock
-from treeckpt.manager.policy import KeepPolicy, SavePolicy
-from treeckpt.manager.root import META_KEY, StepRoot, step_dir
+from treeckpt.manager.policy import KeepPolicy, SavePolicy, check_metrics
+from treeckpt.manager.root import META_KEY, StepInfo, StepRoot, step_dir
 from treeckpt.shell.coord import Coordinator
 from treeckpt.shell.ranks import check_user_metadata, coordinator, on_coordinator
 from treeckpt.shell.save import save_tree
@@ -48,17 +46,6 @@ _CALLER_ERRORS = (LoadMismatchError, UnsupportedLeafError, OptionsError, LeafNot
 
 class StepSkippedWarning(UserWarning):
     """A partial or damaged step was skipped while looking for the latest good one."""
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class StepInfo:
-    """The metadata of one committed step (stored in its manifest)."""
-
-    step: int
-    path: str
-    time: float
-    metrics: dict[str, float] = field(default_factory=dict)
-    user_metadata: dict[str, Any] = field(default_factory=dict)
 
 
 class CheckpointManager:
@@ -161,14 +148,7 @@ class CheckpointManager:
 
     def step_info(self, step: int) -> StepInfo:
         """Time, metrics and user metadata of a committed step."""
-        mine, user = self._root.user_metadata(step)
-        return StepInfo(
-            step=step,
-            path=self.step_path(step),
-            time=float(mine.get("time", math.nan)),
-            metrics=dict(mine.get("metrics", {})),
-            user_metadata=user,
-        )
+        return self._root.step_info(step)
 
     def should_save(self, step: int) -> bool:
         """Whether ``save(step, ...)`` would write under the interval policy.
@@ -204,7 +184,7 @@ class CheckpointManager:
         """
         if type(step) is not int or step < 0:
             raise OptionsError(f"step must be a non-negative int, got {step!r}")
-        _check_metrics(metrics)
+        check_metrics(metrics)
         meta = {
             META_KEY: {"step": step, "time": 0.0, "metrics": dict(metrics or {})},
             **(user_metadata or {}),
@@ -334,19 +314,9 @@ class CheckpointManager:
         self.wait_until_finished()
         coord = self._coord()
 
-        def choose() -> tuple[list[int], list[int]]:
-            scan = self._root.scan()
-            if step is not None:
-                if step not in scan.committed:
-                    raise CheckpointNotFoundError(
-                        f"{self.step_path(step)}: step {step} is not a committed step "
-                        f"(committed: {scan.committed[-8:]})"
-                    )
-                return [step], []
-            newest = scan.committed[-1] if scan.committed else -1
-            return sorted(scan.committed, reverse=True), [s for s in scan.partial if s > newest]
-
-        candidates, partial = on_coordinator(coord, "manager-choose", choose)
+        candidates, partial = on_coordinator(
+            coord, "manager-choose", lambda: self._root.candidates(step)
+        )
         for s in partial:
             warnings.warn(
                 f"{self.step_path(s)}: step {s} is partial (its save never committed); skipped",
@@ -418,16 +388,3 @@ def _release_quietly(lock: RootLock) -> None:
     """Best-effort release at collection or exit: never raise from a finalizer."""
     with contextlib.suppress(Exception):
         lock.release()
-
-
-def _check_metrics(metrics: dict[str, float] | None) -> None:
-    if metrics is None:
-        return
-    if not isinstance(metrics, dict) or not all(
-        isinstance(k, str)
-        and isinstance(v, int | float)
-        and not isinstance(v, bool)
-        and math.isfinite(v)
-        for k, v in metrics.items()
-    ):
-        raise OptionsError(f"metrics must map str to finite numbers, got {metrics!r}")

@@ -45,6 +45,18 @@ class _FlockHold(DirHold):
             self.release()
 
 
+def _write_closing(fd: int, data: bytes, sync: bool) -> None:
+    """Write all of ``data`` to ``fd``, fsync it when ``sync``, and close it."""
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        if sync:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class _LocalWriter(Writer):
     def __init__(self, path: str) -> None:
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
@@ -136,15 +148,7 @@ class LocalBackend(Backend):
     def commit_file(self, name: str, data: bytes, *, sync: bool) -> None:
         final = self._path(name)
         tmp = f"{final}.tmp-{os.getpid()}-{threading.get_ident()}"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            if sync:
-                os.fsync(fd)
-        finally:
-            os.close(fd)
+        _write_closing(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), data, sync)
         try:
             os.replace(tmp, final)
         except BaseException:
@@ -197,14 +201,7 @@ class LocalBackend(Backend):
             fd = os.open(self._path(name), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         except FileExistsError:
             return False
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            if sync:
-                os.fsync(fd)
-        finally:
-            os.close(fd)
+        _write_closing(fd, data, sync)
         if sync:
             self.sync_dir(os.path.dirname(name))
         return True
