@@ -138,7 +138,8 @@ def test_write_errors_are_on_the_future_and_nothing_is_lost(
 def test_a_new_directory_is_made_durable_before_the_commit(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from treeckpt import api, asyncsave
+    from treeckpt import asyncsave
+    from treeckpt.shell import ranks
 
     synced: list[str] = []
     committed_before: list[bool] = []
@@ -146,7 +147,7 @@ def test_a_new_directory_is_made_durable_before_the_commit(
     def sync_then_record(backend: Any) -> None:
         committed_before.append((Path(backend.root) / "manifest.json").exists())
         synced.append(backend.root)
-        api.sync_new_dir(backend)
+        ranks.sync_new_dir(backend)
 
     monkeypatch.setattr(asyncsave, "sync_new_dir", sync_then_record)
     fut = treeckpt.async_save({"w": torch.ones(4)}, tmp_path / "new")

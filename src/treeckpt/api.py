@@ -7,7 +7,6 @@ runs in one process.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,17 +18,11 @@ from treeckpt.core.manifest import Manifest
 from treeckpt.core.options import LoadOptions, SaveOptions
 from treeckpt.core.plan import LoadPlan, StoredTensor, plan_load
 from treeckpt.core.specs import ShardSpec
-from treeckpt.errors import (
-    CheckpointError,
-    LeafNotFoundError,
-    PlanError,
-    UnsupportedLeafError,
-)
-from treeckpt.shell import inflight
+from treeckpt.errors import LeafNotFoundError, PlanError
 from treeckpt.shell.committed import load_committed
-from treeckpt.shell.coord import Coordinator, LocalCoordinator
-from treeckpt.shell.dist import DistCoordinator, distributed_active
+from treeckpt.shell.coord import LocalCoordinator
 from treeckpt.shell.load import load_tree, read_regions, read_stored, restore_tree
+from treeckpt.shell.ranks import check_user_metadata, coordinator, open_save_dir
 from treeckpt.shell.save import SaveResult, save_tree
 from treeckpt.shell.tensors import allocate
 from treeckpt.store.backends import Backend, open_backend
@@ -45,20 +38,6 @@ __all__ = [
     "restore",
     "save",
 ]
-
-
-def _coordinator(
-    process_group: Any, timeout_s: float | None, *, private: bool = False
-) -> Coordinator:
-    """The ranks taking part: a process group when one is initialised, else this process.
-
-    Over a process group, saves still running in the background finish first,
-    so that two operations' collectives never interleave.
-    """
-    if distributed_active(process_group):
-        inflight.wait_all()
-        return DistCoordinator(process_group, timeout_s=timeout_s, private=private)
-    return LocalCoordinator()
 
 
 def _backend(path: Any) -> Backend:
@@ -100,73 +79,20 @@ def save(
         CheckpointError: any other failure; the previous checkpoint is intact.
     """
     options = options or SaveOptions()
-    _check_user_metadata(user_metadata)
-    backend = _save_backend(path, options)
+    check_user_metadata(user_metadata)
+    backend = _backend(path)
     try:
+        open_save_dir(backend, options)
         return save_tree(
             tree,
             backend,
             options=options,
-            coord=_coordinator(process_group, options.timeout_s),
+            coord=coordinator(process_group, options.timeout_s),
             allow_pickle=allow_pickle,
             user_metadata=user_metadata,
         )
     finally:
         backend.close()
-
-
-def _save_backend(path: Any, options: SaveOptions) -> Backend:
-    """The backend of a save, with its directory created (and made durable when new)."""
-    backend, new_dir = _open_save_dir(path, options)
-    if new_dir:
-        try:
-            sync_new_dir(backend)
-        except BaseException:
-            backend.close()
-            raise
-    return backend
-
-
-def _open_save_dir(path: Any, options: SaveOptions) -> tuple[Backend, bool]:
-    """The backend of a save, its directory created; True when that directory's own
-    entry still needs an fsync (:func:`sync_new_dir`) before anything is committed in it."""
-    backend = _backend(path)
-    try:
-        new_dir = backend.size("") is None and not backend.listdir()
-        backend.makedirs("")
-    except OSError as exc:
-        backend.close()
-        raise CheckpointError(
-            f"{backend.root}: cannot create the checkpoint directory ({exc})"
-        ) from exc
-    return backend, new_dir and options.sync and backend.supports_fsync
-
-
-def sync_new_dir(backend: Backend) -> None:
-    """Make a new checkpoint directory's own entry durable (fsync of its parent)."""
-    try:
-        backend.sync_dir("..")
-    except OSError as exc:
-        raise CheckpointError(
-            f"{backend.root}: cannot create the checkpoint directory ({exc})"
-        ) from exc
-
-
-def _check_user_metadata(user_metadata: dict[str, Any] | None) -> None:
-    """Refuse metadata the manifest cannot hold, before any byte is written."""
-    if user_metadata is None:
-        return
-    if not isinstance(user_metadata, dict):
-        raise UnsupportedLeafError(
-            f"user_metadata must be a dict, got {type(user_metadata).__name__}"
-        )
-    try:
-        json.dumps(user_metadata, allow_nan=False)
-    except (TypeError, ValueError) as exc:
-        raise UnsupportedLeafError(
-            f"user_metadata must be JSON (str keys; str, int, float, bool, None, lists, dicts; "
-            f"no nan or inf): {exc}"
-        ) from None
 
 
 def load(
@@ -206,7 +132,7 @@ def load(
             and value) failed too; the template may be partly filled.
     """
     options = options or LoadOptions()
-    coord = _coordinator(process_group, options.timeout_s)
+    coord = coordinator(process_group, options.timeout_s)
     backend = _backend(path)
     try:
         return load_committed(
@@ -246,7 +172,7 @@ def restore(
     (``CheckpointReplacedError`` if that fails too).
     """
     options = options or LoadOptions()
-    coord = _coordinator(process_group, options.timeout_s)
+    coord = coordinator(process_group, options.timeout_s)
     backend = _backend(path)
     try:
         return load_committed(

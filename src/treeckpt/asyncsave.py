@@ -32,13 +32,14 @@ from concurrent.futures import Future
 from concurrent.futures import wait as futures_wait
 from typing import Any
 
-from treeckpt.api import _check_user_metadata, _coordinator, _open_save_dir, sync_new_dir
 from treeckpt.core.incremental import ReuseTable
 from treeckpt.core.options import SaveOptions
 from treeckpt.errors import CheckpointError
 from treeckpt.shell import inflight
+from treeckpt.shell.ranks import check_user_metadata, coordinator, make_save_dir, sync_new_dir
 from treeckpt.shell.save import SaveResult, commit_save, prepare_save
 from treeckpt.shell.staging import StagingPool
+from treeckpt.store.backends import open_backend
 
 __all__ = ["AsyncSaver", "SaveFuture", "async_save"]
 
@@ -112,10 +113,16 @@ class AsyncSaver:
             start = time.perf_counter()
             try:
                 options = options or SaveOptions()
-                _check_user_metadata(user_metadata)
-                coord = _coordinator(process_group, options.timeout_s, private=True)
-                backend, new_dir = _open_save_dir(path, options)
+                check_user_metadata(user_metadata)
+                coord = coordinator(process_group, options.timeout_s, private=True)
+                backend = open_backend(str(path))
             except Exception as exc:
+                future.set_exception(exc)
+                return future
+            try:
+                new_dir = make_save_dir(backend, options)
+            except Exception as exc:
+                backend.close()
                 future.set_exception(exc)
                 return future
             try:

@@ -48,7 +48,7 @@ def test_an_async_failure_is_raised_by_the_next_call_and_leaves_nothing(tmp_path
 def test_a_failed_background_write_surfaces_at_the_next_call(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from treeckpt import api
+    from treeckpt import asyncsave
     from treeckpt.store.backends import open_backend
     from treeckpt.testing.faults import FaultyBackend
 
@@ -60,7 +60,7 @@ def test_a_failed_background_write_surfaces_at_the_next_call(
 
     with CheckpointManager(tmp_path / "run", max_to_keep=1, async_save=True, options=OPTS) as m:
         m.save(1, {"x": torch.ones(3)})
-        monkeypatch.setattr(api, "_backend", faulty)
+        monkeypatch.setattr(asyncsave, "open_backend", faulty)
         assert m.save(2, {"x": torch.full((3,), 2.0)})
         with pytest.raises(treeckpt.CheckpointError, match="injected"):
             m.save(3, {"x": torch.full((3,), 3.0)})

@@ -20,7 +20,7 @@ import torch
 
 import treeckpt
 from treeckpt.manager import CheckpointManager, StaleLockWarning, StepSkippedWarning
-from treeckpt.manager import steps as steps_mod
+from treeckpt.manager import root as root_mod
 from treeckpt.testing.faults import FaultyBackend
 
 pytestmark = pytest.mark.filterwarnings("ignore:This process .* fork:DeprecationWarning")
@@ -39,30 +39,6 @@ def _same(a: dict[str, Any], step: int) -> bool:
     )
 
 
-class _KillFs:
-    """An fsspec filesystem that counts mutating calls and SIGKILLs the process at one."""
-
-    MUTATING = frozenset({"pipe_file", "rm_file", "rm", "makedirs"})
-
-    def __init__(self, inner: Any, kill_at: int | None) -> None:
-        self.inner = inner
-        self.kill_at = kill_at
-        self.calls: list[str] = []
-
-    def __getattr__(self, name: str) -> Any:
-        attr = getattr(self.inner, name)
-        if name not in self.MUTATING:
-            return attr
-
-        def call(*args: Any, **kwargs: Any) -> Any:
-            if len(self.calls) == self.kill_at:
-                os.kill(os.getpid(), signal.SIGKILL)
-            self.calls.append(name)
-            return attr(*args, **kwargs)
-
-        return call
-
-
 def _setup(root: Path) -> None:
     shutil.rmtree(root, ignore_errors=True)
     with CheckpointManager(root, max_to_keep=1, options=OPTS) as m:
@@ -71,33 +47,33 @@ def _setup(root: Path) -> None:
 
 
 def _save_step_3(
-    root: Path, backend_kill: int | None, fs_kill: int | None, mode: str = "before"
+    root: Path, backend_kill: int | None, root_kill: int | None, mode: str = "before"
 ) -> tuple[int, int]:
-    """Save step 3, killing the process at a backend call or a filesystem call."""
-    real = steps_mod.open_backend
+    """Save step 3, killing the process at a call of a step's backend or of the root's."""
+    real = root_mod.open_backend
     probe: list[FaultyBackend] = []
+    root_probe: list[FaultyBackend] = []
 
     def wrapped(path: str) -> Any:
+        is_root = path == str(root)
         b = FaultyBackend(
             real(path),
-            fail_at=backend_kill,
-            crash=backend_kill is not None,
+            fail_at=root_kill if is_root else backend_kill,
+            crash=(root_kill if is_root else backend_kill) is not None,
             mode=mode,  # type: ignore[arg-type]
         )
-        probe.append(b)
+        (root_probe if is_root else probe).append(b)
         return b
 
-    steps_mod.open_backend = wrapped  # type: ignore[assignment]
+    root_mod.open_backend = wrapped  # type: ignore[assignment]
     try:
         m = CheckpointManager(root, max_to_keep=1, options=OPTS)
-        kfs = _KillFs(m._fs, fs_kill)
-        m._fs = kfs
         m.save(3, _state(3))
         m.close()
     finally:
-        steps_mod.open_backend = real
+        root_mod.open_backend = real
     # backend calls counted per backend; the save's own backend is the one with a commit
-    return max(len(b.calls) for b in probe), len(kfs.calls)
+    return max(len(b.calls) for b in probe), len(root_probe[0].calls)
 
 
 def _recover(root: Path) -> int:
@@ -139,13 +115,14 @@ def _kill_sweep(
 def test_kill_at_every_call_of_a_save_and_its_retention(tmp_path: Path) -> None:
     root = tmp_path / "run"
     _setup(root)
-    backend_calls, fs_calls = _save_step_3(root, None, None)
-    assert backend_calls > 3 and fs_calls > 2
+    backend_calls, root_calls = _save_step_3(root, None, None)
+    assert backend_calls > 3 and root_calls > 2
     # killed before or right after each call of the save itself: step 2, or
     # step 3 once its manifest is committed
     seen = _kill_sweep(root, backend_calls, lambda n: (n, None, "before"))
     seen |= _kill_sweep(root, backend_calls, lambda n: (n, None, "after"))
     assert seen == {2, 3}
-    # killed during preparation or retention (markers, manifest and file removals)
-    seen = _kill_sweep(root, fs_calls, lambda n: (None, n, "before"))
+    # killed at every change of the root: opening (the lock), preparation, retention
+    # (markers, manifest and file removals) and closing
+    seen = _kill_sweep(root, root_calls, lambda n: (None, n, "before"))
     assert 3 in seen

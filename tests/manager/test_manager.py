@@ -24,7 +24,7 @@ from treeckpt.manager import (
     StaleLockWarning,
     StepSkippedWarning,
 )
-from treeckpt.manager import steps as steps_mod
+from treeckpt.manager import root as root_mod
 from treeckpt.testing.faults import FaultyBackend
 
 FAST = treeckpt.SaveOptions(sync=False)
@@ -272,7 +272,7 @@ def test_a_crash_between_steps_leaves_a_partial_step_that_is_skipped(
     root: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The manifest commit of step 3 fails: step 3 never appears and leaves nothing behind."""
-    real = steps_mod.open_backend
+    real = root_mod.open_backend
 
     def faulty(path: str) -> Any:
         b = real(path)
@@ -283,10 +283,10 @@ def test_a_crash_between_steps_leaves_a_partial_step_that_is_skipped(
     with CheckpointManager(root, max_to_keep=2, options=FAST) as m:
         m.save(1, _state(1))
         m.save(2, _state(2))
-        monkeypatch.setattr(steps_mod, "open_backend", faulty)
+        monkeypatch.setattr(root_mod, "open_backend", faulty)
         with pytest.raises(CheckpointError):
             m.save(3, _state(3))
-        monkeypatch.setattr(steps_mod, "open_backend", real)
+        monkeypatch.setattr(root_mod, "open_backend", real)
         assert m.all_steps() == [1, 2]  # no retention ran: step 1 is still there
         assert not any(f.startswith("step-0000000003") for f in _files(root))
         assert _same(m.restore(), _state(2))
@@ -301,7 +301,7 @@ def _train_and_die(root: str, kill_at: int) -> int:
     if pid == 0:  # pragma: no cover - the child
         try:
             torch.set_num_threads(1)
-            real = steps_mod.open_backend
+            real = root_mod.open_backend
 
             def faulty(path: str) -> Any:
                 b = real(path)
@@ -309,7 +309,7 @@ def _train_and_die(root: str, kill_at: int) -> int:
                     return FaultyBackend(b, fail_at=0, ops={"commit_file"}, crash=True)
                 return b
 
-            steps_mod.open_backend = faulty  # type: ignore[assignment]
+            root_mod.open_backend = faulty  # type: ignore[assignment]
             m = CheckpointManager(root, max_to_keep=2)
             for step in range(1, 10):
                 m.save(step, _state(step))

@@ -38,10 +38,9 @@ from treeckpt.dcp.api import CheckpointException, wrap_failure
 from treeckpt.dcp.default_planner import DefaultLoadPlanner, DefaultSavePlanner
 from treeckpt.dcp.filesystem import FileSystemReader, FileSystemWriter
 from treeckpt.errors import CheckpointError, LoadMismatchError
-from treeckpt.shell import inflight
+from treeckpt.shell import ranks
 from treeckpt.shell.committed import load_committed
 from treeckpt.shell.coord import Coordinator, LocalCoordinator, agreed
-from treeckpt.shell.dist import DistCoordinator, distributed_active
 from treeckpt.shell.load import load_tree, read_stored
 from treeckpt.shell.optim import safe_torch_state_init
 from treeckpt.store.backends import Backend, open_backend
@@ -65,27 +64,12 @@ def coordinator(
     gives a group of treeckpt's own, for collectives run from a background
     thread while training uses the caller's group.
     """
-    if not no_dist and distributed_active(process_group):
-        inflight.wait_all()
-        try:
-            return DistCoordinator(process_group, timeout_s=timeout_s, private=private)
-        except CheckpointError as exc:  # a peer never arrived: DCP's error type, as any failure
-            raise wrap_failure(exc, torch.distributed.get_rank()) from exc
-    return LocalCoordinator()
-
-
-def _on_coordinator(coord: Coordinator, phase: str, fn: Callable[[], T]) -> T:
-    """Run ``fn`` on the coordinator; every rank gets its result or raises its error."""
-    got: Any = None
-    if coord.is_coordinator:
-        try:
-            got = fn()
-        except Exception as exc:
-            got = exc
-    got = coord.broadcast(got, phase)
-    if isinstance(got, Exception):
-        raise got
-    return got
+    if no_dist:
+        return LocalCoordinator()
+    try:
+        return ranks.coordinator(process_group, timeout_s, private=private)
+    except CheckpointError as exc:  # a peer never arrived: DCP's error type, as any failure
+        raise wrap_failure(exc, torch.distributed.get_rank()) from exc
 
 
 def _guarded(coord: Coordinator, fn: Callable[[], T]) -> T:
@@ -151,7 +135,7 @@ def _saved_metadata(writer: FileSystemWriter, coord: Coordinator) -> Metadata:
         finally:
             backend.close()
 
-    md: Metadata = _on_coordinator(coord, "metadata", build)
+    md: Metadata = ranks.on_coordinator(coord, "metadata", build)
     return md
 
 
@@ -269,7 +253,7 @@ def _load(
             finally:
                 backend.close()
 
-        metadata = _on_coordinator(coord, "metadata", read)
+        metadata = ranks.on_coordinator(coord, "metadata", read)
         if metadata is not None and _fast_load(planner, reader):
             storage = metadata.storage_data
             assert isinstance(storage, TreeckptStorage)
@@ -294,7 +278,7 @@ def _load(
                     backend.close()
                 return
     if metadata is None:
-        metadata = _on_coordinator(coord, "metadata", reader.read_metadata)
+        metadata = ranks.on_coordinator(coord, "metadata", reader.read_metadata)
     _load_protocol(state_dict, reader, planner, coord, metadata)
 
 

@@ -2,7 +2,8 @@
 
 from treeckpt.manager.lock import RootLockedError, StaleLockWarning
 from treeckpt.manager.policy import KeepPolicy, SavePolicy, StepRecord, steps_to_keep
-from treeckpt.manager.steps import CheckpointManager, StepInfo, StepSkippedWarning
+from treeckpt.manager.root import StepInfo
+from treeckpt.manager.steps import CheckpointManager, StepSkippedWarning
 
 __all__ = [
     "CheckpointManager",

@@ -11,10 +11,21 @@ when the holder is on another host and its heartbeat is older than
 was being written). Before every save the manager checks that the lock
 still holds its token, so a manager whose lock was taken over stops saving.
 
-On a local disk the lock is created with ``O_CREAT | O_EXCL``: of two
-managers racing for a root, exactly one wins. Object stores offer no such
+The lock is a thin layer over the root's
+:class:`~treeckpt.store.backends.Backend`: it is created with
+``Backend.create_file``, exclusive where the backend says so
+(``supports_exclusive_create``: ``O_CREAT | O_EXCL`` on a local disk, so of
+two managers racing for a root exactly one wins). Object stores offer no such
 primitive through fsspec: there the lock is written and read back, which
-closes the race except for two managers starting within the same moment.
+closes the race except for two managers starting within the same moment. The
+heartbeat replaces the file with ``Backend.commit_file`` (readers see the old
+record or the new one), and release removes it with ``Backend.remove``.
+
+Why not ``Backend.hold_dir``: that claim (``flock``) exists only on local
+disks, dies silently with its process and says nothing about its holder. A
+root on an object store needs a lock too, a takeover must be visible (the
+holder's token is checked before each save), and a refusal must name the
+holder (pid, host, heartbeat age), so the lock stays a record in a file.
 """
 
 from __future__ import annotations
@@ -30,10 +41,13 @@ import warnings
 from typing import Any
 
 from treeckpt.errors import CheckpointError
+from treeckpt.store.backends import Backend
 
 __all__ = ["LOCK_FILE", "RootLock", "RootLockedError", "StaleLockWarning"]
 
 LOCK_FILE = "manager.lock"
+#: a lock record is a few hundred bytes; anything larger is not one (unreadable)
+_MAX_RECORD = 1 << 16
 
 
 class RootLockedError(CheckpointError, RuntimeError):
@@ -57,11 +71,10 @@ def _pid_alive(pid: int) -> bool:
 class RootLock:
     """The lock of one manager root (see the module docstring)."""
 
-    def __init__(self, fs: Any, root: str, *, stale_after_s: float, local: bool) -> None:
-        self.fs = fs
-        self.path = f"{root}/{LOCK_FILE}"
+    def __init__(self, backend: Backend, *, stale_after_s: float) -> None:
+        self.backend = backend
+        self.path = f"{backend.root}/{LOCK_FILE}"
         self.stale_after_s = stale_after_s
-        self.local = local
         self.token = secrets.token_hex(16)
         self.host = socket.gethostname()
         self.pid = os.getpid()
@@ -79,9 +92,11 @@ class RootLock:
     def _read(self) -> dict[str, Any] | None:
         """The current holder, ``{}`` when unreadable, ``None`` when there is no lock."""
         try:
-            data = self.fs.cat_file(self.path)
+            data = self.backend.read_file(LOCK_FILE, _MAX_RECORD)
         except FileNotFoundError:
             return None
+        except ValueError:
+            return {}
         try:
             rec = json.loads(data)
         except ValueError:
@@ -106,22 +121,11 @@ class RootLock:
 
     def _create(self) -> bool:
         """Create the lock file if there is none; whether this call created it."""
-        data = self._record()
-        if self.local:
-            try:
-                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            except FileExistsError:
-                return False
-            try:
-                os.write(fd, data)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            return True
-        if self.fs.exists(self.path):
+        if not self.backend.create_file(LOCK_FILE, self._record(), sync=True):
             return False
-        self.fs.pipe_file(self.path, data)
-        rec = self._read()
+        if self.backend.supports_exclusive_create:
+            return True
+        rec = self._read()  # not exclusive: the last writer of a race holds it
         return rec is not None and rec.get("token") == self.token
 
     # ------------------------------------------------------------------- API
@@ -147,8 +151,7 @@ class RootLock:
                 StaleLockWarning,
                 stacklevel=3,
             )
-            with contextlib.suppress(FileNotFoundError):
-                self.fs.rm_file(self.path)
+            self.backend.remove(LOCK_FILE)
         raise RootLockedError(f"{self.path}: could not take the lock (contended)")
 
     def check(self) -> None:
@@ -166,13 +169,7 @@ class RootLock:
             rec = self._read()
             if rec is None or rec.get("token") != self.token:
                 return
-            if self.local:
-                tmp = f"{self.path}.tmp-{self.pid}"
-                with open(tmp, "wb") as f:
-                    f.write(self._record())
-                os.replace(tmp, self.path)
-            else:
-                self.fs.pipe_file(self.path, self._record())
+            self.backend.commit_file(LOCK_FILE, self._record(), sync=False)
 
     def _start_heartbeat(self) -> None:
         interval = max(0.05, self.stale_after_s / 4)
@@ -194,5 +191,4 @@ class RootLock:
         with self._io:
             rec = self._read()
             if rec is not None and rec.get("token") == self.token:
-                with contextlib.suppress(FileNotFoundError):
-                    self.fs.rm_file(self.path)
+                self.backend.remove(LOCK_FILE)

@@ -13,7 +13,7 @@ from typing import Literal
 
 from treeckpt.errors import OptionsError
 
-__all__ = ["KeepPolicy", "SavePolicy", "StepRecord", "steps_to_keep"]
+__all__ = ["KeepPolicy", "SavePolicy", "StepRecord", "check_metrics", "steps_to_keep"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -111,3 +111,21 @@ def steps_to_keep(steps: Sequence[StepRecord], policy: KeepPolicy) -> set[int]:
         scored.sort(key=lambda r: (sign * float(r.metrics[metric]), -r.step))
         keep.update(r.step for r in scored[: policy.keep_best])
     return keep
+
+
+def check_metrics(metrics: Mapping[str, float] | None) -> None:
+    """Refuse metrics retention cannot rank: keys must be str, values finite numbers.
+
+    Raises:
+        OptionsError: naming the metrics given.
+    """
+    if metrics is None:
+        return
+    if not isinstance(metrics, dict) or not all(
+        isinstance(k, str)
+        and isinstance(v, int | float)
+        and not isinstance(v, bool)
+        and math.isfinite(v)
+        for k, v in metrics.items()
+    ):
+        raise OptionsError(f"metrics must map str to finite numbers, got {metrics!r}")

@@ -20,19 +20,15 @@ path. The cost on success is nothing; on failure one more manifest read.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from treeckpt.core.leaves import TensorLeaf
 from treeckpt.core.manifest import Manifest
 from treeckpt.core.plan import StoredTensor
-from treeckpt.errors import (
-    CheckpointError,
-    CheckpointReplacedError,
-    CollectiveError,
-    RankFailureError,
-)
-from treeckpt.shell.coord import Coordinator, agreed, describe_error
+from treeckpt.errors import CheckpointError, CheckpointReplacedError, CollectiveError
+from treeckpt.shell.coord import Coordinator, agreed
 from treeckpt.shell.load import read_stored
+from treeckpt.shell.ranks import on_coordinator
 from treeckpt.store.backends import Backend
 from treeckpt.store.reader import read_committed, replaced_error, replacement
 
@@ -44,30 +40,10 @@ T = TypeVar("T")
 Committed = tuple[Manifest, dict[str, StoredTensor]]
 
 
-def _on_coordinator(coord: Coordinator, phase: str, fn: Callable[[], Any]) -> Any:
-    """``fn()`` on rank 0, broadcast: every rank gets the result, or raises the error."""
-    got: Any = None
-    cause: Exception | None = None
-    if coord.is_coordinator:
-        try:
-            got = ("ok", fn())
-        except CheckpointError as exc:  # every rank must raise it
-            got = ("error", exc)
-        except Exception as exc:  # any other error: a description crosses ranks
-            got, cause = ("failed", describe_error(exc)), exc
-    got = coord.broadcast(got, phase)
-    kind, value = got
-    if kind == "error":
-        raise value
-    if kind == "failed":
-        raise RankFailureError(phase, {0: value}) from cause
-    return value
-
-
 def read_checkpoint(backend: Backend, coord: Coordinator) -> Committed:
     """Rank 0 reads and validates the manifest and the chunk indexes once; every
     rank gets them, or the error. Each rank then plans only its own reads."""
-    got: Committed = _on_coordinator(
+    got: Committed = on_coordinator(
         coord, "manifest", lambda: read_committed(backend, lambda m: read_stored(backend, m))
     )
     return got
@@ -105,7 +81,7 @@ def load_committed(
         raise
     except CheckpointError as exc:
         failure = exc
-    new: Committed | None = _on_coordinator(
+    new: Committed | None = on_coordinator(
         coord, f"{phase}:replaced", lambda: _replacement(backend, old[0])
     )
     if new is None:

@@ -6,6 +6,12 @@
   shapes, shard layouts, per-rank shard specs and trees, so code built on
   treeckpt (and treeckpt's own tests) can property-test the same way. It needs
   ``hypothesis`` (the ``test`` extra); importing this package alone does not.
+- ``treeckpt.testing.backends`` ships ``BackendTests``, the storage backend
+  conformance suite: subclass it in a pytest module with a ``backend``
+  fixture to hold your own backend to the contract treeckpt's backends pass.
+  It needs ``pytest``.
+- ``treeckpt.testing.faults`` holds ``FaultyBackend``, a backend wrapper that
+  fails (or kills the process) at a chosen call.
 """
 
 from __future__ import annotations

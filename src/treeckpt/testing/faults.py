@@ -52,10 +52,20 @@ __all__ = [
 
 #: Operations that change storage (counted by ``fail_at``).
 MUTATING_OPS = frozenset(
-    {"makedirs", "open_writer", "write", "close", "commit_file", "remove_tree", "sync_dir"}
+    {
+        "makedirs",
+        "open_writer",
+        "write",
+        "close",
+        "commit_file",
+        "create_file",
+        "remove",
+        "remove_tree",
+        "sync_dir",
+    }
 )
 #: Operations that only read (counted by ``fail_read_at``).
-READ_OPS = frozenset({"readinto", "read_file", "size", "listdir"})
+READ_OPS = frozenset({"readinto", "read_file", "size", "listdir", "exists", "list_files"})
 
 FaultMode = Literal["before", "torn", "after"]
 
@@ -116,6 +126,7 @@ class FaultyBackend(Backend):
         self.inner = inner
         self.root = inner.root
         self.supports_fsync = inner.supports_fsync
+        self.supports_exclusive_create = inner.supports_exclusive_create
         self.fail_at = fail_at
         self.mode: FaultMode = mode
         self.sticky = sticky
@@ -207,6 +218,26 @@ class FaultyBackend(Backend):
     def listdir(self, name: str = "") -> list[str]:
         self._read("listdir", name)
         return self.inner.listdir(name)
+
+    def create_file(self, name: str, data: bytes, *, sync: bool) -> bool:
+        created: list[bool] = []
+        self._do(
+            "create_file",
+            name,
+            lambda: created.append(self.inner.create_file(name, data, sync=sync)),
+        )
+        return created[0]
+
+    def exists(self, name: str) -> bool:
+        self._read("exists", name)
+        return self.inner.exists(name)
+
+    def list_files(self, name: str = "") -> list[str]:
+        self._read("list_files", name)
+        return self.inner.list_files(name)
+
+    def remove(self, name: str) -> None:
+        self._do("remove", name, lambda: self.inner.remove(name))
 
     def remove_tree(self, name: str) -> None:
         self._do("remove_tree", name, lambda: self.inner.remove_tree(name))

@@ -44,6 +44,10 @@ class Backend(ABC):
     root: str
     #: fsync is meaningful (local disks); object stores make an object durable on commit.
     supports_fsync: bool = False
+    #: :meth:`create_file` is exclusive: of two callers racing to create one
+    #: name, exactly one gets ``True`` (``O_CREAT | O_EXCL`` on local disks).
+    #: Elsewhere it checks, then writes: a caller that needs exclusivity reads back.
+    supports_exclusive_create: bool = False
 
     @abstractmethod
     def makedirs(self, name: str) -> None: ...
@@ -79,6 +83,42 @@ class Backend(ABC):
     @abstractmethod
     def remove_tree(self, name: str) -> None:
         """Remove a directory and everything below it (missing is fine)."""
+
+    # The methods below have portable defaults built on the abstract ones above;
+    # backends override them where the store does better (one call, exclusivity).
+
+    def exists(self, name: str) -> bool:
+        """Whether a file or a directory (on object stores: a prefix holding objects) is there."""
+        return self.size(name) is not None or bool(self.listdir(name))
+
+    def remove(self, name: str) -> None:
+        """Remove one file (missing is fine). Cheaper than :meth:`remove_tree` on object
+        stores, which also looks for unfinished uploads."""
+        self.remove_tree(name)
+
+    def list_files(self, name: str = "") -> list[str]:
+        """Every file below directory ``name``, at any depth, as sorted names relative to
+        the root (``"step-1/data-x/r0-0.bin"``); empty when nothing is there."""
+        files: list[str] = []
+        for entry in self.listdir(name):
+            child = f"{name}/{entry}" if name else entry
+            if self.listdir(child):
+                files += self.list_files(child)
+            elif self.size(child) is not None:
+                files.append(child)
+        return sorted(files)
+
+    def create_file(self, name: str, data: bytes, *, sync: bool) -> bool:
+        """Write a small file only if ``name`` does not exist; whether this call created it.
+
+        Exclusive where :attr:`supports_exclusive_create` says so; otherwise a
+        check then a write, and two callers racing may both get ``True``.
+        ``sync``: make the file (and its directory entry) durable, where meaningful.
+        """
+        if self.exists(name):
+            return False
+        self.commit_file(name, data, sync=sync)
+        return True
 
     def age_s(self, name: str) -> float | None:
         """Seconds since anything below directory ``name`` was last written.

@@ -206,6 +206,27 @@ class FsspecBackend(Backend):
         names.discard(path.rstrip("/").rsplit("/", 1)[-1])  # some stores list the prefix itself
         return sorted(names)
 
+    def exists(self, name: str) -> bool:
+        path = self._path(name)
+        self._refresh(path)
+        return bool(self.fs.exists(path))
+
+    def remove(self, name: str) -> None:
+        path = self._path(name)
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.rm_file(path)
+        self._refresh(path)
+
+    def list_files(self, name: str = "") -> list[str]:
+        path = self._path(name)
+        self._refresh(path)
+        try:
+            found = self.fs.find(path)
+        except FileNotFoundError:
+            return []
+        prefix = f"{self.root}/"
+        return sorted(str(f)[len(prefix) :] for f in found if str(f).startswith(prefix))
+
     def remove_tree(self, name: str) -> None:
         path = self._path(name)
         self._refresh(path)

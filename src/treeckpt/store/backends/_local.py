@@ -45,6 +45,18 @@ class _FlockHold(DirHold):
             self.release()
 
 
+def _write_closing(fd: int, data: bytes, sync: bool) -> None:
+    """Write all of ``data`` to ``fd``, fsync it when ``sync``, and close it."""
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        if sync:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class _LocalWriter(Writer):
     def __init__(self, path: str) -> None:
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
@@ -81,6 +93,7 @@ class _LocalWriter(Writer):
 
 class LocalBackend(Backend):
     supports_fsync = True
+    supports_exclusive_create = True
 
     def __init__(self, root: str) -> None:
         self.root = os.path.abspath(os.path.expanduser(root))
@@ -135,15 +148,7 @@ class LocalBackend(Backend):
     def commit_file(self, name: str, data: bytes, *, sync: bool) -> None:
         final = self._path(name)
         tmp = f"{final}.tmp-{os.getpid()}-{threading.get_ident()}"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            if sync:
-                os.fsync(fd)
-        finally:
-            os.close(fd)
+        _write_closing(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), data, sync)
         try:
             os.replace(tmp, final)
         except BaseException:
@@ -172,6 +177,34 @@ class LocalBackend(Backend):
         else:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
+
+    def exists(self, name: str) -> bool:
+        return os.path.lexists(self._path(name))
+
+    def remove(self, name: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._path(name))
+
+    def list_files(self, name: str = "") -> list[str]:
+        top = self._path(name)
+        if not os.path.isdir(top):
+            return []
+        files = []
+        for here, _, names in os.walk(top):
+            rel = os.path.relpath(here, self.root)
+            for n in names:
+                files.append(n if rel == "." else f"{rel}/{n}".replace(os.sep, "/"))
+        return sorted(files)
+
+    def create_file(self, name: str, data: bytes, *, sync: bool) -> bool:
+        try:
+            fd = os.open(self._path(name), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            return False
+        _write_closing(fd, data, sync)
+        if sync:
+            self.sync_dir(os.path.dirname(name))
+        return True
 
     def hold_dir(self, name: str) -> DirHold | None:
         try:
