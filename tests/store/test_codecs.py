@@ -217,3 +217,42 @@ def test_decode_ignores_nothing_beyond_the_declared_frame_size() -> None:
     bomb = _zstd(bytes(16 << 20))
     out = _decode(first + bomb, "zstd", 1, 64)
     assert out.tobytes() == b"x" * 64
+
+
+def test_no_module_outside_the_codecs_package_names_a_codec() -> None:
+    """Adding a codec takes one module and one table entry: nothing else compares codec ids."""
+    import ast
+    from pathlib import Path
+
+    import treeckpt
+
+    root = Path(treeckpt.__file__).parent
+    package = root / "store" / "codecs"
+    ids = set(CODECS)
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        if package in path.parents:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            # "raw" is also a plain word (a column of raw sizes); a codec id is
+            # compared with or passed as one; the other ids are never plain words
+            named = (
+                [node.value]
+                if isinstance(node, ast.Constant) and node.value in ids - {"raw"}
+                else []
+            )
+            if isinstance(node, ast.Compare):
+                named += [
+                    c.value
+                    for c in (node.left, *node.comparators)
+                    if isinstance(c, ast.Constant) and c.value in ids
+                ]
+            if (
+                isinstance(node, ast.keyword)
+                and node.arg == "codec"
+                and isinstance(node.value, ast.Constant)
+                and node.value.value in ids
+            ):
+                named.append(node.value.value)
+            found += [f"{path.relative_to(root)}:{node.lineno}: {v!r}" for v in named]  # type: ignore[attr-defined]
+    assert not found, found
