@@ -14,7 +14,7 @@ from treeckpt.core.box import Box
 from treeckpt.core.manifest import ChunkRef
 from treeckpt.core.options import Compression
 from treeckpt.errors import CorruptChunkError
-from treeckpt.store.codecs import ChunkEncoder, Encoded
+from treeckpt.store.codecs import ChunkEncoder, Decoding, Encoded
 from treeckpt.store.codecs.planes import PLANES, planes_block_offsets
 
 WHERE = "data-0123456789abcdef/r0-0.bin at offset 0 (tensor 'w')"
@@ -48,16 +48,8 @@ def _ref(enc: Encoded, raw_length: int) -> ChunkRef:
 def _decode(stored: bytes, c: ChunkRef, first: int, stop: int) -> np.ndarray:
     bb = c.block_bytes
     out = np.empty(min(stop * bb, c.raw_length) - first * bb, dtype=np.uint8)
-    PLANES.decode_into(
-        stored,
-        c,
-        first,
-        stop,
-        itemsize=len(c.codec_params),
-        out=out,
-        dctx=zstandard.ZstdDecompressor(),
-        where=WHERE,
-    )
+    ctx = Decoding(len(c.codec_params), zstandard.ZstdDecompressor(), WHERE)
+    PLANES.decode_into(stored, c, first, stop, out, ctx)
     return out
 
 

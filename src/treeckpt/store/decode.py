@@ -17,7 +17,7 @@ import zstandard
 from treeckpt.core.manifest import ChunkRef
 from treeckpt.errors import CorruptChunkError
 from treeckpt.store.checksum import checksum
-from treeckpt.store.codecs import codec_for
+from treeckpt.store.codecs import Decoding, codec_for
 from treeckpt.store.codecs._base import Bytes1D, BytesLike
 
 __all__ = ["ChunkDecoder"]
@@ -84,7 +84,5 @@ class ChunkDecoder:
             if codec.stored_as_raw and len(stored) == n:
                 return np.frombuffer(stored, dtype=np.uint8)
             out = self.decoded(n)
-        codec.decode_into(
-            stored, c, first, stop, itemsize=itemsize, out=out, dctx=self.dctx, where=where
-        )
+        codec.decode_into(stored, c, first, stop, out, Decoding(itemsize, self.dctx, where))
         return out

@@ -31,12 +31,21 @@ from types import MappingProxyType
 
 from treeckpt.core.options import Compression
 from treeckpt.errors import CorruptChunkError
-from treeckpt.store.codecs._base import Bytes1D, Codec, Encoded, Workspace
+from treeckpt.store.codecs._base import Bytes1D, Codec, Decoding, Encoded, Workspace
 from treeckpt.store.codecs.planes import PLANES
 from treeckpt.store.codecs.raw import RAW
 from treeckpt.store.codecs.zstd import SHUFFLE_ZSTD, ZSTD
 
-__all__ = ["CODECS", "WRITE_ORDER", "ChunkEncoder", "Codec", "Encoded", "codec_for"]
+__all__ = [
+    "CODECS",
+    "WRITE_ORDER",
+    "ChunkEncoder",
+    "Codec",
+    "Decoding",
+    "Encoded",
+    "Workspace",
+    "codec_for",
+]
 
 _ALL: tuple[Codec, ...] = (RAW, ZSTD, SHUFFLE_ZSTD, PLANES)
 #: every codec id the format knows (read-only view, built once)

@@ -27,9 +27,11 @@ __all__ = [
     "Bytes1D",
     "BytesLike",
     "Codec",
+    "Decoding",
     "Encoded",
     "IndexFields",
     "Workspace",
+    "check_zstd_ratio",
     "compressor",
     "decompress_exact",
     "read_block_checksums",
@@ -59,6 +61,18 @@ class Encoded:
     block_offsets: tuple[int, ...] = ()
     codec_params: str = ""
     segments: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Decoding:
+    """What decoding one chunk needs besides its bytes and index entry."""
+
+    #: the tensor's element size
+    itemsize: int
+    #: the reading thread's zstandard context
+    dctx: zstandard.ZstdDecompressor
+    #: the chunk's file, offset and tensor, for error messages
+    where: str
 
 
 class Workspace:
@@ -112,22 +126,13 @@ class Codec(Protocol):
         ...
 
     def decode_into(
-        self,
-        stored: BytesLike,
-        chunk: ChunkRef,
-        first: int,
-        stop: int,
-        *,
-        itemsize: int,
-        out: Bytes1D,
-        dctx: zstandard.ZstdDecompressor,
-        where: str,
+        self, stored: BytesLike, chunk: ChunkRef, first: int, stop: int, out: Bytes1D, ctx: Decoding
     ) -> None:
         """Decode blocks ``[first, stop)`` (``0, 1`` for a chunk without blocks) into ``out``.
 
         ``stored`` holds exactly those blocks' stored bytes and ``out`` (1-d
         uint8) exactly their raw bytes. Raises CorruptChunkError naming
-        ``where`` when the stored bytes do not decode to exactly ``out``.
+        ``ctx.where`` when the stored bytes do not decode to exactly ``out``.
         """
         ...
 
@@ -188,6 +193,14 @@ def decompress_exact(
     if len(data) != n:
         raise CorruptChunkError(f"{where}: decompressed to {len(data)} bytes, expected {n}")
     return np.frombuffer(data, dtype=np.uint8)
+
+
+def check_zstd_ratio(length: int, raw_length: int, where: str) -> None:
+    """Refuse an index declaring more raw bytes than zstandard frames of ``length`` bytes can hold."""
+    if raw_length > length * MAX_ZSTD_RATIO + (1 << 20):
+        raise ManifestError(
+            f"{where}: declared raw size {raw_length} is impossible for {length} compressed bytes"
+        )
 
 
 @functools.lru_cache(maxsize=4096)

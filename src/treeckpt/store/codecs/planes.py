@@ -21,17 +21,17 @@ import functools
 from typing import Any
 
 import numpy as np
-import zstandard
 
 from treeckpt.core.manifest import ChunkRef
 from treeckpt.errors import CorruptChunkError, ManifestError
 from treeckpt.store.codecs._base import (
-    MAX_ZSTD_RATIO,
     Bytes1D,
     BytesLike,
+    Decoding,
     Encoded,
     IndexFields,
     Workspace,
+    check_zstd_ratio,
     decompress_exact,
     read_block_checksums,
 )
@@ -89,20 +89,12 @@ class PlanesCodec:
         return _encode_planes(raw, itemsize, planes, max(bb, itemsize), ws)
 
     def decode_into(
-        self,
-        stored: BytesLike,
-        chunk: ChunkRef,
-        first: int,
-        stop: int,
-        *,
-        itemsize: int,
-        out: Bytes1D,
-        dctx: zstandard.ZstdDecompressor,
-        where: str,
+        self, stored: BytesLike, chunk: ChunkRef, first: int, stop: int, out: Bytes1D, ctx: Decoding
     ) -> None:
         """Each plane lands straight in its byte position of ``out``: no intermediate copy."""
         planes = chunk.codec_params
         itemsize = len(planes)
+        where, dctx = ctx.where, ctx.dctx
         bb = chunk.block_bytes
         starts = chunk.block_offsets
         base = starts[first]
@@ -144,10 +136,7 @@ class PlanesCodec:
         self, field: Any, *, length: int, raw_length: int, dtype: str, itemsize: int, where: str
     ) -> IndexFields:
         """Validated to cover the chunk exactly: the block lengths add up to the stored length."""
-        if raw_length > length * MAX_ZSTD_RATIO + (1 << 20):
-            raise ManifestError(
-                f"{where}: declared raw size {raw_length} is impossible for {length} compressed bytes"
-            )
+        check_zstd_ratio(length, raw_length, where)
         if field is None:
             raise ManifestError(f"{where}: a planes chunk needs its block list")
         bb, checks = read_block_checksums(field, 4, raw_length, 1, where)

@@ -11,13 +11,13 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-import zstandard
 
 from treeckpt.core.manifest import ChunkRef
 from treeckpt.errors import CorruptChunkError, ManifestError
 from treeckpt.store.codecs._base import (
     Bytes1D,
     BytesLike,
+    Decoding,
     Encoded,
     IndexFields,
     Workspace,
@@ -44,20 +44,11 @@ class RawCodec:
         )
 
     def decode_into(
-        self,
-        stored: BytesLike,
-        chunk: ChunkRef,
-        first: int,
-        stop: int,
-        *,
-        itemsize: int,
-        out: Bytes1D,
-        dctx: zstandard.ZstdDecompressor,
-        where: str,
+        self, stored: BytesLike, chunk: ChunkRef, first: int, stop: int, out: Bytes1D, ctx: Decoding
     ) -> None:
         if len(stored) != out.nbytes:
             raise CorruptChunkError(
-                f"{where}: raw chunk holds {len(stored)} bytes, expected {out.nbytes}"
+                f"{ctx.where}: raw chunk holds {len(stored)} bytes, expected {out.nbytes}"
             )
         out[...] = np.frombuffer(stored, dtype=np.uint8)
 

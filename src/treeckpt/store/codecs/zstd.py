@@ -13,17 +13,16 @@ from __future__ import annotations
 
 from typing import Any
 
-import zstandard
-
 from treeckpt.core.manifest import ChunkRef
 from treeckpt.errors import CorruptChunkError, ManifestError
 from treeckpt.store.codecs._base import (
-    MAX_ZSTD_RATIO,
     Bytes1D,
     BytesLike,
+    Decoding,
     Encoded,
     IndexFields,
     Workspace,
+    check_zstd_ratio,
     decompress_exact,
 )
 
@@ -56,27 +55,18 @@ class ZstdCodec:
         return None
 
     def decode_into(
-        self,
-        stored: BytesLike,
-        chunk: ChunkRef,
-        first: int,
-        stop: int,
-        *,
-        itemsize: int,
-        out: Bytes1D,
-        dctx: zstandard.ZstdDecompressor,
-        where: str,
+        self, stored: BytesLike, chunk: ChunkRef, first: int, stop: int, out: Bytes1D, ctx: Decoding
     ) -> None:
         n = out.nbytes
-        arr = decompress_exact(memoryview(stored).cast("B"), n, dctx, where)
+        arr = decompress_exact(memoryview(stored).cast("B"), n, ctx.dctx, ctx.where)
         if not self.shuffled:
             out[...] = arr
             return
-        if n % itemsize:
+        if n % ctx.itemsize:
             raise CorruptChunkError(
-                f"{where}: {n} bytes is not a multiple of the item size {itemsize}"
+                f"{ctx.where}: {n} bytes is not a multiple of the item size {ctx.itemsize}"
             )
-        unshuffle_into(arr, itemsize, out)
+        unshuffle_into(arr, ctx.itemsize, out)
 
     def write_fields(self, chunk: ChunkRef) -> list[Any] | None:
         return None
@@ -84,10 +74,7 @@ class ZstdCodec:
     def read_fields(
         self, field: Any, *, length: int, raw_length: int, dtype: str, itemsize: int, where: str
     ) -> IndexFields:
-        if raw_length > length * MAX_ZSTD_RATIO + (1 << 20):
-            raise ManifestError(
-                f"{where}: declared raw size {raw_length} is impossible for {length} compressed bytes"
-            )
+        check_zstd_ratio(length, raw_length, where)
         if field is not None:
             raise ManifestError(f"{where}: malformed block checksums")
         return {}
