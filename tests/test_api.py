@@ -28,6 +28,7 @@ import treeckpt.api as api
 from treeckpt import (
     CheckpointError,
     CheckpointNotFoundError,
+    Compression,
     FQNCollisionError,
     IncompleteCheckpointError,
     LoadMismatchError,
@@ -248,7 +249,7 @@ def test_float_special_values_bit_exact(tmp_ckpt: str) -> None:
     bf16 = bf16.to(torch.uint16).view(torch.bfloat16)
     tree = {"f64": f64, "f32": f32, "bf16": bf16}
     for mode in ("never", "always"):
-        treeckpt.save(tree, tmp_ckpt, options=SaveOptions(compress=mode))
+        treeckpt.save(tree, tmp_ckpt, options=SaveOptions(compression=Compression(mode=mode)))
         assert_same(tree, treeckpt.restore(tmp_ckpt))
         assert_same(tree, treeckpt.load(zeros_like_tree(tree), tmp_ckpt))
 
@@ -730,7 +731,9 @@ def _chunk_tree(rows: int = 100) -> dict[str, Any]:
 @pytest.mark.parametrize("chunk_bytes", [7, 100, 4096, 1 << 20])
 def test_chunked_round_trip(tmp_ckpt: str, compress: str, chunk_bytes: int) -> None:
     tree = _chunk_tree(4 if chunk_bytes < 100 else 100)  # tiny chunks: a small tree
-    opts = SaveOptions(chunk_bytes=chunk_bytes, compress=compress, io_threads=3)  # type: ignore[arg-type]
+    opts = SaveOptions(
+        chunk_bytes=chunk_bytes, compression=Compression(mode=compress), io_threads=3
+    )  # type: ignore[arg-type]
     treeckpt.save(tree, tmp_ckpt, options=opts)
     assert_same(tree, treeckpt.restore(tmp_ckpt))
     assert_same(tree, treeckpt.load(zeros_like_tree(tree), tmp_ckpt))
@@ -769,19 +772,23 @@ def test_io_threads(tmp_ckpt: str, io_threads: int, load_threads: int) -> None:
 def test_options_validated() -> None:
     for bad in (
         {"chunk_bytes": 0},
-        {"compress": "maybe"},
+        {"compression": Compression},
         {"io_threads": 0},
-        {"zstd_level": 99},
     ):
         with pytest.raises(ValueError):
             SaveOptions(**bad)  # type: ignore[arg-type]
+    for bad in ({"mode": "maybe"}, {"level": 99}):
+        with pytest.raises(ValueError):
+            Compression(**bad)  # type: ignore[arg-type]
     with pytest.raises(ValueError):
         treeckpt.LoadOptions(io_threads=0)
 
 
 def test_no_fsync_option_still_round_trips(tmp_ckpt: str) -> None:
     tree = _chunk_tree()
-    treeckpt.save(tree, tmp_ckpt, options=SaveOptions(sync=False, zstd_level=19))
+    treeckpt.save(
+        tree, tmp_ckpt, options=SaveOptions(sync=False, compression=Compression(level=19))
+    )
     assert_same(tree, treeckpt.restore(tmp_ckpt))
 
 
@@ -886,7 +893,7 @@ def test_metadata(tmp_ckpt: str, monkeypatch: pytest.MonkeyPatch) -> None:
         "step": 12,
         "name": "run-1",
     }
-    opts = SaveOptions(chunk_bytes=1024, compress="auto", io_threads=2)
+    opts = SaveOptions(chunk_bytes=1024, compression=Compression(mode="auto"), io_threads=2)
     treeckpt.save(tree, tmp_ckpt, options=opts, user_metadata={"epoch": 3, "tags": ["a", "b"]})
 
     backends: list[FaultyBackend] = []

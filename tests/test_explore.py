@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import treeckpt
-from treeckpt import SaveOptions
+from treeckpt import Compression, SaveOptions
 from treeckpt.errors import (
     CheckpointNotFoundError,
     CorruptChunkError,
@@ -27,8 +27,12 @@ from .dist_utils import run_ranks
 
 FAST = SaveOptions(sync=False)
 # 1024 x 1024 float32 = 4 MiB in 16 raw chunks of 256 KiB (64 rows each), 64 KiB blocks.
-RAW_CHUNKS = SaveOptions(chunk_bytes=256 << 10, block_bytes=64 << 10, compress="never", sync=False)
-ZSTD_CHUNKS = SaveOptions(chunk_bytes=256 << 10, compress="always", sync=False)
+RAW_CHUNKS = SaveOptions(
+    chunk_bytes=256 << 10,
+    compression=Compression(raw_chunk_block_bytes=64 << 10, mode="never"),
+    sync=False,
+)
+ZSTD_CHUNKS = SaveOptions(chunk_bytes=256 << 10, compression=Compression(mode="always"), sync=False)
 
 
 class CountingBackend(FaultyBackend):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 from typing import Any
 
@@ -100,7 +101,10 @@ def test_resharding_reads_only_the_blocks_it_needs(tmp_path: Path) -> None:
     chunks with block checksums are read by range, not whole."""
     x = torch.randn(600, 256, generator=torch.Generator().manual_seed(5))  # 600 KiB
     path = str(tmp_path / "c")
-    opts = treeckpt.SaveOptions(chunk_bytes=300 * 1024, block_bytes=16 * 1024, compress="never")
+    opts = treeckpt.SaveOptions(
+        chunk_bytes=300 * 1024,
+        compression=treeckpt.Compression(raw_chunk_block_bytes=16 * 1024, mode="never"),
+    )
     treeckpt.save({"x": x}, path, options=opts)
     specs = [[_rows(path, "x", (600, 256), "float32", r * 200, (r + 1) * 200)] for r in range(3)]
     plans = treeckpt.plan_reshard(path, specs)
@@ -111,7 +115,13 @@ def test_resharding_reads_only_the_blocks_it_needs(tmp_path: Path) -> None:
     assert needed < read <= needed + 4 * 16 * 1024, read / needed
     # Without block checksums the middle rank reads both whole chunks.
     nob = str(tmp_path / "nob")
-    treeckpt.save({"x": x}, nob, options=dataclasses.replace(opts, block_bytes=0))
+    treeckpt.save(
+        {"x": x},
+        nob,
+        options=dataclasses.replace(
+            opts, compression=dataclasses.replace(opts.compression, raw_chunk_block_bytes=0)
+        ),
+    )
     (middle,) = treeckpt.plan_reshard(nob, [specs[1][0:1]])
     assert middle.read_stored_bytes == x.numel() * 4
     # And the ranged reads give the right values.
@@ -126,7 +136,9 @@ def test_resharding_decodes_only_the_compressed_blocks_it_needs(tmp_path: Path) 
     g = torch.Generator().manual_seed(6)
     x = (torch.randn(600, 256, generator=g) * 0.02).to(torch.bfloat16)  # 300 KiB
     path = str(tmp_path / "c")
-    opts = treeckpt.SaveOptions(chunk_bytes=150 * 1024, compressed_block_bytes=8 * 1024)
+    opts = treeckpt.SaveOptions(
+        chunk_bytes=150 * 1024, compression=treeckpt.Compression(block_bytes=8 * 1024)
+    )
     treeckpt.save({"x": x}, path, options=opts)
     assert set(treeckpt.metadata(path).tensors["x"].codecs) == {"planes"}
     specs = [[_rows(path, "x", (600, 256), "bfloat16", r * 200, (r + 1) * 200)] for r in range(3)]
@@ -143,7 +155,11 @@ def test_resharding_decodes_only_the_compressed_blocks_it_needs(tmp_path: Path) 
         assert torch.equal(got.view(torch.int16), x[r * 200 : (r + 1) * 200].view(torch.int16))
     # one compressed block per chunk: the middle rank decodes both chunks whole
     whole = str(tmp_path / "whole")
-    treeckpt.save({"x": x}, whole, options=dataclasses.replace(opts, compressed_block_bytes=0))
+    treeckpt.save(
+        {"x": x},
+        whole,
+        options=dataclasses.replace(opts, compression=treeckpt.Compression(block_bytes=0)),
+    )
     (middle,) = treeckpt.plan_reshard(whole, [specs[1]])
     assert middle.read_raw_bytes == x.numel() * 2
 
@@ -152,7 +168,9 @@ def test_damaged_compressed_block_is_detected_by_a_ranged_read(tmp_path: Path) -
     x = torch.zeros(256, 256, dtype=torch.float32)
     x[::7] = 1.5
     path = tmp_path / "c"
-    opts = treeckpt.SaveOptions(chunk_bytes=1 << 20, compressed_block_bytes=16 * 1024)
+    opts = treeckpt.SaveOptions(
+        chunk_bytes=1 << 20, compression=treeckpt.Compression(block_bytes=16 * 1024)
+    )
     treeckpt.save({"x": x}, str(path), options=opts)
     assert torch.equal(treeckpt.read_tensor(str(path), "x", (slice(250, 256),)), x[250:])
     (data,) = [f for f in path.rglob("*.bin")]
@@ -168,7 +186,9 @@ def test_damaged_compressed_block_is_detected_by_a_ranged_read(tmp_path: Path) -
 def test_damaged_block_is_detected_by_a_ranged_read(tmp_path: Path) -> None:
     x = torch.arange(64 * 1024, dtype=torch.float32).reshape(256, 256)
     path = tmp_path / "c"
-    opts = treeckpt.SaveOptions(block_bytes=4096, compress="never")
+    opts = treeckpt.SaveOptions(
+        compression=treeckpt.Compression(raw_chunk_block_bytes=4096, mode="never")
+    )
     treeckpt.save({"x": x}, str(path), options=opts)
     (data,) = [p for p in path.rglob("*.bin")]
     raw = bytearray(data.read_bytes())
@@ -189,8 +209,14 @@ def test_damaged_block_is_detected_by_a_ranged_read(tmp_path: Path) -> None:
     ("make", "field"),
     [
         (lambda: treeckpt.SaveOptions(chunk_bytes=0), "chunk_bytes"),
-        (lambda: treeckpt.SaveOptions(compress="maybe"), "compress"),  # type: ignore[arg-type]
-        (lambda: treeckpt.SaveOptions(block_bytes=-1), "block_bytes"),
+        (lambda: treeckpt.Compression(mode="maybe"), "Compression.mode"),  # type: ignore[arg-type]
+        (lambda: treeckpt.Compression(raw_chunk_block_bytes=-1), "raw_chunk_block_bytes"),
+        (lambda: treeckpt.Compression(block_bytes=-1), "Compression.block_bytes"),
+        (lambda: treeckpt.Compression(level=99), "Compression.level"),
+        (lambda: treeckpt.Compression(level=True), "Compression.level"),
+        (lambda: treeckpt.Compression(min_ratio=0), "Compression.min_ratio"),
+        (lambda: treeckpt.Compression(min_ratio=math.nan), "Compression.min_ratio"),
+        (lambda: treeckpt.SaveOptions(compression="never"), "compression"),  # type: ignore[arg-type]
         (lambda: treeckpt.LoadOptions(io_threads=0), "io_threads"),
         (lambda: treeckpt.LoadOptions(timeout_s=0), "timeout_s"),
     ],

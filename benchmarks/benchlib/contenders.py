@@ -75,14 +75,17 @@ class TreeCkptContender(Contender):
 
 
 class TreeCkptOptionsContender(TreeCkptContender):
-    """treeckpt with one ``SaveOptions`` setting changed, to show what a default buys."""
+    """treeckpt with one ``Compression`` setting changed, to show what a default buys."""
 
-    def __init__(self, module: ModuleType, key: str, label: str, **options: object) -> None:
+    def __init__(self, module: ModuleType, key: str, label: str, **compression: object) -> None:
         super().__init__(module)
         self.key = key
         self.label = label
-        self.description = f"treeckpt.save(tree, path, options=SaveOptions({options}))"
-        self._options = module.SaveOptions(**options)
+        args = ", ".join(f"{k}={v!r}" for k, v in compression.items())
+        self.description = (
+            f"treeckpt.save(tree, path, options=SaveOptions(compression=Compression({args})))"
+        )
+        self._options = module.SaveOptions(compression=module.Compression(**compression))
 
     def save(self, state: Tree, path: str) -> None:
         self._module.save(state, path, options=self._options)
@@ -298,7 +301,7 @@ def make_contenders(
         contenders.append(TreeCkptContender(treeckpt_module))
         contenders.append(
             TreeCkptOptionsContender(
-                treeckpt_module, "treeckpt-raw", 'treeckpt `compress="never"`', compress="never"
+                treeckpt_module, "treeckpt-raw", 'treeckpt `mode="never"`', mode="never"
             )
         )
         contenders.append(
@@ -313,8 +316,8 @@ def make_contenders(
             TreeCkptOptionsContender(
                 treeckpt_module,
                 "treeckpt-always",
-                'treeckpt `compress="always"`',
-                compress="always",
+                'treeckpt `mode="always"`',
+                mode="always",
             )
         )
     contenders.extend(

@@ -17,7 +17,7 @@ from treeckpt.api import (
 )
 from treeckpt.asyncsave import AsyncSaver, SaveFuture, async_save
 from treeckpt.core.box import Box
-from treeckpt.core.options import LoadOptions, SaveOptions
+from treeckpt.core.options import Compression, LoadOptions, SaveOptions
 from treeckpt.core.plan import LoadPlan, ReadItem, SavePlan, WriteItem, plan_load, plan_save
 from treeckpt.core.specs import ShardSpec
 from treeckpt.core.tree import is_stateful
@@ -53,6 +53,7 @@ __all__ = [
     "CheckpointNotFoundError",
     "CheckpointReplacedError",
     "CollectiveError",
+    "Compression",
     "CorruptChunkError",
     "FQNCollisionError",
     "IncompleteCheckpointError",

@@ -24,7 +24,9 @@ from treeckpt.store.checksum import checksum
 MANIFEST = "manifest.json"
 # min_ratio 1.1: normal floats ("w2") compress their sign-and-exponent plane
 SAVE_OPTIONS = treeckpt.SaveOptions(
-    chunk_bytes=2048, io_threads=2, compressed_block_bytes=1024, min_ratio=1.1
+    chunk_bytes=2048,
+    io_threads=2,
+    compression=treeckpt.Compression(block_bytes=1024, min_ratio=1.1),
 )
 
 

@@ -58,7 +58,7 @@ def _honest(path: Path) -> Ckpt:
     treeckpt.save(
         {"w": torch.zeros(N, dtype=torch.uint8)},
         str(path),
-        options=treeckpt.SaveOptions(compress="always"),
+        options=treeckpt.SaveOptions(compression=treeckpt.Compression(mode="always")),
     )
     ck = Ckpt(path)
     assert [c[6] for c in ck.index()["chunks"]] == ["planes"]

@@ -192,7 +192,9 @@ def test_template_is_only_touched_by_a_load_that_succeeds_or_fails_cleanly(ck: C
 @pytest.mark.parametrize("compress", ["never", "auto"])
 def test_data_file_swapped_with_another_saves(tmp_path: Path, compress: str) -> None:
     """Same tree shape, other values: detected by the index's sizes and chunk checksums."""
-    opts = treeckpt.SaveOptions(chunk_bytes=2048, io_threads=2, compress=compress)  # type: ignore[arg-type]
+    opts = treeckpt.SaveOptions(
+        chunk_bytes=2048, io_threads=2, compression=treeckpt.Compression(mode=compress)
+    )  # type: ignore[arg-type]
     a, b = tmp_path / "a", tmp_path / "b"
     treeckpt.save(TREE, str(a), options=opts)
     treeckpt.save(OTHER, str(b), options=opts)
@@ -214,7 +216,9 @@ def test_data_file_swapped_with_another_saves(tmp_path: Path, compress: str) -> 
 
 
 def test_data_files_of_another_save_with_this_saves_index(tmp_path: Path) -> None:
-    opts = treeckpt.SaveOptions(chunk_bytes=2048, io_threads=2, compress="never")
+    opts = treeckpt.SaveOptions(
+        chunk_bytes=2048, io_threads=2, compression=treeckpt.Compression(mode="never")
+    )
     a, b = tmp_path / "a", tmp_path / "b"
     treeckpt.save(TREE, str(a), options=opts)
     treeckpt.save(OTHER, str(b), options=opts)

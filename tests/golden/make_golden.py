@@ -160,7 +160,9 @@ def main_planes() -> None:
         planes_tree(),
         str(OUT_PLANES),
         options=treeckpt.SaveOptions(
-            chunk_bytes=8192, compressed_block_bytes=2048, io_threads=1, min_ratio=1.1
+            chunk_bytes=8192,
+            compression=treeckpt.Compression(block_bytes=2048, min_ratio=1.1),
+            io_threads=1,
         ),
         user_metadata={"golden": "v1-planes"},
     )
@@ -176,7 +178,9 @@ def main() -> None:
     treeckpt.save(
         golden_tree(),
         str(OUT),
-        options=treeckpt.SaveOptions(chunk_bytes=4096, io_threads=2, compress="auto"),
+        options=treeckpt.SaveOptions(
+            chunk_bytes=4096, io_threads=2, compression=treeckpt.Compression(mode="auto")
+        ),
         user_metadata={"golden": "v1"},
     )
     total = sum(p.stat().st_size for p in OUT.rglob("*") if p.is_file())

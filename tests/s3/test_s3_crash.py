@@ -117,7 +117,9 @@ def test_killed_mid_upload_leaves_an_upload_the_next_save_aborts(
     conf = {**fsspec.config.conf["s3"], "default_block_size": 5 << 20}
     monkeypatch.setitem(fsspec.config.conf, "s3", conf)
     big = {"x": torch.randn(3 << 20, generator=torch.Generator().manual_seed(0))}  # 12 MiB
-    opts = treeckpt.SaveOptions(chunk_bytes=1 << 20, io_threads=1, compress="never")
+    opts = treeckpt.SaveOptions(
+        chunk_bytes=1 << 20, io_threads=1, compression=treeckpt.Compression(mode="never")
+    )
     probe = open_backend(s3_url)
     probe.makedirs("")
     pid = os.fork()

@@ -252,7 +252,7 @@ def _as_planes(index: ChunkIndex, **fields: Any) -> ChunkIndex:
         "codec": "planes",
         "block_bytes": 8,
         "blocks": (checksum(b"p0"), checksum(b"p1")),
-        "planes": "rz",
+        "codec_params": "rz",
         "segments": (2, 1),  # block 0: 4 raw + 2; block 1: 2 raw + 1 = 9 bytes
     }
     c = dataclasses.replace(index.chunks[1], **{**base, **fields})
@@ -268,8 +268,8 @@ def test_planes_chunks_round_trip_and_are_validated() -> None:
     assert back.chunks[1].stored_range(8, 12) == (6, 9)
     assert back.chunks[1].raw_block_range(9, 10) == (8, 12)
     for fields, match in [
-        ({"planes": "rzz"}, "one 'r' or 'z' per byte of bfloat16"),
-        ({"planes": "rr"}, "malformed planes chunk"),
+        ({"codec_params": "rzz"}, "one 'r' or 'z' per byte of bfloat16"),
+        ({"codec_params": "rr"}, "malformed planes chunk"),
         ({"segments": (3, 1)}, "do not add up to the stored length 9"),
         ({"segments": (3,)}, "segments do not cover"),
         ({"block_bytes": 3}, "do not cover|malformed planes"),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import zstandard
@@ -9,19 +11,23 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from treeckpt.core.box import Box
-from treeckpt.core.manifest import ChunkRef, block_starts
+from treeckpt.core.manifest import ChunkRef
+from treeckpt.core.options import Compression
 from treeckpt.errors import CorruptChunkError
-from treeckpt.store.codecs import ChunkEncoder, PlanesEncoded, decode_blocks_into
+from treeckpt.store.codecs import ChunkEncoder, Decoding, Encoded
+from treeckpt.store.codecs.planes import PLANES, planes_block_offsets
 
 WHERE = "data-0123456789abcdef/r0-0.bin at offset 0 (tensor 'w')"
 
 
 def _encoder(mode: str = "auto", block_bytes: int = 4096, min_ratio: float = 1.3) -> ChunkEncoder:
-    return ChunkEncoder(mode=mode, level=1, min_ratio=min_ratio, block_bytes=block_bytes)
+    return ChunkEncoder(
+        Compression(mode=mode, level=1, min_ratio=min_ratio, block_bytes=block_bytes)  # type: ignore[arg-type]
+    )
 
 
-def _ref(enc: PlanesEncoded, raw_length: int) -> ChunkRef:
-    itemsize = len(enc.planes)
+def _ref(enc: Encoded, raw_length: int) -> ChunkRef:
+    itemsize = len(enc.codec_params)
     return ChunkRef(
         fqn="w",
         box=Box(offsets=(0,), sizes=(raw_length // itemsize,)),
@@ -32,18 +38,18 @@ def _ref(enc: PlanesEncoded, raw_length: int) -> ChunkRef:
         raw_length=raw_length,
         checksum="",
         block_bytes=enc.block_bytes,
-        blocks=("",) * (len(enc.block_starts) - 1),
-        planes=enc.planes,
+        blocks=("",) * (len(enc.block_offsets) - 1),
+        codec_params=enc.codec_params,
         segments=enc.segments,
+        block_offsets=enc.block_offsets,
     )
 
 
 def _decode(stored: bytes, c: ChunkRef, first: int, stop: int) -> np.ndarray:
     bb = c.block_bytes
     out = np.empty(min(stop * bb, c.raw_length) - first * bb, dtype=np.uint8)
-    decode_blocks_into(
-        stored, c, first, stop, out=out, dctx=zstandard.ZstdDecompressor(), where=WHERE
-    )
+    ctx = Decoding(len(c.codec_params), zstandard.ZstdDecompressor(), WHERE)
+    PLANES.decode_into(stored, c, first, stop, out, ctx)
     return out
 
 
@@ -81,15 +87,18 @@ def test_round_trip_whole_and_any_block_range(
 ) -> None:
     raw = _data(kind, itemsize, count, seed)
     enc = _encoder(mode, block_bytes).encode(raw, itemsize)
-    if not isinstance(enc, PlanesEncoded):
+    if enc.codec != "planes":
         assert enc.codec == "raw" and bytes(enc.payload) == raw.tobytes()
         return
     stored = bytes(enc.payload)  # the encoder's buffer is reused by its next chunk
     assert len(stored) < raw.nbytes
-    assert len(enc.planes) == itemsize and "z" in enc.planes
+    assert len(enc.codec_params) == itemsize and "z" in enc.codec_params
     assert enc.block_bytes % itemsize == 0
     c = _ref(enc, raw.nbytes)
-    assert block_starts(c) == enc.block_starts
+    # the index fields alone give the block offsets the encoder wrote
+    assert planes_block_offsets(c.raw_length, c.block_bytes, c.codec_params, c.segments) == (
+        enc.block_offsets
+    )
     nblocks = len(c.blocks)
     assert _decode(stored, c, 0, nblocks).tobytes() == raw.tobytes()
 
@@ -111,18 +120,18 @@ def test_auto_compresses_only_the_planes_that_pay() -> None:
     assert _encoder(block_bytes=256 << 10).encode(weights.view(np.uint8), 4).codec == "raw"
     # ... and with a lower one, only that plane is compressed
     enc = _encoder(block_bytes=256 << 10, min_ratio=1.15).encode(weights.view(np.uint8), 4)
-    assert isinstance(enc, PlanesEncoded) and enc.planes == "rrrz"
+    assert enc.codec == "planes" and enc.codec_params == "rrrz"
     assert 0.78 < len(enc.payload) / weights.nbytes < 0.88
 
     bf16 = weights.view(np.uint16)[1::2].copy()  # the top half of each float: bfloat16
     enc = _encoder(block_bytes=256 << 10).encode(bf16.view(np.uint8), 2)
-    assert isinstance(enc, PlanesEncoded) and enc.planes == "rz"
+    assert enc.codec == "planes" and enc.codec_params == "rz"
 
     enc = _encoder().encode(rng.integers(0, 256, 1 << 16, dtype=np.uint8), 4)
     assert enc.codec == "raw"
 
     enc = _encoder().encode(np.zeros(1 << 16, dtype=np.uint8), 4)
-    assert isinstance(enc, PlanesEncoded) and enc.planes == "zzzz"
+    assert enc.codec == "planes" and enc.codec_params == "zzzz"
     assert len(enc.payload) < (1 << 16) // 50
 
 
@@ -130,7 +139,7 @@ def test_min_ratio_applies_per_plane() -> None:
     weights = (np.random.default_rng(1).standard_normal(1 << 16) * 0.02).astype(np.float32)
     assert _encoder(min_ratio=1e9).encode(weights.view(np.uint8), 4).codec == "raw"
     enc = _encoder(min_ratio=0.5).encode(weights.view(np.uint8), 4)
-    assert isinstance(enc, PlanesEncoded) and enc.planes == "zzzz"
+    assert enc.codec == "planes" and enc.codec_params == "zzzz"
     # a plane that shrinks 3x does not make a chunk compress when the rest does not pay
     mixed = _encoder(min_ratio=2.0).encode(weights.view(np.uint8), 4)
     assert mixed.codec == "raw"
@@ -154,7 +163,7 @@ def test_always_stores_incompressible_chunks_raw() -> None:
 
 def _zeros_chunk(n: int = 4096, block_bytes: int = 1024) -> tuple[bytes, ChunkRef]:
     enc = _encoder("always", block_bytes).encode(np.zeros(n, dtype=np.uint8), 4)
-    assert isinstance(enc, PlanesEncoded)
+    assert enc.codec == "planes"
     return bytes(enc.payload), _ref(enc, n)
 
 
@@ -162,9 +171,7 @@ def test_a_frame_declaring_another_size_is_refused_naming_the_block() -> None:
     stored, c = _zeros_chunk()
     frame = zstandard.ZstdCompressor(write_content_size=True).compress(bytes(257))
     forged = frame + stored[c.segments[0] :]
-    bad = ChunkRef(
-        **{**_fields(c), "length": len(forged), "segments": (len(frame), *c.segments[1:])}
-    )
+    bad = _forged(c, length=len(forged), segments=(len(frame), *c.segments[1:]))
     with pytest.raises(CorruptChunkError, match="block 0: frame declares 257 bytes") as info:
         _decode(forged, bad, 0, len(c.blocks))
     assert WHERE in str(info.value)
@@ -177,9 +184,7 @@ def test_garbage_and_bombs_are_refused_within_the_plane_size() -> None:
         _decode(garbage, c, 0, len(c.blocks))
     bomb = zstandard.ZstdCompressor(write_content_size=False).compress(bytes(1 << 24))
     forged = bomb + stored[c.segments[0] :]
-    bad = ChunkRef(
-        **{**_fields(c), "length": len(forged), "segments": (len(bomb), *c.segments[1:])}
-    )
+    bad = _forged(c, length=len(forged), segments=(len(bomb), *c.segments[1:]))
     with pytest.raises(CorruptChunkError, match="block 0"):
         _decode(forged, bad, 0, len(c.blocks))
 
@@ -192,5 +197,7 @@ def test_stored_bytes_must_match_the_blocks_exactly() -> None:
         _decode(stored + b"\x00", c, 0, len(c.blocks))
 
 
-def _fields(c: ChunkRef) -> dict[str, object]:
-    return {f: getattr(c, f) for f in c.__dataclass_fields__}
+def _forged(c: ChunkRef, *, length: int, segments: tuple[int, ...]) -> ChunkRef:
+    """``c`` with other segment lengths, its block offsets derived from them as an index read does."""
+    offsets = planes_block_offsets(c.raw_length, c.block_bytes, c.codec_params, segments)
+    return dataclasses.replace(c, length=length, segments=segments, block_offsets=offsets)

@@ -16,19 +16,19 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-import zstandard
 
 import treeckpt
-from treeckpt import SaveOptions
+from treeckpt import Compression, SaveOptions
 from treeckpt.core.manifest import ChunkRef
 from treeckpt.store.backends import open_backend
+from treeckpt.store.decode import ChunkDecoder
 from treeckpt.store.reader import read_indexes, read_manifest
 from treeckpt.tools import cli
 from treeckpt.tools.cli import _output as cli_output
 from treeckpt.tools.verify import check_chunk
 
 FAST = SaveOptions(sync=False)
-SMALL_CHUNKS = SaveOptions(chunk_bytes=4096, compress="always", sync=False)
+SMALL_CHUNKS = SaveOptions(chunk_bytes=4096, compression=Compression(mode="always"), sync=False)
 
 
 def model_state(seed: int = 0) -> dict[str, Any]:
@@ -263,10 +263,10 @@ def test_verify_multi_chunk_compressed_checkpoint(
     c = next(c for c in chunks if c.fqn == "w" and c.codec == "planes")
     backend = open_backend(tmp_ckpt)
     try:
-        dctx = zstandard.ZstdDecompressor()
-        assert check_chunk(backend, c, itemsize=4, dctx=dctx) is None
+        decoder = ChunkDecoder()
+        assert check_chunk(backend, c, itemsize=4, decoder=decoder) is None
         forged = dataclasses.replace(c, raw_length=c.raw_length + 4)
-        reason = check_chunk(backend, forged, itemsize=4, dctx=dctx)
+        reason = check_chunk(backend, forged, itemsize=4, decoder=decoder)
     finally:
         backend.close()
     assert reason is not None and ("declares" in reason or "expected" in reason)
@@ -479,7 +479,9 @@ def test_verify_raw_chunks_with_block_checksums_and_empty_tensors(
     tmp_ckpt: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     tree = {"big": torch.randn(1 << 18), "empty": torch.zeros(0, 3), "n": 1}
-    treeckpt.save(tree, tmp_ckpt, options=SaveOptions(compress="never", sync=False))
+    treeckpt.save(
+        tree, tmp_ckpt, options=SaveOptions(compression=Compression(mode="never"), sync=False)
+    )
     (c,) = [c for c in chunks_of(Path(tmp_ckpt)) if c.fqn == "big"]
     assert len(c.blocks) > 1
     code, out, _ = run(["verify", tmp_ckpt], capsys)

@@ -6,7 +6,6 @@ Encoding, decoding and validation against untrusted bytes live in
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,8 +19,6 @@ __all__ = [
     "DataFile",
     "IndexRef",
     "Manifest",
-    "block_starts",
-    "planes_block_starts",
 ]
 
 FORMAT_VERSION = 1
@@ -38,13 +35,15 @@ class ChunkRef:
     A chunk may also be cut into blocks of ``block_bytes`` raw bytes (the last
     one shorter), each stored as one contiguous run with its own checksum in
     ``blocks``, so a reader that needs only part of the chunk reads, verifies
-    and decodes only the blocks holding it. A ``raw`` chunk's blocks are its
-    bytes as they are. A ``planes`` chunk's blocks are encoded separately:
-    each block's bytes are regrouped by byte position within an element (one
-    byte plane per position, ``len(planes)`` of them), then plane ``i`` is
-    stored as it is when ``planes[i]`` is ``"r"``, or as one zstandard frame
-    when it is ``"z"``; ``segments`` lists the stored lengths of those frames,
-    block by block.
+    and decodes only the blocks holding it. Block ``k`` holds raw bytes
+    ``[k * block_bytes, min((k + 1) * block_bytes, raw_length))`` and is
+    stored at ``[block_offsets[k], block_offsets[k + 1])`` of the chunk's
+    stored bytes (``block_offsets`` has one entry per block and the end).
+
+    ``codec_params`` and ``segments`` are the codec's own fields of the chunk
+    index; only the codec (``treeckpt.store.codecs``) reads them, and it
+    derives ``block_offsets`` from them (they are not stored), so this layer
+    needs nothing but arithmetic on offsets.
     """
 
     fqn: str
@@ -57,8 +56,10 @@ class ChunkRef:
     checksum: str
     block_bytes: int = 0
     blocks: tuple[str, ...] = ()
-    planes: str = ""
+    codec_params: str = ""
     segments: tuple[int, ...] = ()
+    #: derived from the fields above by the codec, so not part of equality
+    block_offsets: tuple[int, ...] = field(default=(), compare=False)
     #: ``"xxh3-128:<hex>"`` of the raw (decoded) bytes, recorded by incremental
     #: saves so that a later save can reuse this chunk; empty when not recorded.
     digest: str = ""
@@ -74,43 +75,9 @@ class ChunkRef:
         """Where the whole blocks holding raw bytes ``[raw_start, raw_stop)`` are stored."""
         if not self.blocks:
             return 0, self.length
-        starts = block_starts(self)
+        starts = self.block_offsets
         bb = self.block_bytes
         return starts[raw_start // bb], starts[-(-raw_stop // bb)]
-
-
-def block_starts(c: ChunkRef) -> tuple[int, ...]:
-    """Offsets (within the chunk's stored bytes) of each block of a chunk with blocks, and the end.
-
-    Block ``k`` holds raw bytes ``[k * block_bytes, min((k + 1) * block_bytes, raw_length))``.
-    A ``raw`` block is stored as it is; a ``planes`` block's ``"r"`` planes take
-    ``raw / len(planes)`` bytes each, its ``"z"`` planes their segment.
-    """
-    if c.codec == "planes":
-        return planes_block_starts(c.raw_length, c.block_bytes, c.planes, c.segments)
-    return _raw_block_starts(c.length, c.block_bytes)
-
-
-@functools.lru_cache(maxsize=4096)
-def _raw_block_starts(length: int, bb: int) -> tuple[int, ...]:
-    return (*range(0, length, bb), length)
-
-
-@functools.lru_cache(maxsize=4096)
-def planes_block_starts(
-    raw_length: int, bb: int, planes: str, segments: tuple[int, ...]
-) -> tuple[int, ...]:
-    """:func:`block_starts` from the index fields (also used to validate them)."""
-    itemsize = len(planes)
-    n_raw = planes.count("r")
-    nz = itemsize - n_raw
-    out = [0]
-    pos = 0
-    for k in range(-(-raw_length // bb)):
-        raw = min(bb, raw_length - k * bb)
-        pos += n_raw * (raw // itemsize) + sum(segments[k * nz : (k + 1) * nz])
-        out.append(pos)
-    return tuple(out)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

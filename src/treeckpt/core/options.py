@@ -8,9 +8,70 @@ from typing import Literal
 
 from treeckpt.errors import OptionsError
 
-__all__ = ["LoadOptions", "SaveOptions"]
+__all__ = ["Compression", "LoadOptions", "SaveOptions"]
 
 MiB = 1 << 20
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Compression:
+    """How a save encodes each chunk: every setting of the chunk codecs, in one place.
+
+    One frozen value (``SaveOptions(compression=Compression(...))``) so that
+    the block sizes of compressed and of raw chunks, and the zstandard level,
+    cannot be mistaken for the chunking of the save (``SaveOptions.chunk_bytes``).
+
+    Attributes:
+        mode: ``"auto"`` compresses the byte planes of a chunk that a sample
+            shows pay (for floats: the sign and exponent byte, not the
+            mantissa bytes), ``"always"`` compresses every byte plane (storing
+            the chunk raw only when that makes it larger), ``"never"`` stores
+            raw bytes.
+        level: zstandard level, -7 to 22 (1 is fast; higher is smaller and
+            slower).
+        min_ratio: in ``"auto"``, compress a chunk only when its sample, with
+            the byte planes that shrink by 1.1x or more compressed, shrinks to
+            at most ``1 / min_ratio`` of its size.
+        block_bytes: compressed chunks are encoded in independent blocks of
+            this many raw bytes, each with its own checksum, so a load that
+            needs part of a chunk decodes only those blocks. 0 makes one block
+            per chunk.
+        raw_chunk_block_bytes: chunks stored raw (not compressed) and larger
+            than this get one checksum per block of this size, so a load that
+            needs part of a chunk (another sharding) reads and verifies only
+            those blocks. 0 turns it off.
+    """
+
+    mode: Literal["auto", "always", "never"] = "auto"
+    level: int = 1
+    min_ratio: float = 1.3
+    block_bytes: int = 256 << 10
+    raw_chunk_block_bytes: int = 64 << 10
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("auto", "always", "never"):
+            raise OptionsError(
+                f"Compression.mode must be 'auto', 'always' or 'never', got {self.mode!r}"
+            )
+        if isinstance(self.level, bool) or not isinstance(self.level, int):
+            raise OptionsError(f"Compression.level must be an integer, got {self.level!r}")
+        if not -7 <= self.level <= 22:
+            raise OptionsError(f"Compression.level must be in [-7, 22], got {self.level}")
+        if (
+            isinstance(self.min_ratio, bool)
+            or not isinstance(self.min_ratio, int | float)
+            or not math.isfinite(self.min_ratio)
+            or self.min_ratio <= 0
+        ):
+            raise OptionsError(
+                f"Compression.min_ratio must be a positive, finite number, got {self.min_ratio!r}"
+            )
+        for name in ("block_bytes", "raw_chunk_block_bytes"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise OptionsError(
+                    f"Compression.{name} must be an integer >= 0 (0: off), got {value!r}"
+                )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -20,15 +81,7 @@ class SaveOptions:
     Attributes:
         chunk_bytes: largest raw size of one stored chunk. Chunks are the unit
             of compression, checksumming and partial reads.
-        compress: ``"auto"`` compresses the byte planes of a chunk that a
-            sample shows pay (for floats: the sign and exponent byte, not the
-            mantissa bytes), ``"always"`` compresses every byte plane (storing
-            the chunk raw only when that makes it larger), ``"never"`` stores
-            raw bytes.
-        zstd_level: zstandard level (1 is fast; higher is smaller and slower).
-        min_ratio: in ``"auto"``, compress a chunk only when its sample, with
-            the byte planes that shrink by 1.1x or more compressed, shrinks to
-            at most ``1 / min_ratio`` of its size.
+        compression: how each chunk is encoded (see :class:`Compression`).
         io_threads: threads per rank that encode and write chunks; each
             writes its own data file.
         sync: fsync data files, the manifest and the directory (durability).
@@ -38,13 +91,6 @@ class SaveOptions:
             that never arrived. ``None`` (the default) is the timeout of the
             process group the save runs on (the default group's when none is
             given), so a job that chose a short timeout fails as fast.
-        block_bytes: raw chunks larger than this also get one checksum per
-            block of this size, so a load that needs part of a chunk (another
-            sharding) reads and verifies only those blocks. 0 turns it off.
-        compressed_block_bytes: compressed chunks are encoded in independent
-            blocks of this many raw bytes, each with its own checksum, so a
-            load that needs part of a chunk decodes only those blocks. 0 makes
-            one block per chunk.
         check_replicas: with several ranks, compare the bytes of every plain
             (not sharded) tensor that several ranks hold, by an xxh3 digest of
             each rank's copy, and refuse the save when they differ (only one
@@ -54,34 +100,22 @@ class SaveOptions:
     """
 
     chunk_bytes: int = 16 * MiB
-    compress: Literal["auto", "always", "never"] = "auto"
-    zstd_level: int = 1
-    min_ratio: float = 1.3
+    compression: Compression = Compression()
     io_threads: int = 2
     sync: bool = True
     timeout_s: float | None = None
-    block_bytes: int = 64 << 10
-    compressed_block_bytes: int = 256 << 10
     check_replicas: bool = True
 
     def __post_init__(self) -> None:
-        if self.block_bytes < 0:
-            raise OptionsError(f"block_bytes must be >= 0, got {self.block_bytes}")
-        if self.compressed_block_bytes < 0:
-            raise OptionsError(
-                f"compressed_block_bytes must be >= 0, got {self.compressed_block_bytes}"
-            )
         if self.chunk_bytes < 1:
             raise OptionsError(f"chunk_bytes must be positive, got {self.chunk_bytes}")
-        if self.compress not in ("auto", "always", "never"):
+        if not isinstance(self.compression, Compression):
             raise OptionsError(
-                f"compress must be 'auto', 'always' or 'never', got {self.compress!r}"
+                f"compression must be a treeckpt.Compression, got {type(self.compression).__name__}"
             )
         if self.io_threads < 1:
             raise OptionsError(f"io_threads must be at least 1, got {self.io_threads}")
         _check_timeout(self.timeout_s)
-        if not -7 <= self.zstd_level <= 22:
-            raise OptionsError(f"zstd_level must be in [-7, 22], got {self.zstd_level}")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -20,28 +20,22 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from itertools import pairwise
-from typing import Any, Protocol
+from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
-import zstandard
 
 from treeckpt.core.box import Box
 from treeckpt.core.incremental import ReuseTable
-from treeckpt.core.manifest import ChunkRef, DataFile, block_starts
+from treeckpt.core.manifest import ChunkRef, DataFile
 from treeckpt.core.options import SaveOptions
 from treeckpt.core.plan import WriteItem
 from treeckpt.errors import CheckpointError, CorruptChunkError
 from treeckpt.store import layout
 from treeckpt.store.backends import Backend, Writer
 from treeckpt.store.checksum import checksum, content_digest
-from treeckpt.store.codecs import (
-    ChunkEncoder,
-    Encoded,
-    PlanesEncoded,
-    decode_blocks_into,
-    decode_into,
-)
+from treeckpt.store.codecs import ChunkEncoder, codec_for
+from treeckpt.store.decode import ChunkDecoder
 
 __all__ = ["ReadTarget", "ReadTask", "WriteJob", "read_chunks", "write_chunks"]
 
@@ -133,12 +127,7 @@ def _write_lane(
     abort: threading.Event,
     reuse: ReuseTable | None,
 ) -> None:
-    encoder = ChunkEncoder(
-        mode=options.compress,
-        level=options.zstd_level,
-        min_ratio=options.min_ratio,
-        block_bytes=options.compressed_block_bytes,
-    )
+    encoder = ChunkEncoder(options.compression)
     for n, job in jobs:
         if abort.is_set():
             raise _Aborted("aborted: another writer thread failed")
@@ -154,6 +143,7 @@ def _write_lane(
         writer = lane.open()
         offset = writer.tell()
         writer.write(enc.payload)
+        view = memoryview(enc.payload).cast("B")
         refs[n] = ChunkRef(
             fqn=job.item.fqn,
             box=job.item.chunk,
@@ -164,26 +154,12 @@ def _write_lane(
             raw_length=raw.nbytes,
             checksum=checksum(enc.payload),
             digest=digest,
-            **_blocks(enc, options.block_bytes),
+            block_bytes=enc.block_bytes,
+            blocks=tuple(checksum(view[a:b]) for a, b in pairwise(enc.block_offsets)),
+            codec_params=enc.codec_params,
+            segments=enc.segments,
+            block_offsets=enc.block_offsets,
         )
-
-
-def _blocks(enc: Encoded | PlanesEncoded, block_bytes: int) -> dict[str, Any]:
-    """The block fields of a chunk: a ``planes`` chunk's blocks as encoded; for a raw
-    chunk larger than one block, a checksum per ``block_bytes`` (for ranged reads)."""
-    view = memoryview(enc.payload).cast("B")
-    if isinstance(enc, PlanesEncoded):
-        starts = enc.block_starts
-        return {
-            "block_bytes": enc.block_bytes,
-            "blocks": tuple(checksum(view[a:b]) for a, b in pairwise(starts)),
-            "planes": enc.planes,
-            "segments": enc.segments,
-        }
-    if enc.codec != "raw" or block_bytes <= 0 or len(view) <= block_bytes:
-        return {}
-    blocks = tuple(checksum(view[i : i + block_bytes]) for i in range(0, len(view), block_bytes))
-    return {"block_bytes": block_bytes, "blocks": blocks}
 
 
 class _Aborted(RuntimeError):
@@ -275,31 +251,12 @@ def read_chunks(
     def run(n: int) -> None:
         bufs = getattr(local, "bufs", None)
         if bufs is None:
-            bufs = local.bufs = _Buffers()
+            bufs = local.bufs = ChunkDecoder()
         _read_one(backend, ordered[n], bufs)
         if on_done is not None:
             on_done(ordered[n])
 
     _run_all(run, range(len(ordered)), nthreads)
-
-
-class _Buffers:
-    """One reader thread's decompressor and reusable buffers (no fresh allocation per chunk)."""
-
-    def __init__(self) -> None:
-        self.dctx = zstandard.ZstdDecompressor()
-        self._stored = np.empty(0, dtype=np.uint8)
-        self._decoded = np.empty(0, dtype=np.uint8)
-
-    def stored(self, n: int) -> memoryview:
-        if self._stored.nbytes < n:
-            self._stored = np.empty(n, dtype=np.uint8)
-        return self._stored[:n].data.cast("B")
-
-    def decoded(self, n: int) -> Bytes1D:
-        if self._decoded.nbytes < n:
-            self._decoded = np.empty(n, dtype=np.uint8)
-        return self._decoded[:n]
 
 
 def _direct_region(task: ReadTask) -> Bytes1D | None:
@@ -329,28 +286,23 @@ def _read_into(backend: Backend, c: ChunkRef, start: int, buf: memoryview, where
         raise CorruptChunkError(f"{where}: the data file is truncated ({n} of {len(buf)} bytes)")
 
 
-def _read_one(backend: Backend, task: ReadTask, bufs: _Buffers) -> None:
+def _read_one(backend: Backend, task: ReadTask, dec: ChunkDecoder) -> None:
     c = task.chunk
     where = f"{backend.root}/{c.file} at offset {c.offset} (tensor {c.fqn!r})"
     if task.read_range is not None and task.read_range != (0, c.raw_length):
-        _read_part(backend, task, bufs, where)
+        _read_part(backend, task, dec, where)
         return
     direct = _direct_region(task)
-    if c.codec == "raw" and direct is not None:
+    if direct is not None and codec_for(c.codec, where).stored_as_raw:
         _read_into(backend, c, 0, direct.data, where)
-        if checksum(direct.data) != c.checksum:
-            raise CorruptChunkError(f"{where}: checksum mismatch (the data file is damaged)")
+        dec.check(direct.data, c, where)
         return
-    payload = bufs.stored(c.length)
+    payload = dec.stored(c.length)
     _read_into(backend, c, 0, payload, where)
-    if checksum(payload) != c.checksum:
-        raise CorruptChunkError(f"{where}: checksum mismatch (the data file is damaged)")
-    out = direct if direct is not None else bufs.decoded(c.raw_length)
-    if c.codec == "planes":
-        nblocks = len(c.blocks)
-        decode_blocks_into(payload, c, 0, nblocks, out=out, dctx=bufs.dctx, where=where)
-    else:
-        decode_into(payload, c.codec, itemsize=task.itemsize, out=out, dctx=bufs.dctx, where=where)
+    dec.check(payload, c, where)
+    out = dec.decode(
+        payload, c, 0, max(1, len(c.blocks)), itemsize=task.itemsize, where=where, out=direct
+    )
     if direct is not None:
         return
     block = out.reshape(*c.box.sizes, task.itemsize)
@@ -358,7 +310,7 @@ def _read_one(backend: Backend, task: ReadTask, bufs: _Buffers) -> None:
         t.array()[t.dst.slices()] = block[t.src.slices()]
 
 
-def _read_part(backend: Backend, task: ReadTask, bufs: _Buffers, where: str) -> None:
+def _read_part(backend: Backend, task: ReadTask, dec: ChunkDecoder, where: str) -> None:
     """Read only the blocks holding raw bytes ``[lo, hi)``, verify and decode each, copy out."""
     c = task.chunk
     lo, hi = task.read_range or (0, c.raw_length)
@@ -367,19 +319,10 @@ def _read_part(backend: Backend, task: ReadTask, bufs: _Buffers, where: str) -> 
         raise CorruptChunkError(f"{where}: bad partial read [{lo}, {hi})")
     first, stop = lo // bb, -(-hi // bb)
     s_lo, s_hi = c.stored_range(lo, hi)
-    stored = bufs.stored(s_hi - s_lo)
+    stored = dec.stored(s_hi - s_lo)
     _read_into(backend, c, s_lo, stored, where)
-    starts = block_starts(c)
-    for k in range(first, stop):
-        if checksum(stored[starts[k] - s_lo : starts[k + 1] - s_lo]) != c.blocks[k]:
-            raise CorruptChunkError(
-                f"{where}: checksum mismatch in block {k} (the data file is damaged)"
-            )
-    if c.codec == "planes":
-        arr = bufs.decoded(hi - lo)
-        decode_blocks_into(stored, c, first, stop, out=arr, dctx=bufs.dctx, where=where)
-    else:
-        arr = np.frombuffer(stored, dtype=np.uint8)
+    dec.check_blocks(stored, c, first, stop, where)
+    arr = dec.decode(stored, c, first, stop, itemsize=task.itemsize, where=where)
     for t in task.targets:
         a, b = t.byte_range or (0, 0)
         piece = arr[a - lo : b - lo].reshape(*t.src.sizes, task.itemsize)

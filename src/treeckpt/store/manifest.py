@@ -37,14 +37,15 @@ from treeckpt.core.manifest import (
     DataFile,
     IndexRef,
     Manifest,
-    planes_block_starts,
 )
 from treeckpt.core.tree import UnstorableFactory, build_tree, iter_leaf_fqns
 from treeckpt.core.values import EnumTypes, decode_value, encode_value
 from treeckpt.errors import ManifestError, UnsupportedLeafError
 from treeckpt.store import layout
-from treeckpt.store.checksum import are_checksums, checksum, is_checksum, is_content_digest
+from treeckpt.store.checksum import checksum, is_checksum, is_content_digest
 from treeckpt.store.codecs import CODECS
+from treeckpt.store.parse import MAX_INT as _MAX_INT
+from treeckpt.store.parse import parse_int as _int
 
 __all__ = [
     "MAX_INDEX_BYTES",
@@ -57,9 +58,7 @@ __all__ = [
 
 MAX_MANIFEST_BYTES = 256 << 20
 MAX_INDEX_BYTES = 1 << 30
-_MAX_INT = 1 << 62
 _MAX_NDIM = 64
-_MAX_ZSTD_RATIO = 1 << 16
 _MAX_INT_DIGITS = 4300
 _INT_LIMIT = 10**_MAX_INT_DIGITS
 
@@ -190,14 +189,6 @@ def _decode_records(raw_leaves: dict[str, Any], where: str) -> dict[str, LeafRec
         for fqn in again:
             records[fqn] = decode_record(raw_leaves[fqn], f"{where}: leaf {fqn!r}", enums)
     return records
-
-
-def _int(value: Any, where: str, *, lo: int = 0, hi: int = _MAX_INT) -> int:
-    if type(value) is not int or not lo <= value < hi:
-        raise ManifestError(
-            f"{where}: expected an integer in [{lo}, {hi}), got {str(value)[:40]!r}"
-        )
-    return value
 
 
 def _int_list(value: Any, where: str) -> list[int]:
@@ -337,7 +328,7 @@ def encode_index(ix: ChunkIndex) -> bytes:
                 c.codec,
                 c.raw_length,
                 c.checksum,
-                *([_encode_blocks(c)] if c.blocks else []),
+                *_block_field(c),
             ]
             for c in ix.chunks
         ],
@@ -398,10 +389,10 @@ def decode_index(data: bytes, ref: IndexRef, manifest: Manifest) -> ChunkIndex:
     )
 
 
-def _encode_blocks(c: ChunkRef) -> list[Any]:
-    if c.codec == "planes":
-        return [c.block_bytes, list(c.blocks), c.planes, list(c.segments)]
-    return [c.block_bytes, list(c.blocks)]
+def _block_field(c: ChunkRef) -> list[list[Any]]:
+    """The chunk's optional tenth entry, as its codec writes it (none without blocks)."""
+    field = CODECS[c.codec].write_fields(c) if c.blocks else None
+    return [] if field is None else [field]
 
 
 def _decode_chunk(
@@ -431,18 +422,23 @@ def _decode_chunk(
         raise ManifestError(
             f"{w}: bytes [{off}, {off + ln}) lie beyond the end of {f.name} ({f.size} bytes)"
         )
-    if codec not in CODECS:
+    codec_obj = CODECS.get(codec) if isinstance(codec, str) else None
+    if codec_obj is None:
         raise ManifestError(f"{w}: unknown codec {str(codec)[:40]!r}")
     raw = _int(raw_length, f"{w} raw_length")
-    if raw != box.volume * DTYPES[rec.dtype].itemsize:
+    itemsize = DTYPES[rec.dtype].itemsize
+    if raw != box.volume * itemsize:
         raise ManifestError(f"{w}: raw_length {raw} does not match its box")
-    if codec == "raw" and ln != raw:
-        raise ManifestError(f"{w}: raw chunk of {ln} bytes, expected {raw}")
-    if codec != "raw" and raw > ln * _MAX_ZSTD_RATIO + (1 << 20):
-        raise ManifestError(f"{w}: declared raw size {raw} is impossible for {ln} compressed bytes")
     if not is_checksum(chk):
         raise ManifestError(f"{w}: bad checksum field")
-    blocks = _decode_blocks(rc[9] if len(rc) == 10 else None, codec, ln, raw, rec.dtype, w)
+    blocks = codec_obj.read_fields(
+        rc[9] if len(rc) == 10 else None,
+        length=ln,
+        raw_length=raw,
+        dtype=rec.dtype,
+        itemsize=itemsize,
+        where=w,
+    )
     return ChunkRef(
         fqn=fqn,
         box=box,
@@ -454,44 +450,3 @@ def _decode_chunk(
         checksum=chk,
         **blocks,
     )
-
-
-def _decode_blocks(
-    field: Any, codec: str, length: int, raw: int, dtype: str, w: str
-) -> dict[str, Any]:
-    """A chunk's blocks, validated to cover it exactly.
-
-    Raw chunk: ``[block_bytes, [checksum, ...]]``. ``planes`` chunk (required):
-    ``[block_bytes, [checksum, ...], planes, [segment length, ...]]``, whose
-    block lengths must add up to the stored length.
-    """
-    planes = codec == "planes"
-    if field is None:
-        if planes:
-            raise ManifestError(f"{w}: a planes chunk needs its block list")
-        return {}
-    if codec not in ("raw", "planes") or not (
-        isinstance(field, list) and len(field) == 2 + 2 * planes
-    ):
-        raise ManifestError(f"{w}: malformed block checksums")
-    bb = _int(field[0], f"{w} block_bytes", lo=1)
-    checks = field[1]
-    nblocks = -(-(raw if planes else length) // bb)
-    if not isinstance(checks, list) or len(checks) != nblocks or len(checks) < 2 - planes:
-        raise ManifestError(f"{w}: block checksums do not cover the chunk")
-    if not are_checksums(checks):
-        raise ManifestError(f"{w}: bad block checksum field")
-    if not planes:
-        return {"block_bytes": bb, "blocks": tuple(checks)}
-    kinds, segs = field[2], field[3]
-    itemsize = DTYPES[dtype].itemsize
-    if not (isinstance(kinds, str) and len(kinds) == itemsize and set(kinds) <= {"r", "z"}):
-        raise ManifestError(f"{w}: planes must be one 'r' or 'z' per byte of {dtype}")
-    if "z" not in kinds or bb % itemsize:
-        raise ManifestError(f"{w}: malformed planes chunk ({kinds!r}, block_bytes {bb})")
-    if not isinstance(segs, list) or len(segs) != nblocks * kinds.count("z"):
-        raise ManifestError(f"{w}: planes segments do not cover the chunk")
-    seg_t = tuple(_int(x, f"{w} segment", lo=1) for x in segs)
-    if planes_block_starts(raw, bb, kinds, seg_t)[-1] != length:
-        raise ManifestError(f"{w}: planes blocks do not add up to the stored length {length}")
-    return {"block_bytes": bb, "blocks": tuple(checks), "planes": kinds, "segments": seg_t}

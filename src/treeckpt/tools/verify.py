@@ -7,13 +7,14 @@ the checkpoint, and reports *all* of it (a load stops at the first bad chunk):
 - the manifest and every chunk index decode and pass their own checksums;
 - every data file exists and has the size its index recorded;
 - every tensor is fully covered by its stored chunks;
-- every chunk's stored bytes match its checksum (and each block checksum of a
-  raw chunk that has them), and every compressed chunk decodes to exactly its
-  declared raw length.
+- every chunk passes the checks a load makes, by the decoder a load uses
+  (``treeckpt.store.decode.ChunkDecoder``): its stored bytes match its
+  checksum, each of its blocks matches its block checksum (what a partial
+  load checks), and it decodes to exactly its declared raw length.
 
 Chunks are checked in parallel threads (file reads, xxh3 and zstandard all
-release the GIL), with the same store functions a load uses. No tensor is
-materialised; memory stays at about one chunk per thread.
+release the GIL). No tensor is materialised; memory stays at about one chunk
+per thread.
 """
 
 from __future__ import annotations
@@ -23,19 +24,15 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 
-import numpy as np
-import zstandard
-
 from treeckpt.core.dtypes import dtype_info
 from treeckpt.core.leaves import TensorLeaf
-from treeckpt.core.manifest import ChunkIndex, ChunkRef, IndexRef, Manifest, block_starts
+from treeckpt.core.manifest import ChunkIndex, ChunkRef, IndexRef, Manifest
 from treeckpt.core.plan import plan_load
 from treeckpt.core.specs import full_spec
 from treeckpt.errors import CheckpointError, CheckpointNotFoundError, CorruptChunkError
 from treeckpt.store import layout
 from treeckpt.store.backends import Backend, open_backend
-from treeckpt.store.checksum import checksum
-from treeckpt.store.codecs import decode_blocks_into, decode_into
+from treeckpt.store.decode import ChunkDecoder
 from treeckpt.store.manifest import MAX_INDEX_BYTES, decode_index
 from treeckpt.store.reader import read_index, read_manifest, stored_tensors
 
@@ -248,12 +245,12 @@ def _check_chunks(
     local = threading.local()
 
     def check(c: ChunkRef) -> str | None:
-        dctx = getattr(local, "dctx", None)
-        if dctx is None:
-            dctx = local.dctx = zstandard.ZstdDecompressor()
+        dec = getattr(local, "decoder", None)
+        if dec is None:
+            dec = local.decoder = ChunkDecoder()
         rec = manifest.records[c.fqn]
         assert isinstance(rec, TensorLeaf)
-        return check_chunk(backend, c, itemsize=dtype_info(rec.dtype).itemsize, dctx=dctx)
+        return check_chunk(backend, c, itemsize=dtype_info(rec.dtype).itemsize, decoder=dec)
 
     problems: list[Problem] = []
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="treeckpt-verify") as pool:
@@ -273,42 +270,29 @@ def _check_chunks(
 
 
 def check_chunk(
-    backend: Backend, c: ChunkRef, *, itemsize: int, dctx: zstandard.ZstdDecompressor
+    backend: Backend, c: ChunkRef, *, itemsize: int, decoder: ChunkDecoder
 ) -> str | None:
     """Why the stored chunk ``c`` is damaged, or ``None`` when it is intact.
 
-    The same checks as a load (``treeckpt.store.chunks``): the full stored
-    length is there, the checksum over the stored bytes matches, and a
-    compressed chunk decodes to exactly ``raw_length`` bytes.
+    The full stored length is there, then ``decoder`` makes every check a
+    load makes: of the whole chunk, and of each block as a partial load reads
+    it. Decoded bytes go to the decoder's scratch buffer (raw chunks are not
+    copied at all).
     """
-    payload = bytearray(c.length)
+    payload = decoder.stored(c.length)
     try:
-        n = backend.readinto(c.file, c.offset, memoryview(payload))
+        n = backend.readinto(c.file, c.offset, payload)
     except FileNotFoundError:
         return "the data file is missing"
     except OSError as exc:
         return f"read failed ({exc})"
     if n != c.length:
         return f"the data file is truncated ({n} of {c.length} bytes)"
-    if checksum(payload) != c.checksum:
-        return "checksum mismatch (the data file is damaged)"
-    view = memoryview(payload)
-    starts = block_starts(c) if c.blocks else ()
-    for k, expected in enumerate(c.blocks):
-        if checksum(view[starts[k] : starts[k + 1]]) != expected:
-            return f"block {k} checksum mismatch (the chunk index or data file is damaged)"
-    if c.codec == "raw":
-        return (
-            None
-            if c.length == c.raw_length
-            else f"raw chunk of {c.length} bytes, expected {c.raw_length}"
-        )
-    out = np.empty(c.raw_length, dtype=np.uint8)
     try:
-        if c.codec == "planes":
-            decode_blocks_into(payload, c, 0, len(c.blocks), out=out, dctx=dctx, where="chunk")
-        else:
-            decode_into(payload, c.codec, itemsize=itemsize, out=out, dctx=dctx, where="chunk")
+        decoder.check(payload, c, "chunk")
+        if c.blocks:
+            decoder.check_blocks(payload, c, 0, len(c.blocks), "chunk")
+        decoder.decode(payload, c, 0, max(1, len(c.blocks)), itemsize=itemsize, where="chunk")
     except CorruptChunkError as exc:
         return _reason(exc, "", "chunk")
     return None
