@@ -17,8 +17,7 @@ import zstandard
 from treeckpt.core.manifest import ChunkRef
 from treeckpt.errors import CorruptChunkError
 from treeckpt.store.checksum import checksum
-from treeckpt.store.codecs import Decoding, codec_for
-from treeckpt.store.codecs._base import Bytes1D, BytesLike
+from treeckpt.store.codecs import Bytes1D, BytesLike, Decoding, codec_for
 
 __all__ = ["ChunkDecoder"]
 

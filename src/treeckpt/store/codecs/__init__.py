@@ -31,7 +31,14 @@ from types import MappingProxyType
 
 from treeckpt.core.options import Compression
 from treeckpt.errors import CorruptChunkError
-from treeckpt.store.codecs._base import Bytes1D, Codec, Decoding, Encoded, Workspace
+from treeckpt.store.codecs._base import (
+    Bytes1D,
+    BytesLike,
+    Codec,
+    Decoding,
+    Encoded,
+    Workspace,
+)
 from treeckpt.store.codecs.planes import PLANES
 from treeckpt.store.codecs.raw import RAW
 from treeckpt.store.codecs.zstd import SHUFFLE_ZSTD, ZSTD
@@ -39,6 +46,8 @@ from treeckpt.store.codecs.zstd import SHUFFLE_ZSTD, ZSTD
 __all__ = [
     "CODECS",
     "WRITE_ORDER",
+    "Bytes1D",
+    "BytesLike",
     "ChunkEncoder",
     "Codec",
     "Decoding",
