@@ -26,3 +26,14 @@ def test_every_named_test_exists() -> None:
         if not re.search(rf"^\s*(def|class) {name}\b", source, flags=re.M):
             missing.append(f"{path}::{name}")
     assert missing == []
+
+
+def test_every_named_module_exists() -> None:
+    modules = sorted(set(re.findall(r"`([a-z_/]+\.py)`", DOC)))
+    assert modules
+    gone = [
+        m
+        for m in modules
+        if not (ROOT / "src" / "treeckpt" / m).exists() and not (ROOT / "tests" / m).exists()
+    ]
+    assert gone == []
