@@ -1,6 +1,6 @@
 """Save planning on columns: thousands of ranks in one process.
 
-``plan_save`` over one Python object per box costs about 20 µs a box, so a
+A planner over one Python object per box costs about 20 µs a box, so a
 save of 4096 ranks x 1000 sharded tensors (4 million boxes) would take over a
 minute on the coordinator. Here the boxes of all ranks are numpy columns
 (tensor id, rank, offsets, sizes, padded to a common rank of dimensions with
@@ -18,8 +18,10 @@ and reductions:
 - boxes within ``chunk_bytes`` are their own chunk; larger ones are split with
   ``split_box``.
 
-Each rank's write items are built from its own rows only (``items_for``), so
-no process ever holds an object per box of the whole job.
+The result is one type, :class:`SavePlan`: the whole plan on the
+coordinator, one rank's rows (``for_rank``) on every other rank. Each rank's
+write items are built from its own rows only (``items_for``), so no process
+ever holds an object per box of the whole job.
 """
 
 from __future__ import annotations
@@ -33,20 +35,37 @@ import numpy.typing as npt
 
 from treeckpt.core.box import Box, check_tiling, split_box
 from treeckpt.core.dtypes import dtype_info
-from treeckpt.core.items import WriteItem, fmt_bytes
+from treeckpt.core.sizes import fmt_size
 from treeckpt.core.specs import ShardSpec
 from treeckpt.errors import PlanError
 
 __all__ = [
     "LocalTable",
-    "SavePlanTable",
+    "SavePlan",
     "TensorTable",
+    "WriteItem",
     "local_table",
     "merge_tables",
+    "plan_save",
     "plan_save_table",
 ]
 
 Ints = npt.NDArray[np.int64]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WriteItem:
+    """Rank ``rank`` writes region ``chunk`` of ``fqn``, taken from its local ``shard`` box."""
+
+    fqn: str
+    dtype: str
+    rank: int
+    shard: Box
+    chunk: Box
+
+    @property
+    def nbytes(self) -> int:
+        return self.chunk.volume * dtype_info(self.dtype).itemsize
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -169,10 +188,16 @@ def merge_tables(tables: Sequence[LocalTable]) -> _Table:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True, eq=False)
-class SavePlanTable:
+class SavePlan:
     """Who writes what, as columns: item ``i`` is rank ``rank[i]`` writing chunk
     ``chunk_*[i]`` of tensor ``tensor[i]``, taken from its local box ``shard_*[i]``.
-    Rows are sorted by rank."""
+
+    Rows are sorted by rank, and within a rank in write order. ``tensors``
+    describes every tensor of the save (FQN, dtype, global shape). The whole
+    plan lives on the coordinator; ``for_rank`` is the view a rank receives
+    and ``items_for`` its write items as objects. Two plans are equal when
+    every column is.
+    """
 
     tensors: TensorTable
     world: int
@@ -194,12 +219,23 @@ class SavePlanTable:
     def chunks_by_rank(self) -> tuple[int, ...]:
         return tuple(int(x) for x in np.diff(self.starts))
 
-    def for_rank(self, rank: int) -> SavePlanTable:
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, SavePlan):
+            return NotImplemented
+        return (
+            self.tensors == other.tensors
+            and self.world == other.world
+            and all(np.array_equal(getattr(self, f), getattr(other, f)) for f in _COLUMNS)
+        )
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def for_rank(self, rank: int) -> SavePlan:
         """Only ``rank``'s rows (what the coordinator sends that rank)."""
         lo, hi = int(self.starts[rank]), int(self.starts[rank + 1])
         starts = np.zeros(self.world + 1, dtype=np.int64)
         starts[rank + 1 :] = hi - lo
-        return SavePlanTable(
+        return SavePlan(
             tensors=self.tensors,
             world=self.world,
             rank=self.rank[lo:hi],
@@ -239,16 +275,52 @@ class SavePlanTable:
         """A dry-run cost report: raw bytes and chunks each rank will write."""
         by_rank, chunks = self.bytes_by_rank, self.chunks_by_rank
         lines = [
-            f"save plan: {len(self.tensors.fqns)} tensors, {fmt_bytes(sum(by_rank))} raw, "
+            f"save plan: {len(self.tensors.fqns)} tensors, {fmt_size(sum(by_rank))} raw, "
             f"{self.world} ranks"
         ]
         for r, (b, c) in enumerate(zip(by_rank, chunks, strict=True)):
-            lines.append(f"  rank {r}: {fmt_bytes(b)} in {c} chunks")
+            lines.append(f"  rank {r}: {fmt_size(b)} in {c} chunks")
         return "\n".join(lines)
 
 
-def plan_save_table(tables: Sequence[LocalTable], *, chunk_bytes: int) -> SavePlanTable:
-    """``plan_save`` on columns: the same checks and decisions (see the module docstring)."""
+_COLUMNS = (
+    "rank",
+    "tensor",
+    "shard_offsets",
+    "shard_sizes",
+    "chunk_offsets",
+    "chunk_sizes",
+    "nbytes",
+    "starts",
+)
+
+
+def plan_save(specs_by_rank: Sequence[Sequence[ShardSpec]], *, chunk_bytes: int) -> SavePlan:
+    """Plan a save from every rank's shard specs.
+
+    Checks that all ranks agree on each tensor's dtype and shape, and that the
+    boxes of each tensor tile its shape (no gaps; overlaps only as exact
+    replicas). A box held by one rank is written by it; a replicated box is
+    written once, by the holder with the fewest bytes assigned so far (largest
+    boxes first, ties to the lowest rank), which spreads replicated tensors
+    (DDP, ``Replicate()``) across ranks. Assigned boxes are split into chunks
+    of at most ``chunk_bytes``.
+
+    A save does the same in two steps: every rank builds its own columns
+    (``local_table``) and the coordinator plans them (``plan_save_table``).
+
+    Raises:
+        PlanError: ranks disagree, or the boxes of a tensor do not tile it
+            (the FQN and the ranks or boxes are named).
+    """
+    return plan_save_table(
+        [local_table(specs, rank) for rank, specs in enumerate(specs_by_rank)],
+        chunk_bytes=chunk_bytes,
+    )
+
+
+def plan_save_table(tables: Sequence[LocalTable], *, chunk_bytes: int) -> SavePlan:
+    """``plan_save`` on every rank's columns (see the module docstring)."""
     if chunk_bytes <= 0:
         raise PlanError(f"chunk size must be positive, got {chunk_bytes}")
     t = merge_tables(tables)
@@ -335,7 +407,7 @@ def plan_save_table(tables: Sequence[LocalTable], *, chunk_bytes: int) -> SavePl
     # rank's items in tensor order.
     by = np.argsort(it_r, kind="stable")
     it_r = it_r[by]
-    return SavePlanTable(
+    return SavePlan(
         tensors=t.tensors,
         world=t.world,
         rank=it_r,

@@ -12,25 +12,15 @@ from html import escape
 from typing import TYPE_CHECKING, Any
 
 from treeckpt.core.leaves import PickleLeaf, TensorLeaf
+from treeckpt.core.sizes import fmt_size
 
 if TYPE_CHECKING:
     from treeckpt.explore._checkpoint import Group, TensorHandle
 
-__all__ = ["fmt_size", "handle_html", "handle_text", "render_html", "render_text"]
+__all__ = ["handle_html", "handle_text", "render_html", "render_text"]
 
 #: Leaves shown at most in one HTML rendering (the rest are counted).
 MAX_HTML_LEAVES = 2000
-
-
-def fmt_size(n: float) -> str:
-    """Bytes for people: 512 B, 1.5 KiB, 12.3 MiB."""
-    if n < 1024:
-        return f"{int(n)} B"
-    for unit in ("KiB", "MiB", "GiB", "TiB"):
-        n /= 1024
-        if n < 1024 or unit == "TiB":
-            return f"{n:.3g} {unit}" if n < 100 else f"{n:.0f} {unit}"
-    raise AssertionError  # pragma: no cover
 
 
 def _ratio(raw: int, stored: int) -> str:

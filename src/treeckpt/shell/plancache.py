@@ -25,8 +25,7 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from treeckpt.core.items import WriteItem
-from treeckpt.core.plan_table import LocalTable, SavePlanTable
+from treeckpt.core.plan_table import LocalTable, SavePlan, WriteItem
 from treeckpt.core.specs import ShardSpec
 
 __all__ = ["CachedPlan", "PlanCache", "PlanKey", "new_token"]
@@ -53,7 +52,7 @@ class CachedPlan:
 
     token: str
     items: tuple[WriteItem, ...]
-    plan: SavePlanTable | None = None
+    plan: SavePlan | None = None
     tables: tuple[LocalTable, ...] | None = None
 
 

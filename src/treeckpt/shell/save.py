@@ -41,12 +41,11 @@ from typing import Any, NoReturn
 from treeckpt.core.box import Box
 from treeckpt.core.dtypes import dtype_info
 from treeckpt.core.incremental import ReuseTable
-from treeckpt.core.items import WriteItem
 from treeckpt.core.leaves import TensorLeaf
 from treeckpt.core.manifest import FORMAT_VERSION, ChunkIndex, IndexRef, Manifest
 from treeckpt.core.merge import MergedTree, merge_trees, replica_conflicts
 from treeckpt.core.options import SaveOptions
-from treeckpt.core.plan_table import LocalTable, SavePlanTable, local_table, plan_save_table
+from treeckpt.core.plan_table import LocalTable, SavePlan, WriteItem, local_table, plan_save_table
 from treeckpt.core.specs import ShardSpec
 from treeckpt.core.tree import FlatTree, flatten_tree
 from treeckpt.errors import CheckpointError, PlanError, RankConflictError, RankFailureError
@@ -78,7 +77,7 @@ class SaveResult:
 
     path: str
     save_id: str
-    plan: SavePlanTable | None
+    plan: SavePlan | None
 
 
 def save_tree(
@@ -122,7 +121,7 @@ class PreparedSave:
     items: tuple[WriteItem, ...]
     local: dict[str, list[tuple[Box, Any]]]
     save_id: str
-    plan: SavePlanTable | None
+    plan: SavePlan | None
     hold: Any = None  # rank 0's claim on the data directory, released by the commit
     reused_plan: bool = False  # the plan came from the plan cache
     tree: MergedTree | None = None
@@ -197,7 +196,7 @@ class _Same:
 class _Assignment:
     """A rank's share of the plan: ``rows`` (``None``: reuse the cached plan ``token``)."""
 
-    rows: SavePlanTable | None
+    rows: SavePlan | None
     save_id: str
     token: str
 
@@ -572,7 +571,7 @@ def _remove_rank_files(backend: Backend, save_id: str, rank: int) -> None:
                     backend.remove_tree(name)
 
 
-def _check_same_tree(plan: SavePlanTable, tree: MergedTree) -> None:
+def _check_same_tree(plan: SavePlan, tree: MergedTree) -> None:
     """Every tensor some rank holds must be a tensor leaf of the union of the ranks' trees."""
     for fqn in plan.tensors.fqns:
         if not isinstance(tree.records.get(fqn), TensorLeaf):

@@ -25,9 +25,9 @@ from typing import IO, Any
 
 import treeckpt
 from treeckpt.api import CheckpointInfo, TensorInfo
+from treeckpt.core.sizes import fmt_size as _size
 from treeckpt.core.tree import iter_leaf_fqns
 from treeckpt.errors import CheckpointError, CorruptChunkError, ManifestError
-from treeckpt.explore._display import fmt_size as _size
 from treeckpt.tools.diff import DiffEntry, DiffReport, diff, entries_by_status
 from treeckpt.tools.verify import Problem, VerifyReport, verify
 
