@@ -52,6 +52,7 @@ from treeckpt.errors import CheckpointError, PlanError, RankConflictError, RankF
 from treeckpt.shell import cleanup
 from treeckpt.shell.coord import Coordinator, describe_error
 from treeckpt.shell.plancache import CachedPlan, PlanCache, PlanKey, new_token
+from treeckpt.shell.sharded import ADAPTERS
 from treeckpt.shell.tensors import chunk_source, local_shards
 from treeckpt.shell.union import (
     describe_parts,
@@ -266,7 +267,7 @@ def prepare_save(
     plain: tuple[str, ...] = ()
     payload: Any
     try:
-        flat = flatten_tree(tree, allow_pickle=allow_pickle)
+        flat = flatten_tree(tree, allow_pickle=allow_pickle, adapters=ADAPTERS)
         for fqn, rec in flat.records.items():
             if isinstance(rec, TensorLeaf):
                 spec, shards = local_shards(fqn, flat.leaves[fqn], rec)
