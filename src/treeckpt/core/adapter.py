@@ -9,11 +9,12 @@ host copy of it for an asynchronous save. Nothing else in treeckpt knows a
 sharded type: flattening (``core/tree.py``), describing and filling shards
 (``shell/tensors.py``) and staging (``dcp/staging.py``) all ask the adapter.
 
-The adapters of plain tensors, ``DTensor``, ``ShardedTensor`` and the explicit
-``__treeckpt_local_shards__`` hook are in ``shell/sharded.py`` (``ADAPTERS``,
-one immutable tuple: no global registry). This module holds the protocol and
-the fallback for any other ``torch.Tensor``, held whole by every rank; it
-imports no ``torch.distributed`` (``core`` is pure).
+This module holds the protocol and the fallback for any other
+``torch.Tensor`` (held whole by every rank); it imports no
+``torch.distributed`` (``core`` is pure). ``ADAPTERS`` in ``shell/sharded.py``,
+one immutable tuple (no global registry), holds the adapters of the explicit
+``__treeckpt_local_shards__`` hook, ``DTensor`` and ``ShardedTensor``, then
+this fallback.
 
 To add a sharded type, write a class with these four methods and put an
 instance into ``ADAPTERS`` ahead of the plain-tensor fallback (see

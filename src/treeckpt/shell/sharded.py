@@ -74,8 +74,8 @@ class DTensorAdapter:
     """
 
     def matches(self, obj: Any) -> bool:
-        if type(obj) in (torch.Tensor, torch.nn.Parameter):
-            return False  # the common case, without importing torch.distributed
+        if not isinstance(obj, torch.Tensor) or type(obj) in (torch.Tensor, torch.nn.Parameter):
+            return False  # the common cases, without importing torch.distributed
         classes = _classes()
         return classes is not None and isinstance(obj, classes[0])
 
