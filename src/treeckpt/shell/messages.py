@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from typing import NoReturn
 
 from treeckpt.core.manifest import IndexRef
-from treeckpt.core.plan_table import LocalTable, SavePlan
+from treeckpt.core.plan_table import SavePlan
+from treeckpt.core.shard_table import LocalTable
 from treeckpt.errors import RankConflictError, RankFailureError
 from treeckpt.shell.coord import Coordinator
 

@@ -24,7 +24,8 @@ from typing import Any
 from treeckpt.core.leaves import TensorLeaf
 from treeckpt.core.merge import MergedTree, merge_trees
 from treeckpt.core.options import SaveOptions
-from treeckpt.core.plan_table import LocalTable, SavePlan, local_table, plan_save_table
+from treeckpt.core.plan_table import SavePlan, plan_save_table
+from treeckpt.core.shard_table import LocalTable, local_table
 from treeckpt.core.specs import ShardSpec
 from treeckpt.core.tree import FlatTree
 from treeckpt.errors import PlanError, RankConflictError

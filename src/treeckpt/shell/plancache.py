@@ -25,7 +25,8 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from treeckpt.core.plan_table import LocalTable, SavePlan, WriteItem
+from treeckpt.core.plan_table import SavePlan, WriteItem
+from treeckpt.core.shard_table import LocalTable
 from treeckpt.core.specs import ShardSpec
 
 __all__ = ["SHARED_PLAN_CACHE", "CachedPlan", "PlanCache", "PlanKey", "new_token"]
