@@ -19,7 +19,8 @@ import numpy as np
 from treeckpt import Box, ShardSpec, plan_load
 from treeckpt.core.manifest import ChunkRef
 from treeckpt.core.plan import StoredTensor
-from treeckpt.core.plan_table import LocalTable, TensorTable, local_table, plan_save_table
+from treeckpt.core.plan_table import plan_save_table
+from treeckpt.core.shard_table import LocalTable, TensorTable, local_table
 
 ROWS = 1024
 

@@ -18,7 +18,8 @@ from treeckpt.api import (
 from treeckpt.asyncsave import AsyncSaver, SaveFuture, async_save
 from treeckpt.core.box import Box
 from treeckpt.core.options import Compression, LoadOptions, SaveOptions
-from treeckpt.core.plan import LoadPlan, ReadItem, SavePlan, WriteItem, plan_load, plan_save
+from treeckpt.core.plan import LoadPlan, ReadItem, plan_load
+from treeckpt.core.plan_table import SavePlan, WriteItem, plan_save
 from treeckpt.core.specs import ShardSpec
 from treeckpt.core.tree import is_stateful
 from treeckpt.errors import (

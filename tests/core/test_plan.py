@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from treeckpt.core.box import Box, full_box
 from treeckpt.core.dtypes import dtype_info
 from treeckpt.core.manifest import ChunkRef
-from treeckpt.core.plan import LoadPlan, SavePlan, StoredTensor, TensorMeta, plan_load, plan_save
+from treeckpt.core.plan import LoadPlan, SavePlan, StoredTensor, WriteItem, plan_load, plan_save
 from treeckpt.core.specs import ShardSpec, full_spec
 from treeckpt.errors import PlanError
 from treeckpt.testing.strategies import (
@@ -51,6 +51,27 @@ def save_cases(draw: st.DrawFn, max_ranks: int = 16) -> SaveCase:
     specs = draw(shard_specs(n, max_tensors=3, shape=shape))
     chunk_bytes = draw(st.one_of(st.integers(1, 64), st.integers(65, 4096)))
     return SaveCase(specs=specs, chunk_bytes=chunk_bytes)
+
+
+@dataclass(frozen=True)
+class TensorMeta:
+    fqn: str
+    dtype: str
+    shape: tuple[int, ...]
+
+
+def _plan_tensors(plan: SavePlan) -> tuple[TensorMeta, ...]:
+    """The plan's tensor table, one object per tensor."""
+    t = plan.tensors
+    return tuple(
+        TensorMeta(fqn=f, dtype=d, shape=s)
+        for f, d, s in zip(t.fqns, t.dtypes, t.shapes, strict=True)
+    )
+
+
+def _rank_items(plan: SavePlan) -> tuple[tuple[WriteItem, ...], ...]:
+    """Every rank's view of the plan: its write items."""
+    return tuple(plan.items_for(r) for r in range(plan.world))
 
 
 def _metas(specs: SpecsByRank) -> dict[str, TensorMeta]:
@@ -91,10 +112,11 @@ class Written:
 
 def simulate_save(plan: SavePlan) -> Written:
     """Every rank copies its chunks out of its own shard into its own data file."""
-    data = {t.fqn: _element_bytes(t, i) for i, t in enumerate(plan.tensors)}
-    refs: dict[str, list[ChunkRef]] = {t.fqn: [] for t in plan.tensors}
+    tensors = _plan_tensors(plan)
+    data = {t.fqn: _element_bytes(t, i) for i, t in enumerate(tensors)}
+    refs: dict[str, list[ChunkRef]] = {t.fqn: [] for t in tensors}
     files: dict[str, bytes] = {}
-    for rank, items in enumerate(plan.items):
+    for rank, items in enumerate(_rank_items(plan)):
         name = f"{rank:05d}.data"
         buf = bytearray()
         for it in items:
@@ -118,7 +140,7 @@ def simulate_save(plan: SavePlan) -> Written:
             files[name] = bytes(buf)
     stored = {
         t.fqn: StoredTensor(fqn=t.fqn, dtype=t.dtype, shape=t.shape, chunks=tuple(refs[t.fqn]))
-        for t in plan.tensors
+        for t in tensors
     }
     return Written(stored=stored, files=files, data=data)
 
@@ -152,10 +174,17 @@ def execute_load(
 def check_save_plan(specs: SpecsByRank, chunk_bytes: int, plan: SavePlan) -> None:
     metas = _metas(specs)
     holders = _holders(specs)
-    assert {t.fqn: t for t in plan.tensors} == metas
-    assert len(plan.items) == len(specs)
+    assert {t.fqn: t for t in _plan_tensors(plan)} == metas
+    by_rank = _rank_items(plan)
+    assert len(by_rank) == plan.world == len(specs)
+    for rank, items in enumerate(by_rank):
+        view = plan.for_rank(rank)  # what the coordinator sends the rank: its items only
+        assert view.items_for(rank) == items
+        assert view.chunks_by_rank == tuple(
+            len(items) if r == rank else 0 for r in range(plan.world)
+        )
     counts = {fqn: np.zeros(m.shape, dtype=np.int64) for fqn, m in metas.items()}
-    for rank, items in enumerate(plan.items):
+    for rank, items in enumerate(by_rank):
         for it in items:
             meta = metas[it.fqn]
             assert it.rank == rank
@@ -169,11 +198,11 @@ def check_save_plan(specs: SpecsByRank, chunk_bytes: int, plan: SavePlan) -> Non
             counts[it.fqn][it.chunk.slices()] += 1
     for fqn, count in counts.items():
         assert (count == 1).all(), f"{fqn}: some element written {count.max()} or 0 times"
-    assert plan.bytes_by_rank == tuple(sum(i.nbytes for i in items) for items in plan.items)
+    assert plan.bytes_by_rank == tuple(sum(i.nbytes for i in items) for items in by_rank)
     assert sum(plan.bytes_by_rank) == sum(
         math.prod(m.shape) * dtype_info(m.dtype).itemsize for m in metas.values()
     )
-    assert plan.chunks_by_rank == tuple(len(items) for items in plan.items)
+    assert plan.chunks_by_rank == tuple(len(items) for items in by_rank)
 
 
 @given(save_cases())
@@ -190,6 +219,8 @@ def test_plan_save_is_deterministic(case: SaveCase) -> None:
     b = plan_save(copy.deepcopy(case.specs), chunk_bytes=case.chunk_bytes)
     assert a == b
     assert a.report() == b.report()
+    if a.world > 1 and a.chunks_by_rank[0]:
+        assert a != a.for_rank(1)  # equality compares the columns
 
 
 @st.composite
@@ -235,12 +266,12 @@ def test_plan_save_ddp_spreads_tensors_largest_first() -> None:
     sizes = [8, 7, 6, 5, 4, 3, 2, 1]
     specs = [[full_spec(f"w{i}", "int8", (sz,)) for i, sz in enumerate(sizes)] for _ in range(3)]
     plan = plan_save(specs, chunk_bytes=1024)
-    owner = {it.fqn: r for r, items in enumerate(plan.items) for it in items}
+    owner = {it.fqn: r for r, items in enumerate(_rank_items(plan)) for it in items}
     # Greedy on the least-loaded rank, largest first, ties to the lowest rank.
     assert owner == {"w0": 0, "w1": 1, "w2": 2, "w3": 2, "w4": 1, "w5": 0, "w6": 0, "w7": 1}
     assert plan.bytes_by_rank == (13, 12, 11)
     # Within a rank, items follow tree order (the order tensors were first described).
-    assert [it.fqn for it in plan.items[0]] == ["w0", "w5", "w6"]
+    assert [it.fqn for it in plan.items_for(0)] == ["w0", "w5", "w6"]
 
 
 def test_plan_save_exclusive_loads_steer_replicas() -> None:
@@ -253,17 +284,18 @@ def test_plan_save_exclusive_loads_steer_replicas() -> None:
     rest = [ShardSpec(fqn="emb", dtype="float32", shape=(100,), boxes=())]
     specs = [[*big, full_spec("b", "float32", (10,))], [*rest, full_spec("b", "float32", (10,))]]
     plan = plan_save(specs, chunk_bytes=1 << 20)
-    assert [it.fqn for it in plan.items[1]] == ["b"]
+    assert [it.fqn for it in plan.items_for(1)] == ["b"]
 
 
 def test_plan_save_empty_world_and_empty_tensors() -> None:
-    assert plan_save([], chunk_bytes=8) == SavePlan(tensors=(), items=())
+    empty_plan = plan_save([], chunk_bytes=8)
+    assert (empty_plan.world, _plan_tensors(empty_plan), _rank_items(empty_plan)) == (0, (), ())
     empty = ShardSpec(
         fqn="e", dtype="int8", shape=(0, 4), boxes=(Box(offsets=(0, 0), sizes=(0, 4)),)
     )
     plan = plan_save([[empty], [empty]], chunk_bytes=8)
-    assert plan.tensors == (TensorMeta(fqn="e", dtype="int8", shape=(0, 4)),)
-    assert plan.items == ((), ())
+    assert _plan_tensors(plan) == (TensorMeta(fqn="e", dtype="int8", shape=(0, 4)),)
+    assert _rank_items(plan) == ((), ())
 
 
 @given(save_cases(max_ranks=8), st.data())

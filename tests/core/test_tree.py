@@ -643,7 +643,15 @@ def test_namedtuple_renamed_fields_cannot_be_rebuilt_without_their_class() -> No
     assert type(out["r"]) is renamed
     assert optree.is_namedtuple_instance(_NT(1))
     assert _rebuild(flatten_tree(_NT(1)))._fields == ("a",)
-    assert isinstance(ExampleState(1, 2), ExampleState)
+
+
+def test_dataclass_is_flattened_field_by_field_and_mapped_back_into_its_class() -> None:
+    flat = flatten_tree({"s": ExampleState(step=3, payload=torch.ones(2))})
+    assert list(flat.leaves) == ["s.step", "s.payload"]
+    node = flat.structure["children"][0]
+    assert (node["type"], node["fields"]) == ("dataclass", ["step", "payload"])
+    out = map_tree({"s": ExampleState(step=3, payload=4)}, lambda f, o: (f, o), lambda r: r.obj)
+    assert out["s"] == ExampleState(step=("s.step", 3), payload=("s.payload", 4))
 
 
 def test_stateful_whose_state_dict_returns_a_stateful_is_refused() -> None:

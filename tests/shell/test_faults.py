@@ -154,7 +154,7 @@ def test_shape_disagreement_reaches_every_rank(tmp_path: Path, old_ckpt: str) ->
 #: phase -> (the rank that does that phase's work and fails, module, function name)
 PHASES: dict[str, tuple[int, str, str]] = {
     "describe": (1, "treeckpt.shell.save", "local_shards"),
-    "plan": (0, "treeckpt.shell.save", "plan_save_table"),
+    "plan": (0, "treeckpt.shell.negotiate", "plan_save_table"),
     "write": (1, "treeckpt.shell.save", "write_chunks"),
     "commit": (0, "treeckpt.shell.save", "encode_manifest"),
     "load-manifest": (0, "treeckpt.shell.committed", "read_committed"),

@@ -298,7 +298,7 @@ def test_alike_ranks_cost_four_collectives_and_per_rank_keys_two_more(tmp_path: 
 
 
 def _fault_in_tree_phase(rank: int, world: int, path: str, kind: str) -> str:
-    import treeckpt.shell.save as save_mod
+    import treeckpt.shell.negotiate as negotiate_mod
 
     def bad(*args: Any) -> Any:
         if kind == "exit":
@@ -306,9 +306,9 @@ def _fault_in_tree_phase(rank: int, world: int, path: str, kind: str) -> str:
         raise OSError("disk on fire")
 
     if rank == 1 and kind == "exit":
-        save_mod.describe_parts = bad  # type: ignore[assignment]  # a forked child's own module
+        negotiate_mod.describe_parts = bad  # type: ignore[assignment]  # a forked child's own module
     if rank == 0 and kind == "raise":
-        save_mod.merge_trees = bad  # type: ignore[assignment]
+        negotiate_mod.merge_trees = bad  # type: ignore[assignment]
     try:
         treeckpt.save(
             {"w": torch.ones(2), f"k{rank}": 1}, path, options=treeckpt.SaveOptions(timeout_s=5)

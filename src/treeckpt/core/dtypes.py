@@ -28,8 +28,9 @@ class DTypeInfo:
 
     ``numpy`` is the numpy dtype name for dtypes numpy has (``None`` for
     bfloat16, float8 and complex32, which are stored as raw bytes and viewed as
-    torch tensors only). ``floating`` marks types whose bytes benefit from the
-    byte shuffle before compression.
+    torch tensors only). ``floating`` marks the floating and complex types, the
+    only ones autograd tracks: the manifest validator accepts
+    ``requires_grad`` and ``parameter`` only for them (``store/manifest.py``).
     """
 
     code: str

@@ -1,9 +1,10 @@
 """Save and load planning: pure functions from specs to work items.
 
-``plan_save`` decides which rank writes which chunk; ``plan_load`` decides
-which stored byte ranges feed which destination region. Both take plain
-frozen data and return plain frozen data, so any world size can be planned
-and checked in one process, and every decision is property-tested.
+``plan_save`` decides which rank writes which chunk (on columns, in
+``core/plan_table.py``, re-exported here); ``plan_load`` decides which stored
+byte ranges feed which destination region. Both take plain frozen data and
+return plain frozen data, so any world size can be planned and checked in one
+process, and every decision is property-tested.
 """
 
 from __future__ import annotations
@@ -14,9 +15,9 @@ from dataclasses import dataclass
 
 from treeckpt.core.box import Box, check_tiling
 from treeckpt.core.dtypes import dtype_info
-from treeckpt.core.items import TensorMeta, WriteItem, fmt_bytes
 from treeckpt.core.manifest import ChunkRef
-from treeckpt.core.plan_table import local_table, plan_save_table
+from treeckpt.core.plan_table import SavePlan, WriteItem, plan_save
+from treeckpt.core.sizes import fmt_size
 from treeckpt.core.specs import ShardSpec
 from treeckpt.errors import PlanError
 
@@ -25,71 +26,12 @@ __all__ = [
     "ReadItem",
     "SavePlan",
     "StoredTensor",
-    "TensorMeta",
     "WriteItem",
     "chunk_read_ranges",
     "contiguous_range",
     "plan_load",
     "plan_save",
 ]
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class SavePlan:
-    """Who writes what. ``items[r]`` are rank r's write items, in write order."""
-
-    tensors: tuple[TensorMeta, ...]
-    items: tuple[tuple[WriteItem, ...], ...]
-
-    @property
-    def bytes_by_rank(self) -> tuple[int, ...]:
-        return tuple(sum(i.nbytes for i in rank_items) for rank_items in self.items)
-
-    @property
-    def chunks_by_rank(self) -> tuple[int, ...]:
-        return tuple(len(rank_items) for rank_items in self.items)
-
-    def report(self) -> str:
-        """A dry-run cost report: raw bytes and chunks each rank will write."""
-        total = sum(self.bytes_by_rank)
-        lines = [
-            f"save plan: {len(self.tensors)} tensors, {fmt_bytes(total)} raw, {len(self.items)} ranks"
-        ]
-        for r, (b, c) in enumerate(zip(self.bytes_by_rank, self.chunks_by_rank, strict=True)):
-            lines.append(f"  rank {r}: {fmt_bytes(b)} in {c} chunks")
-        return "\n".join(lines)
-
-
-def plan_save(specs_by_rank: Sequence[Sequence[ShardSpec]], *, chunk_bytes: int) -> SavePlan:
-    """Plan a save from every rank's shard specs.
-
-    Checks that all ranks agree on each tensor's dtype and shape, and that the
-    boxes of each tensor tile its shape (no gaps; overlaps only as exact
-    replicas). A box held by one rank is written by it; a replicated box is
-    written once, by the holder with the fewest bytes assigned so far (largest
-    boxes first, ties to the lowest rank), which spreads replicated tensors
-    (DDP, ``Replicate()``) across ranks. Assigned boxes are split into chunks
-    of at most ``chunk_bytes``.
-
-    Raises:
-        PlanError: ranks disagree, or the boxes of a tensor do not tile it
-            (the FQN and the ranks or boxes are named).
-    """
-    table = plan_save_table(
-        [local_table(specs, rank) for rank, specs in enumerate(specs_by_rank)],
-        chunk_bytes=chunk_bytes,
-    )
-    t = table.tensors
-    return SavePlan(
-        tensors=tuple(
-            TensorMeta(fqn=f, dtype=d, shape=s)
-            for f, d, s in zip(t.fqns, t.dtypes, t.shapes, strict=True)
-        ),
-        items=tuple(table.items_for(r) for r in range(table.world)),
-    )
-
-
-# ------------------------------------------------------------------ loading
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -156,8 +98,8 @@ class LoadPlan:
     def report(self) -> str:
         return (
             f"load plan: {len(self.items)} read items from {len(self.chunks)} chunks in "
-            f"{len(self.files)} files; needed {fmt_bytes(self.needed_bytes)}, reads "
-            f"{fmt_bytes(self.read_stored_bytes)} stored / {fmt_bytes(self.read_raw_bytes)} raw "
+            f"{len(self.files)} files; needed {fmt_size(self.needed_bytes)}, reads "
+            f"{fmt_size(self.read_stored_bytes)} stored / {fmt_size(self.read_raw_bytes)} raw "
             f"(read amplification {self.read_amplification:.3f})"
         )
 

@@ -1,9 +1,9 @@
 """Save planning on columns: thousands of ranks in one process.
 
-``plan_save`` over one Python object per box costs about 20 µs a box, so a
+A planner over one Python object per box costs about 20 µs a box, so a
 save of 4096 ranks x 1000 sharded tensors (4 million boxes) would take over a
 minute on the coordinator. Here the boxes of all ranks are numpy columns
-(tensor id, rank, offsets, sizes, padded to a common rank of dimensions with
+(``core/shard_table.py``: tensor id, rank, offsets, sizes, padded to a common rank of dimensions with
 extent-1 dimensions), and the decisions of ``plan_save`` are made with sorts
 and reductions:
 
@@ -18,8 +18,10 @@ and reductions:
 - boxes within ``chunk_bytes`` are their own chunk; larger ones are split with
   ``split_box``.
 
-Each rank's write items are built from its own rows only (``items_for``), so
-no process ever holds an object per box of the whole job.
+The result is one type, :class:`SavePlan`: the whole plan on the
+coordinator, one rank's rows (``for_rank``) on every other rank. Each rank's
+write items are built from its own rows only (``items_for``), so no process
+ever holds an object per box of the whole job.
 """
 
 from __future__ import annotations
@@ -29,150 +31,50 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-import numpy.typing as npt
 
 from treeckpt.core.box import Box, check_tiling, split_box
 from treeckpt.core.dtypes import dtype_info
-from treeckpt.core.items import WriteItem, fmt_bytes
+from treeckpt.core.shard_table import (
+    Ints,
+    LocalTable,
+    ShardTable,
+    TensorTable,
+    local_table,
+    merge_tables,
+)
+from treeckpt.core.sizes import fmt_size
 from treeckpt.core.specs import ShardSpec
 from treeckpt.errors import PlanError
 
-__all__ = [
-    "LocalTable",
-    "SavePlanTable",
-    "TensorTable",
-    "local_table",
-    "merge_tables",
-    "plan_save_table",
-]
-
-Ints = npt.NDArray[np.int64]
+__all__ = ["SavePlan", "WriteItem", "plan_save", "plan_save_table"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class TensorTable:
-    """The tensors a rank describes: parallel tuples (compared in C across ranks)."""
+class WriteItem:
+    """Rank ``rank`` writes region ``chunk`` of ``fqn``, taken from its local ``shard`` box."""
 
-    fqns: tuple[str, ...]
-    dtypes: tuple[str, ...]
-    shapes: tuple[tuple[int, ...], ...]
+    fqn: str
+    dtype: str
+    rank: int
+    shard: Box
+    chunk: Box
 
-
-@dataclass(frozen=True, slots=True, kw_only=True, eq=False)
-class LocalTable:
-    """One rank's shard specs as columns: box ``i`` belongs to tensor ``tensor[i]``."""
-
-    tensors: TensorTable
-    tensor: Ints
-    offsets: Ints  # (n, d): d is this rank's largest tensor rank, lower ranks padded
-    sizes: Ints
-
-
-def local_table(specs: Sequence[ShardSpec], rank: int = 0) -> LocalTable:
-    """Columns of one rank's specs (refuses an FQN described twice or a box of the wrong rank)."""
-    fqns = tuple(s.fqn for s in specs)
-    if len(set(fqns)) != len(fqns):
-        seen: set[str] = set()
-        dup = next(f for f in fqns if f in seen or seen.add(f))  # type: ignore[func-returns-value]
-        raise PlanError(f"{dup}: rank {rank} describes the tensor twice")
-    tensor: list[int] = []
-    dims = max([1, *(len(s.shape) for s in specs)])
-    pad0, pad1 = (0,) * dims, (1,) * dims
-    offsets: list[tuple[int, ...]] = []
-    sizes: list[tuple[int, ...]] = []
-    for i, s in enumerate(specs):
-        ndims = len(s.shape)
-        for box in s.boxes:
-            if box.ndim != ndims:
-                raise PlanError(
-                    f"{s.fqn}: rank {rank} gives a {box.ndim}-d box for a {ndims}-d tensor"
-                )
-            tensor.append(i)
-            offsets.append(box.offsets + pad0[ndims:])
-            sizes.append(box.sizes + pad1[ndims:])
-    return LocalTable(
-        tensors=TensorTable(
-            fqns=fqns, dtypes=tuple(s.dtype for s in specs), shapes=tuple(s.shape for s in specs)
-        ),
-        tensor=np.asarray(tensor, dtype=np.int64),
-        offsets=np.asarray(offsets, dtype=np.int64).reshape(len(offsets), dims),
-        sizes=np.asarray(sizes, dtype=np.int64).reshape(len(sizes), dims),
-    )
+    @property
+    def nbytes(self) -> int:
+        return self.chunk.volume * dtype_info(self.dtype).itemsize
 
 
 @dataclass(frozen=True, slots=True, kw_only=True, eq=False)
-class _Table:
-    tensors: TensorTable
-    world: int
-    tensor: Ints
-    rank: Ints
-    offsets: Ints  # (n, D)
-    sizes: Ints  # (n, D)
-    shape: Ints  # (T, D), padded with 1
-
-
-def merge_tables(tables: Sequence[LocalTable]) -> _Table:
-    """All ranks' columns, with tensor ids agreed across ranks.
-
-    Raises PlanError when two ranks give one FQN different dtypes or shapes.
-    """
-    first = tables[0].tensors if tables else TensorTable(fqns=(), dtypes=(), shapes=())
-    ids: dict[str, int] = {f: i for i, f in enumerate(first.fqns)}
-    fqns, dtypes, shapes = list(first.fqns), list(first.dtypes), list(first.shapes)
-    owner = dict.fromkeys(first.fqns, 0)
-    parts: list[Ints] = []
-    for rank, t in enumerate(tables):
-        if t.tensors == first:  # the common case: one comparison in C
-            parts.append(t.tensor)
-            continue
-        remap = np.empty(len(t.tensors.fqns), dtype=np.int64)
-        for j, (f, d, s) in enumerate(
-            zip(t.tensors.fqns, t.tensors.dtypes, t.tensors.shapes, strict=True)
-        ):
-            i = ids.get(f)
-            if i is None:
-                i = ids[f] = len(fqns)
-                fqns.append(f)
-                dtypes.append(d)
-                shapes.append(s)
-                owner[f] = rank
-            elif dtypes[i] != d or shapes[i] != s:
-                raise PlanError(
-                    f"{f}: rank {owner[f]} has dtype {dtypes[i]} shape {list(shapes[i])} but "
-                    f"rank {rank} has dtype {d} shape {list(s)}"
-                )
-            remap[j] = i
-        parts.append(remap[t.tensor])
-    dims = max([1, *(len(s) for s in shapes)])
-    counts = [len(t.offsets) for t in tables]
-    n = sum(counts)
-    offsets = np.zeros((n, dims), dtype=np.int64)
-    sizes = np.ones((n, dims), dtype=np.int64)
-    row = 0
-    for t, k in zip(tables, counts, strict=True):
-        d = t.offsets.shape[1]
-        offsets[row : row + k, :d] = t.offsets
-        sizes[row : row + k, :d] = t.sizes
-        row += k
-    shape_arr = np.ones((len(shapes), dims), dtype=np.int64)
-    for i, s in enumerate(shapes):
-        shape_arr[i, : len(s)] = s
-    return _Table(
-        tensors=TensorTable(fqns=tuple(fqns), dtypes=tuple(dtypes), shapes=tuple(shapes)),
-        world=len(tables),
-        tensor=np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64),
-        rank=np.repeat(np.arange(len(tables), dtype=np.int64), counts),
-        offsets=offsets,
-        sizes=sizes,
-        shape=shape_arr,
-    )
-
-
-@dataclass(frozen=True, slots=True, kw_only=True, eq=False)
-class SavePlanTable:
+class SavePlan:
     """Who writes what, as columns: item ``i`` is rank ``rank[i]`` writing chunk
     ``chunk_*[i]`` of tensor ``tensor[i]``, taken from its local box ``shard_*[i]``.
-    Rows are sorted by rank."""
+
+    Rows are sorted by rank, and within a rank in write order. ``tensors``
+    describes every tensor of the save (FQN, dtype, global shape). The whole
+    plan lives on the coordinator; ``for_rank`` is the view a rank receives
+    and ``items_for`` its write items as objects. Two plans are equal when
+    every column is.
+    """
 
     tensors: TensorTable
     world: int
@@ -194,12 +96,23 @@ class SavePlanTable:
     def chunks_by_rank(self) -> tuple[int, ...]:
         return tuple(int(x) for x in np.diff(self.starts))
 
-    def for_rank(self, rank: int) -> SavePlanTable:
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, SavePlan):
+            return NotImplemented
+        return (
+            self.tensors == other.tensors
+            and self.world == other.world
+            and all(np.array_equal(getattr(self, f), getattr(other, f)) for f in _COLUMNS)
+        )
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def for_rank(self, rank: int) -> SavePlan:
         """Only ``rank``'s rows (what the coordinator sends that rank)."""
         lo, hi = int(self.starts[rank]), int(self.starts[rank + 1])
         starts = np.zeros(self.world + 1, dtype=np.int64)
         starts[rank + 1 :] = hi - lo
-        return SavePlanTable(
+        return SavePlan(
             tensors=self.tensors,
             world=self.world,
             rank=self.rank[lo:hi],
@@ -239,16 +152,52 @@ class SavePlanTable:
         """A dry-run cost report: raw bytes and chunks each rank will write."""
         by_rank, chunks = self.bytes_by_rank, self.chunks_by_rank
         lines = [
-            f"save plan: {len(self.tensors.fqns)} tensors, {fmt_bytes(sum(by_rank))} raw, "
+            f"save plan: {len(self.tensors.fqns)} tensors, {fmt_size(sum(by_rank))} raw, "
             f"{self.world} ranks"
         ]
         for r, (b, c) in enumerate(zip(by_rank, chunks, strict=True)):
-            lines.append(f"  rank {r}: {fmt_bytes(b)} in {c} chunks")
+            lines.append(f"  rank {r}: {fmt_size(b)} in {c} chunks")
         return "\n".join(lines)
 
 
-def plan_save_table(tables: Sequence[LocalTable], *, chunk_bytes: int) -> SavePlanTable:
-    """``plan_save`` on columns: the same checks and decisions (see the module docstring)."""
+_COLUMNS = (
+    "rank",
+    "tensor",
+    "shard_offsets",
+    "shard_sizes",
+    "chunk_offsets",
+    "chunk_sizes",
+    "nbytes",
+    "starts",
+)
+
+
+def plan_save(specs_by_rank: Sequence[Sequence[ShardSpec]], *, chunk_bytes: int) -> SavePlan:
+    """Plan a save from every rank's shard specs.
+
+    Checks that all ranks agree on each tensor's dtype and shape, and that the
+    boxes of each tensor tile its shape (no gaps; overlaps only as exact
+    replicas). A box held by one rank is written by it; a replicated box is
+    written once, by the holder with the fewest bytes assigned so far (largest
+    boxes first, ties to the lowest rank), which spreads replicated tensors
+    (DDP, ``Replicate()``) across ranks. Assigned boxes are split into chunks
+    of at most ``chunk_bytes``.
+
+    A save does the same in two steps: every rank builds its own columns
+    (``local_table``) and the coordinator plans them (``plan_save_table``).
+
+    Raises:
+        PlanError: ranks disagree, or the boxes of a tensor do not tile it
+            (the FQN and the ranks or boxes are named).
+    """
+    return plan_save_table(
+        [local_table(specs, rank) for rank, specs in enumerate(specs_by_rank)],
+        chunk_bytes=chunk_bytes,
+    )
+
+
+def plan_save_table(tables: Sequence[LocalTable], *, chunk_bytes: int) -> SavePlan:
+    """``plan_save`` on every rank's columns (see the module docstring)."""
     if chunk_bytes <= 0:
         raise PlanError(f"chunk size must be positive, got {chunk_bytes}")
     t = merge_tables(tables)
@@ -335,7 +284,7 @@ def plan_save_table(tables: Sequence[LocalTable], *, chunk_bytes: int) -> SavePl
     # rank's items in tensor order.
     by = np.argsort(it_r, kind="stable")
     it_r = it_r[by]
-    return SavePlanTable(
+    return SavePlan(
         tensors=t.tensors,
         world=t.world,
         rank=it_r,
@@ -351,7 +300,7 @@ def plan_save_table(tables: Sequence[LocalTable], *, chunk_bytes: int) -> SavePl
     )
 
 
-def _check_tilings(t: _Table, g_tensor: Ints, g_off: Ints, g_size: Ints, vol: Ints) -> None:
+def _check_tilings(t: ShardTable, g_tensor: Ints, g_off: Ints, g_size: Ints, vol: Ints) -> None:
     """Every tensor's distinct boxes tile its shape (vectorized for slab layouts)."""
     n_tensors = len(t.tensors.fqns)
     starts = np.searchsorted(g_tensor, np.arange(n_tensors + 1))
@@ -388,7 +337,7 @@ def _check_tilings(t: _Table, g_tensor: Ints, g_off: Ints, g_size: Ints, vol: In
 
 
 def _tiling_error(
-    t: _Table,
+    t: ShardTable,
     ti: int,
     g_tensor: Ints | None = None,
     g_off: Ints | None = None,

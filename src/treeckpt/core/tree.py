@@ -27,7 +27,6 @@ import dataclasses
 import keyword
 import pickle
 import re
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -36,6 +35,7 @@ import numpy as np
 import optree
 import torch
 
+from treeckpt.core.adapter import PLAIN_TENSOR, TensorAdapter, adapter_for
 from treeckpt.core.dtypes import numpy_dtype_code, torch_dtype_code
 from treeckpt.core.leaves import LeafRecord, PickleLeaf, TensorLeaf, TensorLib, ValueLeaf
 from treeckpt.core.values import NUMPY_VALUE_TYPES, copy_value, encode_value, is_plain_value
@@ -144,32 +144,27 @@ def _is_tensor_like(obj: Any) -> bool:
     return isinstance(obj, torch.Tensor | np.ndarray | np.generic)
 
 
-def describe_leaf(fqn: str, obj: Any, *, allow_pickle: bool = False) -> LeafRecord:
-    """Classify one leaf, or refuse it with an error naming the FQN and the type."""
-    if isinstance(obj, torch.Tensor):
-        plain = type(obj) is torch.Tensor or type(obj) is torch.nn.Parameter
-        if plain and (obj.is_quantized or obj.is_sparse or obj.layout != torch.strided):
-            raise UnsupportedLeafError(
-                f"{fqn!r}: tensor layout {obj.layout} / quantized={obj.is_quantized} is not "
-                "supported; convert it to a dense tensor"
-            )
-        if plain:
-            dtype, shape, grad = obj.dtype, tuple(obj.shape), obj.requires_grad
-        else:
-            with warnings.catch_warnings():
-                # ShardedTensor warns on every attribute access that it is deprecated;
-                # supporting it is deliberate, so do not pass that on to the user.
-                warnings.simplefilter("ignore", FutureWarning)
-                dtype, shape = obj.dtype, tuple(int(s) for s in obj.shape)
-                grad = obj.requires_grad
-        code = torch_dtype_code(dtype)
+def describe_leaf(
+    fqn: str, obj: Any, *, allow_pickle: bool = False, adapters: Sequence[TensorAdapter] = ()
+) -> LeafRecord:
+    """Classify one leaf, or refuse it with an error naming the FQN and the type.
+
+    A tensor is described by the first of ``adapters`` that matches it
+    (``core/adapter.py``), any other ``torch.Tensor`` as a plain tensor.
+    """
+    adapter = adapter_for(obj, adapters)
+    if adapter is None and isinstance(obj, torch.Tensor):
+        adapter = PLAIN_TENSOR
+    if adapter is not None:
+        g = adapter.describe(fqn, obj)
+        code = torch_dtype_code(g.dtype)
         if code is None:
-            raise UnsupportedLeafError(f"{fqn!r}: torch dtype {dtype} is not supported")
+            raise UnsupportedLeafError(f"{fqn!r}: torch dtype {g.dtype} is not supported")
         return TensorLeaf(
             lib="torch",
             dtype=code,
-            shape=shape,
-            requires_grad=bool(grad),
+            shape=g.shape,
+            requires_grad=g.requires_grad,
             parameter=isinstance(obj, torch.nn.Parameter),
         )
     if type(obj) in NUMPY_VALUE_TYPES:  # numpy scalars that are not numbers
@@ -214,8 +209,9 @@ def describe_leaf(fqn: str, obj: Any, *, allow_pickle: bool = False) -> LeafReco
 
 
 class _Flattener:
-    def __init__(self, allow_pickle: bool) -> None:
+    def __init__(self, allow_pickle: bool, adapters: Sequence[TensorAdapter]) -> None:
         self.allow_pickle = allow_pickle
+        self.adapters = adapters
         self.leaves: dict[str, Any] = {}
         self.records: dict[str, LeafRecord] = {}
         self.paths: dict[str, Path] = {}
@@ -237,7 +233,7 @@ class _Flattener:
             inner = self.walk(state, path)
             return {**inner, "stateful": True}
         kind = _container_kind(obj)
-        if kind is None:
+        if kind is None or adapter_for(obj, self.adapters) is not None:
             return self.leaf(obj, path)
         children, entries, extra = _children(obj, kind, path)
         if kind == "ddict" and extra["factory"] is None:
@@ -267,20 +263,28 @@ class _Flattener:
                 f"two paths render to the FQN {fqn!r}: {_render_access(self.paths[fqn])} and "
                 f"{_render_access(path)}; rename one of the keys"
             )
-        self.records[fqn] = describe_leaf(fqn, obj, allow_pickle=self.allow_pickle)
+        self.records[fqn] = describe_leaf(
+            fqn, obj, allow_pickle=self.allow_pickle, adapters=self.adapters
+        )
         self.leaves[fqn] = obj
         self.paths[fqn] = path
         return {"leaf": fqn}
 
 
-def flatten_tree(tree: Any, *, allow_pickle: bool = False) -> FlatTree:
+def flatten_tree(
+    tree: Any, *, allow_pickle: bool = False, adapters: Sequence[TensorAdapter] = ()
+) -> FlatTree:
     """Flatten ``tree`` into FQN-keyed leaves plus a pickle-free structure record.
+
+    ``adapters``: the tensor types to describe (``shell.sharded.ADAPTERS``
+    for a save or load; without them, every ``torch.Tensor`` is described by
+    its own dtype and shape, which for the sharded types of torch are global).
 
     Raises:
         UnsupportedLeafError: a leaf (named by FQN) cannot be stored.
         FQNCollisionError: two paths render to the same FQN (both are named).
     """
-    f = _Flattener(allow_pickle)
+    f = _Flattener(allow_pickle, adapters)
     structure = f.walk(tree, ())
     return FlatTree(
         leaves=f.leaves,

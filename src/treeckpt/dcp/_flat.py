@@ -16,6 +16,7 @@ import torch
 
 from treeckpt.core.box import Box
 from treeckpt.core.tree import describe_leaf
+from treeckpt.shell.sharded import ADAPTERS
 from treeckpt.shell.tensors import local_shards
 
 __all__ = ["flatten_dcp", "set_path", "shards_of"]
@@ -63,7 +64,7 @@ def set_path(root: Any, path: Path, value: Any) -> None:
 
 def shards_of(fqn: str, obj: torch.Tensor) -> tuple[tuple[int, ...], list[tuple[Box, Any]], bool]:
     """``(global shape, [(global box, local tensor)], distributed)`` of a tensor leaf."""
-    rec = describe_leaf(fqn, obj)
+    rec = describe_leaf(fqn, obj, adapters=ADAPTERS)
     assert hasattr(rec, "shape")
     spec, pairs = local_shards(fqn, obj, rec)  # type: ignore[arg-type]
     return spec.shape, pairs, type(obj) not in (torch.Tensor, torch.nn.Parameter)

@@ -25,7 +25,7 @@ from treeckpt.core.dtypes import torch_dtype
 from treeckpt.core.leaves import TensorLeaf
 from treeckpt.core.manifest import Manifest
 from treeckpt.core.plan import StoredTensor
-from treeckpt.core.plan_table import SavePlanTable
+from treeckpt.core.plan_table import SavePlan
 from treeckpt.core.tree import _decode_key as decode_key
 from treeckpt.core.tree import build_tree
 from treeckpt.errors import LoadMismatchError, UnsupportedLeafError
@@ -115,7 +115,7 @@ def metadata_of(manifest: Manifest, stored: dict[str, StoredTensor]) -> Metadata
     )
 
 
-def metadata_from_plan(manifest: Manifest, plan: SavePlanTable) -> Metadata:
+def metadata_from_plan(manifest: Manifest, plan: SavePlan) -> Metadata:
     """The view of a save just committed, from its plan: no chunk index is read."""
     boxes: dict[str, list[Box]] = {}
     for rank in range(plan.world):

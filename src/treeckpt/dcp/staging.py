@@ -14,29 +14,30 @@ from typing import Any
 import torch
 from torch.distributed.checkpoint.staging import AsyncStager, StagingOptions
 
+from treeckpt.shell.sharded import adapter_of
+
 __all__ = ["AsyncStager", "BlockingAsyncStager", "DefaultStager", "StagingOptions"]
 
 
 def _stage_tensor(t: torch.Tensor, cache: dict[int, torch.Tensor] | None, key: int) -> torch.Tensor:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # torch built without distributed
-        DTensor = None  # type: ignore[assignment,misc]
-    if DTensor is not None and isinstance(t, DTensor):
-        local = _stage_tensor(t.to_local(), cache, key)
-        # Same spec (mesh, placements, global shape), local shard in host
-        # memory; from_local would move it back to the mesh's device.
-        return DTensor(local, t._spec, requires_grad=False)
-    if type(t) not in (torch.Tensor, torch.nn.Parameter):
-        return t  # ShardedTensor and other subclasses: saved from the original
-    src = t.detach()
-    buf = cache.get(key) if cache is not None else None
-    if buf is None or buf.shape != src.shape or buf.dtype != src.dtype:
-        buf = torch.empty(src.shape, dtype=src.dtype, device="cpu")
-        if cache is not None:
-            cache[key] = buf
-    buf.copy_(src)
-    return buf
+    """A host copy of ``t`` as its adapter rebuilds it (``shell/sharded.py``): a DTensor
+    stays a DTensor (its local shard copied), a plain tensor is copied, a type
+    that cannot be rebuilt is saved from the original."""
+
+    def copy(src: torch.Tensor) -> torch.Tensor:
+        src = src.detach()
+        buf = cache.get(key) if cache is not None else None
+        if buf is None or buf.shape != src.shape or buf.dtype != src.dtype:
+            buf = torch.empty(src.shape, dtype=src.dtype, device="cpu")
+            if cache is not None:
+                cache[key] = buf
+        buf.copy_(src)
+        return buf
+
+    adapter = adapter_of(t)
+    assert adapter is not None  # every torch.Tensor has one
+    staged: torch.Tensor = adapter.stage(t, copy)
+    return staged
 
 
 def stage_state_dict(state_dict: Any, cache: dict[int, torch.Tensor] | None = None) -> Any:

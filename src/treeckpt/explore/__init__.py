@@ -18,7 +18,6 @@ from treeckpt.explore._checkpoint import Checkpoint, Group, open
 from treeckpt.explore._handle import TensorHandle
 from treeckpt.explore._source import ChunkInfo
 from treeckpt.explore._stats import TensorStats
-from treeckpt.explore._units import fmt_size
 
 __all__ = [
     "Checkpoint",
@@ -26,6 +25,5 @@ __all__ = [
     "Group",
     "TensorHandle",
     "TensorStats",
-    "fmt_size",
     "open",
 ]

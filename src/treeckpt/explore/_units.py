@@ -1,4 +1,5 @@
-"""Sizes and ratios as people read them, shared by every rendering of a checkpoint.
+"""Sizes and ratios as people read them, shared by every rendering of a checkpoint
+(sizes are ``core.sizes.fmt_size``, the one byte formatter of the package).
 
 A leaf of ``treeckpt.explore``: it imports nothing from the package, so the
 renderers of groups (``_display``) and of tensors (``_handle``) share it
@@ -9,18 +10,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from treeckpt.core.sizes import fmt_size
+
 __all__ = ["codecs_text", "fmt_size", "ratio"]
-
-
-def fmt_size(n: float) -> str:
-    """Bytes for people: 512 B, 1.5 KiB, 12.3 MiB."""
-    if n < 1024:
-        return f"{int(n)} B"
-    for unit in ("KiB", "MiB", "GiB", "TiB"):
-        n /= 1024
-        if n < 1024 or unit == "TiB":
-            return f"{n:.3g} {unit}" if n < 100 else f"{n:.0f} {unit}"
-    raise AssertionError  # pragma: no cover
 
 
 def ratio(raw: int, stored: int) -> str:

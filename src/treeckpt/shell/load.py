@@ -37,6 +37,7 @@ from treeckpt.core.tree import (
 from treeckpt.core.values import adopt_value
 from treeckpt.errors import LoadMismatchError, ManifestError, UnsupportedLeafError
 from treeckpt.shell.optim import safe_torch_state_init, state_targets
+from treeckpt.shell.sharded import ADAPTERS
 from treeckpt.shell.tensors import Destination, allocate, destination, finish_leaf, local_shards
 from treeckpt.store.backends import Backend
 from treeckpt.store.chunks import ReadTarget, ReadTask, read_chunks
@@ -266,7 +267,7 @@ def load_tree(
     saving ranks held is not expected of it (see :func:`key_differences`).
     """
     with safe_torch_state_init():  # state_dict() of wrappers around torch's utilities
-        flat = flatten_tree(tree, allow_pickle=True)
+        flat = flatten_tree(tree, allow_pickle=True, adapters=ADAPTERS)
     ck = manifest.records
     # Statefuls whose state follows the checkpoint's structure (not modules).
     open_refs = [s for s in flat.statefuls if not isinstance(s.obj, torch.nn.Module)]

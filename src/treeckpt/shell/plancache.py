@@ -15,7 +15,7 @@ reuses the plan only when every rank sends the same token and it holds that
 plan too. Otherwise it plans again, filling in unchanged ranks'
 descriptions from its own copy, or, when it lacks them (its entry was
 evicted, or a rank's cache diverged after a failure), asks every rank to
-send its description (see ``shell/save.py``).
+send its description (``shell/negotiate.py``).
 """
 
 from __future__ import annotations
@@ -25,11 +25,11 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from treeckpt.core.items import WriteItem
-from treeckpt.core.plan_table import LocalTable, SavePlanTable
+from treeckpt.core.plan_table import SavePlan, WriteItem
+from treeckpt.core.shard_table import LocalTable
 from treeckpt.core.specs import ShardSpec
 
-__all__ = ["CachedPlan", "PlanCache", "PlanKey", "new_token"]
+__all__ = ["SHARED_PLAN_CACHE", "CachedPlan", "PlanCache", "PlanKey", "new_token"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -53,7 +53,7 @@ class CachedPlan:
 
     token: str
     items: tuple[WriteItem, ...]
-    plan: SavePlanTable | None = None
+    plan: SavePlan | None = None
     tables: tuple[LocalTable, ...] | None = None
 
 
@@ -99,3 +99,7 @@ class PlanCache:
     def __len__(self) -> int:
         with self._lock:
             return len(self._by_key)
+
+
+#: Plans kept across saves when the caller gives no cache of its own.
+SHARED_PLAN_CACHE = PlanCache()

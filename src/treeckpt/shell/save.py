@@ -21,6 +21,10 @@ chunk index references gathered, the commit verdict broadcast. Each rank's
 error rides in the gather and the verdict naming every failed rank in the
 answer, so every rank raises the same error without rounds of their own.
 
+The first two collectives (and the tree merge and plan cache they may
+involve) are the plan phase, ``shell/negotiate.py``; the messages of every
+phase are in ``shell/messages.py``.
+
 The checkpoint holds the union of every rank's tree (``core/merge.py``).
 Each description carries a digest of the rank's structure and leaf records;
 when one differs from the coordinator's, the coordinator asks for the trees
@@ -34,34 +38,27 @@ ranks are refused before the commit (``shell/union.py``).
 from __future__ import annotations
 
 import contextlib
-import secrets
 from dataclasses import dataclass, field
-from typing import Any, NoReturn
+from typing import Any
 
 from treeckpt.core.box import Box
 from treeckpt.core.dtypes import dtype_info
 from treeckpt.core.incremental import ReuseTable
-from treeckpt.core.items import WriteItem
 from treeckpt.core.leaves import TensorLeaf
 from treeckpt.core.manifest import FORMAT_VERSION, ChunkIndex, IndexRef, Manifest
-from treeckpt.core.merge import MergedTree, merge_trees, replica_conflicts
+from treeckpt.core.merge import MergedTree, replica_conflicts
 from treeckpt.core.options import SaveOptions
-from treeckpt.core.plan_table import LocalTable, SavePlanTable, local_table, plan_save_table
-from treeckpt.core.specs import ShardSpec
+from treeckpt.core.plan_table import SavePlan, WriteItem
 from treeckpt.core.tree import FlatTree, flatten_tree
-from treeckpt.errors import CheckpointError, PlanError, RankConflictError, RankFailureError
+from treeckpt.errors import CheckpointError
 from treeckpt.shell import cleanup
 from treeckpt.shell.coord import Coordinator, describe_error
-from treeckpt.shell.plancache import CachedPlan, PlanCache, PlanKey, new_token
+from treeckpt.shell.messages import Committed, Failure, Verdict, Written, raise_verdict
+from treeckpt.shell.negotiate import LocalDescription, negotiate_plan
+from treeckpt.shell.plancache import SHARED_PLAN_CACHE, PlanCache, PlanKey
+from treeckpt.shell.sharded import ADAPTERS
 from treeckpt.shell.tensors import chunk_source, local_shards
-from treeckpt.shell.union import (
-    describe_parts,
-    describe_tree,
-    is_plain,
-    part_digests,
-    replica_digests,
-    tree_digest,
-)
+from treeckpt.shell.union import is_plain, replica_digests, tree_digest
 from treeckpt.store import layout
 from treeckpt.store.backends import Backend
 from treeckpt.store.checksum import checksum
@@ -78,7 +75,7 @@ class SaveResult:
 
     path: str
     save_id: str
-    plan: SavePlanTable | None
+    plan: SavePlan | None
 
 
 def save_tree(
@@ -122,118 +119,12 @@ class PreparedSave:
     items: tuple[WriteItem, ...]
     local: dict[str, list[tuple[Box, Any]]]
     save_id: str
-    plan: SavePlanTable | None
+    plan: SavePlan | None
     hold: Any = None  # rank 0's claim on the data directory, released by the commit
     reused_plan: bool = False  # the plan came from the plan cache
     tree: MergedTree | None = None
     plain: tuple[str, ...] = ()
     digests: dict[str, str] = field(default_factory=dict)
-
-
-#: Plans kept across saves when the caller gives no cache of its own.
-SHARED_PLAN_CACHE = PlanCache()
-
-
-# What crosses ranks. A phase is one gather to the coordinator, which decides,
-# and one scatter or broadcast of its decision: each rank's error travels in
-# the gather and the verdict naming every failed rank in the answer, so every
-# rank raises the same error without a separate agreement round.
-@dataclass(frozen=True, slots=True)
-class _Failure:
-    """This rank failed the phase: the description of its error."""
-
-    text: str
-
-
-@dataclass(frozen=True, slots=True)
-class _Verdict:
-    """The phase failed on these ranks: every rank raises it.
-
-    ``conflict``: the ranks' states contradict each other (no rank failed):
-    every rank raises a ``RankConflictError`` with this text.
-    """
-
-    phase: str
-    failures: dict[int, str]
-    conflict: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class _Described:
-    """A rank's description: the digest of its tree (empty with one rank) and its shards."""
-
-    digest: str
-    shards: Any  # LocalTable, or _Same when the plan cache holds them
-
-
-@dataclass(frozen=True, slots=True)
-class _SendTree:
-    """Some rank's tree differs from the coordinator's (whose digest this is): send it.
-
-    ``parts``: the digest of each of the coordinator's top-level entries; a
-    rank leaves out those it has alike (``shell/union.py``).
-    """
-
-    digest: str
-    parts: dict[str, str] | None
-
-
-@dataclass(frozen=True, slots=True)
-class _Written:
-    """A rank's chunk index (``None``: it wrote nothing) and the digests of its plain tensors."""
-
-    ref: IndexRef | None
-    digests: dict[str, str]
-
-
-@dataclass(frozen=True, slots=True)
-class _Same:
-    """This rank's description is unchanged since the plan named ``token``."""
-
-    token: str
-
-
-@dataclass(frozen=True, slots=True)
-class _Assignment:
-    """A rank's share of the plan: ``rows`` (``None``: reuse the cached plan ``token``)."""
-
-    rows: SavePlanTable | None
-    save_id: str
-    token: str
-
-
-@dataclass(frozen=True, slots=True)
-class _Committed:
-    """The commit took effect; ``previous`` is the save id of the checkpoint it replaced."""
-
-    previous: str | None
-
-
-@dataclass(frozen=True, slots=True)
-class _Resend:
-    """The coordinator lacks a rank's description: every rank sends its own."""
-
-
-@dataclass(slots=True)
-class _Decision:
-    """What the coordinator decided, for every rank and for itself."""
-
-    proposals: list[Any]
-    save_id: str | None = None
-    hold: Any = None
-    entry: CachedPlan | None = None
-    error: BaseException | None = None
-    tree: MergedTree | None = None
-
-
-def _raise_verdict(coord: Coordinator, verdict: _Verdict, own: BaseException | None) -> NoReturn:
-    if verdict.conflict is not None:
-        if isinstance(own, RankConflictError):
-            raise own
-        raise RankConflictError(verdict.conflict)
-    if own is not None and coord.world_size == 1:
-        coord.agree(verdict.phase, own)  # one process: the error itself, as it was raised
-    raise RankFailureError(verdict.phase, dict(verdict.failures)) from own
 
 
 def prepare_save(
@@ -245,209 +136,51 @@ def prepare_save(
     allow_pickle: bool = False,
     cache: PlanCache | None = None,
 ) -> PreparedSave:
-    """Flatten and describe on every rank, plan on the coordinator, scatter the plan.
+    """Flatten and describe on every rank, then agree on the plan (``shell/negotiate.py``).
 
     Two collectives: every rank's description (or error) is gathered, and
-    the coordinator scatters each rank's assignment (or the verdict). A
-    layout planned before is not planned again (``cache``, see
-    ``shell/plancache.py``). When a rank's tree differs from the
-    coordinator's (its digest does), the coordinator's answer asks for the
-    trees instead: they are gathered and merged, then the assignments are
-    scattered (two collectives more). On failure or conflict every rank
-    raises and nothing is left behind.
+    the coordinator scatters each rank's assignment (or the verdict); two
+    more when the ranks' trees differ and are merged. A layout planned
+    before is not planned again (``cache``, see ``shell/plancache.py``). On
+    failure or conflict every rank raises and nothing is left behind.
     """
     cache = SHARED_PLAN_CACHE if cache is None else cache
-    flat: FlatTree | None = None
+    desc = LocalDescription(specs=[])
     local: dict[str, list[tuple[Box, Any]]] = {}
-    specs: list[ShardSpec] = []
-    key: PlanKey | None = None
-    hit: CachedPlan | None = None
-    err: BaseException | None = None
-    digest = ""
     plain: tuple[str, ...] = ()
-    payload: Any
     try:
-        flat = flatten_tree(tree, allow_pickle=allow_pickle)
+        desc.flat = flat = flatten_tree(tree, allow_pickle=allow_pickle, adapters=ADAPTERS)
         for fqn, rec in flat.records.items():
             if isinstance(rec, TensorLeaf):
                 spec, shards = local_shards(fqn, flat.leaves[fqn], rec)
-                specs.append(spec)
+                desc.specs.append(spec)
                 local[fqn] = shards
         if coord.world_size > 1:
-            digest = tree_digest(flat)
+            desc.digest = tree_digest(flat)
             if options.check_replicas:
                 plain = tuple(f for f in local if is_plain(flat.leaves[f]))
-        key = PlanKey(
+        desc.key = PlanKey(
             world_size=coord.world_size,
             rank=coord.rank,
             chunk_bytes=options.chunk_bytes,
-            specs=tuple(specs),
+            specs=tuple(desc.specs),
         )
-        hit = cache.lookup(key)
-        # Columns, not an object per box: the coordinator of thousands of ranks
-        # plans millions of boxes in seconds, and each rank gets only its rows.
-        own = _Same(hit.token) if hit is not None else local_table(specs, coord.rank)
-        payload = _Described(digest, own)
+        desc.hit = cache.lookup(desc.key)
     except Exception as exc:
-        err = exc
-        payload = _Failure(describe_error(exc))
-
-    decision: _Decision | None = None
-    merged: MergedTree | None = None  # the coordinator's, once the ranks' trees were merged
-    while True:
-        gathered = coord.gather(payload, "plan")
-        if coord.is_coordinator:
-            assert gathered is not None
-            decision = _decide_plan(gathered, backend, flat, cache, options, coord, merged)
-        # The assignment has its own phase name: a rank dying in between is named.
-        mine = _receive(coord, backend, decision)
-        if isinstance(mine, _SendTree):
-            assert flat is not None  # no rank failed to describe itself
-            sent = None if mine.digest == digest else describe_parts(flat, mine.parts)
-            trees = coord.gather(sent, "tree")
-            if coord.is_coordinator:
-                assert trees is not None and gathered is not None
-                try:
-                    base = describe_tree(flat)
-                    merged = merge_trees([base if t is None else t for t in trees])
-                except Exception as exc:
-                    verdict = (
-                        _Verdict("tree", {}, conflict=str(exc))
-                        if isinstance(exc, RankConflictError)
-                        else _Verdict("tree", {0: describe_error(exc)})
-                    )
-                    decision = _Decision([verdict] * coord.world_size, error=exc)
-                else:
-                    decision = _decide_plan(gathered, backend, flat, cache, options, coord, merged)
-            mine = _receive(coord, backend, decision)
-        if not isinstance(mine, _Resend):
-            break
-        hit = None
-        try:
-            payload = _Described(digest, local_table(specs, coord.rank))
-        except Exception as exc:  # cannot happen after a hit, which was planned before
-            err = exc
-            payload = _Failure(describe_error(exc))
-    if isinstance(mine, _Verdict):
-        _raise_verdict(coord, mine, err if decision is None else decision.error or err)
-    assert isinstance(mine, _Assignment) and flat is not None and key is not None
-    if mine.rows is None:
-        assert hit is not None and hit.token == mine.token
-        entry = hit
-    else:
-        if decision is not None and decision.entry is not None:
-            entry = decision.entry
-        else:
-            entry = CachedPlan(token=mine.token, items=mine.rows.items_for(coord.rank))
-        cache.store(key, entry)
+        desc.error = exc
+    agreed = negotiate_plan(desc, backend, cache=cache, options=options, coord=coord)
+    assert desc.flat is not None
     return PreparedSave(
-        flat=flat,
-        items=entry.items,
+        flat=desc.flat,
+        items=agreed.entry.items,
         local=local,
-        save_id=mine.save_id,
-        plan=entry.plan,
-        hold=decision.hold if decision is not None else None,
-        reused_plan=mine.rows is None,
-        tree=decision.tree if decision is not None else None,
+        save_id=agreed.save_id,
+        plan=agreed.entry.plan,
+        hold=agreed.hold,
+        reused_plan=agreed.reused,
+        tree=agreed.tree,
         plain=plain,
     )
-
-
-def _receive(coord: Coordinator, backend: Backend, decision: _Decision | None) -> Any:
-    """This rank's share of the coordinator's decision (the data directory goes if that fails)."""
-    try:
-        return coord.scatter(decision.proposals if decision else None, "assign")
-    except BaseException:
-        if decision is not None and decision.save_id is not None:
-            _abandon(backend, decision.save_id, decision.hold)
-        raise
-
-
-def _decide_plan(
-    gathered: list[Any],
-    backend: Backend,
-    flat: FlatTree | None,
-    cache: PlanCache,
-    options: SaveOptions,
-    coord: Coordinator,
-    merged: MergedTree | None = None,
-) -> _Decision:
-    """The coordinator's answer to every rank's description: an assignment each, or the verdict.
-
-    When a rank's tree digest differs from the coordinator's and the trees
-    were not merged yet (``merged``), every rank is asked for its tree first.
-    The plan of the last saves is reused when every rank sends the same
-    token and the coordinator still holds that plan; a rank's unchanged
-    description is taken from the coordinator's copy when another rank
-    changed; when the coordinator has no copy, every rank is asked to resend.
-    """
-    world = coord.world_size
-    failures = {r: p.text for r, p in enumerate(gathered) if isinstance(p, _Failure)}
-    if failures:
-        return _Decision([_Verdict("describe", failures)] * world)
-    assert flat is not None
-    shards = [p.shards for p in gathered]
-    created: str | None = None
-    hold = None
-    try:
-        if merged is None:
-            own = gathered[0].digest
-            if any(p.digest != own for p in gathered):
-                return _Decision([_SendTree(own, part_digests(flat))] * world)
-            merged = MergedTree(structure=flat.structure, records=flat.records, holders={})
-        tokens = {p.token for p in shards if isinstance(p, _Same)}
-        reuse: CachedPlan | None = None
-        if len(tokens) == 1 and all(isinstance(p, _Same) for p in shards):
-            reuse = cache.by_token(next(iter(tokens)))
-            if reuse is not None and (reuse.tables is None or reuse.plan is None):
-                reuse = None
-        entry: CachedPlan | None = None
-        if reuse is None:
-            tables: list[LocalTable] = []
-            for r, p in enumerate(shards):
-                if isinstance(p, _Same):
-                    known = cache.by_token(p.token)
-                    if known is None or known.tables is None or len(known.tables) != world:
-                        return _Decision([_Resend()] * world)
-                    tables.append(known.tables[r])
-                else:
-                    tables.append(p)
-            plan = plan_save_table(tables, chunk_bytes=options.chunk_bytes)
-            _check_same_tree(plan, merged)
-            entry = CachedPlan(
-                token=new_token(), items=plan.items_for(0), plan=plan, tables=tuple(tables)
-            )
-        save_id = secrets.token_hex(8)
-        created = save_id
-        # Its entry in the checkpoint directory becomes durable with the
-        # directory fsync that follows the manifest's rename.
-        backend.makedirs(layout.data_dir(save_id))
-        hold = cleanup.claim(backend, save_id)
-    except Exception as exc:
-        if created is not None:
-            _abandon(backend, created, hold)
-        else:
-            cleanup.release(hold)
-        return _Decision([_Verdict("plan", {0: describe_error(exc)})] * world, error=exc)
-    if reuse is not None:
-        return _Decision(
-            [_Assignment(None, save_id, reuse.token)] * world,
-            save_id=save_id,
-            hold=hold,
-            tree=merged,
-        )
-    assert entry is not None and entry.plan is not None
-    proposals: list[Any] = [
-        _Assignment(entry.plan.for_rank(r), save_id, entry.token) for r in range(world)
-    ]
-    return _Decision(proposals, save_id=save_id, hold=hold, entry=entry, tree=merged)
-
-
-def _abandon(backend: Backend, save_id: str, hold: Any) -> None:
-    """Remove a save's data directory before anything was written in it, then release it."""
-    with contextlib.suppress(Exception):
-        backend.remove_tree(layout.data_dir(save_id))
-    cleanup.release(hold)
 
 
 def commit_save(
@@ -481,23 +214,23 @@ def commit_save(
                 ref = _write_rank(
                     backend, prepared.items, save_id, coord.rank, prepared.local, options, reuse
                 )
-                payload = _Written(ref, digests)
+                payload = Written(ref, digests)
             except Exception as exc:
                 err = exc
         if err is not None:
-            payload = _Failure(describe_error(err))
+            payload = Failure(describe_error(err))
         refs = coord.gather(payload, "write")
 
-        verdict: _Verdict | _Committed | None = None
+        verdict: Verdict | Committed | None = None
         if coord.is_coordinator:
             assert refs is not None
-            failures = {r: p.text for r, p in enumerate(refs) if isinstance(p, _Failure)}
+            failures = {r: p.text for r, p in enumerate(refs) if isinstance(p, Failure)}
             conflicts = [] if failures else replica_conflicts([p.digests for p in refs])
             if failures:
-                verdict = _Verdict("write", failures)
+                verdict = Verdict("write", failures)
             elif conflicts:
                 text = "; ".join(conflicts)
-                verdict = _Verdict("write", {}, conflict=f"replicas differ between ranks: {text}")
+                verdict = Verdict("write", {}, conflict=f"replicas differ between ranks: {text}")
             else:
                 try:
                     # The checkpoint this commit replaces: its files go after the commit.
@@ -521,18 +254,18 @@ def commit_save(
                         layout.MANIFEST, encode_manifest(manifest), sync=options.sync
                     )
                     committed = True
-                    verdict = _Committed(previous)
+                    verdict = Committed(previous)
                 except Exception as exc:
                     err = exc
-                    verdict = _Verdict("commit", {0: describe_error(exc)})
+                    verdict = Verdict("commit", {0: describe_error(exc)})
                     # The rename may have taken effect before a later step (the
                     # directory fsync) failed: then the new manifest is live and its
                     # data must stay. Report the failure, delete nothing.
                     committed = _previous_save_id(backend) == save_id
         verdict = coord.broadcast(verdict, "commit")
-        if isinstance(verdict, _Verdict):
-            _raise_verdict(coord, verdict, err)
-        assert isinstance(verdict, _Committed)
+        if isinstance(verdict, Verdict):
+            raise_verdict(coord, verdict, err)
+        assert isinstance(verdict, Committed)
         previous = verdict.previous
         committed = True
     finally:
@@ -570,13 +303,6 @@ def _remove_rank_files(backend: Backend, save_id: str, rank: int) -> None:
             if name == index or layout.is_data_file(name, save_id, rank):
                 with contextlib.suppress(Exception):
                     backend.remove_tree(name)
-
-
-def _check_same_tree(plan: SavePlanTable, tree: MergedTree) -> None:
-    """Every tensor some rank holds must be a tensor leaf of the union of the ranks' trees."""
-    for fqn in plan.tensors.fqns:
-        if not isinstance(tree.records.get(fqn), TensorLeaf):
-            raise PlanError(f"{fqn}: a tensor on some rank but not a tensor of the saved tree")
 
 
 def _write_rank(

@@ -1,4 +1,4 @@
-"""Tensor adapters: leaf objects to shard specs, byte sources and byte destinations.
+"""Tensor leaves to shard specs, byte sources and byte destinations.
 
 This is where torch tensors and numpy arrays meet the byte-level store: a
 chunk's raw bytes are a zero-copy uint8 view of the tensor's memory whenever
@@ -8,7 +8,6 @@ the chunk is a contiguous run of a contiguous CPU tensor.
 from __future__ import annotations
 
 import threading
-import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -21,6 +20,7 @@ from treeckpt.core.dtypes import dtype_info, torch_dtype
 from treeckpt.core.leaves import TensorLeaf
 from treeckpt.core.specs import ShardSpec
 from treeckpt.errors import CheckpointError, UnsupportedLeafError
+from treeckpt.shell.sharded import adapter_of
 
 __all__ = ["Destination", "allocate", "chunk_source", "destination", "local_shards"]
 
@@ -30,18 +30,26 @@ Bytes1D = npt.NDArray[np.uint8]
 def local_shards(fqn: str, obj: Any, rec: TensorLeaf) -> tuple[ShardSpec, list[tuple[Box, Any]]]:
     """The spec of what this rank holds of ``obj``, and (global box, local tensor) pairs.
 
-    A plain tensor or array is held whole. A DTensor's local shard is placed
-    by ``__create_chunk_list__`` (which also handles FSDP2's strided
-    sharding, uneven splits and empty shards); a ShardedTensor lists its local
-    shards with their metadata. The local tensors share memory with ``obj``,
+    The tensor's adapter (``shell/sharded.py``) gives the pairs: a plain
+    tensor is held whole, a DTensor's local shard is placed by
+    ``__create_chunk_list__``, a ShardedTensor lists its local shards; a
+    numpy array is held whole. The local tensors share memory with ``obj``,
     so a load fills them in place.
+
+    Raises:
+        UnsupportedLeafError: the shards cannot be described, or a local tensor
+            is on the meta device (the FQN is named).
     """
-    try:
-        pairs = _distributed_shards(obj)
-    except Exception as exc:
-        raise UnsupportedLeafError(f"{fqn!r}: cannot describe its shards: {exc}") from exc
-    if pairs is None:
-        pairs = [(full_box(rec.shape), obj)]
+    adapter = adapter_of(obj)
+    if adapter is None:
+        pairs: list[tuple[Box, Any]] = [(full_box(rec.shape), obj)]
+    else:
+        try:
+            pairs = adapter.local_shards(fqn, obj)
+        except UnsupportedLeafError:
+            raise
+        except Exception as exc:
+            raise UnsupportedLeafError(f"{fqn!r}: cannot describe its shards: {exc}") from exc
     if any(isinstance(t, torch.Tensor) and t.is_meta for _, t in pairs):
         raise UnsupportedLeafError(
             f"{fqn!r}: a tensor on the meta device holds no data to save; materialise it "
@@ -49,46 +57,6 @@ def local_shards(fqn: str, obj: Any, rec: TensorLeaf) -> tuple[ShardSpec, list[t
         )
     spec = ShardSpec(fqn=fqn, dtype=rec.dtype, shape=rec.shape, boxes=tuple(b for b, _ in pairs))
     return spec, pairs
-
-
-def _distributed_shards(obj: Any) -> list[tuple[Box, Any]] | None:
-    if not isinstance(obj, torch.Tensor) or type(obj) is torch.Tensor:
-        return None
-    # A tensor subclass standing for explicit (offsets, sizes, local tensor)
-    # shards, as the DCP facade builds from a planner's write items.
-    explicit = getattr(obj, "__treeckpt_local_shards__", None)
-    if explicit is not None:
-        return [
-            (Box(offsets=tuple(offs), sizes=tuple(sizes)), local)
-            for offs, sizes, local in explicit()
-        ]
-    try:
-        from torch.distributed._shard.sharded_tensor import ShardedTensor
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # torch built without distributed
-        return None
-    if isinstance(obj, DTensor):
-        local = obj.to_local()
-        chunks = obj.__create_chunk_list__()
-        if len(chunks) != 1:
-            raise NotImplementedError(f"DTensor with {len(chunks)} local chunks")
-        c = chunks[0]
-        box = Box(offsets=tuple(int(o) for o in c.offsets), sizes=tuple(int(s) for s in c.sizes))
-        return [(box, local.view(box.sizes) if tuple(local.shape) != box.sizes else local)]
-    if isinstance(obj, ShardedTensor):
-        out = []
-        with warnings.catch_warnings():  # ShardedTensor warns it is deprecated on every access
-            warnings.simplefilter("ignore", FutureWarning)
-            shards = obj.local_shards()
-        for shard in shards:
-            md = shard.metadata
-            box = Box(
-                offsets=tuple(int(o) for o in md.shard_offsets),
-                sizes=tuple(int(s) for s in md.shard_sizes),
-            )
-            out.append((box, shard.tensor))
-        return out
-    return None
 
 
 def _as_bytes(t: torch.Tensor) -> Bytes1D:

@@ -5,7 +5,7 @@ Gathering every rank's structure and values on each save would cost a
 manifest's worth of data per rank, so each rank first sends a digest of its
 own: when every digest equals the coordinator's, the coordinator's tree is
 the union and nothing more crosses ranks. Only when they differ are the
-descriptions gathered and merged (``shell/save.py``), and then only of the
+descriptions gathered and merged (``shell/negotiate.py``), and then only of the
 top-level entries that differ: the coordinator sends a digest of each of its
 own (``part_digests``), and a rank sends just the entries whose digest is not
 the coordinator's (``describe_parts``). A training state whose ranks differ

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import asdict
 
-from treeckpt.explore import fmt_size
+from treeckpt.core.sizes import fmt_size
 from treeckpt.tools.cli._args import Subparsers, add_command, byte_size
 from treeckpt.tools.cli._output import print_json, progress_bar
 

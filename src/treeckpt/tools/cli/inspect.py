@@ -10,8 +10,8 @@ from typing import Any
 
 import treeckpt
 from treeckpt.api import CheckpointInfo, TensorInfo
+from treeckpt.core.sizes import fmt_size
 from treeckpt.core.tree import iter_leaf_fqns
-from treeckpt.explore import fmt_size
 from treeckpt.tools.cli import _output
 from treeckpt.tools.cli._args import Subparsers, add_command
 from treeckpt.tools.cli._output import aligned, print_json

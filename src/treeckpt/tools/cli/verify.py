@@ -6,7 +6,7 @@ import argparse
 import os
 from dataclasses import asdict
 
-from treeckpt.explore import fmt_size
+from treeckpt.core.sizes import fmt_size
 from treeckpt.tools.cli._args import Subparsers, add_command, positive_int
 from treeckpt.tools.cli._output import print_json, progress_bar
 from treeckpt.tools.verify import Problem, VerifyReport, verify
