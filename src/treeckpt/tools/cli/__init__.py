@@ -9,10 +9,13 @@ found, checkpoints differ); 2 the question could not be answered (usage
 error, no checkpoint there, unreadable manifest for inspect and diff).
 
 One module per command (``inspect``, ``verify``, ``diff``, ``convert``,
-``consolidate``), each with ``add_parser(sub)``, which adds the command's
-parser (name, help, arguments) to the subcommands and returns it, and
-``run(args) -> exit code``. Adding a command is one new module here and one
-entry in :data:`COMMANDS`; ``--help`` lists the commands in that order.
+``consolidate``), each a :class:`Command`: its ``NAME``, the one-line
+``HELP`` of ``treeckpt --help``, the ``DESCRIPTION`` paragraphs and the
+``EPILOG`` (examples) as data, ``arguments(p)``, which adds its arguments to
+its parser, and ``run(args) -> exit code``. :func:`build_parser` makes every
+command's parser the same way from that table, so the commands' help screens
+cannot drift apart. Adding a command is one new module here and one entry in
+:data:`COMMANDS`; ``--help`` lists the commands in that order.
 What commands share lives in ``_args`` (help text layout, argument types) and
 ``_output`` (JSON, aligned columns, terminal detection, progress bars).
 """
@@ -35,9 +38,19 @@ __all__ = ["COMMANDS", "Command", "build_parser", "main"]
 
 
 class Command(Protocol):
-    """A command module: it adds its parser and runs the parsed arguments."""
+    """A command module: what its help screen says, its arguments, and how it runs."""
 
-    def add_parser(self, sub: Subparsers) -> argparse.ArgumentParser: ...
+    #: The subcommand, as typed after ``treeckpt``.
+    NAME: str
+    #: Its line in ``treeckpt --help``.
+    HELP: str
+    #: The text of ``treeckpt NAME --help``: paragraphs apart by a blank line,
+    #: each re-wrapped by :func:`help_text` (so its own line breaks do not matter).
+    DESCRIPTION: str
+    #: The examples under them, kept as written.
+    EPILOG: str
+
+    def arguments(self, p: argparse.ArgumentParser) -> None: ...
 
     def run(self, args: argparse.Namespace) -> int: ...
 
@@ -75,8 +88,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"treeckpt {treeckpt.__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for command in COMMANDS:
-        command.add_parser(sub).set_defaults(run=command.run)
+        _add_command(sub, command)
     return parser
+
+
+def _add_command(sub: Subparsers, command: Command) -> None:
+    p = sub.add_parser(
+        command.NAME,
+        help=command.HELP,
+        description=help_text(*command.DESCRIPTION.strip().split("\n\n")),
+        epilog=command.EPILOG,
+        formatter_class=FORMATTER,
+    )
+    command.arguments(p)
+    p.set_defaults(run=command.run)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

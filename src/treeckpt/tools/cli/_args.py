@@ -10,7 +10,6 @@ import textwrap
 __all__ = [
     "FORMATTER",
     "Subparsers",
-    "add_command",
     "byte_size",
     "help_text",
     "positive_int",
@@ -20,27 +19,13 @@ __all__ = [
 #: Keeps each command's examples as written (``help_text`` wraps the paragraphs).
 FORMATTER = argparse.RawDescriptionHelpFormatter
 
-#: What ``ArgumentParser.add_subparsers`` returns: each command adds its parser to it.
+#: What ``ArgumentParser.add_subparsers`` returns: each command's parser is added to it.
 Subparsers = argparse._SubParsersAction
 
 
 def help_text(*paragraphs: str) -> str:
     """Paragraphs wrapped for the help screen (the raw formatter keeps the examples as written)."""
     return "\n\n".join(textwrap.fill(p, 79) for p in paragraphs)
-
-
-def add_command(
-    sub: Subparsers, name: str, *paragraphs: str, help: str, epilog: str
-) -> argparse.ArgumentParser:
-    """The parser of command ``name``: one line of ``help`` for ``treeckpt --help``,
-    the description ``paragraphs`` wrapped, the ``epilog`` (examples) kept as written."""
-    return sub.add_parser(
-        name,
-        help=help,
-        description=help_text(*paragraphs),
-        epilog=epilog,
-        formatter_class=FORMATTER,
-    )
 
 
 def positive_int(text: str) -> int:

@@ -9,31 +9,33 @@ import argparse
 from dataclasses import asdict
 
 from treeckpt.core.sizes import fmt_size
-from treeckpt.tools.cli._args import Subparsers, add_command, byte_size
+from treeckpt.tools.cli._args import byte_size
 from treeckpt.tools.cli._output import print_json, progress_bar
 
-__all__ = ["add_parser", "run"]
+__all__ = ["DESCRIPTION", "EPILOG", "HELP", "NAME", "arguments", "run"]
+
+NAME = "consolidate"
+HELP = "write a sharded checkpoint as one torch.load-able file (PATH.consolidated)"
+DESCRIPTION = """\
+Write the checkpoint at PATH as one file that torch.load(weights_only=True) reads,
+on CPU: a treeckpt checkpoint saved by any number of processes, or a folder in
+torch's DCP format (what plain Lightning writes for sharded checkpoints). A
+Lightning checkpoint keeps Lightning's layout: state_dict with the module's FQNs,
+optimizer_states and the other keys. Tensor data is streamed: at most --max-memory
+bytes of it are held at once, so checkpoints larger than memory consolidate.
+An existing output file is never replaced without --overwrite.
+
+exit codes: 0 written, 2 not written (no checkpoint, output exists, usage error)
+"""
+EPILOG = """\
+examples:
+  treeckpt consolidate ckpt/                       writes ckpt.consolidated
+  treeckpt consolidate ckpt/ -o model.pt --max-memory 512M
+  python -m treeckpt consolidate lightning_logs/version_0/checkpoints/last.ckpt
+"""
 
 
-def add_parser(sub: Subparsers) -> argparse.ArgumentParser:
-    """Add this command's parser to the ``treeckpt`` subcommands."""
-    p = add_command(
-        sub,
-        "consolidate",
-        "Write the checkpoint at PATH as one file that torch.load(weights_only=True) reads, "
-        "on CPU: a treeckpt checkpoint saved by any number of processes, or a folder in "
-        "torch's DCP format (what plain Lightning writes for sharded checkpoints). A "
-        "Lightning checkpoint keeps Lightning's layout: state_dict with the module's FQNs, "
-        "optimizer_states and the other keys. Tensor data is streamed: at most --max-memory "
-        "bytes of it are held at once, so checkpoints larger than memory consolidate. "
-        "An existing output file is never replaced without --overwrite.",
-        "exit codes: 0 written, 2 not written (no checkpoint, output exists, usage error)",
-        help="write a sharded checkpoint as one torch.load-able file (PATH.consolidated)",
-        epilog="examples:\n"
-        "  treeckpt consolidate ckpt/                       writes ckpt.consolidated\n"
-        "  treeckpt consolidate ckpt/ -o model.pt --max-memory 512M\n"
-        "  python -m treeckpt consolidate lightning_logs/version_0/checkpoints/last.ckpt",
-    )
+def arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("path", help="checkpoint directory or URL (treeckpt or DCP format)")
     p.add_argument(
         "-o",
@@ -49,7 +51,6 @@ def add_parser(sub: Subparsers) -> argparse.ArgumentParser:
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.add_argument("--json", action="store_true", help="print one JSON document")
-    return p
 
 
 def run(args: argparse.Namespace) -> int:

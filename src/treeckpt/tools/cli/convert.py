@@ -10,38 +10,41 @@ import argparse
 from dataclasses import asdict
 
 from treeckpt.core.sizes import fmt_size
-from treeckpt.tools.cli._args import Subparsers, add_command, byte_size
+from treeckpt.tools.cli._args import byte_size
 from treeckpt.tools.cli._output import print_json, progress_bar
 
-__all__ = ["add_parser", "run"]
+__all__ = ["DESCRIPTION", "EPILOG", "HELP", "NAME", "arguments", "run"]
+
+NAME = "convert"
+HELP = "convert between treeckpt, DCP, torch.save and safetensors"
+DESCRIPTION = """\
+Convert the checkpoint at SRC into another format at DST. SRC may be a treeckpt
+checkpoint (directory or URL), a DCP directory written by
+torch.distributed.checkpoint, a torch.save file or a safetensors file; its format
+is recognised from its contents. --to safetensors writes the tensor leaves only,
+keyed by FQN (non-tensor leaves are listed as dropped). --to torch from a treeckpt
+checkpoint consolidates it into one torch.save file in bounded memory.
+
+torch.save files are read with weights_only=True; DCP checkpoints are read without
+running their pickles (no flag needed). An existing DST is never replaced
+without --overwrite.
+
+exit codes: 0 converted, 2 usage error, no checkpoint at SRC, DST exists, or the
+target format cannot hold a leaf
+"""
+EPILOG = """\
+examples:
+  treeckpt convert ckpt/ model.safetensors --to safetensors
+  treeckpt convert dcp-ckpt/ ckpt/ --to treeckpt
+  treeckpt convert ckpt/ dcp-ckpt/ --to dcp
+  treeckpt convert model.pt s3://bucket/ckpt --to treeckpt
+  treeckpt convert ckpt/ full.pt --to torch --max-memory 8GiB --overwrite
+"""
 
 
-def add_parser(sub: Subparsers) -> argparse.ArgumentParser:
-    """Add this command's parser to the ``treeckpt`` subcommands."""
+def arguments(p: argparse.ArgumentParser) -> None:
     from treeckpt.tools.convert import FORMATS
 
-    p = add_command(
-        sub,
-        "convert",
-        "Convert the checkpoint at SRC into another format at DST. SRC may be a treeckpt "
-        "checkpoint (directory or URL), a DCP directory written by "
-        "torch.distributed.checkpoint, a torch.save file or a safetensors file; its format "
-        "is recognised from its contents. --to safetensors writes the tensor leaves only, "
-        "keyed by FQN (non-tensor leaves are listed as dropped). --to torch from a treeckpt "
-        "checkpoint consolidates it into one torch.save file in bounded memory.",
-        "torch.save files are read with weights_only=True; DCP checkpoints are read without "
-        "running their pickles (no flag needed). An existing DST is never replaced "
-        "without --overwrite.",
-        "exit codes: 0 converted, 2 usage error, no checkpoint at SRC, DST exists, or the "
-        "target format cannot hold a leaf",
-        help="convert between treeckpt, DCP, torch.save and safetensors",
-        epilog="examples:\n"
-        "  treeckpt convert ckpt/ model.safetensors --to safetensors\n"
-        "  treeckpt convert dcp-ckpt/ ckpt/ --to treeckpt\n"
-        "  treeckpt convert ckpt/ dcp-ckpt/ --to dcp\n"
-        "  treeckpt convert model.pt s3://bucket/ckpt --to treeckpt\n"
-        "  treeckpt convert ckpt/ full.pt --to torch --max-memory 8GiB --overwrite",
-    )
     p.add_argument("src", metavar="SRC", help="checkpoint to read (directory, file or URL)")
     p.add_argument("dst", metavar="DST", help="where to write (URLs for --to treeckpt only)")
     p.add_argument("--to", required=True, choices=FORMATS, help="the format to write")
@@ -58,7 +61,6 @@ def add_parser(sub: Subparsers) -> argparse.ArgumentParser:
         help="--to torch from treeckpt: most memory to use (bytes, or 512MiB, 8GiB...)",
     )
     p.add_argument("--json", action="store_true", help="print one JSON document")
-    return p
 
 
 def run(args: argparse.Namespace) -> int:

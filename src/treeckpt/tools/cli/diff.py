@@ -5,32 +5,34 @@ from __future__ import annotations
 import argparse
 from dataclasses import asdict
 
-from treeckpt.tools.cli._args import Subparsers, add_command, tolerance
+from treeckpt.tools.cli._args import tolerance
 from treeckpt.tools.cli._output import aligned, print_json, progress_bar
 from treeckpt.tools.diff import DiffEntry, DiffReport, diff, entries_by_status
 
-__all__ = ["add_parser", "run"]
+__all__ = ["DESCRIPTION", "EPILOG", "HELP", "NAME", "arguments", "run"]
+
+NAME = "diff"
+HELP = "compare two checkpoints leaf by leaf; exit 1 when they differ"
+DESCRIPTION = """\
+Compare two checkpoints FQN by FQN: same, different, only in A, only in B.
+Tensors with different dtype or shape differ at once; tensors stored in the same chunks
+with equal checksums are the same without reading data; all others are read and
+compared bit for bit, with the count of differing elements and the largest absolute
+and relative difference (|a-b| / |b|). Values compare by type and value (floats by
+bits: nan equals nan).
+
+exit codes: 0 identical (or close, within --atol/--rtol), 1 different,
+2 a checkpoint is missing or damaged, or usage error
+"""
+EPILOG = """\
+examples:
+  treeckpt diff ckpt-a/ ckpt-b/
+  treeckpt diff run1/step-100 run2/step-100 --rtol 1e-5 --atol 1e-8
+  treeckpt diff a/ b/ --json | jq '.entries[] | select(.status != "same")'
+"""
 
 
-def add_parser(sub: Subparsers) -> argparse.ArgumentParser:
-    """Add this command's parser to the ``treeckpt`` subcommands."""
-    p = add_command(
-        sub,
-        "diff",
-        "Compare two checkpoints FQN by FQN: same, different, only in A, only in B. "
-        "Tensors with different dtype or shape differ at once; tensors stored in the same chunks "
-        "with equal checksums are the same without reading data; all others are read and "
-        "compared bit for bit, with the count of differing elements and the largest absolute "
-        "and relative difference (|a-b| / |b|). Values compare by type and value (floats by "
-        "bits: nan equals nan).",
-        "exit codes: 0 identical (or close, within --atol/--rtol), 1 different, "
-        "2 a checkpoint is missing or damaged, or usage error",
-        help="compare two checkpoints leaf by leaf; exit 1 when they differ",
-        epilog="examples:\n"
-        "  treeckpt diff ckpt-a/ ckpt-b/\n"
-        "  treeckpt diff run1/step-100 run2/step-100 --rtol 1e-5 --atol 1e-8\n"
-        "  treeckpt diff a/ b/ --json | jq '.entries[] | select(.status != \"same\")'",
-    )
+def arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("a", metavar="A", help="first checkpoint")
     p.add_argument("b", metavar="B", help="second checkpoint (the reference for relative error)")
     p.add_argument(
@@ -42,7 +44,6 @@ def add_parser(sub: Subparsers) -> argparse.ArgumentParser:
     p.add_argument("--rtol", type=tolerance, metavar="Y", help="relative tolerance (see --atol)")
     p.add_argument("--all", action="store_true", help="also list the leaves that are the same")
     p.add_argument("--json", action="store_true", help="print one JSON document (every leaf)")
-    return p
 
 
 _LABELS = {

@@ -13,26 +13,26 @@ from treeckpt.api import CheckpointInfo, TensorInfo
 from treeckpt.core.sizes import fmt_size
 from treeckpt.core.tree import iter_leaf_fqns
 from treeckpt.tools.cli import _output
-from treeckpt.tools.cli._args import Subparsers, add_command
 from treeckpt.tools.cli._output import aligned, print_json
 
-__all__ = ["add_parser", "run"]
+__all__ = ["DESCRIPTION", "EPILOG", "HELP", "NAME", "arguments", "run"]
+
+NAME = "inspect"
+HELP = "show the tensors and values of a checkpoint (reads no tensor data)"
+DESCRIPTION = """\
+Show every leaf of a checkpoint in tree order: tensors with shape, dtype,
+raw and stored size, compression ratio, chunks and codecs; values with their value;
+then the totals. Reads only the manifest and chunk indexes, never tensor data.
+"""
+EPILOG = """\
+examples:
+  treeckpt inspect ckpt/
+  treeckpt inspect ckpt/ --filter 'optim.state.*.exp_avg' --filter step
+  treeckpt inspect s3://bucket/run-7/step-1000 --json | jq '.totals'
+"""
 
 
-def add_parser(sub: Subparsers) -> argparse.ArgumentParser:
-    """Add this command's parser to the ``treeckpt`` subcommands."""
-    p = add_command(
-        sub,
-        "inspect",
-        "Show every leaf of a checkpoint in tree order: tensors with shape, dtype, "
-        "raw and stored size, compression ratio, chunks and codecs; values with their value; "
-        "then the totals. Reads only the manifest and chunk indexes, never tensor data.",
-        help="show the tensors and values of a checkpoint (reads no tensor data)",
-        epilog="examples:\n"
-        "  treeckpt inspect ckpt/\n"
-        "  treeckpt inspect ckpt/ --filter 'optim.state.*.exp_avg' --filter step\n"
-        "  treeckpt inspect s3://bucket/run-7/step-1000 --json | jq '.totals'",
-    )
+def arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("path", help="checkpoint directory or URL")
     p.add_argument(
         "--filter",
@@ -41,7 +41,6 @@ def add_parser(sub: Subparsers) -> argparse.ArgumentParser:
         help="show only FQNs matching this shell-style glob (*, ?, [ab]); repeat to match any",
     )
     p.add_argument("--json", action="store_true", help="print one JSON document")
-    return p
 
 
 def run(args: argparse.Namespace) -> int:

@@ -7,27 +7,31 @@ import os
 from dataclasses import asdict
 
 from treeckpt.core.sizes import fmt_size
-from treeckpt.tools.cli._args import Subparsers, add_command, positive_int
+from treeckpt.tools.cli._args import positive_int
 from treeckpt.tools.cli._output import print_json, progress_bar
 from treeckpt.tools.verify import Problem, VerifyReport, verify
 
-__all__ = ["add_parser", "run"]
+__all__ = ["DESCRIPTION", "EPILOG", "HELP", "NAME", "arguments", "run"]
+
+NAME = "verify"
+HELP = "read every chunk and check checksums and decoding; exit 1 on damage"
+DESCRIPTION = """\
+Read every stored chunk of every writer and check it as a load would: the
+data file holds all its bytes, the checksum of the stored bytes matches, and a
+compressed chunk decodes to exactly its declared size. Also checks the manifest, every
+chunk index, data file sizes and that each tensor is fully covered. Reports every
+problem with its file, byte offset and tensor FQN.
+
+exit codes: 0 intact, 1 damage found, 2 no checkpoint at PATH or usage error
+"""
+EPILOG = """\
+examples:
+  treeckpt verify ckpt/
+  treeckpt verify ckpt/ --threads 16 --json
+"""
 
 
-def add_parser(sub: Subparsers) -> argparse.ArgumentParser:
-    """Add this command's parser to the ``treeckpt`` subcommands."""
-    p = add_command(
-        sub,
-        "verify",
-        "Read every stored chunk of every writer and check it as a load would: the "
-        "data file holds all its bytes, the checksum of the stored bytes matches, and a "
-        "compressed chunk decodes to exactly its declared size. Also checks the manifest, every "
-        "chunk index, data file sizes and that each tensor is fully covered. Reports every "
-        "problem with its file, byte offset and tensor FQN.",
-        "exit codes: 0 intact, 1 damage found, 2 no checkpoint at PATH or usage error",
-        help="read every chunk and check checksums and decoding; exit 1 on damage",
-        epilog="examples:\n  treeckpt verify ckpt/\n  treeckpt verify ckpt/ --threads 16 --json",
-    )
+def arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("path", help="checkpoint directory or URL")
     p.add_argument(
         "--threads",
@@ -37,7 +41,6 @@ def add_parser(sub: Subparsers) -> argparse.ArgumentParser:
         help="chunks checked in parallel (default: CPU cores, at most 8)",
     )
     p.add_argument("--json", action="store_true", help="print one JSON document")
-    return p
 
 
 def run(args: argparse.Namespace) -> int:
