@@ -515,22 +515,59 @@ def map_tree(
     new leaf; ``stateful(ref)`` is called for each Stateful object (outermost
     only; its subtree is not traversed) and gives what stands in its place.
     """
-    return _map(tree, (), leaf, stateful)
+    return _rebuild(tree, (), leaf, stateful, in_place=False)
 
 
-def _map(
+def update_tree(
+    tree: Any,
+    leaf: Callable[[str, Any], Any],
+    stateful: Callable[[StatefulRef], Any],
+) -> Any:
+    """Put new leaves into ``tree`` in place; returns the root (itself unless immutable).
+
+    Traverses exactly like :func:`flatten_tree`. ``leaf(fqn, obj)`` gives
+    each new leaf and ``stateful(ref)`` handles each Stateful object (it
+    loads its state; its subtree is not traversed). A mutable container
+    (dict, OrderedDict, defaultdict, list, deque, argparse.Namespace, a
+    dataclass that is not frozen) keeps its identity: an entry is assigned
+    only when the new leaf is another object. An immutable one (tuple, namedtuple, frozen
+    dataclass) with a changed child is rebuilt, and its mutable parent
+    holds the new one.
+    """
+    return _rebuild(tree, (), leaf, stateful, in_place=True)
+
+
+def _rebuild(
     obj: Any,
     path: Path,
     leaf: Callable[[str, Any], Any],
     stateful: Callable[[StatefulRef], Any],
+    *,
+    in_place: bool,
 ) -> Any:
+    """The one traversal of :func:`map_tree` and :func:`update_tree`.
+
+    ``in_place`` is the rebuild policy: assign the changed children into the
+    container where it is mutable (:func:`_update_node`), or make a new
+    container every time (:func:`_new_node`).
+    """
     if is_stateful(obj) and not _is_tensor_like(obj):
         return stateful(StatefulRef(path=path, obj=obj))
     kind = _container_kind(obj)
     if kind is None:
         return leaf(render_fqn(path), obj)
     children, entries, _ = _children(obj, kind, path)
-    new = [_map(c, (*path, e), leaf, stateful) for c, e in zip(children, entries, strict=True)]
+    new = [
+        _rebuild(c, (*path, e), leaf, stateful, in_place=in_place)
+        for c, e in zip(children, entries, strict=True)
+    ]
+    if in_place:
+        return _update_node(obj, kind, children, entries, new)
+    return _new_node(obj, kind, entries, new)
+
+
+def _new_node(obj: Any, kind: str, entries: list[PathEntry], new: list[Any]) -> Any:
+    """A new container of ``obj``'s own type holding ``new``."""
     if kind == "dataclass":
         fields = dataclasses.fields(obj)
         init = {f.name: v for f, v in zip(fields, new, strict=True) if f.init}
@@ -551,38 +588,11 @@ def _map(
     return one.unflatten_func(one.metadata, new)
 
 
-def update_tree(
-    tree: Any,
-    leaf: Callable[[str, Any], Any],
-    stateful: Callable[[StatefulRef], Any],
+def _update_node(
+    obj: Any, kind: str, children: list[Any], entries: list[PathEntry], new: list[Any]
 ) -> Any:
-    """Put new leaves into ``tree`` in place; returns the root (itself unless immutable).
-
-    Traverses exactly like :func:`flatten_tree`. ``leaf(fqn, obj)`` gives
-    each new leaf and ``stateful(ref)`` handles each Stateful object (it
-    loads its state; its subtree is not traversed). A mutable container
-    (dict, OrderedDict, defaultdict, list, deque, argparse.Namespace, a
-    dataclass that is not frozen) keeps its identity: an entry is assigned
-    only when the new leaf is another object. An immutable one (tuple, namedtuple, frozen
-    dataclass) with a changed child is rebuilt, and its mutable parent
-    holds the new one.
-    """
-    return _update(tree, (), leaf, stateful)
-
-
-def _update(
-    obj: Any,
-    path: Path,
-    leaf: Callable[[str, Any], Any],
-    stateful: Callable[[StatefulRef], Any],
-) -> Any:
-    if is_stateful(obj) and not _is_tensor_like(obj):
-        return stateful(StatefulRef(path=path, obj=obj))
-    kind = _container_kind(obj)
-    if kind is None:
-        return leaf(render_fqn(path), obj)
-    children, entries, _ = _children(obj, kind, path)
-    new = [_update(c, (*path, e), leaf, stateful) for c, e in zip(children, entries, strict=True)]
+    """``obj`` with ``new`` assigned where a child changed; an immutable one is
+    rebuilt by :func:`_new_node`."""
     changed = [i for i, (c, n) in enumerate(zip(children, new, strict=True)) if c is not n]
     if not changed:
         return obj
@@ -598,17 +608,9 @@ def _update(
         for i in changed:
             setattr(obj, str(entries[i]), new[i])
         return obj
-    if kind == "dataclass":
+    if kind == "dataclass" and not type(obj).__dataclass_params__.frozen:
         fields = dataclasses.fields(obj)
-        if not type(obj).__dataclass_params__.frozen:
-            for i in changed:
-                setattr(obj, fields[i].name, new[i])
-            return obj
-        init = {f.name: v for f, v in zip(fields, new, strict=True) if f.init}
-        out = dataclasses.replace(obj, **init)
-        for f, v in zip(fields, new, strict=True):
-            if not f.init:
-                object.__setattr__(out, f.name, v)
-        return out
-    one = optree.tree_flatten_one_level(obj, none_is_leaf=True, namespace=NAMESPACE)
-    return one.unflatten_func(one.metadata, new)
+        for i in changed:
+            setattr(obj, fields[i].name, new[i])
+        return obj
+    return _new_node(obj, kind, entries, new)
