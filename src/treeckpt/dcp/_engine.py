@@ -82,30 +82,41 @@ def _guarded(coord: Coordinator, fn: Callable[[], T]) -> T:
         raise wrap_failure(exc, coord.rank) from exc
 
 
+#: What DCP's ``save`` and ``load`` take as ``checkpoint_id``.
+CheckpointId = str | os.PathLike[str]
+
+
 def storage_writer_for(
-    storage_writer: StorageWriter | None, checkpoint_id: str | os.PathLike[str] | None
+    storage_writer: StorageWriter | None, checkpoint_id: CheckpointId | None
 ) -> StorageWriter:
     """DCP's rule: the given writer (reset to ``checkpoint_id``), else a FileSystemWriter."""
-    if storage_writer is None:
-        if checkpoint_id is None:
-            raise CheckpointError("save needs a checkpoint_id or a storage_writer")
-        return FileSystemWriter(checkpoint_id)
-    if checkpoint_id is not None:
-        storage_writer.reset(checkpoint_id)
-    return storage_writer
+    return _storage_for(storage_writer, checkpoint_id, FileSystemWriter, "save", "storage_writer")
 
 
 def storage_reader_for(
-    storage_reader: StorageReader | None, checkpoint_id: str | os.PathLike[str] | None
+    storage_reader: StorageReader | None, checkpoint_id: CheckpointId | None
 ) -> StorageReader:
     """DCP's rule: the given reader (reset to ``checkpoint_id``), else a FileSystemReader."""
-    if storage_reader is None:
+    return _storage_for(storage_reader, checkpoint_id, FileSystemReader, "load", "storage_reader")
+
+
+_Storage = TypeVar("_Storage", StorageWriter, StorageReader)
+
+
+def _storage_for(
+    given: _Storage | None,
+    checkpoint_id: CheckpointId | None,
+    on_file_system: Callable[[CheckpointId], _Storage],
+    phase: str,
+    argument: str,
+) -> _Storage:
+    if given is None:
         if checkpoint_id is None:
-            raise CheckpointError("load needs a checkpoint_id or a storage_reader")
-        return FileSystemReader(checkpoint_id)
+            raise CheckpointError(f"{phase} needs a checkpoint_id or a {argument}")
+        return on_file_system(checkpoint_id)
     if checkpoint_id is not None:
-        storage_reader.reset(checkpoint_id)
-    return storage_reader
+        given.reset(checkpoint_id)
+    return given
 
 
 def fast_save(planner: SavePlanner, writer: StorageWriter) -> bool:
@@ -190,20 +201,11 @@ def _save(
             writer.set_up_storage_writer(coord.is_coordinator)
         return writer.prepare_local_plan(planner.create_local_plan())
 
-    local_plan = agreed(coord, "plan:local", local)
-    plans = coord.gather(local_plan, "plan:gather")
-    proposals: list[Any] | None = None
-    if coord.is_coordinator:
-        try:
-            assert plans is not None
-            global_plans, metadata = planner.create_global_plan(plans)
-            global_plans = writer.prepare_global_plan(global_plans)
-            proposals = [(p, metadata) for p in global_plans]
-        except Exception as exc:
-            proposals = [exc] * coord.world_size
-    mine = coord.scatter(proposals, "plan:scatter")
-    coord.agree("plan:global", mine if isinstance(mine, Exception) else None)
-    central, metadata = mine
+    def global_plan(plans: list[Any]) -> list[Any]:
+        global_plans, metadata = planner.create_global_plan(plans)
+        return [(p, metadata) for p in writer.prepare_global_plan(global_plans)]
+
+    central, metadata = _plan_round(coord, local, global_plan)
     final = agreed(coord, "plan:finish", lambda: planner.finish_plan(central))
     if isinstance(writer, FileSystemWriter):
         writer.save_items(final, planner, metadata, coord)
@@ -216,6 +218,29 @@ def _save(
         lambda: writer.finish(metadata, all_results or []) if coord.is_coordinator else None,
     )
     return metadata
+
+
+def _plan_round(
+    coord: Coordinator, local: Callable[[], Any], global_plan: Callable[[list[Any]], list[Any]]
+) -> Any:
+    """DCP's planning round, save and load alike, every step agreed by all ranks.
+
+    Each rank's ``local()`` plan is gathered; on the coordinator,
+    ``global_plan(plans)`` gives one entry per rank, scattered. A failure on
+    any rank, in either step, raises on every rank. Returns this rank's entry.
+    """
+    local_plan = agreed(coord, "plan:local", local)
+    plans = coord.gather(local_plan, "plan:gather")
+    proposals: list[Any] | None = None
+    if coord.is_coordinator:
+        try:
+            assert plans is not None
+            proposals = global_plan(plans)
+        except Exception as exc:
+            proposals = [exc] * coord.world_size
+    mine = coord.scatter(proposals, "plan:scatter")
+    coord.agree("plan:global", mine if isinstance(mine, Exception) else None)
+    return mine
 
 
 def _fast_load(planner: LoadPlanner, reader: StorageReader) -> bool:
@@ -344,18 +369,11 @@ def _load_protocol(
             reader.set_up_storage_reader(metadata, coord.is_coordinator)
         return reader.prepare_local_plan(planner.create_local_plan())
 
-    local_plan = agreed(coord, "plan:local", local)
-    plans = coord.gather(local_plan, "plan:gather")
-    proposals: list[Any] | None = None
-    if coord.is_coordinator:
-        try:
-            assert plans is not None
-            global_plans = reader.prepare_global_plan(planner.create_global_plan(plans))
-            proposals = list(global_plans)
-        except Exception as exc:
-            proposals = [exc] * coord.world_size
-    mine = coord.scatter(proposals, "plan:scatter")
-    coord.agree("plan:global", mine if isinstance(mine, Exception) else None)
+    mine = _plan_round(
+        coord,
+        local,
+        lambda plans: list(reader.prepare_global_plan(planner.create_global_plan(plans))),
+    )
 
     def read() -> None:
         final = planner.finish_plan(mine)
