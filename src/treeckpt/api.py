@@ -7,7 +7,8 @@ runs in one process.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import closing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,7 +21,7 @@ from treeckpt.core.plan import LoadPlan, StoredTensor, plan_load
 from treeckpt.core.specs import ShardSpec
 from treeckpt.errors import LeafNotFoundError, PlanError
 from treeckpt.shell.committed import load_committed
-from treeckpt.shell.coord import LocalCoordinator
+from treeckpt.shell.coord import Coordinator, LocalCoordinator
 from treeckpt.shell.load import load_tree, read_regions, read_stored, restore_tree
 from treeckpt.shell.ranks import check_user_metadata, coordinator, open_save_dir
 from treeckpt.shell.save import SaveResult, save_tree
@@ -42,6 +43,34 @@ __all__ = [
 
 def _backend(path: Any) -> Backend:
     return open_backend(str(path))
+
+
+def _opened(path: Any) -> closing[Backend]:
+    """The backend of ``path``, closed when the ``with`` block is left (also on failure)."""
+    return closing(_backend(path))
+
+
+def _read_on_ranks(
+    path: Any,
+    phase: str,
+    options: LoadOptions,
+    process_group: Any,
+    read: Callable[[Backend, Coordinator, Manifest, Mapping[str, StoredTensor]], Any],
+    *,
+    fills_in_place: bool = False,
+) -> Any:
+    """``read(backend, coord, manifest, stored)`` on every rank of ``process_group``
+    over the checkpoint committed at ``path``, read again (once) from the new
+    manifest when a save replaces it meanwhile (see ``load_committed``)."""
+    coord = coordinator(process_group, options.timeout_s)
+    with _opened(path) as backend:
+        return load_committed(
+            backend,
+            coord,
+            phase,
+            lambda manifest, stored: read(backend, coord, manifest, stored),
+            fills_in_place=fills_in_place,
+        )
 
 
 def save(
@@ -80,8 +109,7 @@ def save(
     """
     options = options or SaveOptions()
     check_user_metadata(user_metadata)
-    backend = _backend(path)
-    try:
+    with _opened(path) as backend:
         open_save_dir(backend, options)
         return save_tree(
             tree,
@@ -91,8 +119,6 @@ def save(
             allow_pickle=allow_pickle,
             user_metadata=user_metadata,
         )
-    finally:
-        backend.close()
 
 
 def load(
@@ -132,28 +158,23 @@ def load(
             and value) failed too; the template may be partly filled.
     """
     options = options or LoadOptions()
-    coord = coordinator(process_group, options.timeout_s)
-    backend = _backend(path)
-    try:
-        return load_committed(
+
+    def read(
+        backend: Backend, coord: Coordinator, manifest: Manifest, stored: Mapping[str, StoredTensor]
+    ) -> Any:
+        return load_tree(
+            tree,
             backend,
-            coord,
-            "load",
-            lambda manifest, stored: load_tree(
-                tree,
-                backend,
-                manifest,
-                stored,
-                strict=strict,
-                allow_pickle=allow_pickle,
-                options=options,
-                rank=coord.rank,
-                world_size=coord.world_size,
-            ),
-            fills_in_place=True,
+            manifest,
+            stored,
+            strict=strict,
+            allow_pickle=allow_pickle,
+            options=options,
+            rank=coord.rank,
+            world_size=coord.world_size,
         )
-    finally:
-        backend.close()
+
+    return _read_on_ranks(path, "load", options, process_group, read, fills_in_place=True)
 
 
 def restore(
@@ -172,19 +193,15 @@ def restore(
     (``CheckpointReplacedError`` if that fails too).
     """
     options = options or LoadOptions()
-    coord = coordinator(process_group, options.timeout_s)
-    backend = _backend(path)
-    try:
-        return load_committed(
-            backend,
-            coord,
-            "restore",
-            lambda manifest, stored: restore_tree(
-                backend, manifest, stored, allow_pickle=allow_pickle, options=options
-            ),
-        )
-    finally:
-        backend.close()
+    return _read_on_ranks(
+        path,
+        "restore",
+        options,
+        process_group,
+        lambda backend, _, manifest, stored: restore_tree(
+            backend, manifest, stored, allow_pickle=allow_pickle, options=options
+        ),
+    )
 
 
 def read_tensor(path: Any, fqn: str, region: Box | tuple[slice, ...] | None = None) -> Any:
@@ -199,24 +216,23 @@ def read_tensor(path: Any, fqn: str, region: Box | tuple[slice, ...] | None = No
         CheckpointReplacedError: the checkpoint was replaced while being read,
             and reading the new one failed too.
     """
-    backend = _backend(path)
+    with _opened(path) as backend:
 
-    def read(manifest: Manifest, stored: Mapping[str, StoredTensor]) -> Any:
-        rec = manifest.records.get(fqn)
-        if not isinstance(rec, TensorLeaf):
-            raise LeafNotFoundError(f"{fqn!r} is not a tensor of the checkpoint at {backend.root}")
-        box = _region_box(rec.shape, region)
-        spec = ShardSpec(fqn=fqn, dtype=rec.dtype, shape=rec.shape, boxes=(box,))
-        plan_load(stored, [spec])  # coverage before allocation: shapes are untrusted
-        lib: TensorLib = "numpy" if rec.lib != "torch" else "torch"
-        out = allocate(TensorLeaf(lib=lib, dtype=rec.dtype, shape=box.sizes), fqn)
-        read_regions(backend, manifest, stored, {fqn: [(box, out)]}, LoadOptions())
-        return out
+        def read(manifest: Manifest, stored: Mapping[str, StoredTensor]) -> Any:
+            rec = manifest.records.get(fqn)
+            if not isinstance(rec, TensorLeaf):
+                raise LeafNotFoundError(
+                    f"{fqn!r} is not a tensor of the checkpoint at {backend.root}"
+                )
+            box = _region_box(rec.shape, region)
+            spec = ShardSpec(fqn=fqn, dtype=rec.dtype, shape=rec.shape, boxes=(box,))
+            plan_load(stored, [spec])  # coverage before allocation: shapes are untrusted
+            lib: TensorLib = "numpy" if rec.lib != "torch" else "torch"
+            out = allocate(TensorLeaf(lib=lib, dtype=rec.dtype, shape=box.sizes), fqn)
+            read_regions(backend, manifest, stored, {fqn: [(box, out)]}, LoadOptions())
+            return out
 
-    try:
         return load_committed(backend, LocalCoordinator(), "read_tensor", read)
-    finally:
-        backend.close()
 
 
 def _region_box(shape: tuple[int, ...], region: Box | tuple[slice, ...] | None) -> Box:
@@ -246,11 +262,8 @@ def plan_reshard(path: Any, specs_by_rank: Sequence[Sequence[ShardSpec]]) -> lis
     world size). Each returned plan reports bytes needed, bytes read, files
     and read amplification (``LoadPlan.report()``).
     """
-    backend = _backend(path)
-    try:
+    with _opened(path) as backend:
         _, stored = read_committed(backend, lambda m: read_stored(backend, m))
-    finally:
-        backend.close()
     return [plan_load(stored, specs) for specs in specs_by_rank]
 
 
@@ -320,11 +333,8 @@ def _value_preview(rec: LeafRecord) -> Any:
 
 def metadata(path: Any) -> CheckpointInfo:
     """Structure, shapes, dtypes, sizes and codecs of a checkpoint, without reading tensor data."""
-    backend = _backend(path)
-    try:
+    with _opened(path) as backend:
         manifest, indexes = read_committed(backend, lambda m: read_indexes(backend, m))
-    finally:
-        backend.close()
     stats: dict[str, tuple[int, int, dict[str, int]]] = {}
     files: dict[str, int] = {}
     for ix in indexes:
