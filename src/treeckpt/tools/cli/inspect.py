@@ -6,6 +6,7 @@ import argparse
 import fnmatch
 import math
 import sys
+from dataclasses import dataclass
 from typing import Any
 
 import treeckpt
@@ -46,15 +47,29 @@ def arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     info = treeckpt.metadata(args.path)
     fqns = [f for f in _leaf_order(info) if _matches(f, args.filter)]
-    tensors = [info.tensors[f] for f in fqns if f in info.tensors]
-    values = [(f, info.values[f]) for f in fqns if f in info.values]
+    shown = _Shown(
+        info=info,
+        tensors=[info.tensors[f] for f in fqns if f in info.tensors],
+        values=[(f, info.values[f]) for f in fqns if f in info.values],
+        globs=args.filter,
+    )
     if args.json:
-        print_json(_inspect_doc(info, tensors, values, args.filter))
+        print_json(_inspect_doc(shown))
     elif _output.is_terminal(sys.stdout):
-        _inspect_rich(info, tensors, values, args.filter)
+        _inspect_rich(shown)
     else:
-        _inspect_plain(info, tensors, values, args.filter)
+        _inspect_plain(shown)
     return 0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _Shown:
+    """What one ``inspect`` shows: the checkpoint, and its leaves that match ``globs``."""
+
+    info: CheckpointInfo
+    tensors: list[TensorInfo]
+    values: list[tuple[str, Any]]
+    globs: list[str] | None
 
 
 def _leaf_order(info: CheckpointInfo) -> list[str]:
@@ -114,38 +129,33 @@ def _totals_line(info: CheckpointInfo) -> str:
     )
 
 
-def _shown_line(tensors: list[TensorInfo], values: list[tuple[str, Any]], globs: list[str]) -> str:
-    raw = sum(t.raw_bytes for t in tensors)
-    stored = sum(t.stored_bytes for t in tensors)
+def _shown_line(shown: _Shown) -> str:
+    raw = sum(t.raw_bytes for t in shown.tensors)
+    stored = sum(t.stored_bytes for t in shown.tensors)
     return (
-        f"shown: {len(tensors)} tensors ({fmt_size(raw)} raw, {fmt_size(stored)} stored), "
-        f"{len(values)} values matching {' or '.join(repr(g) for g in globs)}"
+        f"shown: {len(shown.tensors)} tensors ({fmt_size(raw)} raw, {fmt_size(stored)} stored), "
+        f"{len(shown.values)} values matching {' or '.join(repr(g) for g in shown.globs or ())}"
     )
 
 
-def _inspect_plain(
-    info: CheckpointInfo,
-    tensors: list[TensorInfo],
-    values: list[tuple[str, Any]],
-    globs: list[str] | None,
-) -> None:
-    print(f"checkpoint {info.path}")
-    if tensors:
+def _inspect_plain(shown: _Shown) -> None:
+    print(f"checkpoint {shown.info.path}")
+    if shown.tensors:
         print()
-        for line in aligned([_TENSOR_HEADERS, *(_tensor_row(t) for t in tensors)], _RIGHT):
+        for line in aligned([_TENSOR_HEADERS, *(_tensor_row(t) for t in shown.tensors)], _RIGHT):
             print(line)
-    if values:
+    if shown.values:
         print()
         rows = [["FQN", "value", "type"]]
-        rows += [[f, _value_text(v), type(v).__name__] for f, v in values]
+        rows += [[f, _value_text(v), type(v).__name__] for f, v in shown.values]
         for line in aligned(rows, set()):
             print(line)
-    if info.user_metadata:
-        print(f"\nuser metadata: {_value_text(info.user_metadata, 200)}")
+    if shown.info.user_metadata:
+        print(f"\nuser metadata: {_value_text(shown.info.user_metadata, 200)}")
     print()
-    if globs:
-        print(_shown_line(tensors, values, globs))
-    print(_totals_line(info))
+    if shown.globs:
+        print(_shown_line(shown))
+    print(_totals_line(shown.info))
 
 
 def _rich_table(title: str) -> Any:
@@ -161,18 +171,13 @@ def _rich_table(title: str) -> Any:
     )
 
 
-def _inspect_rich(
-    info: CheckpointInfo,
-    tensors: list[TensorInfo],
-    values: list[tuple[str, Any]],
-    globs: list[str] | None,
-) -> None:
+def _inspect_rich(shown: _Shown) -> None:
     from rich.console import Console
     from rich.markup import escape
 
     console = Console(file=sys.stdout)
-    console.print(f"[bold]checkpoint[/bold] {escape(info.path)}")
-    if tensors:
+    console.print(f"[bold]checkpoint[/bold] {escape(shown.info.path)}")
+    if shown.tensors:
         table = _rich_table("tensors")
         for i, h in enumerate(_TENSOR_HEADERS):
             table.add_column(
@@ -180,35 +185,31 @@ def _inspect_rich(
                 justify="right" if i in _RIGHT else "left",
                 overflow="fold",
             )
-        for t in tensors:
+        for t in shown.tensors:
             table.add_row(*(escape(c) for c in _tensor_row(t)))
         console.print(table)
-    if values:
+    if shown.values:
         table = _rich_table("values")
         table.add_column("FQN", overflow="fold")
         table.add_column("value", overflow="fold")
         table.add_column("type")
-        for f, v in values:
+        for f, v in shown.values:
             table.add_row(escape(f), escape(_value_text(v)), type(v).__name__)
         console.print(table)
-    if info.user_metadata:
-        console.print(f"user metadata: {escape(_value_text(info.user_metadata, 200))}")
-    if globs:
-        console.print(escape(_shown_line(tensors, values, globs)))
-    console.print(escape(_totals_line(info)), style="bold")
+    if shown.info.user_metadata:
+        console.print(f"user metadata: {escape(_value_text(shown.info.user_metadata, 200))}")
+    if shown.globs:
+        console.print(escape(_shown_line(shown)))
+    console.print(escape(_totals_line(shown.info)), style="bold")
 
 
-def _inspect_doc(
-    info: CheckpointInfo,
-    tensors: list[TensorInfo],
-    values: list[tuple[str, Any]],
-    globs: list[str] | None,
-) -> dict[str, Any]:
+def _inspect_doc(shown: _Shown) -> dict[str, Any]:
+    info = shown.info
     return {
         "path": info.path,
         "save_id": info.save_id,
         "world_size": info.world_size,
-        "filter": globs or [],
+        "filter": shown.globs or [],
         "totals": {
             "tensors": len(info.tensors),
             "values": len(info.values),
@@ -230,11 +231,11 @@ def _inspect_doc(
                 "chunks": t.chunks,
                 "codecs": t.codecs,
             }
-            for t in tensors
+            for t in shown.tensors
         ],
         "values": [
             {"fqn": f, "type": type(v).__name__, "value": _json_value(v), "repr": repr(v)}
-            for f, v in values
+            for f, v in shown.values
         ],
         "files": info.files,
         "user_metadata": info.user_metadata,
