@@ -53,6 +53,7 @@ __all__ = [
     "is_stateful",
     "iter_leaf_fqns",
     "map_tree",
+    "node_items",
     "render_fqn",
     "update_tree",
 ]
@@ -467,6 +468,16 @@ def _is_identifier(name: str) -> bool:
     return name.isidentifier() and not keyword.iskeyword(name) and not name.startswith("__")
 
 
+def node_items(node: Node) -> list[tuple[PathEntry, Node]]:
+    """The (key, child) pairs of a dict-like structure node, keys decoded; ``[]`` for others."""
+    if node.get("type") not in ("dict", "odict", "ddict", "namespace"):
+        return []
+    return [
+        (_decode_key(k), c)
+        for k, c in zip(node.get("keys", []), node.get("children", []), strict=False)
+    ]
+
+
 def find_subtree(structure: Node, path: Sequence[PathEntry]) -> Node | None:
     """The structure node at ``path`` (a Stateful's position), or ``None``."""
     node = structure
@@ -476,7 +487,7 @@ def find_subtree(structure: Node, path: Sequence[PathEntry]) -> Node | None:
         kind = node.get("type")
         children = node.get("children", [])
         if kind in ("dict", "odict", "ddict", "namespace"):
-            keys = [_decode_key(k) for k in node.get("keys", [])]
+            keys = [k for k, _ in node_items(node)]
             idx = next(
                 (i for i, k in enumerate(keys) if k == entry and type(k) is type(entry)), None
             )

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import pickle
 import threading
-import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -38,7 +37,14 @@ from treeckpt.core.values import adopt_value
 from treeckpt.errors import LoadMismatchError, ManifestError, UnsupportedLeafError
 from treeckpt.shell.optim import safe_torch_state_init, state_targets
 from treeckpt.shell.sharded import ADAPTERS
-from treeckpt.shell.tensors import Destination, allocate, destination, finish_leaf, local_shards
+from treeckpt.shell.tensors import (
+    Destination,
+    allocate,
+    destination,
+    finish_leaf,
+    local_shards,
+    on_meta,
+)
 from treeckpt.store.backends import Backend
 from treeckpt.store.chunks import ReadTarget, ReadTask, read_chunks
 from treeckpt.store.reader import read_indexes, stored_tensors
@@ -294,7 +300,7 @@ def load_tree(
             )
         elif isinstance(crec, ValueLeaf) and (why := _value_mismatch(fqn, crec, flat.leaves[fqn])):
             mismatched.append(why)  # an enum the template's type cannot hold
-        elif isinstance(crec, TensorLeaf) and _is_meta(flat.leaves[fqn]):
+        elif isinstance(crec, TensorLeaf) and on_meta(flat.leaves[fqn]):
             mismatched.append(
                 f"{fqn} (template tensor is on the meta device and holds no memory to load "
                 "into; materialise it first, e.g. module.to_empty(device=...))"
@@ -422,16 +428,6 @@ def key_differences(
 
 def _list(ranks: tuple[int, ...]) -> str:
     return ", ".join(map(str, ranks))
-
-
-def _is_meta(obj: Any) -> bool:
-    """A tensor (or the local shard of a DTensor) with no storage to load into."""
-    if not isinstance(obj, torch.Tensor):
-        return False
-    with warnings.catch_warnings():  # ShardedTensor warns it is deprecated on every access
-        warnings.simplefilter("ignore", FutureWarning)
-        local = getattr(obj, "_local_tensor", None)  # a DTensor's shard
-        return bool(local.is_meta if isinstance(local, torch.Tensor) else obj.is_meta)
 
 
 def _in_open(fqn: str, prefixes: list[str]) -> bool:

@@ -32,7 +32,8 @@ import torch
 
 from treeckpt.core.dtypes import torch_dtype
 from treeckpt.core.leaves import LeafRecord, TensorLeaf
-from treeckpt.core.tree import Path, find_subtree
+from treeckpt.core.optim_state import param_shaped_state
+from treeckpt.core.tree import Path
 
 __all__ = ["init_state_by_step", "safe_torch_state_init", "state_targets"]
 
@@ -53,39 +54,18 @@ def state_targets(
 
     ``path`` is where ``opt`` stands in the tree and ``structure`` the
     checkpoint's structure record; only FQNs in ``wanted`` (state the
-    template lacks) are allocated. A state tensor of the parameter's global
-    shape under ``state.<id>.<name>`` gets ``empty_like(param)`` with the
-    stored dtype (``step`` excepted: optimizers keep it on the host unless
-    they say otherwise). Everything else is left to the caller to allocate
-    as a plain tensor.
+    template lacks) are allocated. Which state tensors have their
+    parameter's shape is decided by ``core/optim_state.py``; each gets
+    ``empty_like(param)`` with the stored dtype. Everything else is left to
+    the caller to allocate as a plain tensor.
     """
-    node = find_subtree(structure, (*path, "state"))
-    if node is None or node.get("type") not in ("dict", "odict", "ddict"):
-        return {}
     params = _params(opt)
+    shapes = [None if p.is_meta else tuple(int(s) for s in p.shape) for p in params]
     out: dict[str, torch.Tensor] = {}
-    for raw_key, child in zip(node.get("keys", []), node.get("children", []), strict=False):
-        if not isinstance(raw_key, dict) or "int" not in raw_key:
-            continue  # not a parameter id (a container keyed by name)
-        pid = int(raw_key["int"])
-        if not 0 <= pid < len(params) or child.get("type") not in ("dict", "odict"):
-            continue
-        param = params[pid]
-        if param.is_meta:
-            continue
-        for name, leaf in zip(child.get("keys", []), child.get("children", []), strict=False):
-            fqn = leaf.get("leaf") if isinstance(leaf, dict) else None
-            if not isinstance(name, str) or name == "step" or fqn not in wanted:
-                continue
-            rec = records.get(fqn)
-            if (
-                isinstance(rec, TensorLeaf)
-                and rec.lib == "torch"
-                and rec.shape == tuple(int(s) for s in param.shape)
-            ):
-                out[fqn] = torch.empty_like(
-                    param, dtype=torch_dtype(rec.dtype), requires_grad=False
-                )
+    for fqn, pid in param_shaped_state(structure, path, records, shapes, wanted).items():
+        rec = records[fqn]
+        assert isinstance(rec, TensorLeaf)
+        out[fqn] = torch.empty_like(params[pid], dtype=torch_dtype(rec.dtype), requires_grad=False)
     return out
 
 

@@ -22,7 +22,14 @@ from treeckpt.core.specs import ShardSpec
 from treeckpt.errors import CheckpointError, UnsupportedLeafError
 from treeckpt.shell.sharded import adapter_of
 
-__all__ = ["Destination", "allocate", "chunk_source", "destination", "local_shards"]
+__all__ = [
+    "Destination",
+    "allocate",
+    "chunk_source",
+    "destination",
+    "local_shards",
+    "on_meta",
+]
 
 Bytes1D = npt.NDArray[np.uint8]
 
@@ -50,13 +57,32 @@ def local_shards(fqn: str, obj: Any, rec: TensorLeaf) -> tuple[ShardSpec, list[t
             raise
         except Exception as exc:
             raise UnsupportedLeafError(f"{fqn!r}: cannot describe its shards: {exc}") from exc
-    if any(isinstance(t, torch.Tensor) and t.is_meta for _, t in pairs):
+    if _any_meta(pairs):
         raise UnsupportedLeafError(
             f"{fqn!r}: a tensor on the meta device holds no data to save; materialise it "
             "first (e.g. module.to_empty(device=...) and initialise it)"
         )
     spec = ShardSpec(fqn=fqn, dtype=rec.dtype, shape=rec.shape, boxes=tuple(b for b, _ in pairs))
     return spec, pairs
+
+
+def _any_meta(pairs: list[tuple[Box, Any]]) -> bool:
+    return any(isinstance(t, torch.Tensor) and t.is_meta for _, t in pairs)
+
+
+def on_meta(obj: Any) -> bool:
+    """True when a local tensor of ``obj`` is on the meta device (no memory to load into).
+
+    The same adapters as :func:`local_shards` find the local tensors; an
+    object they cannot describe is left for :func:`local_shards` to refuse.
+    """
+    adapter = adapter_of(obj)
+    if adapter is None:
+        return False
+    try:
+        return _any_meta(adapter.local_shards("", obj))
+    except Exception:
+        return False
 
 
 def _as_bytes(t: torch.Tensor) -> Bytes1D:
