@@ -75,16 +75,11 @@ from treeckpt.shell.tensors import local_shards
 
 __all__ = [
     "MAX_VALUE_BYTES",
-    "DcpCheckpoint",
-    "DcpItem",
-    "DcpTensor",
     "TorchDcpReader",
     "dcp_flatten",
     "dcp_metadata",
-    "is_dcp_checkpoint",
     "load_dcp",
     "nest",
-    "read_dcp_metadata",
     "read_dcp_tensor",
     "read_dcp_value",
     "restore_dcp",

@@ -33,11 +33,10 @@ from treeckpt.core.leaves import TensorLeaf
 from treeckpt.core.options import LoadOptions
 from treeckpt.core.tree import build_tree
 from treeckpt.errors import CheckpointError
+from treeckpt.formats.torch_dcp.metadata import is_dcp_checkpoint, read_dcp_metadata
 from treeckpt.formats.torch_dcp.reader import (
     dcp_flatten,
-    is_dcp_checkpoint,
     nest,
-    read_dcp_metadata,
     read_dcp_tensor,
     read_dcp_value,
 )
