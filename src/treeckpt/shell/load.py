@@ -344,19 +344,14 @@ def load_tree(
             if fqn not in targets:
                 raise ManifestError(f"{fqn!r}: tensor was not loaded")
             return finish_leaf(targets[fqn], rec)
-        # Inside a Stateful, the object's own current state is the template of
-        # its values (enum members come back in the object's own enum types).
+        # The template's leaf (inside a Stateful: the object's own current state)
+        # is the template of the value: enum members come back in its enum types.
         if fqn in flat.leaves:
             return value_of(fqn, rec, allow_pickle=allow_pickle, template=flat.leaves[fqn])
         return value_of(fqn, rec, allow_pickle=allow_pickle)
 
     def leaf(fqn: str, obj: Any) -> Any:
-        if fqn not in ck:
-            return obj  # missing, allowed by strict=False
-        rec = ck[fqn]
-        if not isinstance(rec, TensorLeaf):
-            return value_of(fqn, rec, allow_pickle=allow_pickle, template=obj)
-        return ck_leaf(fqn)
+        return ck_leaf(fqn) if fqn in ck else obj  # not in ck: missing, strict=False
 
     def stateful(ref: StatefulRef) -> Any:
         if isinstance(ref.obj, torch.nn.Module):
