@@ -19,6 +19,7 @@ optimizer step, ``save(step, last_step=...)`` after it.
 
 from __future__ import annotations
 
+import ast
 import builtins
 import dataclasses
 import functools
@@ -66,16 +67,16 @@ class _Missing:
         return f"<missing {self.where}>"
 
 
-class _TorchWithTreeckptDcp(types.ModuleType):
-    """What ``import torch.distributed.checkpoint [as dcp]`` binds: torch, whose
-    ``distributed.checkpoint`` is ``treeckpt.dcp``."""
+class _Overlay(types.ModuleType):
+    """A module seen through ``overrides``: those attributes replaced, the rest its own."""
 
-    def __init__(self, dcp: types.ModuleType) -> None:
-        super().__init__("torch")
-        self.distributed = types.SimpleNamespace(checkpoint=dcp)
+    def __init__(self, module: types.ModuleType, **overrides: Any) -> None:
+        super().__init__(module.__name__)
+        self.__dict__.update(overrides)
+        self._module = module
 
     def __getattr__(self, name: str) -> Any:
-        return getattr(torch, name)
+        return getattr(self._module, name)
 
 
 class Redirected(NamedTuple):
@@ -107,11 +108,14 @@ def load_on_treeckpt(path: Path, name: str) -> Redirected:
         if not fromlist:
             if target is None:
                 raise ImportError(f"{ours} does not exist")
-            return _TorchWithTreeckptDcp(importlib.import_module("treeckpt.dcp"))
+            # ``import torch.distributed.checkpoint [as dcp]`` binds ``torch``, whose
+            # ``distributed.checkpoint`` it then looks up.
+            dcp = importlib.import_module("treeckpt.dcp")
+            return _Overlay(torch, distributed=_Overlay(dist, checkpoint=dcp))
         names = {}
         for attr in fromlist:
-            value = getattr(target, attr, None) if target is not None else None
-            if value is None:
+            value = getattr(target, attr, _Missing) if target is not None else _Missing
+            if value is _Missing:
                 missing.append(f"{ours}.{attr}")
                 value = _Missing(f"{ours}.{attr}")
             names[attr] = value
@@ -145,14 +149,36 @@ def titan() -> Titan:
     )
 
 
-def needs_hf() -> None:
-    missing = [m for t in titan() for m in t.missing if "HuggingFace" in m or "_hf_" in m]
+def needs(names: tuple[str, ...]) -> None:
+    missing = [m for t in titan() for m in t.missing if m.endswith(names)]
     if missing:
         pytest.xfail(f"needs treeckpt.dcp's Hugging Face storage: missing {', '.join(missing)}")
 
 
+def _unredirected(path: Path) -> list[str]:
+    """Uses of DCP in the file that do not go through a name its import bound:
+    ``import torch.distributed.checkpoint`` without ``as``, or an attribute
+    ``.checkpoint`` (``torch.distributed.checkpoint.save``, ``dist.checkpoint``)."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found += [
+                f"line {node.lineno}: import {a.name}"
+                for a in node.names
+                if a.name.startswith(DCP) and a.asname is None
+            ]
+        elif isinstance(node, ast.Attribute) and node.attr == "checkpoint":
+            found.append(f"line {node.lineno}: {ast.unparse(node)}")
+    return found
+
+
 def test_every_dcp_name_is_treeckpts() -> None:
     t = titan()
+    # Every DCP name the files use is one their imports bound ...
+    for r in t:
+        assert r.module.__file__ is not None
+        assert _unredirected(Path(r.module.__file__)) == []
+    # ... and every one of those imports went to treeckpt.dcp.
     assert t.checkpointer.imports == {
         DCP: "treeckpt.dcp",
         f"{DCP}._consolidate_hf_safetensors": "treeckpt.dcp._consolidate_hf_safetensors",
@@ -173,9 +199,17 @@ def test_every_dcp_name_is_treeckpts() -> None:
     # Every DCP call in the file is an attribute of ``dcp``: the ones it makes are ours.
     for call in ("save", "async_save", "load"):
         assert getattr(g["dcp"], call).__module__.startswith("treeckpt.dcp."), call
-    needs_hf()
+    needs(
+        (
+            "HuggingFaceStorageWriter",
+            "HuggingFaceStorageReader",
+            "consolidate_safetensors_files_on_every_rank",
+        )
+    )
     assert g["HuggingFaceStorageWriter"] is treeckpt.dcp.HuggingFaceStorageWriter  # type: ignore[attr-defined]
     assert t.adapter.module.HuggingFaceStorageReader is treeckpt.dcp.HuggingFaceStorageReader  # type: ignore[attr-defined]
+    consolidate = g["consolidate_safetensors_files_on_every_rank"]
+    assert consolidate.__module__.startswith("treeckpt.dcp"), consolidate.__module__
     assert not t.checkpointer.missing and not t.adapter.missing
 
 
@@ -574,7 +608,8 @@ def test_a_bfloat16_export_is_the_initial_load_of_a_float32_model(tmp_path: Path
 
 
 def test_a_hugging_face_export_is_the_initial_load_of_a_fresh_model(tmp_path: Path) -> None:
-    needs_hf()
+    # Written without fqn_to_index_mapping: consolidate_... is not called.
+    needs(("HuggingFaceStorageWriter", "HuggingFaceStorageReader"))
     exported = tmp_path / "export"
     trained = run_ranks(
         WORLD, _export_run, tmp_path, str(exported), {"last_save_in_hf": True}, timeout=180
