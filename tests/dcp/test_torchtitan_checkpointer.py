@@ -279,17 +279,22 @@ def tiny_adapter(hf_assets_path: str | None = None) -> Any:
 
 
 class Job:
-    def __init__(self, rank: int, base: str, seed: int, **config: Any) -> None:
+    """One rank's training job; the model sharded over the group unless ``sharded=False``."""
+
+    def __init__(
+        self, rank: int, base: str, seed: int, sharded: bool = True, **config: Any
+    ) -> None:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
         from torchtitan.components.optimizer import lr_scheduler, optimizer
 
         torch.manual_seed(seed)
         self.model = Tiny()
-        mesh = init_device_mesh("cpu", (WORLD,))
-        for layer in self.model.layers:
-            fully_shard(layer, mesh=mesh)
-        fully_shard(self.model, mesh=mesh)
+        if sharded:
+            mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+            for layer in self.model.layers:
+                fully_shard(layer, mesh=mesh)
+            fully_shard(self.model, mesh=mesh)
         self.optimizers = optimizer.OptimizersContainer(
             optimizer.OptimizersContainer.Config(
                 param_groups=[
@@ -514,6 +519,35 @@ def test_a_restart_resumes_the_latest_step_bit_exactly(
         k.removeprefix("model."): ("bfloat16", b.shape)
         for k, b in _model_bits(first["at6"]).items()
     }
+
+
+def _seed_run(rank: int, world: int, base: str) -> dict[str, Any]:
+    """torchtitan's ``create_seed_checkpoint``: one process, the model unsharded, step 0."""
+    job = Job(rank, base, seed=2, sharded=False, keep_latest_k=0)
+    assert job.ckpt.save(0, last_step=True) is True
+    job.close()
+    return job.bits()
+
+
+def _seeded_run(rank: int, world: int, base: str) -> dict[str, Any]:
+    job = Job(rank, base, seed=1, keep_latest_k=0)
+    before = job.bits()
+    assert job.ckpt.load() is True
+    after = job.bits()
+    job.close()
+    return {"before": before, "after": after}
+
+
+def test_a_seed_checkpoint_of_one_process_starts_the_sharded_job(tmp_path: Path) -> None:
+    seed = run_ranks(1, _seed_run, tmp_path, str(tmp_path), timeout=180)[0]
+    step0 = tmp_path / "checkpoint" / "step-0"
+    info = _is_treeckpt(step0)
+    assert not info.values
+    assert set(info.tensors) == {k.removeprefix("model.") for k in _model_bits(seed)}
+    _needs_marker(step0)
+    # Step 0 loads the model alone, each rank its shards; the rest stays fresh.
+    for r in run_ranks(WORLD, _seeded_run, tmp_path, str(tmp_path), timeout=180):
+        _same(r["after"], r["before"] | _model_bits(seed))
 
 
 def _excluding_run(rank: int, world: int, base: str) -> dict[str, Any]:
