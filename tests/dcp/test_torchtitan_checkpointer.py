@@ -235,6 +235,7 @@ class Batches:
 
     def __init__(self, rank: int) -> None:
         self.rank = rank
+        self.world = dist.get_world_size()
         self.pos = 0
 
     def next(self) -> torch.Tensor:
@@ -243,10 +244,10 @@ class Batches:
         return torch.randn(4, 6, generator=g)
 
     def state_dict(self) -> dict[str, Any]:
-        return {f"dp_rank_{self.rank}": {"pos": self.pos}, "world_size": WORLD}
+        return {f"dp_rank_{self.rank}": {"pos": self.pos}, "world_size": self.world}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        assert state_dict["world_size"] == WORLD
+        assert state_dict["world_size"] == self.world
         self.pos = state_dict[f"dp_rank_{self.rank}"]["pos"]
 
 
