@@ -94,7 +94,7 @@ class SafetensorsReader(StorageReader):
         self._where = {}
         self.load_id = uuid.uuid4().hex
 
-    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+    def read_metadata(self) -> Metadata:
         with opened(self.path) as backend:
             folder = read_folder(backend, self.counter)
         self._use(folder)
