@@ -183,6 +183,11 @@ class QuantizedSafetensorsReader(SafetensorsReader):
             )
         return md
 
+    def _piece(self, item: ReadItem) -> tuple[str, Entry]:
+        if item.storage_index.fqn in self.quantized:  # one whole entry, of another shape
+            return self._whole[item.storage_index.fqn]
+        return super()._piece(item)
+
     def _read(self, backend: Backend, file: str, entry: Entry, item: ReadItem) -> torch.Tensor:
         got = self.quantized.get(entry.name)
         if got is None:
