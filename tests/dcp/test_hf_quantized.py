@@ -124,7 +124,14 @@ def test_quantized_regions_on_3_ranks(tmp_path: Path) -> None:
     folder = tmp_path / "q"
     _write(
         folder,
-        {"model.safetensors": {"l.weight": w, "l.weight_scale_inv": s, "e.w_blocks": blocks, "e.w_scales": scales}},
+        {
+            "model.safetensors": {
+                "l.weight": w,
+                "l.weight_scale_inv": s,
+                "e.w_blocks": blocks,
+                "e.w_scales": scales,
+            }
+        },
     )
     for got in run_ranks(3, _sharded_load, tmp_path, str(folder), timeout=180):
         assert torch.equal(got["l.weight"], _fp8_reference(w, s, 128, torch.float32))

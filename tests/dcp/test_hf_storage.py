@@ -22,7 +22,8 @@ def _params(obj: object) -> list[tuple[str, object, object]]:
 
 
 @pytest.mark.parametrize(
-    "name", ["HuggingFaceStorageWriter", "HuggingFaceStorageReader", "QuantizedHuggingFaceStorageReader"]
+    "name",
+    ["HuggingFaceStorageWriter", "HuggingFaceStorageReader", "QuantizedHuggingFaceStorageReader"],
 )
 def test_classes_have_torchs_signatures(name: str) -> None:
     ours, theirs = getattr(dcp, name), getattr(torch_dcp, name)
@@ -61,7 +62,9 @@ def test_writer_output_loads_in_transformers_and_safetensors(tmp_path: Path) -> 
     )
     model.config.save_pretrained(tmp_path)
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
-    assert index["weight_map"] == {k: f"model-0000{i}-of-00003.safetensors" for k, i in mapping.items()}
+    assert index["weight_map"] == {
+        k: f"model-0000{i}-of-00003.safetensors" for k, i in mapping.items()
+    }
     assert index["metadata"]["total_size"] == sum(v.numel() * v.element_size() for v in sd.values())
     loaded: dict[str, torch.Tensor] = {}
     for i in (1, 2, 3):
@@ -95,9 +98,11 @@ def test_reader_loads_a_save_pretrained_folder(tmp_path: Path) -> None:
 
 
 def test_reader_refuses_a_cast_naming_the_tensor(tmp_path: Path) -> None:
-    save_file({"w": torch.arange(6, dtype=torch.float32).reshape(2, 3)}, tmp_path / "model.safetensors")
+    save_file(
+        {"w": torch.arange(6, dtype=torch.float32).reshape(2, 3)}, tmp_path / "model.safetensors"
+    )
     target = {"w": torch.zeros(2, 3, dtype=torch.bfloat16)}
-    with pytest.raises(CheckpointError, match="'?w'? .*float32.*bfloat16"):
+    with pytest.raises(CheckpointError, match=r"w .*float32.*bfloat16"):
         dcp.load(target, storage_reader=dcp.HuggingFaceStorageReader(str(tmp_path)), no_dist=True)
 
 
@@ -136,5 +141,8 @@ def test_distributed_layout_and_consolidation_in_one_process(tmp_path: Path) -> 
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert index == {
         "metadata": {"total_size": 5 * 3 * 4 + 7 * 8},
-        "weight_map": {"a": "model-00001-of-00001.safetensors", "b": "model-00001-of-00001.safetensors"},
+        "weight_map": {
+            "a": "model-00001-of-00001.safetensors",
+            "b": "model-00001-of-00001.safetensors",
+        },
     }

@@ -42,8 +42,14 @@ def test_byte_runs_select_exactly_the_region() -> None:
 
 
 def test_encoded_header_is_read_by_safetensors() -> None:
-    tensors = {"a": torch.randn(3, 2), "b": torch.arange(5, dtype=torch.int64), "c": torch.ones((), dtype=torch.bfloat16)}
-    header, entries = encode_header(((k, v.dtype, v.shape) for k, v in tensors.items()), {"format": "pt"})
+    tensors = {
+        "a": torch.randn(3, 2),
+        "b": torch.arange(5, dtype=torch.int64),
+        "c": torch.ones((), dtype=torch.bfloat16),
+    }
+    header, entries = encode_header(
+        ((k, v.dtype, v.shape) for k, v in tensors.items()), {"format": "pt"}
+    )
     blob = header + b"".join(bytes(tensor_bytes(v)) for v in tensors.values())
     back = load(blob)
     assert set(back) == set(tensors) and all(torch.equal(back[k], v) for k, v in tensors.items())
@@ -59,18 +65,39 @@ def _raw(doc: dict[str, object]) -> bytes:
 @pytest.mark.parametrize(
     ("doc", "size", "message"),
     [
-        ({"w": {"dtype": "F99", "shape": [2], "data_offsets": [0, 8]}}, 100, "tensor 'w': unknown dtype 'F99'"),
-        ({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 12]}}, 100, "tensor 'w': 12 bytes for shape"),
-        ({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, 4, "tensor 'w': data_offsets"),
-        ({"w": {"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}}, 100, "shape is not a list"),
         (
-            {"__metadata__": {"DCP_SHARDING_INFO": "{}"}, "w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}},
+            {"w": {"dtype": "F99", "shape": [2], "data_offsets": [0, 8]}},
+            100,
+            "tensor 'w': unknown dtype 'F99'",
+        ),
+        (
+            {"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 12]}},
+            100,
+            "tensor 'w': 12 bytes for shape",
+        ),
+        (
+            {"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}},
+            4,
+            "tensor 'w': data_offsets",
+        ),
+        (
+            {"w": {"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}},
+            100,
+            "shape is not a list",
+        ),
+        (
+            {
+                "__metadata__": {"DCP_SHARDING_INFO": "{}"},
+                "w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+            },
             200,
             "tensor 'w': no saved_offsets",
         ),
     ],
 )
-def test_bad_headers_name_the_file_and_tensor(doc: dict[str, object], size: int, message: str) -> None:
+def test_bad_headers_name_the_file_and_tensor(
+    doc: dict[str, object], size: int, message: str
+) -> None:
     raw = _raw(doc)
     with pytest.raises(ManifestError, match=f"f.safetensors: .*{message}"):
         parse_header(raw, "f.safetensors", 8 + len(raw) + size)
@@ -89,7 +116,11 @@ def _entry(name: str, offsets: tuple[int, ...], shape: tuple[int, ...]) -> Entry
 def test_consolidation_plan_deals_files_by_size_and_checks_tiling() -> None:
     headers = {
         "shard-00001-model-00001-of-00001.safetensors": Header(
-            entries={"a": _entry("a", (0, 0), (4, 8)), "b": _entry("b", (0,), (100,)), "c": _entry("c", (0,), (2,))}
+            entries={
+                "a": _entry("a", (0, 0), (4, 8)),
+                "b": _entry("b", (0,), (100,)),
+                "c": _entry("c", (0,), (2,)),
+            }
         ),
         "shard-00002-model-00001-of-00001.safetensors": Header(
             entries={"a": _entry("a", (4, 0), (4, 8)), "b": _entry("b", (100,), (100,))}
@@ -107,6 +138,8 @@ def test_consolidation_plan_deals_files_by_size_and_checks_tiling() -> None:
     assert [t.shape for f in plan.files for t in f.tensors] == [(8, 8), (200,), (2,)]
     with pytest.raises(PlanError, match="no file index for 'c'"):
         plan_consolidation(folder, {"a": 1, "b": 1}, 2)
-    headers["shard-00002-model-00001-of-00001.safetensors"].entries["a"] = _entry("a", (5, 0), (3, 8))
+    headers["shard-00002-model-00001-of-00001.safetensors"].entries["a"] = _entry(
+        "a", (5, 0), (3, 8)
+    )
     with pytest.raises(PlanError, match="'a'"):  # row 4 is in no piece
         plan_consolidation(folder, None, 2)
