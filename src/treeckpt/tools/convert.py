@@ -319,8 +319,12 @@ def _write_hf(tensors: dict[str, Any], dst: str, max_shard_size: int) -> None:
         fqn: (torch.from_numpy(np.ascontiguousarray(v)) if not isinstance(v, torch.Tensor) else v)
         for fqn, v in tensors.items()
     }
+
+    def write(tmp: str) -> None:
+        hf_folder.write_tensors(out, tmp, max_shard_size)
+
     try:
-        _replace_into(dst, lambda tmp: hf_folder.write_tensors(out, tmp, max_shard_size))
+        _replace_into(dst, write)
     except ManifestError as exc:  # a dtype safetensors has no name for
         raise CheckpointError(f"{dst}: safetensors cannot store this checkpoint ({exc})") from None
 
