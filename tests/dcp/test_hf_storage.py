@@ -146,3 +146,55 @@ def test_distributed_layout_and_consolidation_in_one_process(tmp_path: Path) -> 
             "b": "model-00001-of-00001.safetensors",
         },
     }
+
+
+def test_fsspec_url_and_async_save(tmp_path: Path) -> None:
+    import uuid
+
+    sd = {"a": torch.randn(6, 4), "b": torch.arange(5, dtype=torch.int32)}
+    url = f"memory://hf-{uuid.uuid4().hex}"
+    fut = dcp.async_save(sd, storage_writer=dcp.HuggingFaceStorageWriter(url), no_dist=True)
+    fut.result(timeout=60)
+    target = {"a": torch.zeros(6, 4), "b": torch.zeros(5, dtype=torch.int32)}
+    reader = dcp.HuggingFaceStorageReader(url)
+    dcp.load(target, storage_reader=reader, no_dist=True)
+    assert torch.equal(target["a"], sd["a"]) and torch.equal(target["b"], sd["b"])
+    assert reader.counter.ranges == 2 + 2  # one header (length, JSON), a range per tensor
+
+
+def test_a_new_save_replaces_the_model_files_of_the_old(tmp_path: Path) -> None:
+    old = {k: torch.ones(3) for k in "abc"}
+    dcp.save(
+        old,
+        storage_writer=dcp.HuggingFaceStorageWriter(
+            str(tmp_path), fqn_to_index_mapping={"a": 1, "b": 2, "c": 3}
+        ),
+        no_dist=True,
+    )
+    (tmp_path / "config.json").write_text("{}")
+    dcp.save(
+        {"a": torch.zeros(2)},
+        storage_writer=dcp.HuggingFaceStorageWriter(str(tmp_path)),
+        no_dist=True,
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "config.json",
+        "model-00001-of-00001.safetensors",
+        "model.safetensors.index.json",
+    ]
+    target = {"a": torch.ones(2)}
+    dcp.load(target, storage_reader=dcp.HuggingFaceStorageReader(str(tmp_path)), no_dist=True)
+    assert torch.equal(target["a"], torch.zeros(2))
+
+
+def test_damaged_header_is_an_error_naming_the_file(tmp_path: Path) -> None:
+    save_file({"w": torch.ones(4)}, tmp_path / "model.safetensors")
+    raw = bytearray((tmp_path / "model.safetensors").read_bytes())
+    raw[8:9] = b"["  # the JSON header no longer an object
+    (tmp_path / "model.safetensors").write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: the safetensors header is not"):
+        dcp.load(
+            {"w": torch.zeros(4)},
+            storage_reader=dcp.HuggingFaceStorageReader(str(tmp_path)),
+            no_dist=True,
+        )

@@ -169,3 +169,22 @@ def test_consolidation_on_2_ranks_matches_a_single_process_save(tmp_path: Path, 
     ]
     # Both ranks took part in assembling the output files.
     assert all(res["reads"] for res in results)
+
+
+def _whole_on_every_rank(rank: int, world: int, out: str) -> str:
+    import treeckpt.dcp as dcp
+    from treeckpt.dcp import CheckpointException
+
+    sd = {"a": torch.full((4,), float(rank)), "b": torch.ones(3)}
+    try:
+        dcp.save(sd, storage_writer=dcp.HuggingFaceStorageWriter(out))
+    except CheckpointException as exc:
+        return str(exc)
+    return "saved"
+
+
+def test_whole_tensor_layout_refuses_two_ranks_writing_one_file(tmp_path: Path) -> None:
+    msgs = run_ranks(2, _whole_on_every_rank, tmp_path, str(tmp_path / "out"), timeout=120)
+    for msg in msgs:
+        assert "model-00001-of-00001.safetensors would be written by ranks 0, 1" in msg
+    assert not (tmp_path / "out" / "model-00001-of-00001.safetensors").exists()

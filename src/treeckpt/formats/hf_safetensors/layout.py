@@ -314,14 +314,14 @@ def byte_runs(shape: Sequence[int], itemsize: int, box: Box) -> list[tuple[int, 
     """
     if box.is_empty():
         return []
-    nd = len(shape)
-    if nd == 0:
+    ndim = len(shape)
+    if ndim == 0:
         return [(0, itemsize)]
-    strides = [itemsize] * nd
-    for d in range(nd - 2, -1, -1):
+    strides = [itemsize] * ndim
+    for d in range(ndim - 2, -1, -1):
         strides[d] = strides[d + 1] * shape[d + 1]
     # Innermost dims the box spans wholly merge into one run with the first partial dim.
-    k = nd - 1
+    k = ndim - 1
     while k > 0 and box.offsets[k] == 0 and box.sizes[k] == shape[k]:
         k -= 1
     run = box.sizes[k] * strides[k]

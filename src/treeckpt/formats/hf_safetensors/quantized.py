@@ -224,8 +224,8 @@ class QuantizedSafetensorsReader(SafetensorsReader):
         per_group = q.shape[-1] * 2
         if region.is_empty():
             return torch.empty(region.sizes, dtype=self.target_dtype)
-        d0, nd = region.offsets[-1], region.sizes[-1]
-        g0, g1 = d0 // per_group, (d0 + nd + per_group - 1) // per_group
+        d0, width = region.offsets[-1], region.sizes[-1]
+        g0, g1 = d0 // per_group, (d0 + width + per_group - 1) // per_group
         head_off, head_size = region.offsets[:-1], region.sizes[:-1]
         blocks = read_region(
             backend,
@@ -243,4 +243,4 @@ class QuantizedSafetensorsReader(SafetensorsReader):
         )
         values = dequantize_mxfp4(blocks, scales, self.target_dtype)
         skip = d0 - g0 * per_group
-        return values[..., skip : skip + nd]
+        return values[..., skip : skip + width]

@@ -58,8 +58,8 @@ def folder_metadata(folder: Folder) -> dict[str, TensorStorageMetadata]:
         ndims = {len(e.shape) for e in entries}
         if len(dtypes) != 1 or len(ndims) != 1:
             raise PlanError(f"{name!r} in {folder.root}: pieces of different dtypes or ranks")
-        nd = ndims.pop()
-        size = tuple(max(e.offsets[d] + e.shape[d] for e in entries) for d in range(nd))
+        ndim = ndims.pop()
+        size = tuple(max(e.offsets[d] + e.shape[d] for e in entries) for d in range(ndim))
         check_tiling(size, [e.box for e in entries], what=f"{name!r} in {folder.root}")
         out[name] = TensorStorageMetadata(
             properties=TensorProperties(dtype=dtypes.pop()),
