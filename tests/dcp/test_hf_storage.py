@@ -198,3 +198,21 @@ def test_damaged_header_is_an_error_naming_the_file(tmp_path: Path) -> None:
             storage_reader=dcp.HuggingFaceStorageReader(str(tmp_path)),
             no_dist=True,
         )
+
+
+def test_object_store_region_is_one_request_for_close_rows() -> None:
+    import uuid
+
+    from treeckpt.core.box import Box
+    from treeckpt.formats.hf_safetensors.files import ReadCounter, opened, read_folder, read_region
+
+    w = torch.randn(64, 32)
+    url = f"memory://hf-{uuid.uuid4().hex}"
+    dcp.save({"w": w}, storage_writer=dcp.HuggingFaceStorageWriter(url), no_dist=True)
+    with opened(url) as backend:
+        folder = read_folder(backend)
+        ((file, entry),) = folder.pieces()
+        counter = ReadCounter()
+        got = read_region(backend, file, entry, Box(offsets=(8, 16), sizes=(40, 16)), counter)
+    assert torch.equal(got, w[8:48, 16:32])
+    assert counter.ranges == 1 and counter.bytes == (39 * 32 + 16) * 4

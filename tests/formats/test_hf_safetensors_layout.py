@@ -143,3 +143,18 @@ def test_consolidation_plan_deals_files_by_size_and_checks_tiling() -> None:
     )
     with pytest.raises(PlanError, match="'a'"):  # row 4 is in no piece
         plan_consolidation(folder, None, 2)
+
+
+def test_coalesced_reads_give_the_same_bytes() -> None:
+    from treeckpt.formats.hf_safetensors.layout import coalesce_runs
+
+    t = torch.arange(6 * 10, dtype=torch.int32).reshape(6, 10)
+    raw = bytes(tensor_bytes(t))
+    runs = byte_runs(t.shape, 4, Box(offsets=(1, 2), sizes=(4, 5)))
+    assert len(runs) == 4
+    assert coalesce_runs(runs, 0) == [(s, n, [(0, n)]) for s, n in runs]
+    reads = coalesce_runs(runs, 20)
+    assert reads == [(48, 140, [(0, 20), (40, 20), (80, 20), (120, 20)])]
+    got = b"".join(raw[s + a : s + a + n] for s, _, parts in reads for a, n in parts)
+    assert got == bytes(tensor_bytes(t[1:5, 2:7].contiguous()))
+    assert len(coalesce_runs(runs, 19)) == 4

@@ -7,8 +7,6 @@ format, speed and safety underneath (see the DCP migration guide in the docs).
 from treeckpt.dcp.api import CheckpointException
 from treeckpt.dcp.default_planner import DefaultLoadPlanner, DefaultSavePlanner
 from treeckpt.dcp.filesystem import FileSystemReader, FileSystemWriter
-
-# Hugging Face safetensors storage
 from treeckpt.dcp.hf_storage import HuggingFaceStorageReader, HuggingFaceStorageWriter
 from treeckpt.dcp.metadata import (
     BytesStorageMetadata,

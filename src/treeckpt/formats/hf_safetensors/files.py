@@ -25,12 +25,13 @@ from treeckpt.formats.hf_safetensors.layout import (
     Entry,
     Header,
     byte_runs,
+    coalesce_runs,
     encode_header,
     header_length,
     parse_header,
     parse_index,
 )
-from treeckpt.store.backends import Backend, open_backend
+from treeckpt.store.backends import Backend, LocalBackend, open_backend
 
 __all__ = [
     "Folder",
@@ -45,6 +46,8 @@ __all__ = [
 ]
 
 _MAX_INDEX_BYTES = 256 * 1024 * 1024
+#: On object stores, ranges of a region this close are fetched in one request.
+REMOTE_MAX_GAP = 1024 * 1024
 _OUR_NAMES = re.compile(r"^(shard-\d{5,}-)?model-\d{5,}-of-\d{5,}\.safetensors$")
 
 
@@ -164,9 +167,17 @@ def read_region(
     buf = bytearray(local.volume * itemsize)
     view = memoryview(buf)
     pos = 0
-    for off, n in byte_runs(entry.shape, itemsize, local):
-        _read_exact(backend, file, entry.start + off, view[pos : pos + n], counter)
-        pos += n
+    max_gap = 0 if isinstance(backend, LocalBackend) else REMOTE_MAX_GAP
+    for start, length, parts in coalesce_runs(byte_runs(entry.shape, itemsize, local), max_gap):
+        if len(parts) == 1:
+            _read_exact(backend, file, entry.start + start, view[pos : pos + length], counter)
+            pos += length
+            continue
+        span = memoryview(bytearray(length))
+        _read_exact(backend, file, entry.start + start, span, counter)
+        for at, n in parts:
+            view[pos : pos + n] = span[at : at + n]
+            pos += n
     return torch.frombuffer(buf, dtype=torch.uint8).view(entry.dtype).reshape(local.sizes)
 
 

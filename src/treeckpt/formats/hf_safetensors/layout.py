@@ -45,6 +45,7 @@ __all__ = [
     "Entry",
     "Header",
     "byte_runs",
+    "coalesce_runs",
     "dtype_code",
     "encode_header",
     "encode_index",
@@ -334,6 +335,31 @@ def byte_runs(shape: Sequence[int], itemsize: int, box: Box) -> list[tuple[int, 
         else:
             runs.append((start, run))
     return runs
+
+
+def coalesce_runs(
+    runs: Sequence[tuple[int, int]], max_gap: int
+) -> list[tuple[int, int, list[tuple[int, int]]]]:
+    """Group byte ranges (in increasing order) into fewer reads, each bridging gaps of at
+    most ``max_gap`` bytes: ``(start, length, [(offset in the read, length), ...])``.
+
+    For stores where a request costs more than the bytes (object stores); with
+    ``max_gap=0`` every range is its own read.
+
+    >>> coalesce_runs([(0, 4), (6, 4), (100, 4)], 2)
+    [(0, 10, [(0, 4), (6, 4)]), (100, 4, [(0, 4)])]
+    """
+    reads: list[tuple[int, int, list[tuple[int, int]]]] = []
+    for start, n in runs:
+        if reads:
+            r_start, r_len, parts = reads[-1]
+            gap = start - (r_start + r_len)
+            if 0 <= gap <= max_gap and max_gap > 0:
+                parts.append((start - r_start, n))
+                reads[-1] = (r_start, start + n - r_start, parts)
+                continue
+        reads.append((start, n, [(0, n)]))
+    return reads
 
 
 def _index_product(offsets: Sequence[int], sizes: Sequence[int]) -> Iterable[tuple[int, ...]]:
