@@ -97,3 +97,19 @@ def test_cli_from_a_transformers_folder(tmp_path: Path, capsys: pytest.CaptureFi
     for f in (tmp_path / "again").glob("*.safetensors"):
         again.update(load_file(f))
     _same(again, want)
+
+
+def test_pieces_of_a_distributed_save_convert_whole(tmp_path: Path) -> None:
+    import treeckpt.dcp as dcp
+
+    w = torch.randn(6, 4)
+    dcp.save(
+        {"w": w, "n": torch.arange(3)},
+        storage_writer=dcp.HuggingFaceStorageWriter(
+            str(tmp_path / "pieces"), save_distributed=True
+        ),
+        no_dist=True,
+    )
+    assert detect_format(tmp_path / "pieces") == "hf"
+    convert(tmp_path / "pieces", tmp_path / "ck", to="treeckpt")
+    _same(treeckpt.restore(str(tmp_path / "ck")), {"w": w, "n": torch.arange(3)})
