@@ -146,7 +146,7 @@ class LoadOptions:
 
     io_threads: int = 4
     timeout_s: float | None = None
-    allow_lossy_cast: tuple[str, ...] | Callable[[str], bool] = ()
+    allow_lossy_cast: LossyCasts = ()
 
     def __post_init__(self) -> None:
         if self.io_threads < 1:

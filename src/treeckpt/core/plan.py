@@ -19,7 +19,7 @@ from treeckpt.core.manifest import ChunkRef
 from treeckpt.core.plan_table import SavePlan, WriteItem, plan_save
 from treeckpt.core.sizes import fmt_size
 from treeckpt.core.specs import ShardSpec
-from treeckpt.core.widening import widening
+from treeckpt.core.widening import cast_refusal, widening
 from treeckpt.errors import PlanError
 
 __all__ = [
@@ -28,7 +28,6 @@ __all__ = [
     "SavePlan",
     "StoredTensor",
     "WriteItem",
-    "cast_refusal",
     "chunk_read_ranges",
     "contiguous_range",
     "plan_load",
@@ -232,32 +231,6 @@ def plan_load(
         files=tuple(sorted({c.file for c in chunks})),
         converted=converted,
         lossy=tuple(lossy),
-    )
-
-
-def cast_refusal(
-    fqn: str, src: str, dst: str, allow_lossy_cast: Callable[[str], bool] | None
-) -> str | None:
-    """Why a load may not convert ``fqn`` from ``src`` to ``dst``, or ``None`` when it may.
-
-    Exact conversions need no consent; lossy ones need ``allow_lossy_cast(fqn)``;
-    impossible ones (complex into real) are always refused.
-
-    >>> cast_refusal("w", "bfloat16", "float32", None) is None
-    True
-    >>> cast_refusal("w", "float32", "bfloat16", None)
-    "converting float32 to bfloat16 can lose bits; allow it by name: LoadOptions(allow_lossy_cast={'w'})"
-    """
-    kind = widening(src, dst)
-    if kind == "exact" or (
-        kind == "lossy" and allow_lossy_cast is not None and allow_lossy_cast(fqn)
-    ):
-        return None
-    if kind == "impossible":
-        return f"{src} cannot be converted to {dst} (the imaginary part would be dropped)"
-    return (
-        f"converting {src} to {dst} can lose bits; allow it by name: "
-        f"LoadOptions(allow_lossy_cast={{{fqn!r}}})"
     )
 
 

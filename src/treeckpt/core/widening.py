@@ -27,10 +27,11 @@ Pure: no torch, no numpy; codes are those of ``core/dtypes.py``.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
-__all__ = ["Widening", "exact_targets", "widening"]
+__all__ = ["Widening", "cast_refusal", "exact_targets", "widening"]
 
 Widening = Literal["exact", "lossy", "impossible"]
 
@@ -201,3 +202,29 @@ def exact_targets(src: str) -> tuple[str, ...]:
     """Every other dtype ``src`` converts to exactly (the format's table order)."""
     codes = (*_REAL, *_COMPLEX_PART)
     return tuple(d for d in codes if d != src and widening(src, d) == "exact")
+
+
+def cast_refusal(
+    fqn: str, src: str, dst: str, allow_lossy_cast: Callable[[str], bool] | None
+) -> str | None:
+    """Why a load may not convert ``fqn`` from ``src`` to ``dst``, or ``None`` when it may.
+
+    Exact conversions need no consent; lossy ones need ``allow_lossy_cast(fqn)``
+    (``LoadOptions.allow_lossy_cast``, ``DefaultLoadPlanner(allow_lossy_cast=...)``
+    in the DCP facade); impossible ones (complex into real) are always refused.
+
+    >>> cast_refusal("w", "bfloat16", "float32", None) is None
+    True
+    >>> cast_refusal("w", "float32", "bfloat16", None)
+    "converting float32 to bfloat16 can lose bits; allow it by name: allow_lossy_cast={'w'}"
+    """
+    kind = widening(src, dst)
+    if kind == "exact" or (
+        kind == "lossy" and allow_lossy_cast is not None and allow_lossy_cast(fqn)
+    ):
+        return None
+    if kind == "impossible":
+        return f"{src} cannot be converted to {dst} (the imaginary part would be dropped)"
+    return (
+        f"converting {src} to {dst} can lose bits; allow it by name: allow_lossy_cast={{{fqn!r}}}"
+    )

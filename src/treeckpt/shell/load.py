@@ -24,7 +24,7 @@ from treeckpt.core.dtypes import dtype_info
 from treeckpt.core.leaves import LeafRecord, PickleLeaf, TensorLeaf, ValueLeaf
 from treeckpt.core.manifest import Manifest
 from treeckpt.core.options import LoadOptions
-from treeckpt.core.plan import LoadPlan, ReadItem, StoredTensor, cast_refusal, plan_load
+from treeckpt.core.plan import LoadPlan, ReadItem, StoredTensor, plan_load
 from treeckpt.core.specs import ShardSpec, full_spec
 from treeckpt.core.tree import (
     StatefulRef,
@@ -35,6 +35,7 @@ from treeckpt.core.tree import (
     update_tree,
 )
 from treeckpt.core.values import adopt_value
+from treeckpt.core.widening import cast_refusal
 from treeckpt.errors import LoadMismatchError, ManifestError, UnsupportedLeafError
 from treeckpt.shell.optim import safe_torch_state_init, state_targets
 from treeckpt.shell.sharded import ADAPTERS
