@@ -146,8 +146,10 @@ def load(
     Args:
         strict: report keys missing from the checkpoint and keys the template
             lacks (all together, before anything changes). ``strict=False``
-            loads what both sides have; shape or dtype mismatches are errors
-            either way (nothing is ever cast silently).
+            loads what both sides have; shape mismatches are errors either
+            way, and so are dtype differences other than exact conversions
+            (bfloat16 into float32, int32 into int64: made and logged) unless
+            ``options.allow_lossy_cast`` names the tensor.
 
     Raises:
         CheckpointNotFoundError / IncompleteCheckpointError: nothing committed at ``path``.

@@ -351,3 +351,14 @@ def test_allow_lossy_cast_refuses_a_wholesale_or_odd_value(bad: Any) -> None:
 def test_allow_lossy_cast_refuses_non_string_names() -> None:
     with pytest.raises(OptionsError, match=r"^allow_lossy_cast holds non-string entries: \[3\]$"):
         LoadOptions(allow_lossy_cast=["a", 3])  # type: ignore[list-item]
+
+
+def test_the_docs_table_is_the_table() -> None:
+    """docs/differences.md lists, per stored dtype, exactly what ``widening`` calls exact."""
+    from pathlib import Path
+
+    text = (Path(__file__).parents[2] / "docs" / "differences.md").read_text()
+    for src in CODES:
+        targets = exact_targets(src)
+        cell = ", ".join(f"`{d}`" for d in targets) if targets else "no other dtype"
+        assert f"| `{src}` | {cell} |" in text, src

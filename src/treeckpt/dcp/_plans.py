@@ -3,8 +3,9 @@
 Save: one write item per local shard and per value, replicas written once,
 every tensor's shards checked to tile it before any byte is written. Load:
 read items from the intersection of each local shard with the stored chunks,
-with coverage checked; shape, dtype and kind mismatches are errors (nothing
-is ever cast).
+with coverage checked; shape and kind mismatches are errors, and a dtype
+difference is one unless the conversion keeps every value or the planner
+consents to it by name (``allows_lossy_cast``).
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
 They implement DCP's planner protocol, so custom storage plugins and planner
 subclasses work unchanged, with treeckpt's rules on top: a tensor's shards
 must tile it (checked by :func:`treeckpt.core.box.check_tiling` before any
-byte is written), replicas are written once, a load never casts a dtype, and
+byte is written), replicas are written once, a load converts a dtype only
+when every value survives (or the planner consents by name), and
 every missing key and mismatch is reported in one error. Non-tensor values
 travel as ``torch.save`` bytes read back with ``weights_only=True``.
 """
