@@ -282,3 +282,18 @@ def test_one_bf16_process_widens_into_fsdp2_fp32_shards(tmp_path: Path) -> None:
     full, full1 = run_ranks(2, _fsdp_load, tmp_path, path, timeout=180)
     for k, v in saved.state_dict().items():
         assert _bits(full[k]) == _bits(v.float()) == _bits(full1[k]), k
+
+
+@pytest.mark.gpu
+def test_widening_into_cuda_tensors(tmp_ckpt: str) -> None:
+    """Regions are converted as they land on the device, contiguous or not."""
+    x = _specials_bf16().reshape(256, 256)
+    treeckpt.save({"x": x, "y": x[:16]}, tmp_ckpt, options=SaveOptions(chunk_bytes=1 << 14))
+    big = torch.full((20, 300), -1.0, device="cuda")
+    tree = {"x": torch.zeros(256, 256, device="cuda"), "y": big[2:18, 10:266]}
+    treeckpt.load(tree, tmp_ckpt)
+    assert tree["x"].device.type == "cuda"
+    assert _bits(tree["x"].cpu()) == _bits(x.float())
+    expected = torch.full((20, 300), -1.0)
+    expected[2:18, 10:266] = x[:16].float()
+    assert _bits(big.cpu()) == _bits(expected)
