@@ -91,7 +91,7 @@ def test_dry_run_report_for_three_ranks(ckpt: tuple[str, torch.Tensor]) -> None:
         path, [[ShardSpec(fqn="x", dtype="float32", shape=(50, 13), boxes=(full_box((50, 13)),))]]
     )
     assert wide.converted == {"x": ("bfloat16", "float32")} and wide.lossy == ()
-    assert wide.needed_bytes == 50 * 13 * 4
+    assert wide.needed_bytes == 50 * 13 * 2  # counted in the stored dtype
     assert wide.report().endswith("; converts 1 tensor: 1 bfloat16 -> float32")
     # float16 cannot hold every bfloat16 value: refused unless allowed by name.
     half = [[ShardSpec(fqn="x", dtype="float16", shape=(50, 13), boxes=())]]

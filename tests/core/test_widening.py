@@ -21,10 +21,14 @@ import numpy.typing as npt
 import pytest
 import torch
 
+from treeckpt.core.box import Box
 from treeckpt.core.dtypes import DTYPES, torch_dtype
+from treeckpt.core.manifest import ChunkRef
 from treeckpt.core.options import LoadOptions
+from treeckpt.core.plan import StoredTensor, plan_load
+from treeckpt.core.specs import ShardSpec
 from treeckpt.core.widening import cast_refusal, exact_targets, widening
-from treeckpt.errors import OptionsError
+from treeckpt.errors import OptionsError, PlanError
 
 CODES = list(DTYPES)
 _UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
@@ -362,3 +366,59 @@ def test_the_docs_table_is_the_table() -> None:
         targets = exact_targets(src)
         cell = ", ".join(f"`{d}`" for d in targets) if targets else "no other dtype"
         assert f"| `{src}` | {cell} |" in text, src
+
+
+# ------------------------------------------------------- the planner's decision
+
+
+def _stored_bf16() -> dict[str, StoredTensor]:
+    refs = tuple(
+        ChunkRef(
+            fqn="w",
+            box=Box(offsets=(r, 0), sizes=(2, 3)),
+            file="f",
+            offset=r * 12,
+            length=12,
+            codec="raw",
+            raw_length=12,
+            checksum="",
+        )
+        for r in (0, 2)
+    )
+    return {"w": StoredTensor(fqn="w", dtype="bfloat16", shape=(4, 3), chunks=refs)}
+
+
+def _request(dtype: str) -> list[ShardSpec]:
+    return [
+        ShardSpec(fqn="w", dtype=dtype, shape=(4, 3), boxes=(Box(offsets=(1, 0), sizes=(2, 3)),))
+    ]
+
+
+def test_plan_load_widens_with_the_same_reads_and_lists_it() -> None:
+    stored = _stored_bf16()
+    same = plan_load(stored, _request("bfloat16"))
+    wide = plan_load(stored, _request("float32"))
+    assert wide.items == same.items and wide.files == same.files
+    assert same.converted == {} and same.lossy == ()
+    assert wide.converted == {"w": ("bfloat16", "float32")} and wide.lossy == ()
+    assert same.needed_bytes == wide.needed_bytes == 2 * 3 * 2  # counted in the stored dtype
+    assert wide.report() == same.report() + "; converts 1 tensor: 1 bfloat16 -> float32"
+
+
+def test_plan_load_needs_consent_for_a_lossy_dtype() -> None:
+    stored = _stored_bf16()
+    with pytest.raises(
+        PlanError,
+        match=r"^w: checkpoint has dtype bfloat16 shape \[4, 3\], request has dtype int8 shape "
+        r"\[4, 3\] \(converting bfloat16 to int8 can lose bits; allow it by name: "
+        r"allow_lossy_cast=\{'w'\}\)$",
+    ):
+        plan_load(stored, _request("int8"))
+    plan = plan_load(stored, _request("int8"), allow_lossy_cast=lambda f: f == "w")
+    assert plan.converted == {"w": ("bfloat16", "int8")} and plan.lossy == ("w",)
+    assert plan.conversions() == "converts 1 tensor: 1 bfloat16 -> int8 (lossy, allowed by name: w)"
+    with pytest.raises(PlanError, match=r"request has dtype bfloat16 shape \[3, 4\]$"):
+        plan_load(
+            stored,
+            [ShardSpec(fqn="w", dtype="bfloat16", shape=(3, 4), boxes=())],
+        )

@@ -72,6 +72,9 @@ class LoadPlan:
     first to its last needed block, any other chunk whole), so
     ``read_amplification`` = read / needed (1.0 is ideal).
 
+    Bytes are counted in the stored dtype (a destination of a wider dtype
+    holds more), so read amplification compares like with like.
+
     ``converted`` maps each FQN whose destination has another dtype than the
     checkpoint to ``(stored dtype, destination dtype)``; ``lossy`` lists those
     of them whose conversion can lose bits (allowed by name by the caller).
@@ -186,7 +189,6 @@ def plan_load(
         if index is None:
             index = indexes[req.fqn] = _ChunkIndex(st)
         itemsize = dtype_info(st.dtype).itemsize
-        dest_itemsize = dtype_info(req.dtype).itemsize
         for box in req.boxes:
             if box.is_empty():
                 continue
@@ -220,7 +222,7 @@ def plan_load(
                     f"{req.fqn}: stored chunks cover {covered} of the {box.volume} elements of "
                     f"the requested region offsets {list(box.offsets)} sizes {list(box.sizes)}"
                 )
-            needed += box.volume * dest_itemsize
+            needed += box.volume * itemsize
     ranges = chunk_read_ranges(items)
     chunks = touched.values()
     return LoadPlan(
