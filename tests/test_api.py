@@ -644,7 +644,7 @@ def _mismatched_template() -> dict[str, Any]:
         "same": torch.full((6,), -1.0),
         "only_template": torch.full((3,), -2.0),
         "shape": torch.full((3, 2), -3.0),
-        "dtype": torch.full((4,), -4.0, dtype=torch.float64),
+        "dtype": torch.full((4,), -4.0, dtype=torch.float16),  # float32 -> float16 loses bits
         "value": 0,
     }
 
@@ -665,7 +665,7 @@ def test_strict_load_reports_everything_together_and_changes_nothing(tmp_ckpt: s
         "only_ckpt",
         "shape",
         "dtype",
-        "float64",
+        "float16",
         "float32",
         "[3, 2]",
         "[2, 3]",

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 import treeckpt
 from treeckpt import Box, ShardSpec
+from treeckpt.core.box import full_box
 
 
 @pytest.fixture(scope="module")
@@ -85,10 +86,26 @@ def test_dry_run_report_for_three_ranks(ckpt: tuple[str, torch.Tensor]) -> None:
     for p in plans:
         assert p.read_amplification >= 1.0
         assert "read amplification" in p.report()
-    with pytest.raises(treeckpt.PlanError, match="x: checkpoint has dtype bfloat16"):
-        treeckpt.plan_reshard(
-            path, [[ShardSpec(fqn="x", dtype="float32", shape=(50, 13), boxes=())]]
-        )
+    # A float32 destination widens bfloat16 exactly: the dry run shows the conversion.
+    (wide,) = treeckpt.plan_reshard(
+        path, [[ShardSpec(fqn="x", dtype="float32", shape=(50, 13), boxes=(full_box((50, 13)),))]]
+    )
+    assert wide.converted == {"x": ("bfloat16", "float32")} and wide.lossy == ()
+    assert wide.needed_bytes == 50 * 13 * 2  # counted in the stored dtype
+    assert wide.report().endswith("; converts 1 tensor: 1 bfloat16 -> float32")
+    # float16 cannot hold every bfloat16 value: refused unless allowed by name.
+    half = [[ShardSpec(fqn="x", dtype="float16", shape=(50, 13), boxes=())]]
+    with pytest.raises(
+        treeckpt.PlanError,
+        match=r"^x: checkpoint has dtype bfloat16 shape \[50, 13\], request has dtype float16 "
+        r"shape \[50, 13\] \(converting bfloat16 to float16 can lose bits; allow it by name: "
+        r"allow_lossy_cast=\{'x'\}\)$",
+    ):
+        treeckpt.plan_reshard(path, half)
+    (opted,) = treeckpt.plan_reshard(
+        path, half, options=treeckpt.LoadOptions(allow_lossy_cast={"x"})
+    )
+    assert opted.converted == {"x": ("bfloat16", "float16")} and opted.lossy == ("x",)
 
 
 def _rows(path: str, fqn: str, shape: tuple[int, ...], dtype: str, lo: int, hi: int) -> ShardSpec:

@@ -146,8 +146,10 @@ def load(
     Args:
         strict: report keys missing from the checkpoint and keys the template
             lacks (all together, before anything changes). ``strict=False``
-            loads what both sides have; shape or dtype mismatches are errors
-            either way (nothing is ever cast silently).
+            loads what both sides have; shape mismatches are errors either
+            way, and so are dtype differences other than exact conversions
+            (bfloat16 into float32, int32 into int64: made and logged) unless
+            ``options.allow_lossy_cast`` names the tensor.
 
     Raises:
         CheckpointNotFoundError / IncompleteCheckpointError: nothing committed at ``path``.
@@ -255,16 +257,21 @@ def _region_box(shape: tuple[int, ...], region: Box | tuple[slice, ...] | None) 
     return Box(offsets=tuple(offs), sizes=tuple(sizes))
 
 
-def plan_reshard(path: Any, specs_by_rank: Sequence[Sequence[ShardSpec]]) -> list[LoadPlan]:
+def plan_reshard(
+    path: Any, specs_by_rank: Sequence[Sequence[ShardSpec]], *, options: LoadOptions | None = None
+) -> list[LoadPlan]:
     """Dry run: the load plan of each target rank, before any tensor byte is read.
 
     ``specs_by_rank[r]`` lists what rank r would hold (a target layout on any
-    world size). Each returned plan reports bytes needed, bytes read, files
-    and read amplification (``LoadPlan.report()``).
+    world size; a spec's dtype is the destination's). Each returned plan
+    reports bytes needed, bytes read, files, read amplification and the dtype
+    conversions (``LoadPlan.report()``); a conversion that can lose bits is
+    planned only when ``options.allow_lossy_cast`` names the FQN.
     """
+    allow = (options or LoadOptions()).allows_lossy_cast
     with _opened(path) as backend:
         _, stored = read_committed(backend, lambda m: read_stored(backend, m))
-    return [plan_load(stored, specs) for specs in specs_by_rank]
+    return [plan_load(stored, specs, allow_lossy_cast=allow) for specs in specs_by_rank]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

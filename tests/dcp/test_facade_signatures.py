@@ -26,12 +26,9 @@ SUBMODULES = [
 ]
 
 # Names torch.distributed.checkpoint exports at top level that the facade does
-# not cover (Hugging Face storage and the ShardedTensor optimizer function are
-# outside DCP's documented core API; see docs/dcp.md).
+# not cover (the ShardedTensor optimizer function is outside DCP's documented
+# core API; see docs/dcp.md).
 NOT_COVERED = {
-    "HuggingFaceStorageReader",
-    "HuggingFaceStorageWriter",
-    "QuantizedHuggingFaceStorageReader",
     "load_sharded_optimizer_state_dict",
 }
 

@@ -309,7 +309,7 @@ def test_help_teaches(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["convert", "--help"]) == 0
     out = capsys.readouterr().out
     for needle in (
-        "--to {treeckpt,dcp,torch,safetensors}",
+        "--to {treeckpt,dcp,torch,safetensors,hf}",
         "--overwrite",
         "--allow-pickle",
         "examples:",

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import fnmatch
 import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, TypeAlias
 
 from treeckpt.errors import OptionsError
 
-__all__ = ["Compression", "LoadOptions", "SaveOptions"]
+__all__ = ["Compression", "LoadOptions", "LossyCasts", "SaveOptions"]
 
 MiB = 1 << 20
 
@@ -118,6 +120,11 @@ class SaveOptions:
         _check_timeout(self.timeout_s)
 
 
+#: Which tensors a load may convert with a possible loss of bits: FQNs or
+#: ``fnmatch`` patterns of FQNs (``"model.*.weight"``), or a function of the FQN.
+LossyCasts: TypeAlias = Iterable[str] | Callable[[str], bool]
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class LoadOptions:
     """How a load reads its bytes.
@@ -127,15 +134,55 @@ class LoadOptions:
         timeout_s: with several ranks, how long any rank waits for the others.
             ``None`` (the default) is the timeout of the process group the
             load runs on (the default group's when none is given).
+        allow_lossy_cast: the tensors a load may convert to the template's
+            dtype although the conversion can lose bits (float32 into
+            bfloat16, float into int, int64 into float64): FQNs, ``fnmatch``
+            patterns of FQNs (``{"model.*"}``; ``{"*"}`` allows every
+            tensor), or a function ``fqn -> bool``. Exact conversions
+            (bfloat16 into float32, int32 into int64...) need no consent; any
+            other dtype difference is an error naming the FQN and both dtypes.
+            The table is ``treeckpt.core.widening.widening``.
     """
 
     io_threads: int = 4
     timeout_s: float | None = None
+    allow_lossy_cast: LossyCasts = ()
 
     def __post_init__(self) -> None:
         if self.io_threads < 1:
             raise OptionsError(f"io_threads must be at least 1, got {self.io_threads}")
         _check_timeout(self.timeout_s)
+        object.__setattr__(self, "allow_lossy_cast", _lossy_casts(self.allow_lossy_cast))
+
+    def allows_lossy_cast(self, fqn: str) -> bool:
+        """Whether ``allow_lossy_cast`` names ``fqn`` (by name, pattern or function)."""
+        rule = self.allow_lossy_cast
+        if callable(rule):
+            return bool(rule(fqn))
+        return any(p == fqn or fnmatch.fnmatchcase(fqn, p) for p in rule)
+
+
+def _lossy_casts(rule: object) -> tuple[str, ...] | Callable[[str], bool]:
+    """``allow_lossy_cast`` as a sorted tuple of names and patterns, or the caller's function.
+
+    A lone string is one name or pattern (not its characters); ``True`` is
+    refused: a cast that can lose bits is allowed by name, never wholesale
+    by accident (``{"*"}`` says so explicitly).
+    """
+    if isinstance(rule, str):
+        return (rule,)
+    if callable(rule):
+        return rule
+    if isinstance(rule, bool) or not isinstance(rule, Iterable):
+        raise OptionsError(
+            "allow_lossy_cast must be FQNs or fnmatch patterns of FQNs (e.g. "
+            f"{{'model.embed.weight', 'model.*'}}) or a function of the FQN, got {rule!r}"
+        )
+    names = tuple(rule)
+    bad = [n for n in names if not isinstance(n, str)]
+    if bad:
+        raise OptionsError(f"allow_lossy_cast holds non-string entries: {bad[:5]!r}")
+    return tuple(sorted(set(names)))
 
 
 def _check_timeout(timeout_s: float | None) -> None:

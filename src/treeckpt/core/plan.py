@@ -10,8 +10,8 @@ process, and every decision is property-tested.
 from __future__ import annotations
 
 import bisect
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 
 from treeckpt.core.box import Box, check_tiling
 from treeckpt.core.dtypes import dtype_info
@@ -19,6 +19,7 @@ from treeckpt.core.manifest import ChunkRef
 from treeckpt.core.plan_table import SavePlan, WriteItem, plan_save
 from treeckpt.core.sizes import fmt_size
 from treeckpt.core.specs import ShardSpec
+from treeckpt.core.widening import cast_refusal, widening
 from treeckpt.errors import PlanError
 
 __all__ = [
@@ -70,6 +71,13 @@ class LoadPlan:
     raw size of what is read and decoded (a chunk cut into blocks only from its
     first to its last needed block, any other chunk whole), so
     ``read_amplification`` = read / needed (1.0 is ideal).
+
+    Bytes are counted in the stored dtype (a destination of a wider dtype
+    holds more), so read amplification compares like with like.
+
+    ``converted`` maps each FQN whose destination has another dtype than the
+    checkpoint to ``(stored dtype, destination dtype)``; ``lossy`` lists those
+    of them whose conversion can lose bits (allowed by name by the caller).
     """
 
     items: tuple[ReadItem, ...]
@@ -77,6 +85,8 @@ class LoadPlan:
     read_raw_bytes: int
     read_stored_bytes: int
     files: tuple[str, ...]
+    converted: Mapping[str, tuple[str, str]] = field(default_factory=dict)
+    lossy: tuple[str, ...] = ()
 
     @property
     def read_amplification(self) -> float:
@@ -101,10 +111,38 @@ class LoadPlan:
             f"{len(self.files)} files; needed {fmt_size(self.needed_bytes)}, reads "
             f"{fmt_size(self.read_stored_bytes)} stored / {fmt_size(self.read_raw_bytes)} raw "
             f"(read amplification {self.read_amplification:.3f})"
+            + (f"; {self.conversions()}" if self.converted else "")
         )
 
+    def conversions(self) -> str:
+        """The dtype conversions, counted per pair of dtypes; lossy ones name their FQNs.
 
-def plan_load(stored: Mapping[str, StoredTensor], requests: Sequence[ShardSpec]) -> LoadPlan:
+        >>> LoadPlan(items=(), needed_bytes=0, read_raw_bytes=0, read_stored_bytes=0, files=(),
+        ...          converted={"a": ("bfloat16", "float32"), "b": ("bfloat16", "float32"),
+        ...                     "c": ("float32", "bfloat16")}, lossy=("c",)).conversions()
+        'converts 3 tensors: 2 bfloat16 -> float32, 1 float32 -> bfloat16 (lossy, allowed by name: c)'
+        """
+        by_pair: dict[tuple[str, str, bool], list[str]] = {}
+        lossy = set(self.lossy)
+        for fqn, (src, dst) in self.converted.items():
+            by_pair.setdefault((src, dst, fqn in lossy), []).append(fqn)
+        parts = []
+        for (src, dst, bad), fqns in sorted(by_pair.items()):
+            part = f"{len(fqns)} {src} -> {dst}"
+            if bad:
+                more = f" and {len(fqns) - 3} more" if len(fqns) > 3 else ""
+                part += f" (lossy, allowed by name: {', '.join(fqns[:3])}{more})"
+            parts.append(part)
+        n = len(self.converted)
+        return f"converts {n} tensor{'s' if n != 1 else ''}: " + ", ".join(parts)
+
+
+def plan_load(
+    stored: Mapping[str, StoredTensor],
+    requests: Sequence[ShardSpec],
+    *,
+    allow_lossy_cast: Callable[[str], bool] | None = None,
+) -> LoadPlan:
     """Plan the reads that fill every requested box from stored chunks.
 
     Each requested box is intersected with the chunks of its tensor (found by
@@ -114,23 +152,39 @@ def plan_load(stored: Mapping[str, StoredTensor], requests: Sequence[ShardSpec])
     element comes from exactly one stored chunk, or a PlanError names the FQN
     and box.
 
+    A request's dtype is its destination's: one the stored dtype converts to
+    exactly (``core/widening.py``) is planned and listed in
+    ``LoadPlan.converted``; one that can lose bits only when
+    ``allow_lossy_cast(fqn)`` is true (also listed in ``LoadPlan.lossy``).
+
     Raises:
-        PlanError: unknown FQN, dtype or shape mismatch, chunks that do not tile
+        PlanError: unknown FQN, a shape mismatch, a dtype the stored one does
+            not convert to (exactly, or with consent), chunks that do not tile
             their tensor, or a request not fully covered.
     """
     items: list[ReadItem] = []
     needed = 0
     touched: dict[tuple[str, int], ChunkRef] = {}
     indexes: dict[str, _ChunkIndex] = {}
+    converted: dict[str, tuple[str, str]] = {}
+    lossy: dict[str, None] = {}
     for req in requests:
         st = stored.get(req.fqn)
         if st is None:
             raise PlanError(f"{req.fqn}: not in the checkpoint")
-        if st.dtype != req.dtype or st.shape != req.shape:
+        if st.shape != req.shape or (
+            st.dtype != req.dtype
+            and (cast := cast_refusal(req.fqn, st.dtype, req.dtype, allow_lossy_cast)) is not None
+        ):
             raise PlanError(
                 f"{req.fqn}: checkpoint has dtype {st.dtype} shape {list(st.shape)}, request has "
                 f"dtype {req.dtype} shape {list(req.shape)}"
+                + (f" ({cast})" if st.shape == req.shape else "")
             )
+        if st.dtype != req.dtype:
+            converted[req.fqn] = (st.dtype, req.dtype)
+            if widening(st.dtype, req.dtype) != "exact":
+                lossy[req.fqn] = None
         index = indexes.get(req.fqn)
         if index is None:
             index = indexes[req.fqn] = _ChunkIndex(st)
@@ -177,6 +231,8 @@ def plan_load(stored: Mapping[str, StoredTensor], requests: Sequence[ShardSpec])
         read_raw_bytes=sum(_span(ranges[(c.file, c.offset)]) for c in chunks),
         read_stored_bytes=sum(_span(c.stored_range(*ranges[(c.file, c.offset)])) for c in chunks),
         files=tuple(sorted({c.file for c in chunks})),
+        converted=converted,
+        lossy=tuple(lossy),
     )
 
 

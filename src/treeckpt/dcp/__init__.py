@@ -7,6 +7,7 @@ format, speed and safety underneath (see the DCP migration guide in the docs).
 from treeckpt.dcp.api import CheckpointException
 from treeckpt.dcp.default_planner import DefaultLoadPlanner, DefaultSavePlanner
 from treeckpt.dcp.filesystem import FileSystemReader, FileSystemWriter
+from treeckpt.dcp.hf_storage import HuggingFaceStorageReader, HuggingFaceStorageWriter
 from treeckpt.dcp.metadata import (
     BytesStorageMetadata,
     ChunkStorageMetadata,
@@ -14,6 +15,7 @@ from treeckpt.dcp.metadata import (
     TensorStorageMetadata,
 )
 from treeckpt.dcp.planner import LoadPlan, LoadPlanner, ReadItem, SavePlan, SavePlanner, WriteItem
+from treeckpt.dcp.quantized_hf_storage import QuantizedHuggingFaceStorageReader
 from treeckpt.dcp.state_dict_loader import load, load_state_dict
 from treeckpt.dcp.state_dict_saver import async_save, save, save_state_dict
 from treeckpt.dcp.stateful import Stateful
@@ -27,9 +29,12 @@ __all__ = [
     "DefaultSavePlanner",
     "FileSystemReader",
     "FileSystemWriter",
+    "HuggingFaceStorageReader",
+    "HuggingFaceStorageWriter",
     "LoadPlan",
     "LoadPlanner",
     "Metadata",
+    "QuantizedHuggingFaceStorageReader",
     "ReadItem",
     "SavePlan",
     "SavePlanner",

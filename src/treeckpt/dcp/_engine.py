@@ -38,6 +38,7 @@ from treeckpt.dcp.api import CheckpointException, wrap_failure
 from treeckpt.dcp.default_planner import DefaultLoadPlanner, DefaultSavePlanner
 from treeckpt.dcp.filesystem import FileSystemReader, FileSystemWriter
 from treeckpt.errors import CheckpointError, LoadMismatchError
+from treeckpt.formats.hf_safetensors import SafetensorsWriter
 from treeckpt.shell import ranks
 from treeckpt.shell.committed import load_committed
 from treeckpt.shell.coord import Coordinator, LocalCoordinator, agreed
@@ -217,6 +218,8 @@ def _save(
         "finish",
         lambda: writer.finish(metadata, all_results or []) if coord.is_coordinator else None,
     )
+    if isinstance(writer, SafetensorsWriter):  # consolidation, spread over every rank
+        agreed(coord, "finish:ranks", lambda: writer.finish_on_every_rank(coord))
     return metadata
 
 

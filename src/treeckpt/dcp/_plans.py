@@ -3,8 +3,9 @@
 Save: one write item per local shard and per value, replicas written once,
 every tensor's shards checked to tile it before any byte is written. Load:
 read items from the intersection of each local shard with the stored chunks,
-with coverage checked; shape, dtype and kind mismatches are errors (nothing
-is ever cast).
+with coverage checked; shape and kind mismatches are errors, and a dtype
+difference is one unless the conversion keeps every value or the planner
+consents to it by name (``allows_lossy_cast``).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from torch.distributed.checkpoint.planner import (
 from treeckpt.core.box import Box, check_tiling
 from treeckpt.dcp._flat import shards_of
 from treeckpt.errors import LoadMismatchError, PlanError
+from treeckpt.formats.torch_dcp.protocol import torch_cast_refusal
 
 __all__ = [
     "create_default_global_load_plan",
@@ -43,6 +45,7 @@ __all__ = [
     "create_default_local_save_plan",
     "dedup_plans",
     "local_for",
+    "local_load_plan",
 ]
 
 log = logging.getLogger("treeckpt.dcp")
@@ -209,11 +212,26 @@ def create_default_global_save_plan(
 def create_default_local_load_plan(
     state_dict: dict[str, Any], metadata: Metadata, strict: bool = True
 ) -> LoadPlan:
+    """Read items for every key of ``state_dict`` the checkpoint has (exact dtype conversions only).
+
+    Raises:
+        LoadMismatchError: as :func:`local_load_plan` with no planner.
+    """
+    return local_load_plan(state_dict, metadata, strict)
+
+
+def local_load_plan(
+    state_dict: dict[str, Any], metadata: Metadata, strict: bool = True, *, planner: Any = None
+) -> LoadPlan:
     """Read items for every key of ``state_dict`` the checkpoint has.
+
+    A tensor of another dtype than the stored one is read when the
+    conversion is exact, or when ``planner.allows_lossy_cast(fqn)`` says so.
 
     Raises:
         LoadMismatchError: with ``strict``, every key the checkpoint lacks; always,
-            every shape, dtype or kind mismatch (nothing is cast).
+            every shape or kind mismatch and every dtype the stored one does
+            not convert to (exactly, or with consent).
     """
     items: list[ReadItem] = []
     missing: list[str] = []
@@ -243,10 +261,13 @@ def create_default_local_load_plan(
             mismatched.append(f"{fqn} (checkpoint has a value, state dict a tensor)")
             continue
         shape, pairs, _ = shards_of(fqn, obj)
-        if tuple(shape) != tuple(md.size) or obj.dtype != md.properties.dtype:
+        why = None
+        if tuple(shape) == tuple(md.size) and obj.dtype != md.properties.dtype:
+            why = torch_cast_refusal(fqn, md.properties.dtype, obj.dtype, planner)
+        if tuple(shape) != tuple(md.size) or why is not None:
             mismatched.append(
                 f"{fqn} (checkpoint {md.properties.dtype}{list(md.size)}, state dict "
-                f"{obj.dtype}{list(shape)})"
+                f"{obj.dtype}{list(shape)}" + (f": {why})" if why else ")")
             )
             continue
         items.extend(_tensor_read_items(fqn, md, pairs))

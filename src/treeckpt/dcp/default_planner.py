@@ -3,7 +3,8 @@
 They implement DCP's planner protocol, so custom storage plugins and planner
 subclasses work unchanged, with treeckpt's rules on top: a tensor's shards
 must tile it (checked by :func:`treeckpt.core.box.check_tiling` before any
-byte is written), replicas are written once, a load never casts a dtype, and
+byte is written), replicas are written once, a load converts a dtype only
+when every value survives (or the planner consents by name), and
 every missing key and mismatch is reported in one error. Non-tensor values
 travel as ``torch.save`` bytes read back with ``weights_only=True``.
 """
@@ -36,6 +37,7 @@ from treeckpt.dcp._plans import (
     create_default_local_save_plan,
     dedup_plans,
     local_for,
+    local_load_plan,
 )
 from treeckpt.formats.torch_dcp.protocol import decode_bytes, encode_bytes
 
@@ -141,8 +143,12 @@ class DefaultLoadPlanner(LoadPlanner):
 
     Keys of the state dict missing from the checkpoint are an error unless
     ``allow_partial_load``; keys the state dict lacks are not loaded (logged
-    on the ``treeckpt.dcp`` logger). Shape, dtype and kind mismatches are
-    always errors, all reported together before anything is read.
+    on the ``treeckpt.dcp`` logger). Shape and kind mismatches are always
+    errors, all reported together before anything is read. A tensor of
+    another dtype than the stored one is converted when every value survives
+    (bfloat16 into float32...); a conversion that can lose bits is an error
+    unless :meth:`allows_lossy_cast` (a treeckpt extension: override it in a
+    subclass) says yes for the key.
     """
 
     def __init__(
@@ -155,6 +161,14 @@ class DefaultLoadPlanner(LoadPlanner):
         self.flatten_sharded_tensors = flatten_sharded_tensors
         self.allow_partial_load = allow_partial_load
         self.mappings: dict[str, Any] = {}
+
+    def allows_lossy_cast(self, fqn: str) -> bool:
+        """Whether the tensor ``fqn`` may be converted to the state dict's dtype with a loss of bits.
+
+        ``False`` for every key: only exact conversions are made. Override it
+        to consent by name (``return fqn in {"model.embed.weight"}``).
+        """
+        return False
 
     def set_up_planner(
         self,
@@ -171,8 +185,8 @@ class DefaultLoadPlanner(LoadPlanner):
 
     def create_local_plan(self) -> LoadPlan:
         assert self.metadata is not None
-        return create_default_local_load_plan(
-            self.state_dict, self.metadata, not self.allow_partial_load
+        return local_load_plan(
+            self.state_dict, self.metadata, not self.allow_partial_load, planner=self
         )
 
     def create_global_plan(self, global_plan: list[LoadPlan]) -> list[LoadPlan]:

@@ -30,8 +30,10 @@ def load(
     sharding the checkpoint was saved with; non-tensor values are replaced in
     ``state_dict``; top-level ``Stateful`` values get ``load_state_dict``.
     Keys of ``state_dict`` the checkpoint lacks are an error (unless the
-    planner has ``allow_partial_load``), and a shape or dtype mismatch always
-    is: nothing is cast.
+    planner has ``allow_partial_load``), and so is a shape mismatch, or a dtype
+    the stored one does not convert to exactly (bfloat16 into float32 is
+    made; float32 into bfloat16 only where the planner's
+    ``allows_lossy_cast`` consents).
 
     Raises:
         CheckpointException: the load failed on some rank (every rank raises it).

@@ -10,6 +10,7 @@ yet) and the object's own ``load_state_dict`` receives the full state.
 
 from __future__ import annotations
 
+import logging
 import pickle
 import threading
 from collections.abc import Mapping
@@ -34,13 +35,16 @@ from treeckpt.core.tree import (
     update_tree,
 )
 from treeckpt.core.values import adopt_value
+from treeckpt.core.widening import cast_refusal
 from treeckpt.errors import LoadMismatchError, ManifestError, UnsupportedLeafError
 from treeckpt.shell.optim import safe_torch_state_init, state_targets
 from treeckpt.shell.sharded import ADAPTERS
 from treeckpt.shell.tensors import (
+    Converter,
     Destination,
     allocate,
     destination,
+    dtype_code,
     finish_leaf,
     local_shards,
     on_meta,
@@ -50,6 +54,8 @@ from treeckpt.store.chunks import ReadTarget, ReadTask, read_chunks
 from treeckpt.store.reader import read_indexes, stored_tensors
 
 __all__ = ["load_tree", "read_into", "restore_tree"]
+
+log = logging.getLogger("treeckpt.load")
 
 
 _NO_TEMPLATE: Any = object()
@@ -101,20 +107,40 @@ def read_regions(
     regions: Mapping[str, list[tuple[Box, Any]]],
     options: LoadOptions,
 ) -> LoadPlan:
-    """Fill each (global box, local tensor or array) pair of ``regions`` from the checkpoint."""
+    """Fill each (global box, local tensor or array) pair of ``regions`` from the checkpoint.
+
+    A local tensor of another dtype than the stored one is filled by
+    converting each region as it lands (:class:`Converter`), when the
+    conversion is exact or ``options.allow_lossy_cast`` names its FQN; the
+    returned plan lists the conversions (``LoadPlan.converted``), and they
+    are logged on the ``treeckpt.load`` logger.
+    """
     requests: list[ShardSpec] = []
-    dests: dict[tuple[str, Box], Destination] = {}
+    dests: dict[tuple[str, Box], Destination | Converter] = {}
     itemsizes: dict[str, int] = {}
     for fqn, pairs in regions.items():
         rec = manifest.records[fqn]
         assert isinstance(rec, TensorLeaf)
-        requests.append(
-            ShardSpec(fqn=fqn, dtype=rec.dtype, shape=rec.shape, boxes=tuple(b for b, _ in pairs))
+        boxes_by_dtype: dict[str, list[Box]] = {}
+        for box, local in pairs:
+            code = dtype_code(local)
+            if code is None:
+                raise UnsupportedLeafError(
+                    f"{fqn!r}: the destination's dtype {local.dtype} is not one the format stores"
+                )
+            boxes_by_dtype.setdefault(code, []).append(box)
+            if code == rec.dtype:
+                dests[(fqn, box)] = destination(local, rec.dtype, box.sizes)
+            else:
+                dests[(fqn, box)] = Converter(local, rec.dtype)
+        requests.extend(
+            ShardSpec(fqn=fqn, dtype=code, shape=rec.shape, boxes=tuple(boxes))
+            for code, boxes in boxes_by_dtype.items()
         )
         itemsizes[fqn] = dtype_info(rec.dtype).itemsize
-        for box, local in pairs:
-            dests[(fqn, box)] = destination(local, rec.dtype, box.sizes)
-    plan = plan_load(stored, requests)
+    plan = plan_load(stored, requests, allow_lossy_cast=options.allows_lossy_cast)
+    if plan.converted:
+        log.info("%s: the load %s", backend.root, plan.conversions())
     grouped: dict[tuple[str, int], list[ReadItem]] = {}
     for item in plan.items:
         grouped.setdefault((item.chunk.file, item.chunk.offset), []).append(item)
@@ -182,9 +208,9 @@ def read_regions(
     return plan
 
 
-def _dest_bytes(d: Destination) -> Any:
-    """What a read target writes into: the array itself, or the staged destination."""
-    return d if d.staged else d.array()
+def _dest_bytes(d: Destination | Converter) -> Any:
+    """What a read target writes into: the array itself, the staged destination or the converter."""
+    return d if d.staged or isinstance(d, Converter) else d.array()
 
 
 def read_stored(backend: Backend, manifest: Manifest) -> dict[str, StoredTensor]:
@@ -292,12 +318,9 @@ def load_tree(
         elif (
             isinstance(trec, TensorLeaf)
             and isinstance(crec, TensorLeaf)
-            and (trec.dtype != crec.dtype or trec.shape != crec.shape)
+            and (why := _tensor_mismatch(fqn, trec, crec, flat.leaves[fqn], options))
         ):
-            mismatched.append(
-                f"{fqn} (template {trec.dtype}{list(trec.shape)}, checkpoint "
-                f"{crec.dtype}{list(crec.shape)})"
-            )
+            mismatched.append(why)
         elif isinstance(crec, ValueLeaf) and (why := _value_mismatch(fqn, crec, flat.leaves[fqn])):
             mismatched.append(why)  # an enum the template's type cannot hold
         elif isinstance(crec, TensorLeaf) and on_meta(flat.leaves[fqn]):
@@ -368,6 +391,27 @@ def load_tree(
 
     with safe_torch_state_init():
         return update_tree(tree, leaf, stateful)
+
+
+def _tensor_mismatch(
+    fqn: str, trec: TensorLeaf, crec: TensorLeaf, obj: Any, options: LoadOptions
+) -> str | None:
+    """Why the template's tensor ``obj`` cannot take the checkpoint's ``crec`` (``None``: it can).
+
+    Another dtype is fine when the conversion is exact or allowed by name
+    (``LoadOptions.allow_lossy_cast``), and only for a tensor or array that is
+    filled in place: a leaf the load rebuilds (a numpy scalar) comes back in
+    the stored dtype, so a dtype difference there stays an error.
+    """
+    if trec.dtype == crec.dtype and trec.shape == crec.shape:
+        return None
+    shapes = (
+        f"{fqn} (template {trec.dtype}{list(trec.shape)}, checkpoint {crec.dtype}{list(crec.shape)}"
+    )
+    if trec.shape != crec.shape or not isinstance(obj, torch.Tensor | np.ndarray):
+        return shapes + ")"
+    why = cast_refusal(fqn, crec.dtype, trec.dtype, options.allows_lossy_cast)
+    return None if why is None else f"{shapes}: {why})"
 
 
 def _value_mismatch(fqn: str, rec: ValueLeaf, template: Any) -> str | None:

@@ -16,17 +16,19 @@ import numpy.typing as npt
 import torch
 
 from treeckpt.core.box import Box, full_box
-from treeckpt.core.dtypes import dtype_info, torch_dtype
+from treeckpt.core.dtypes import dtype_info, numpy_dtype_code, torch_dtype, torch_dtype_code
 from treeckpt.core.leaves import TensorLeaf
 from treeckpt.core.specs import ShardSpec
 from treeckpt.errors import CheckpointError, UnsupportedLeafError
 from treeckpt.shell.sharded import adapter_of
 
 __all__ = [
+    "Converter",
     "Destination",
     "allocate",
     "chunk_source",
     "destination",
+    "dtype_code",
     "local_shards",
     "on_meta",
 ]
@@ -181,6 +183,51 @@ def destination(obj: Any, dtype: str, shape: tuple[int, ...]) -> Destination:
         np.copyto(obj, staged.reshape(-1).view(obj.dtype).reshape(obj.shape))
 
     return Destination(byte_shape, copy=copy_array)
+
+
+def dtype_code(obj: Any) -> str | None:
+    """The format's code of the dtype of a local tensor or array (``None``: not in the table)."""
+    if isinstance(obj, torch.Tensor):
+        return torch_dtype_code(obj.dtype)
+    if isinstance(obj, np.ndarray):
+        return numpy_dtype_code(obj.dtype)
+    return None
+
+
+class Converter:
+    """A destination of another dtype than the stored one: each region is converted as it lands.
+
+    The stored bytes of a region are viewed in their own dtype and copied
+    into the matching region of the local tensor by torch's ``copy_``, which
+    converts (for the exact conversions of ``core/widening.py`` every value
+    is kept; for a lossy one allowed by name it rounds to nearest even,
+    truncates floats toward zero into integers and wraps integers). No
+    buffer of the whole tensor is allocated: only the decoded chunk exists
+    in the stored dtype. Works for CPU and device tensors, contiguous or not.
+    """
+
+    __slots__ = ("_src_dtype", "_target")
+
+    staged = False
+
+    def __init__(self, obj: Any, stored_dtype: str) -> None:
+        self._src_dtype = torch_dtype(stored_dtype)
+        if isinstance(obj, torch.Tensor):
+            self._target = obj.detach()
+        else:
+            assert isinstance(obj, np.ndarray)
+            self._target = torch.from_numpy(obj)
+
+    def write_region(self, dst: Box, piece: npt.NDArray[np.uint8]) -> None:
+        if not piece.flags.writeable:  # torch.from_numpy warns about read-only arrays
+            piece = piece.copy()
+        src = torch.from_numpy(piece).view(self._src_dtype).squeeze(-1)
+        region = self._target[dst.slices()] if dst.ndim else self._target
+        with torch.no_grad():
+            region.copy_(src)
+
+    def finish(self) -> None:
+        """Nothing to do: every region was converted as it landed."""
 
 
 def allocate(rec: TensorLeaf, fqn: str = "") -> Any:

@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from itertools import pairwise
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 import numpy.typing as npt
@@ -37,7 +37,7 @@ from treeckpt.store.checksum import checksum, content_digest
 from treeckpt.store.codecs import ChunkEncoder, codec_for
 from treeckpt.store.decode import ChunkDecoder
 
-__all__ = ["ReadTarget", "ReadTask", "WriteJob", "read_chunks", "write_chunks"]
+__all__ = ["ReadTarget", "ReadTask", "RegionSink", "WriteJob", "read_chunks", "write_chunks"]
 
 Bytes1D = npt.NDArray[np.uint8]
 
@@ -196,24 +196,50 @@ class LazyBytes(Protocol):
     def array(self) -> npt.NDArray[np.uint8]: ...
 
 
+@runtime_checkable
+class RegionSink(Protocol):
+    """A destination that takes each decoded region itself (a destination of another dtype).
+
+    ``write_region(dst, piece)`` receives the stored bytes of region ``dst`` (relative
+    to the destination box) as a uint8 array of shape ``(*dst.sizes,
+    itemsize)``, valid only during the call; regions never overlap, and
+    several threads may call it at once.
+    """
+
+    def write_region(self, dst: Box, piece: npt.NDArray[np.uint8]) -> None: ...
+
+
 @dataclass(frozen=True, slots=True)
 class ReadTarget:
     """Copy region ``src`` of the chunk into region ``dst`` of ``dest``.
 
     ``dest`` is the destination's bytes as a C-contiguous uint8 array of shape
-    ``(*dest_box.sizes, itemsize)``, or an object giving that array on demand;
-    ``src`` is relative to the chunk box and ``dst`` relative to the
-    destination box.
+    ``(*dest_box.sizes, itemsize)``, an object giving that array on demand,
+    or a :class:`RegionSink` that converts each region as it lands; ``src``
+    is relative to the chunk box and ``dst`` relative to the destination box.
     """
 
     src: Box
     dst: Box
-    dest: npt.NDArray[np.uint8] | LazyBytes
+    dest: npt.NDArray[np.uint8] | LazyBytes | RegionSink
     byte_range: tuple[int, int] | None = None
 
     def array(self) -> npt.NDArray[np.uint8]:
         d = self.dest
-        return d if isinstance(d, np.ndarray) else d.array()
+        if isinstance(d, np.ndarray):
+            return d
+        assert not isinstance(d, RegionSink), "a RegionSink takes regions through put()"
+        return d.array()
+
+    def put(self, piece: npt.NDArray[np.uint8]) -> None:
+        """Land ``piece``, the stored bytes of region ``src``, in region ``dst``."""
+        d = self.dest
+        if isinstance(d, np.ndarray):
+            d[self.dst.slices()] = piece
+        elif isinstance(d, RegionSink):
+            d.write_region(self.dst, piece)
+        else:
+            d.array()[self.dst.slices()] = piece
 
 
 @dataclass(frozen=True, slots=True)
@@ -264,6 +290,8 @@ def _direct_region(task: ReadTask) -> Bytes1D | None:
     if len(task.targets) != 1:
         return None
     t = task.targets[0]
+    if not isinstance(t.dest, np.ndarray) and isinstance(t.dest, RegionSink):
+        return None
     if t.src.offsets != (0,) * t.src.ndim or t.src.sizes != task.chunk.box.sizes:
         return None
     region = t.array()[t.dst.slices()]
@@ -307,7 +335,7 @@ def _read_one(backend: Backend, task: ReadTask, dec: ChunkDecoder) -> None:
         return
     block = out.reshape(*c.box.sizes, task.itemsize)
     for t in task.targets:
-        t.array()[t.dst.slices()] = block[t.src.slices()]
+        t.put(block[t.src.slices()])
 
 
 def _read_part(backend: Backend, task: ReadTask, dec: ChunkDecoder, where: str) -> None:
@@ -325,5 +353,4 @@ def _read_part(backend: Backend, task: ReadTask, dec: ChunkDecoder, where: str) 
     arr = dec.decode(stored, c, first, stop, itemsize=task.itemsize, where=where)
     for t in task.targets:
         a, b = t.byte_range or (0, 0)
-        piece = arr[a - lo : b - lo].reshape(*t.src.sizes, task.itemsize)
-        t.array()[t.dst.slices()] = piece
+        t.put(arr[a - lo : b - lo].reshape(*t.src.sizes, task.itemsize))

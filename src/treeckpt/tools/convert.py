@@ -1,9 +1,11 @@
-"""Convert checkpoints between treeckpt, DCP, ``torch.save`` files and safetensors.
+"""Convert checkpoints between treeckpt, DCP, ``torch.save`` files, safetensors and HF folders.
 
 The source format is recognised from what is at ``src``: a ``manifest.json``
 (treeckpt, any fsspec URL), a ``.metadata`` file in a directory (a DCP
 checkpoint written by ``torch.distributed.checkpoint``), a file starting
-with a safetensors header, or a ``torch.save`` file (zip or legacy). The
+with a safetensors header, a ``torch.save`` file (zip or legacy), or a
+directory of safetensors files (a Hugging Face folder, with or without its
+``model.safetensors.index.json``, or the pieces of a distributed save). The
 whole tree is read into memory, then written as ``to``:
 
 - ``treeckpt``: ``treeckpt.save`` (atomic; any fsspec URL);
@@ -14,6 +16,10 @@ whole tree is read into memory, then written as ``to``:
   (bounded memory); from the other formats, one ``torch.save`` file;
 - ``safetensors``: the tensor leaves only, keyed by FQN (non-tensor leaves
   are listed in the result as dropped).
+- ``hf``: a Hugging Face folder of the tensor leaves, keyed by FQN:
+  ``model-0000i-of-0000N.safetensors`` files of at most ``max_shard_size``
+  bytes and ``model.safetensors.index.json`` (non-tensor leaves dropped, as
+  for ``safetensors``).
 
 Safety: nothing read runs code. ``torch.save`` files are read with
 ``torch.load(weights_only=True)``, safetensors files never run code, and a
@@ -46,16 +52,17 @@ import torch
 import treeckpt
 from treeckpt.core.leaves import TensorLeaf
 from treeckpt.core.tree import build_tree, flatten_tree
-from treeckpt.errors import CheckpointError, CheckpointNotFoundError
+from treeckpt.errors import CheckpointError, CheckpointNotFoundError, ManifestError
 from treeckpt.explore import TensorHandle
+from treeckpt.formats.hf_safetensors import folder as hf_folder
 from treeckpt.formats.torch_dcp import restore_dcp, write_dcp
 from treeckpt.store import layout
 from treeckpt.store.backends import open_backend
 
 __all__ = ["FORMATS", "ConvertResult", "Format", "convert", "detect_format"]
 
-Format = Literal["treeckpt", "dcp", "torch", "safetensors"]
-FORMATS: tuple[Format, ...] = ("treeckpt", "dcp", "torch", "safetensors")
+Format = Literal["treeckpt", "dcp", "torch", "safetensors", "hf"]
+FORMATS: tuple[Format, ...] = ("treeckpt", "dcp", "torch", "safetensors", "hf")
 
 _DCP_METADATA = ".metadata"
 _ZIP_MAGIC = b"PK\x03\x04"
@@ -96,9 +103,11 @@ def detect_format(src: str | os.PathLike[str]) -> Format:
     if local.is_dir():
         if (local / _DCP_METADATA).is_file():
             return "dcp"
+        if hf_folder.is_folder(local):
+            return "hf"
         raise CheckpointNotFoundError(
-            f"{path}: a directory with neither {layout.MANIFEST} (treeckpt) nor "
-            f"{_DCP_METADATA} (DCP)"
+            f"{path}: a directory with neither {layout.MANIFEST} (treeckpt), "
+            f"{_DCP_METADATA} (DCP) nor safetensors files (Hugging Face)"
         )
     if not local.is_file():
         raise CheckpointNotFoundError(f"{path}: no such file or directory")
@@ -124,6 +133,7 @@ def convert(
     overwrite: bool = False,
     allow_pickle: bool = False,
     max_memory: int | None = None,
+    max_shard_size: int | None = None,
     save_options: treeckpt.SaveOptions | None = None,
     on_start: Callable[[int | None], None] | None = None,
     on_bytes: Callable[[int], None] | None = None,
@@ -131,11 +141,12 @@ def convert(
     """Convert the checkpoint at ``src`` into format ``to`` at ``dst``.
 
     Args:
-        to: ``treeckpt``, ``dcp``, ``torch`` or ``safetensors``.
+        to: ``treeckpt``, ``dcp``, ``torch``, ``safetensors`` or ``hf``.
         overwrite: replace an existing ``dst`` (refused by default).
         allow_pickle: allow reading treeckpt leaves saved with pickle (DCP
             checkpoints are read without pickle and need no flag).
         max_memory: for ``torch`` from treeckpt, passed to ``consolidate``.
+        max_shard_size: for ``hf``, the most bytes per file (transformers' 5 GB by default).
         save_options: for ``treeckpt``, how to store (chunking, compression).
         on_start: called once with the raw bytes to convert (``None`` when unknown).
         on_bytes: called with the raw bytes of each tensor as it is read.
@@ -180,7 +191,11 @@ def convert(
         _replace_into(dst_s, lambda tmp: torch.save(tree, tmp))
     else:
         dropped = tuple(f for f in flat.records if f not in set(tensor_fqns))
-        _write_safetensors({f: flat.leaves[f] for f in tensor_fqns}, dst_s)
+        tensors = {f: flat.leaves[f] for f in tensor_fqns}
+        if to == "hf":
+            _write_hf(tensors, dst_s, max_shard_size or hf_folder.DEFAULT_SHARD_BYTES)
+        else:
+            _write_safetensors(tensors, dst_s)
     return ConvertResult(
         src=src_s,
         dst=dst_s,
@@ -209,6 +224,8 @@ def _read(
         on_start(None)
     if fmt == "dcp":
         tree = restore_dcp(src)  # pickle-free; its errors name the file and the FQN
+    elif fmt == "hf":
+        tree = hf_folder.read_tensors(src)  # every tensor whole, by name; no code runs
     elif fmt == "torch":
         try:
             tree = torch.load(src, map_location="cpu", weights_only=True)
@@ -294,6 +311,21 @@ def _write_safetensors(tensors: dict[str, Any], dst: str) -> None:
     try:
         _replace_into(dst, lambda tmp: save_file(out, tmp, metadata={"format": "pt"}))
     except (ValueError, TypeError, KeyError, RuntimeError) as exc:
+        raise CheckpointError(f"{dst}: safetensors cannot store this checkpoint ({exc})") from None
+
+
+def _write_hf(tensors: dict[str, Any], dst: str, max_shard_size: int) -> None:
+    out = {
+        fqn: (torch.from_numpy(np.ascontiguousarray(v)) if not isinstance(v, torch.Tensor) else v)
+        for fqn, v in tensors.items()
+    }
+
+    def write(tmp: str) -> None:
+        hf_folder.write_tensors(out, tmp, max_shard_size)
+
+    try:
+        _replace_into(dst, write)
+    except ManifestError as exc:  # a dtype safetensors has no name for
         raise CheckpointError(f"{dst}: safetensors cannot store this checkpoint ({exc})") from None
 
 

@@ -2,8 +2,9 @@
 
 A ``StorageReader`` hands each ``ReadItem`` to the planner: a value as
 ``torch.save`` bytes (read back with ``torch.load(weights_only=True)``, so no
-code runs from them), a tensor region copied into the planner's tensor with
-nothing cast, and the region it reads is given in the stored chunk's
+code runs from them), a tensor region copied into the planner's tensor
+(converted only when the conversion is exact or the planner allows it by
+name), and the region it reads is given in the stored chunk's
 coordinates. Both the reader of torch-written checkpoints
 (:class:`~treeckpt.formats.torch_dcp.TorchDcpReader`) and
 ``treeckpt.dcp.FileSystemReader`` go through these functions, so the two
@@ -19,9 +20,18 @@ import torch
 from torch.futures import Future
 
 from treeckpt.core.box import Box
+from treeckpt.core.dtypes import torch_dtype_code
+from treeckpt.core.widening import cast_refusal
 from treeckpt.errors import LoadMismatchError, UnsupportedLeafError
 
-__all__ = ["commit_read", "decode_bytes", "done", "encode_bytes", "stored_box"]
+__all__ = [
+    "commit_read",
+    "decode_bytes",
+    "done",
+    "encode_bytes",
+    "stored_box",
+    "torch_cast_refusal",
+]
 
 
 def encode_bytes(fqn: str, obj: Any) -> io.BytesIO:
@@ -46,21 +56,42 @@ def decode_bytes(fqn: str, value: io.BytesIO) -> Any:
 def commit_read(planner: Any, item: Any, src: torch.Tensor) -> None:
     """Copy ``src`` (what storage holds for a ``ReadItem``) into the planner's tensor.
 
-    Nothing is cast: a dtype or shape that differs from the destination's is a
-    :class:`~treeckpt.LoadMismatchError` naming the FQN.
+    A destination of another dtype is filled by ``copy_`` when the conversion
+    is exact (``core/widening.py``) or the planner allows it by name (its
+    ``allows_lossy_cast(fqn)``, as ``DefaultLoadPlanner(allow_lossy_cast=...)``
+    has). Any other dtype difference, and any shape difference, is a
+    :class:`~treeckpt.LoadMismatchError` naming the FQN and both sides.
     """
     target = planner.resolve_tensor(item).detach()
     fqn = item.dest_index.fqn
-    if target.dtype != src.dtype or tuple(target.shape) != tuple(src.shape):
+    why = None
+    if tuple(target.shape) != tuple(src.shape):
+        why = "nothing is cast"
+    elif target.dtype != src.dtype:
+        why = torch_cast_refusal(fqn, src.dtype, target.dtype, planner)
+    if why is not None:
         raise LoadMismatchError(
             mismatched=[
                 f"{fqn} (checkpoint {src.dtype}{list(src.shape)}, destination "
-                f"{target.dtype}{list(target.shape)}; nothing is cast)"
+                f"{target.dtype}{list(target.shape)}; {why})"
             ]
         )
     with torch.no_grad():
         target.copy_(src)
     planner.commit_tensor(item, target)
+
+
+def torch_cast_refusal(fqn: str, src: torch.dtype, dst: torch.dtype, planner: Any) -> str | None:
+    """Why ``fqn`` may not be converted from ``src`` to ``dst`` under ``planner`` (``None``: it may).
+
+    The planner's consent to a lossy conversion is its ``allows_lossy_cast(fqn)``
+    method, when it has one (a planner without it consents to none).
+    """
+    src_code, dst_code = torch_dtype_code(src), torch_dtype_code(dst)
+    if src_code is None or dst_code is None:
+        return f"{src if src_code is None else dst} is not a dtype treeckpt converts"
+    allows = getattr(planner, "allows_lossy_cast", None)
+    return cast_refusal(fqn, src_code, dst_code, allows if callable(allows) else None)
 
 
 def done(value: Any) -> Future[Any]:

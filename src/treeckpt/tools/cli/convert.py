@@ -16,13 +16,16 @@ from treeckpt.tools.cli._output import print_json, progress_bar
 __all__ = ["DESCRIPTION", "EPILOG", "HELP", "NAME", "arguments", "run"]
 
 NAME = "convert"
-HELP = "convert between treeckpt, DCP, torch.save and safetensors"
+HELP = "convert between treeckpt, DCP, torch.save, safetensors and Hugging Face folders"
 DESCRIPTION = """\
 Convert the checkpoint at SRC into another format at DST. SRC may be a treeckpt
 checkpoint (directory or URL), a DCP directory written by
-torch.distributed.checkpoint, a torch.save file or a safetensors file; its format
-is recognised from its contents. --to safetensors writes the tensor leaves only,
-keyed by FQN (non-tensor leaves are listed as dropped). --to torch from a treeckpt
+torch.distributed.checkpoint, a torch.save file, a safetensors file or a Hugging
+Face folder of safetensors files; its format is recognised from its contents.
+--to safetensors writes the tensor leaves only, keyed by FQN (non-tensor leaves are
+listed as dropped); --to hf writes them as a Hugging Face folder
+(model-0000i-of-0000N.safetensors files of at most --max-shard-size bytes and
+model.safetensors.index.json), which transformers' from_pretrained reads. --to torch from a treeckpt
 checkpoint consolidates it into one torch.save file in bounded memory.
 
 torch.save files are read with weights_only=True; DCP checkpoints are read without
@@ -39,6 +42,8 @@ examples:
   treeckpt convert ckpt/ dcp-ckpt/ --to dcp
   treeckpt convert model.pt s3://bucket/ckpt --to treeckpt
   treeckpt convert ckpt/ full.pt --to torch --max-memory 8GiB --overwrite
+  treeckpt convert ckpt/ hf-model/ --to hf --max-shard-size 2GiB
+  treeckpt convert hf-model/ ckpt/ --to treeckpt
 """
 
 
@@ -60,6 +65,12 @@ def arguments(p: argparse.ArgumentParser) -> None:
         metavar="SIZE",
         help="--to torch from treeckpt: most memory to use (bytes, or 512MiB, 8GiB...)",
     )
+    p.add_argument(
+        "--max-shard-size",
+        type=byte_size,
+        metavar="SIZE",
+        help="--to hf: most bytes per safetensors file (default 5GB, as transformers)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON document")
 
 
@@ -74,6 +85,7 @@ def run(args: argparse.Namespace) -> int:
             overwrite=args.overwrite,
             allow_pickle=args.allow_pickle,
             max_memory=args.max_memory,
+            max_shard_size=args.max_shard_size,
             on_start=bar.start,
             on_bytes=bar.advance,
         )
