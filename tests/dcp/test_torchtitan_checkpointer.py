@@ -25,6 +25,7 @@ import dataclasses
 import functools
 import importlib
 import importlib.util
+import json
 import os
 import shutil
 import sys
@@ -283,7 +284,13 @@ class Job:
     """One rank's training job; the model sharded over the group unless ``sharded=False``."""
 
     def __init__(
-        self, rank: int, base: str, seed: int, sharded: bool = True, **config: Any
+        self,
+        rank: int,
+        base: str,
+        seed: int,
+        sharded: bool = True,
+        hf_assets_path: str | None = None,
+        **config: Any,
     ) -> None:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
@@ -325,7 +332,7 @@ class Job:
             optimizers=self.optimizers,
             lr_schedulers=self.lr_schedulers,
             states={"train_state": self.train_state},
-            sd_adapter=tiny_adapter(),
+            sd_adapter=tiny_adapter(hf_assets_path),
             base_folder=base,
         )
 
@@ -642,23 +649,51 @@ def test_a_bfloat16_export_is_the_initial_load_of_a_float32_model(tmp_path: Path
     assert not (fresh / "checkpoint").exists()
 
 
-def test_a_hugging_face_export_is_the_initial_load_of_a_fresh_model(tmp_path: Path) -> None:
-    # Written without fqn_to_index_mapping: consolidate_... is not called.
-    needs(("HuggingFaceStorageWriter", "HuggingFaceStorageReader"))
-    exported = tmp_path / "export"
-    trained = run_ranks(
-        WORLD, _export_run, tmp_path, str(exported), {"last_save_in_hf": True}, timeout=180
-    )[0]
-    step = exported / "checkpoint" / "step-2"
-    assert not (step / "manifest.json").exists()
+# The HF names of the Tiny model (the adapter's ``model.`` prefix) and, for a
+# sharded export, the file each goes to (an adapter reads it from the hub's index).
+HF_FILES = {
+    "model.layers.0.weight": 1,
+    "model.layers.0.bias": 1,
+    "model.layers.1.weight": 2,
+    "model.layers.1.bias": 2,
+    "model.layers.2.weight": 2,
+    "model.layers.2.bias": 1,
+}
+
+
+@pytest.mark.parametrize("sharded", [False, True], ids=["one-file", "fqn_to_index_mapping"])
+def test_a_hugging_face_export_is_the_initial_load_of_a_fresh_model(
+    tmp_path: Path, sharded: bool
+) -> None:
+    pytest.importorskip("safetensors")
     from safetensors.torch import load_file
 
-    files = sorted(step.glob("*.safetensors"))
-    assert files, f"no .safetensors file in {step}"
-    stored = {k: v for f in files for k, v in load_file(str(f)).items()}
-    assert {k: _plain(v) for k, v in stored.items()} == {
-        f"model.{k.removeprefix('model.')}": b for k, b in _model_bits(trained).items()
-    }
+    config: dict[str, Any] = {"last_save_in_hf": True}
+    if sharded:
+        # With a mapping, torchtitan saves the pieces to step-N/sharded and then
+        # calls consolidate_safetensors_files_on_every_rank.
+        assets = tmp_path / "assets"
+        assets.mkdir()
+        index = {k: f"model-{i:05d}-of-00002.safetensors" for k, i in HF_FILES.items()}
+        (assets / "model.safetensors.index.json").write_text(json.dumps({"weight_map": index}))
+        config["hf_assets_path"] = str(assets)
+    exported = tmp_path / "export"
+    trained = run_ranks(WORLD, _export_run, tmp_path, str(exported), config, timeout=180)[0]
+    step = exported / "checkpoint" / "step-2"
+    assert not (step / "manifest.json").exists()
+    weight_map = json.loads((step / "model.safetensors.index.json").read_text())["weight_map"]
+    if sharded:
+        assert weight_map == {k: f"model-{i:05d}-of-00002.safetensors" for k, i in HF_FILES.items()}
+    else:
+        assert set(weight_map) == set(HF_FILES)
+        assert len(set(weight_map.values())) == 1
+    stored = {}
+    for name in set(weight_map.values()):
+        for k, v in load_file(str(step / name)).items():
+            assert weight_map[k] == name, k
+            stored[k] = _plain(v)
+    # _model_bits names the model's tensors "model.<fqn>", as the adapter does.
+    assert stored == _model_bits(trained)
 
     got = run_ranks(
         WORLD,
