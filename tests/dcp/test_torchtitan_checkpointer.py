@@ -55,19 +55,6 @@ MODES = ("disabled", "async", "async_with_pinned_mem")
 # Loading torchtitan's files with DCP pointed at treeckpt.dcp
 
 
-class _Missing:
-    """Stands for a name ``treeckpt.dcp`` does not have; using it raises."""
-
-    def __init__(self, where: str) -> None:
-        self.where = where
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        raise ImportError(f"{self.where} does not exist")
-
-    def __repr__(self) -> str:
-        return f"<missing {self.where}>"
-
-
 class _Overlay(types.ModuleType):
     """A module seen through ``overrides``: those attributes replaced, the rest its own."""
 
@@ -83,13 +70,11 @@ class _Overlay(types.ModuleType):
 class Redirected(NamedTuple):
     module: types.ModuleType
     imports: dict[str, str]  # each torch.distributed.checkpoint module the file imports -> ours
-    missing: tuple[str, ...]  # names treeckpt.dcp lacks, as "module.name"
 
 
 def load_on_treeckpt(path: Path, name: str) -> Redirected:
     """Execute the file ``path`` as module ``name``; its DCP imports get ``treeckpt.dcp``."""
     imports: dict[str, str] = {}
-    missing: list[str] = []
 
     def redirected_import(
         mod: str,
@@ -102,25 +87,19 @@ def load_on_treeckpt(path: Path, name: str) -> Redirected:
             return builtins.__import__(mod, globals, locals, fromlist, level)
         ours = "treeckpt.dcp" + mod[len(DCP) :]
         imports[mod] = ours
-        try:
-            target: Any = importlib.import_module(ours)
-        except ModuleNotFoundError:
-            target = None
+        target = importlib.import_module(ours)
         if not fromlist:
-            if target is None:
-                raise ImportError(f"{ours} does not exist")
             # ``import torch.distributed.checkpoint [as dcp]`` binds ``torch``, whose
             # ``distributed.checkpoint`` it then looks up.
             dcp = importlib.import_module("treeckpt.dcp")
             return _Overlay(torch, distributed=_Overlay(dist, checkpoint=dcp))
-        names = {}
         for attr in fromlist:
-            value = getattr(target, attr, _Missing) if target is not None else _Missing
-            if value is _Missing:
-                missing.append(f"{ours}.{attr}")
-                value = _Missing(f"{ours}.{attr}")
-            names[attr] = value
-        return types.SimpleNamespace(**names)
+            if not hasattr(target, attr):
+                try:  # a submodule, as ``from package import module`` allows
+                    importlib.import_module(f"{ours}.{attr}")
+                except ModuleNotFoundError:
+                    raise ImportError(f"{ours} has no {attr} (imported by {path})") from None
+        return target
 
     spec = importlib.util.spec_from_file_location(name, path)
     assert spec is not None and spec.loader is not None
@@ -128,7 +107,7 @@ def load_on_treeckpt(path: Path, name: str) -> Redirected:
     module.__dict__["__builtins__"] = {**builtins.__dict__, "__import__": redirected_import}
     sys.modules[name] = module  # dataclasses look their module up while the file runs
     spec.loader.exec_module(module)
-    return Redirected(module, imports, tuple(missing))
+    return Redirected(module, imports)
 
 
 class Titan(NamedTuple):
@@ -148,12 +127,6 @@ def titan() -> Titan:
             "torchtitan.protocols._state_dict_adapter_on_treeckpt",
         ),
     )
-
-
-def needs(names: tuple[str, ...]) -> None:
-    missing = [m for t in titan() for m in t.missing if m.endswith(names)]
-    if missing:
-        pytest.xfail(f"needs treeckpt.dcp's Hugging Face storage: missing {', '.join(missing)}")
 
 
 def _unredirected(path: Path) -> list[str]:
@@ -200,18 +173,10 @@ def test_every_dcp_name_is_treeckpts() -> None:
     # Every DCP call in the file is an attribute of ``dcp``: the ones it makes are ours.
     for call in ("save", "async_save", "load"):
         assert getattr(g["dcp"], call).__module__.startswith("treeckpt.dcp."), call
-    needs(
-        (
-            "HuggingFaceStorageWriter",
-            "HuggingFaceStorageReader",
-            "consolidate_safetensors_files_on_every_rank",
-        )
-    )
     assert g["HuggingFaceStorageWriter"] is treeckpt.dcp.HuggingFaceStorageWriter  # type: ignore[attr-defined]
     assert t.adapter.module.HuggingFaceStorageReader is treeckpt.dcp.HuggingFaceStorageReader  # type: ignore[attr-defined]
     consolidate = g["consolidate_safetensors_files_on_every_rank"]
     assert consolidate.__module__.startswith("treeckpt.dcp"), consolidate.__module__
-    assert not t.checkpointer.missing and not t.adapter.missing
 
 
 # ---------------------------------------------------------------------------
@@ -626,19 +591,14 @@ def test_a_bfloat16_export_is_the_initial_load_of_a_float32_model(tmp_path: Path
         assert _plain(stored) == _plain(_tensor(b).to(torch.bfloat16)), k
 
     fresh = tmp_path / "fresh"
-    try:
-        got = run_ranks(
-            WORLD,
-            _initial_load_run,
-            tmp_path,
-            str(fresh),
-            {"initial_load_path": str(step), "initial_load_model_only": True},
-            timeout=180,
-        )
-    except AssertionError as exc:
-        if "bfloat16" in str(exc) and "float32" in str(exc):
-            pytest.xfail("needs exact dtype widening on load (bfloat16 stored, float32 model)")
-        raise
+    got = run_ranks(
+        WORLD,
+        _initial_load_run,
+        tmp_path,
+        str(fresh),
+        {"initial_load_path": str(step), "initial_load_model_only": True},
+        timeout=180,
+    )
     widened = {
         k: _plain(_tensor(b).to(torch.bfloat16).to(torch.float32))
         for k, b in _model_bits(trained).items()
