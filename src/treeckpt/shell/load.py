@@ -45,6 +45,7 @@ from treeckpt.shell.tensors import (
     local_shards,
     on_meta,
 )
+from treeckpt.shell.transfer import Uploads
 from treeckpt.store.backends import Backend
 from treeckpt.store.chunks import ReadTarget, ReadTask, read_chunks
 from treeckpt.store.reader import read_indexes, stored_tensors
@@ -105,6 +106,7 @@ def read_regions(
     requests: list[ShardSpec] = []
     dests: dict[tuple[str, Box], Destination] = {}
     itemsizes: dict[str, int] = {}
+    uploads = Uploads()  # device tensors: staged in pooled host buffers, copied without waiting
     for fqn, pairs in regions.items():
         rec = manifest.records[fqn]
         assert isinstance(rec, TensorLeaf)
@@ -113,7 +115,7 @@ def read_regions(
         )
         itemsizes[fqn] = dtype_info(rec.dtype).itemsize
         for box, local in pairs:
-            dests[(fqn, box)] = destination(local, rec.dtype, box.sizes)
+            dests[(fqn, box)] = destination(local, rec.dtype, box.sizes, uploads)
     plan = plan_load(stored, requests)
     grouped: dict[tuple[str, int], list[ReadItem]] = {}
     for item in plan.items:
@@ -170,15 +172,18 @@ def read_regions(
                 task.chunk.offset,
             )
         )
-    read_chunks(
-        backend,
-        tasks,
-        io_threads=options.io_threads,
-        on_done=done if pending else None,
-        in_file_order=not pending,
-    )
-    for d in dests.values():
-        d.finish()  # destinations no chunk fed (nothing staged: a no-op)
+    try:
+        read_chunks(
+            backend,
+            tasks,
+            io_threads=options.io_threads,
+            on_done=done if pending else None,
+            in_file_order=not pending,
+        )
+        for d in dests.values():
+            d.finish()  # destinations no chunk fed (nothing staged: a no-op)
+    finally:
+        uploads.wait()  # every host-to-device copy has landed before the load returns
     return plan
 
 
