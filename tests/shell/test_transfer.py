@@ -76,10 +76,13 @@ class FakeDevice:
                 self._queue.append((seq, run))
         return _FakeMark(self, seq)
 
-    def to_host(self, dst: torch.Tensor, src: torch.Tensor) -> _FakeMark:
+    def point(self, t: torch.Tensor) -> Any:
+        return None
+
+    def to_host(self, dst: torch.Tensor, src: torch.Tensor, after: Any = None) -> _FakeMark:
         return self._issue("d2h", dst, src)
 
-    def to_device(self, dst: torch.Tensor, src: torch.Tensor) -> _FakeMark:
+    def to_device(self, dst: torch.Tensor, src: torch.Tensor, after: Any = None) -> _FakeMark:
         return self._issue("h2d", dst, src)
 
     def run_until(self, seq: int) -> None:

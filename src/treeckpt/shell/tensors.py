@@ -102,7 +102,7 @@ def chunk_source(data: Any, shard: Box, chunk: Box) -> Callable[[], Bytes1D]:
     """
     slices = chunk.relative_to(shard).slices()
     if isinstance(data, torch.Tensor) and (device := device_for(data)) is not None:
-        return DeviceChunk(device, data[slices] if slices else data)
+        return DeviceChunk(device, data[slices] if slices else data, device.point(data))
 
     def source() -> Bytes1D:
         if isinstance(data, torch.Tensor):

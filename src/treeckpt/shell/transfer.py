@@ -76,10 +76,17 @@ class CopyDevice(Protocol):
     def host_buffer(self, nbytes: int) -> torch.Tensor:
         """A fresh 1-d uint8 host tensor of ``nbytes`` bytes (pinned when the device wants it)."""
 
-    def to_host(self, dst: torch.Tensor, src: torch.Tensor) -> Mark:
+    def point(self, t: torch.Tensor) -> Any:
+        """The work queued on device tensor ``t`` so far, as the calling thread sees it.
+
+        A copy issued later, from any thread, with ``after=`` this point runs
+        after that work (``None``: nothing to wait for).
+        """
+
+    def to_host(self, dst: torch.Tensor, src: torch.Tensor, after: Any = None) -> Mark:
         """Issue the copy of device tensor ``src`` into host tensor ``dst`` (same dtype, shape)."""
 
-    def to_device(self, dst: torch.Tensor, src: torch.Tensor) -> Mark:
+    def to_device(self, dst: torch.Tensor, src: torch.Tensor, after: Any = None) -> Mark:
         """Issue the copy of host tensor ``src`` into device tensor ``dst`` (same dtype, shape)."""
 
 
@@ -101,12 +108,15 @@ class HostDevice:
     def host_buffer(self, nbytes: int) -> torch.Tensor:
         return torch.empty(nbytes, dtype=torch.uint8)
 
-    def to_host(self, dst: torch.Tensor, src: torch.Tensor) -> Mark:
+    def point(self, t: torch.Tensor) -> Any:
+        return None
+
+    def to_host(self, dst: torch.Tensor, src: torch.Tensor, after: Any = None) -> Mark:
         with torch.no_grad():
             dst.copy_(src)
         return DONE
 
-    def to_device(self, dst: torch.Tensor, src: torch.Tensor) -> Mark:
+    def to_device(self, dst: torch.Tensor, src: torch.Tensor, after: Any = None) -> Mark:
         with torch.no_grad():
             dst.copy_(src)
         return DONE
@@ -125,9 +135,10 @@ class _EventMark:
 class CudaDevice:
     """Pinned host buffers; copies on a side stream per thread and device, marked by events.
 
-    A copy's stream first waits for the work already queued on the device
-    tensor's current stream (what produced the data, or last used the
-    destination), and the tensor is recorded on the side stream so that the
+    A copy's stream first waits for the work queued on the device tensor's
+    stream (what produced the data, or last used the destination): up to
+    ``after`` (an event recorded by :meth:`point` in the thread that owns the
+    work), else up to now on the calling thread's current stream. The tensor is recorded on the side stream so that the
     caching allocator does not hand its memory out before the copy is done.
     """
 
@@ -149,10 +160,20 @@ class CudaDevice:
     def host_buffer(self, nbytes: int) -> torch.Tensor:
         return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
 
-    def _copy(self, dst: torch.Tensor, src: torch.Tensor, on_device: torch.Tensor) -> Mark:
+    def point(self, t: torch.Tensor) -> Any:
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(t.device))
+        return event
+
+    def _copy(
+        self, dst: torch.Tensor, src: torch.Tensor, on_device: torch.Tensor, after: Any
+    ) -> Mark:
         device = on_device.device
         stream = self._stream(device)
-        stream.wait_stream(torch.cuda.current_stream(device))
+        if after is None:
+            stream.wait_stream(torch.cuda.current_stream(device))
+        else:
+            stream.wait_event(after)
         with torch.cuda.stream(stream), torch.no_grad():
             dst.copy_(src, non_blocking=True)
             event = torch.cuda.Event()
@@ -160,11 +181,11 @@ class CudaDevice:
         on_device.record_stream(stream)
         return _EventMark(event)
 
-    def to_host(self, dst: torch.Tensor, src: torch.Tensor) -> Mark:
-        return self._copy(dst, src, src)
+    def to_host(self, dst: torch.Tensor, src: torch.Tensor, after: Any = None) -> Mark:
+        return self._copy(dst, src, src, after)
 
-    def to_device(self, dst: torch.Tensor, src: torch.Tensor) -> Mark:
-        return self._copy(dst, src, dst)
+    def to_device(self, dst: torch.Tensor, src: torch.Tensor, after: Any = None) -> Mark:
+        return self._copy(dst, src, dst, after)
 
 
 _HOST = HostDevice()
@@ -259,17 +280,19 @@ class DeviceChunk:
     (:class:`LaneFetcher`); called directly, it copies into fresh host memory.
     """
 
-    __slots__ = ("device", "nbytes", "tensor")
+    __slots__ = ("after", "device", "nbytes", "tensor")
 
-    def __init__(self, device: CopyDevice, tensor: torch.Tensor) -> None:
+    def __init__(self, device: CopyDevice, tensor: torch.Tensor, after: Any = None) -> None:
         self.device = device
         self.tensor = tensor.detach().resolve_conj().resolve_neg()
         self.nbytes = self.tensor.numel() * self.tensor.element_size()
+        self.after = after  # the producer's work the copy waits for (a lane copies later)
 
     def issue(self, buf: torch.Tensor) -> Mark:
         """Start copying into the first ``nbytes`` of host buffer ``buf``."""
         t = self.tensor
-        return self.device.to_host(buf[: self.nbytes].view(t.dtype).view(t.shape), t)
+        dst = buf[: self.nbytes].view(t.dtype).view(t.shape)
+        return self.device.to_host(dst, t, self.after)
 
     def __call__(self) -> Bytes1D:
         buf = self.device.host_buffer(self.nbytes)
@@ -370,6 +393,7 @@ class Uploads:
     ) -> tuple[Callable[[], Bytes1D], Callable[[Bytes1D], None]]:
         nbytes = t.numel() * t.element_size()
         taken: list[torch.Tensor] = []
+        after = device.point(t)  # what is queued on it now; the upload runs after it
 
         def alloc() -> Bytes1D:
             buf = self._pool.take(device, nbytes)
@@ -379,7 +403,7 @@ class Uploads:
 
         def upload(_: Bytes1D) -> None:
             buf = taken.pop()
-            mark = device.to_device(t, buf[:nbytes].view(t.dtype).view(t.shape))
+            mark = device.to_device(t, buf[:nbytes].view(t.dtype).view(t.shape), after)
             self._pool.give(device, buf, mark)
             with self._lock:
                 self._marks.append(mark)
