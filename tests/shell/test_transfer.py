@@ -285,3 +285,20 @@ def test_async_save_stages_before_returning(tmp_path: Path) -> None:
         fut.result(timeout=60)
         saver.close()
     _same(treeckpt.restore(tmp_path / "ck"), before)
+
+
+def test_free_host_buffers_releases_the_pooled_and_staging_memory(tmp_path: Path) -> None:
+    from treeckpt.shell.transfer import HOST_POOL
+
+    treeckpt.free_host_buffers()
+    tree = _tree()
+    with using_device(FakeDevice(lazy=False)):
+        options = SaveOptions(chunk_bytes=1000, io_threads=1)
+        treeckpt.save(tree, tmp_path / "a", options=options)
+        treeckpt.async_save(tree, tmp_path / "b", options=options).result(timeout=60)
+    pooled = HOST_POOL.nbytes
+    assert pooled == 2 * 1000  # one lane, two buffers of the chunk size
+    staged = sum(v.numel() * v.element_size() for v in tree.values() if isinstance(v, torch.Tensor))
+    assert treeckpt.free_host_buffers() == pooled + staged
+    assert HOST_POOL.nbytes == 0
+    assert treeckpt.free_host_buffers() == 0
