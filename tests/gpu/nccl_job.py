@@ -18,7 +18,7 @@ import treeckpt
 
 
 def _bits(t: torch.Tensor) -> bytes:
-    return t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
+    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
 def main(out: Path) -> int:

@@ -101,7 +101,7 @@ def fake(request: Any) -> FakeDevice:
 
 
 def _bits(t: torch.Tensor) -> bytes:
-    return t.detach().contiguous().view(torch.uint8).numpy().tobytes()
+    return t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
 def test_pool_gives_a_buffer_back_only_after_the_copy_out_of_it_ran() -> None:
@@ -233,6 +233,9 @@ def _tree() -> dict[str, Any]:
         "view": torch.randn(40, 30, generator=g).t(),  # not contiguous
         "i64": torch.arange(1000, dtype=torch.int64),
         "empty": torch.zeros(0, 3),
+        "scalar": torch.tensor(2.5, dtype=torch.float64),
+        "mask": torch.arange(77) % 3 == 0,
+        "c64": torch.randn(20, 2, generator=g).view(torch.complex64).squeeze(1),
         "step": 3,
     }
 
