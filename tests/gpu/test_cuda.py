@@ -71,7 +71,7 @@ def test_cuda_state_round_trips_bit_exact(tmp_path: Path) -> None:
     ptrs = {k: v.data_ptr() for k, v in template.items() if isinstance(v, torch.Tensor)}
     treeckpt.load(template, tmp_path / "ck")
     _assert_same(template, want)
-    assert {k: v.data_ptr() for k, v in ptrs.items()} == ptrs  # filled in place
+    assert {k: template[k].data_ptr() for k in ptrs} == ptrs  # filled in place
     assert all(template[k].device == state[k].device for k in ptrs)
     _assert_same(treeckpt.restore(tmp_path / "ck"), want)  # on the CPU
 
@@ -84,30 +84,40 @@ def test_sync_saves_reuse_the_pinned_lane_buffers(tmp_path: Path) -> None:
     treeckpt.save(state, tmp_path / "a", options=one_lane)
     first = HOST_POOL.allocated - made
     assert first == 2  # the lane's two buffers
-    assert all(b.is_pinned() and b.numel() == 64 << 10 for _, b, _ in HOST_POOL._free)
+    assert all(b.is_pinned() and b.numel() <= 64 << 10 for _, b, _ in HOST_POOL._free)
     treeckpt.save(state, tmp_path / "b", options=one_lane)
     assert HOST_POOL.allocated - made == first  # the second save allocated nothing
     _assert_same(treeckpt.restore(tmp_path / "b"), _expected(state))
+
+
+def _changed(t: torch.Tensor) -> torch.Tensor:
+    return t.logical_not() if t.dtype == torch.bool else t * -1
+
+
+def _change_(t: torch.Tensor) -> None:
+    """In place, queued on the current stream: the same values as ``_changed``."""
+    if t.dtype == torch.bool:
+        t.logical_not_()
+    else:
+        t.mul_(-1)
 
 
 def test_async_save_keeps_the_values_of_when_it_was_called(tmp_path: Path) -> None:
     state = _state()
     saver = treeckpt.AsyncSaver()
     try:
-        negated = {
-            k: v.neg() if isinstance(v, torch.Tensor) and v.is_cuda else v for k, v in state.items()
-        }
-        want = _expected(negated)  # (synchronises: the stream is idle here)
+        cuda = [k for k, v in state.items() if isinstance(v, torch.Tensor) and v.is_cuda]
+        want = _expected({k: _changed(v) if k in cuda else v for k, v in state.items()})
+        # (that synchronised: the stream is idle here)
         # Work queued on the current stream before the save must be in it: a long
         # kernel, then new values, both still queued when async_save is called.
         torch.cuda._sleep(200_000_000)
-        for v in state.values():
-            if isinstance(v, torch.Tensor) and v.is_cuda:
-                v.mul_(-1)
+        for k in cuda:
+            _change_(state[k])
         fut = saver.save(state, tmp_path / "a", options=OPTS)
         for v in state.values():
             if isinstance(v, torch.Tensor):
-                v.add_(1)  # training goes on
+                _change_(v)  # training goes on
         fut.result(timeout=120)
         assert all(b.is_pinned() for k, b in saver._pool._buffers.items() if k[0] != "cpu")
         _assert_same(treeckpt.restore(tmp_path / "a"), want)

@@ -305,3 +305,24 @@ def test_free_host_buffers_releases_the_pooled_and_staging_memory(tmp_path: Path
     assert treeckpt.free_host_buffers() == pooled + staged
     assert HOST_POOL.nbytes == 0
     assert treeckpt.free_host_buffers() == 0
+
+
+def test_a_save_lane_fetches_each_chunk_with_the_next_one_ahead(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[tuple[Any, Any]] = []
+    real = LaneFetcher.fetch
+
+    def record(self: LaneFetcher, source: Any, ahead: Any) -> Any:
+        calls.append((source, ahead))
+        return real(self, source, ahead)
+
+    monkeypatch.setattr(LaneFetcher, "fetch", record)
+    dev = FakeDevice(lazy=True)
+    with using_device(dev):
+        treeckpt.save(_tree(), tmp_path / "ck", options=SaveOptions(chunk_bytes=1000, io_threads=1))
+    assert len(calls) > 10
+    # One lane: every call names as ahead the source of the next call, the last none.
+    assert [a for _, a in calls] == [s for s, _ in calls[1:]] + [None]
+    # Each chunk's copy was issued by the call before its own, except the first one's.
+    assert len(dev.log) == len(calls) and dev.pending == 0
