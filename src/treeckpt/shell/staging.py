@@ -54,6 +54,7 @@ class StagingPool:
             kept: dict[tuple[str, Box], Any] = {}
             local: dict[str, list[tuple[Box, Any]]] = {}
             marks: list[Mark] = []
+            points: dict[torch.device, Any] = {}  # the work queued now, per device
             copied = 0
             try:
                 for fqn, pairs in prepared.local.items():
@@ -61,7 +62,7 @@ class StagingPool:
                     for box, data in pairs:
                         if (fqn, box) not in needed:
                             continue
-                        buf = _copy_into(self._buffers.get((fqn, box)), data, marks)
+                        buf = _copy_into(self._buffers.get((fqn, box)), data, marks, points)
                         kept[(fqn, box)] = buf
                         staged.append((box, buf))
                         copied += _nbytes(buf)
@@ -85,10 +86,11 @@ def _nbytes(buf: Any) -> int:
     return int(buf.nbytes)
 
 
-def _copy_into(buf: Any, data: Any, marks: list[Mark]) -> Any:
+def _copy_into(buf: Any, data: Any, marks: list[Mark], points: dict[torch.device, Any]) -> Any:
     """Copy ``data`` into ``buf`` when it fits, else into a new host buffer.
 
-    A device tensor's copy is only issued: its mark goes to ``marks``.
+    A device tensor's copy is only issued (after ``points[device]``, the work
+    queued on its device when staging began): its mark goes to ``marks``.
     """
     if isinstance(data, torch.Tensor):
         data = data.detach()
@@ -109,7 +111,9 @@ def _copy_into(buf: Any, data: Any, marks: list[Mark]) -> Any:
             with torch.no_grad():
                 buf.copy_(data)
         else:
-            marks.append(device.to_host(buf, data))
+            if data.device not in points:
+                points[data.device] = device.point(data)
+            marks.append(device.to_host(buf, data, points[data.device]))
         return buf
     arr = np.asarray(data)
     if not (isinstance(buf, np.ndarray) and buf.shape == arr.shape and buf.dtype == arr.dtype):
