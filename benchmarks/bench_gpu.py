@@ -214,7 +214,9 @@ def section_async(tk: Any, state: dict[str, torch.Tensor], a: argparse.Namespace
         start = time.perf_counter()
         fut = fn(path)
         blocked = time.perf_counter() - start
-        fut.result()
+        # DCP returns a response with two futures when it stages asynchronously.
+        done = getattr(fut, "upload_completion", fut)
+        done.result()
         fsync_tree(path)
         total = time.perf_counter() - start
         runs.setdefault(f"{name}: blocks training", []).append(blocked)
