@@ -4,8 +4,9 @@ Writing: a rank's chunks are spread over ``io_threads`` threads by size;
 each thread encodes (shuffle, zstd) and appends to its own data file, so
 compression and I/O of different chunks overlap (zstandard, numpy copies and
 file writes all release the GIL) and each file is written sequentially. A
-thread holds at most one chunk in flight, so extra memory stays at a few
-chunks per thread.
+thread holds at most one chunk in flight (two when its fetcher gets the next
+one ahead, e.g. copies it from a GPU meanwhile), so extra memory stays at a
+few chunks per thread.
 
 Reading: chunks are read with ranged reads in parallel, checksummed before
 they are decoded, and decoded straight into the destination's memory when the
@@ -57,7 +58,8 @@ class ChunkFetcher(Protocol):
     ``fetch(source, ahead)`` returns the bytes of ``source`` and may start
     getting ``ahead`` (the lane's next source, or ``None``) while the lane
     encodes and writes; the lane calls it again only once it is done with the
-    bytes returned before. ``close()`` ends the lane (after success or failure).
+    bytes returned before (a backend's ``write`` has consumed them when it
+    returns). ``close()`` ends the lane (after success or failure).
     """
 
     def fetch(
