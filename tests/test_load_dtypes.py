@@ -27,7 +27,7 @@ from treeckpt.store.reader import read_manifest
 
 
 def _bits(t: torch.Tensor) -> bytes:
-    return t.detach().contiguous().view(torch.uint8).numpy().tobytes()
+    return t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
 def _specials_bf16() -> torch.Tensor:
@@ -198,6 +198,30 @@ def test_plan_refuses_a_lossy_region_without_consent(tmp_ckpt: str) -> None:
     finally:
         backend.close()
     assert torch.equal(out, torch.zeros(4, dtype=torch.int32))
+
+
+def test_scalars_empty_and_complex_tensors_widen(tmp_ckpt: str) -> None:
+    saved = {
+        "s": torch.tensor(-0.0, dtype=torch.bfloat16),
+        "e": torch.zeros(0, 3, dtype=torch.float16),
+        "c": torch.tensor([1 + 2j, float("nan") - 1j], dtype=torch.complex64),
+        "r": torch.tensor([0.1, -3.0]),
+        "m": torch.tensor([True, False, True]),
+    }
+    treeckpt.save(saved, tmp_ckpt)
+    tree = {
+        "s": torch.tensor(5.0, dtype=torch.float64),
+        "e": torch.ones(0, 3),
+        "c": torch.zeros(2, dtype=torch.complex128),
+        "r": torch.zeros(2, dtype=torch.complex64),
+        "m": torch.zeros(3, dtype=torch.uint8),
+    }
+    treeckpt.load(tree, tmp_ckpt)
+    assert _bits(tree["s"]) == _bits(torch.tensor(-0.0, dtype=torch.float64))
+    assert tree["e"].shape == (0, 3) and tree["e"].dtype == torch.float32
+    assert _bits(tree["c"]) == _bits(saved["c"].to(torch.complex128))
+    assert _bits(tree["r"]) == _bits(saved["r"].to(torch.complex64))
+    assert tree["m"].tolist() == [1, 0, 1]
 
 
 def test_numpy_arrays_widen_in_place(tmp_ckpt: str) -> None:

@@ -15,7 +15,7 @@ from treeckpt.api import (
     restore,
     save,
 )
-from treeckpt.asyncsave import AsyncSaver, SaveFuture, async_save
+from treeckpt.asyncsave import AsyncSaver, SaveFuture, async_save, free_host_buffers
 from treeckpt.core.box import Box
 from treeckpt.core.options import Compression, LoadOptions, SaveOptions
 from treeckpt.core.plan import LoadPlan, ReadItem, plan_load
@@ -78,6 +78,7 @@ __all__ = [
     "WriteItem",
     "__version__",
     "async_save",
+    "free_host_buffers",
     "is_stateful",
     "load",
     "metadata",

@@ -8,7 +8,9 @@ state as it is now, and nothing more:
    tree fails at once, on every rank;
 2. copy the tensors this rank will write (not the replicas another rank
    writes) into host buffers kept from one save to the next; CUDA tensors
-   go to pinned buffers with non-blocking copies and one synchronisation.
+   go to pinned buffers, every copy issued on a side stream (after the work
+   queued on the tensors' stream) before any is waited for
+   (``shell/transfer.py``).
 
 The plan of a layout saved before is reused (``shell/plancache.py``), so a
 training run's later saves block for little more than the copy.
@@ -39,9 +41,10 @@ from treeckpt.shell import inflight
 from treeckpt.shell.ranks import check_user_metadata, coordinator, make_save_dir, sync_new_dir
 from treeckpt.shell.save import SaveResult, commit_save, prepare_save
 from treeckpt.shell.staging import StagingPool
+from treeckpt.shell.transfer import HOST_POOL
 from treeckpt.store.backends import open_backend
 
-__all__ = ["AsyncSaver", "SaveFuture", "async_save"]
+__all__ = ["AsyncSaver", "SaveFuture", "async_save", "free_host_buffers"]
 
 
 class SaveFuture(Future[SaveResult]):
@@ -225,3 +228,21 @@ def async_save(
         user_metadata=user_metadata,
         process_group=process_group,
     )
+
+
+def free_host_buffers() -> int:
+    """Release the host memory kept between saves and loads; returns the bytes released.
+
+    That is the staging buffers of :func:`async_save` (once its running save
+    has finished) and the pooled buffers that device tensors are copied
+    through by :func:`treeckpt.save` and :func:`treeckpt.load` (pinned for
+    CUDA). The next save or load allocates what it needs again.
+    """
+    freed = HOST_POOL.nbytes
+    HOST_POOL.clear()
+    with _default_lock:
+        saver = _default
+    if saver is not None:
+        freed += saver.host_bytes
+        saver.close()
+    return freed

@@ -49,6 +49,7 @@ from treeckpt.shell.tensors import (
     local_shards,
     on_meta,
 )
+from treeckpt.shell.transfer import Uploads
 from treeckpt.store.backends import Backend
 from treeckpt.store.chunks import ReadTarget, ReadTask, read_chunks
 from treeckpt.store.reader import read_indexes, stored_tensors
@@ -118,6 +119,7 @@ def read_regions(
     requests: list[ShardSpec] = []
     dests: dict[tuple[str, Box], Destination | Converter] = {}
     itemsizes: dict[str, int] = {}
+    uploads = Uploads()  # device tensors: staged in pooled host buffers, copied without waiting
     for fqn, pairs in regions.items():
         rec = manifest.records[fqn]
         assert isinstance(rec, TensorLeaf)
@@ -130,7 +132,7 @@ def read_regions(
                 )
             boxes_by_dtype.setdefault(code, []).append(box)
             if code == rec.dtype:
-                dests[(fqn, box)] = destination(local, rec.dtype, box.sizes)
+                dests[(fqn, box)] = destination(local, rec.dtype, box.sizes, uploads)
             else:
                 dests[(fqn, box)] = Converter(local, rec.dtype)
         requests.extend(
@@ -196,15 +198,18 @@ def read_regions(
                 task.chunk.offset,
             )
         )
-    read_chunks(
-        backend,
-        tasks,
-        io_threads=options.io_threads,
-        on_done=done if pending else None,
-        in_file_order=not pending,
-    )
-    for d in dests.values():
-        d.finish()  # destinations no chunk fed (nothing staged: a no-op)
+    try:
+        read_chunks(
+            backend,
+            tasks,
+            io_threads=options.io_threads,
+            on_done=done if pending else None,
+            in_file_order=not pending,
+        )
+        for d in dests.values():
+            d.finish()  # destinations no chunk fed (nothing staged: a no-op)
+    finally:
+        uploads.wait()  # every host-to-device copy has landed before the load returns
     return plan
 
 

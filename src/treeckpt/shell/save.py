@@ -58,6 +58,7 @@ from treeckpt.shell.negotiate import LocalDescription, negotiate_plan
 from treeckpt.shell.plancache import SHARED_PLAN_CACHE, PlanCache, PlanKey
 from treeckpt.shell.sharded import ADAPTERS
 from treeckpt.shell.tensors import chunk_source, local_shards
+from treeckpt.shell.transfer import lane_fetchers
 from treeckpt.shell.union import is_plain, replica_digests, tree_digest
 from treeckpt.store import layout
 from treeckpt.store.backends import Backend
@@ -326,7 +327,9 @@ def _write_rank(
                 source=chunk_source(data, item.shard, item.chunk),
             )
         )
-    files, chunks = write_chunks(backend, save_id, rank, jobs, options, reuse)
+    # Chunks of device tensors are copied through each lane's reused host buffers.
+    fetcher = lane_fetchers([j.source for j in jobs], options.chunk_bytes)
+    files, chunks = write_chunks(backend, save_id, rank, jobs, options, reuse, fetcher)
     blob = encode_index(ChunkIndex(save_id=save_id, rank=rank, files=files, chunks=chunks))
     name = layout.index_file(save_id, rank)
     # A new file in this save's own directory: no rename needed (nothing reads

@@ -3,8 +3,10 @@
 Only the shards this rank writes are staged (replicas another rank writes
 are not copied: the digest their check needs is taken now), into buffers kept from one save to the next: the second
 save of the same state allocates nothing. Buffers for CUDA tensors are
-pinned, and the device-to-host copies are issued without waiting, then
-synchronised once.
+pinned, and the device-to-host copies are all issued first (on CUDA: on a
+side stream, after the work queued on the tensors' stream), then waited for:
+the caller is held for the copy and no longer
+(``shell/transfer.py``, whose device interface lets tests defer the copies).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 
 from treeckpt.core.box import Box
 from treeckpt.shell.save import PreparedSave
+from treeckpt.shell.transfer import Mark, device_for
 from treeckpt.shell.union import tensor_digest
 
 __all__ = ["StagingPool"]
@@ -50,21 +53,24 @@ class StagingPool:
         with self._lock:
             kept: dict[tuple[str, Box], Any] = {}
             local: dict[str, list[tuple[Box, Any]]] = {}
-            devices: set[torch.device] = set()
+            marks: list[Mark] = []
+            points: dict[torch.device, Any] = {}  # the work queued now, per device
             copied = 0
-            for fqn, pairs in prepared.local.items():
-                staged = []
-                for box, data in pairs:
-                    if (fqn, box) not in needed:
-                        continue
-                    buf = _copy_into(self._buffers.get((fqn, box)), data, devices)
-                    kept[(fqn, box)] = buf
-                    staged.append((box, buf))
-                    copied += _nbytes(buf)
-                if staged:
-                    local[fqn] = staged
-            for device in devices:
-                torch.cuda.synchronize(device)
+            try:
+                for fqn, pairs in prepared.local.items():
+                    staged = []
+                    for box, data in pairs:
+                        if (fqn, box) not in needed:
+                            continue
+                        buf = _copy_into(self._buffers.get((fqn, box)), data, marks, points)
+                        kept[(fqn, box)] = buf
+                        staged.append((box, buf))
+                        copied += _nbytes(buf)
+                    if staged:
+                        local[fqn] = staged
+            finally:
+                for mark in marks:  # every copy issued has landed, even after a failure
+                    mark.wait()
             self._buffers = kept
         # A replica this rank does not write is compared by its digest, which
         # must be taken before training changes it.
@@ -80,23 +86,34 @@ def _nbytes(buf: Any) -> int:
     return int(buf.nbytes)
 
 
-def _copy_into(buf: Any, data: Any, devices: set[torch.device]) -> Any:
-    """Copy ``data`` into ``buf`` when it fits, else into a new host buffer."""
+def _copy_into(buf: Any, data: Any, marks: list[Mark], points: dict[torch.device, Any]) -> Any:
+    """Copy ``data`` into ``buf`` when it fits, else into a new host buffer.
+
+    A device tensor's copy is only issued (after ``points[device]``, the work
+    queued on its device when staging began): its mark goes to ``marks``.
+    """
     if isinstance(data, torch.Tensor):
         data = data.detach()
-        on_gpu = data.device.type == "cuda"
+        device = device_for(data)
+        pinned = device is not None and device.pinned
         if not (
             isinstance(buf, torch.Tensor)
             and buf.shape == data.shape
             and buf.dtype == data.dtype
-            and (buf.is_pinned() or not on_gpu)
+            and (not pinned or buf.is_pinned())
         ):
-            buf = torch.empty(
-                data.shape, dtype=data.dtype, pin_memory=on_gpu and torch.cuda.is_available()
-            )
-        buf.copy_(data, non_blocking=on_gpu)
-        if on_gpu:
-            devices.add(data.device)
+            if device is None:
+                buf = torch.empty(data.shape, dtype=data.dtype)
+            else:
+                nbytes = data.numel() * data.element_size()
+                buf = device.host_buffer(nbytes).view(data.dtype).view(data.shape)
+        if device is None:
+            with torch.no_grad():
+                buf.copy_(data)
+        else:
+            if data.device not in points:
+                points[data.device] = device.point(data)
+            marks.append(device.to_host(buf, data, points[data.device]))
         return buf
     arr = np.asarray(data)
     if not (isinstance(buf, np.ndarray) and buf.shape == arr.shape and buf.dtype == arr.dtype):

@@ -21,6 +21,7 @@ from treeckpt.core.leaves import TensorLeaf
 from treeckpt.core.specs import ShardSpec
 from treeckpt.errors import CheckpointError, UnsupportedLeafError
 from treeckpt.shell.sharded import adapter_of
+from treeckpt.shell.transfer import DeviceChunk, Uploads, device_for
 
 __all__ = [
     "Converter",
@@ -96,8 +97,14 @@ def _as_bytes(t: torch.Tensor) -> Bytes1D:
 
 
 def chunk_source(data: Any, shard: Box, chunk: Box) -> Callable[[], Bytes1D]:
-    """A function giving the raw bytes of region ``chunk`` of the local ``data`` (region ``shard``)."""
+    """A function giving the raw bytes of region ``chunk`` of the local ``data`` (region ``shard``).
+
+    For a tensor on a device it is a :class:`~treeckpt.shell.transfer.DeviceChunk`,
+    which a writer lane copies through its reused host buffers.
+    """
     slices = chunk.relative_to(shard).slices()
+    if isinstance(data, torch.Tensor) and (device := device_for(data)) is not None:
+        return DeviceChunk(device, data[slices] if slices else data, device.point(data))
 
     def source() -> Bytes1D:
         if isinstance(data, torch.Tensor):
@@ -121,17 +128,19 @@ class Destination:
     not for the whole state.
     """
 
-    __slots__ = ("_array", "_byte_shape", "_copy", "_lock")
+    __slots__ = ("_alloc", "_array", "_byte_shape", "_copy", "_lock")
 
     def __init__(
         self,
         byte_shape: tuple[int, ...],
         array: npt.NDArray[np.uint8] | None = None,
         copy: Callable[[npt.NDArray[np.uint8]], None] | None = None,
+        alloc: Callable[[], npt.NDArray[np.uint8]] | None = None,
     ) -> None:
         self._byte_shape = byte_shape
         self._array = array
         self._copy = copy
+        self._alloc = alloc  # the staging buffer's allocation (default: a fresh array)
         self._lock = threading.Lock()
 
     @property
@@ -145,7 +154,11 @@ class Destination:
             return arr
         with self._lock:
             if self._array is None:
-                self._array = np.empty(self._byte_shape, dtype=np.uint8)
+                self._array = (
+                    np.empty(self._byte_shape, dtype=np.uint8)
+                    if self._alloc is None
+                    else self._alloc()
+                )
             return self._array
 
     def finish(self) -> None:
@@ -158,16 +171,33 @@ class Destination:
             self._copy(arr)
 
 
-def destination(obj: Any, dtype: str, shape: tuple[int, ...]) -> Destination:
-    """Byte view of a local tensor or array to load into, in place when possible."""
+def destination(
+    obj: Any, dtype: str, shape: tuple[int, ...], uploads: Uploads | None = None
+) -> Destination:
+    """Byte view of a local tensor or array to load into, in place when possible.
+
+    With ``uploads``, a tensor on a device is staged in a pooled host buffer
+    (pinned for CUDA) and copied to the device without waiting
+    (:class:`~treeckpt.shell.transfer.Uploads`; the load waits for it).
+    """
     itemsize = dtype_info(dtype).itemsize
     byte_shape = (*shape, itemsize)
     if isinstance(obj, torch.Tensor):
         t = obj.detach()
-        if t.device.type == "cpu" and t.is_contiguous() and not t.is_conj() and not t.is_neg():
+        device = device_for(t)
+        if (
+            device is None
+            and t.device.type == "cpu"
+            and t.is_contiguous()
+            and not t.is_conj()
+            and not t.is_neg()
+        ):
             return Destination(
                 byte_shape, array=t.reshape(-1).view(torch.uint8).numpy().reshape(byte_shape)
             )
+        if device is not None and uploads is not None:
+            alloc, upload = uploads.parts(device, t, byte_shape)
+            return Destination(byte_shape, copy=upload, alloc=alloc)
 
         def copy_tensor(staged: npt.NDArray[np.uint8]) -> None:
             src = torch.from_numpy(staged).view(t.dtype).view(t.shape)

@@ -4,8 +4,9 @@ Writing: a rank's chunks are spread over ``io_threads`` threads by size;
 each thread encodes (shuffle, zstd) and appends to its own data file, so
 compression and I/O of different chunks overlap (zstandard, numpy copies and
 file writes all release the GIL) and each file is written sequentially. A
-thread holds at most one chunk in flight, so extra memory stays at a few
-chunks per thread.
+thread holds at most one chunk in flight (two when its fetcher gets the next
+one ahead, e.g. copies it from a GPU meanwhile), so extra memory stays at a
+few chunks per thread.
 
 Reading: chunks are read with ranged reads in parallel, checksummed before
 they are decoded, and decoded straight into the destination's memory when the
@@ -37,7 +38,15 @@ from treeckpt.store.checksum import checksum, content_digest
 from treeckpt.store.codecs import ChunkEncoder, codec_for
 from treeckpt.store.decode import ChunkDecoder
 
-__all__ = ["ReadTarget", "ReadTask", "RegionSink", "WriteJob", "read_chunks", "write_chunks"]
+__all__ = [
+    "ChunkFetcher",
+    "ReadTarget",
+    "ReadTask",
+    "RegionSink",
+    "WriteJob",
+    "read_chunks",
+    "write_chunks",
+]
 
 Bytes1D = npt.NDArray[np.uint8]
 
@@ -51,6 +60,23 @@ class WriteJob:
     source: Callable[[], Bytes1D]
 
 
+class ChunkFetcher(Protocol):
+    """How one writer lane gets its chunks' raw bytes (e.g. copied from a device).
+
+    ``fetch(source, ahead)`` returns the bytes of ``source`` and may start
+    getting ``ahead`` (the lane's next source, or ``None``) while the lane
+    encodes and writes; the lane calls it again only once it is done with the
+    bytes returned before (a backend's ``write`` has consumed them when it
+    returns). ``close()`` ends the lane (after success or failure).
+    """
+
+    def fetch(
+        self, source: Callable[[], Bytes1D], ahead: Callable[[], Bytes1D] | None
+    ) -> Bytes1D: ...
+
+    def close(self) -> None: ...
+
+
 def write_chunks(
     backend: Backend,
     save_id: str,
@@ -58,8 +84,12 @@ def write_chunks(
     jobs: Sequence[WriteJob],
     options: SaveOptions,
     reuse: ReuseTable | None = None,
+    fetcher: Callable[[], ChunkFetcher] | None = None,
 ) -> tuple[tuple[DataFile, ...], tuple[ChunkRef, ...]]:
     """Encode and write ``jobs``; returns the data files and chunk refs (in job order).
+
+    ``fetcher``: makes each lane's :class:`ChunkFetcher` (without one, a
+    lane calls each job's source when it comes to it).
 
     With ``reuse`` (an incremental save), every chunk's raw bytes are hashed
     before encoding; a chunk whose content the table holds is referenced
@@ -82,8 +112,9 @@ def write_chunks(
     def run_lane(k: int) -> None:
         name = layout.data_file(save_id, rank, k)
         lane = _Lane(backend, name)
+        fetch = None if fetcher is None else fetcher()
         try:
-            _write_lane(lane, [(n, jobs[n]) for n in lanes[k]], refs, options, abort, reuse)
+            _write_lane(lane, [(n, jobs[n]) for n in lanes[k]], refs, options, abort, reuse, fetch)
             if lane.writer is not None:
                 size = lane.writer.tell()
                 lane.writer.close(sync=options.sync)
@@ -93,6 +124,9 @@ def write_chunks(
             if lane.writer is not None:
                 lane.writer.abort()
             raise
+        finally:
+            if fetch is not None:
+                fetch.close()
 
     if not jobs:
         return (), ()
@@ -126,12 +160,17 @@ def _write_lane(
     options: SaveOptions,
     abort: threading.Event,
     reuse: ReuseTable | None,
+    fetch: ChunkFetcher | None = None,
 ) -> None:
     encoder = ChunkEncoder(options.compression)
-    for n, job in jobs:
+    for i, (n, job) in enumerate(jobs):
         if abort.is_set():
             raise _Aborted("aborted: another writer thread failed")
-        raw = job.source()
+        if fetch is None:
+            raw = job.source()
+        else:
+            ahead = jobs[i + 1][1].source if i + 1 < len(jobs) else None
+            raw = fetch.fetch(job.source, ahead)
         digest = ""
         if reuse is not None:
             digest = content_digest(np.ascontiguousarray(raw).data)
