@@ -13,6 +13,7 @@ from treeckpt.dcp.metadata import (
     Metadata,
     TensorStorageMetadata,
 )
+from treeckpt.dcp.optimizer import load_sharded_optimizer_state_dict
 from treeckpt.dcp.planner import LoadPlan, LoadPlanner, ReadItem, SavePlan, SavePlanner, WriteItem
 from treeckpt.dcp.state_dict_loader import load, load_state_dict
 from treeckpt.dcp.state_dict_saver import async_save, save, save_state_dict
@@ -40,6 +41,7 @@ __all__ = [
     "WriteItem",
     "async_save",
     "load",
+    "load_sharded_optimizer_state_dict",
     "load_state_dict",
     "save",
     "save_state_dict",

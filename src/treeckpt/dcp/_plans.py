@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import warnings
 from typing import Any
 
 import torch
@@ -243,10 +244,11 @@ def create_default_local_load_plan(
             mismatched.append(f"{fqn} (checkpoint has a value, state dict a tensor)")
             continue
         shape, pairs, _ = shards_of(fqn, obj)
-        if tuple(shape) != tuple(md.size) or obj.dtype != md.properties.dtype:
+        dtype = _dtype_of(obj)
+        if tuple(shape) != tuple(md.size) or dtype != md.properties.dtype:
             mismatched.append(
                 f"{fqn} (checkpoint {md.properties.dtype}{list(md.size)}, state dict "
-                f"{obj.dtype}{list(shape)})"
+                f"{dtype}{list(shape)})"
             )
             continue
         items.extend(_tensor_read_items(fqn, md, pairs))
@@ -291,3 +293,9 @@ def _tensor_read_items(
 def create_default_global_load_plan(all_plans: list[LoadPlan]) -> list[LoadPlan]:
     """Loads need no global decision: each rank reads what it holds."""
     return all_plans
+
+
+def _dtype_of(obj: torch.Tensor) -> torch.dtype:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # ShardedTensor's, deprecated by torch
+        return obj.dtype
