@@ -32,6 +32,7 @@ from treeckpt.errors import LoadMismatchError, UnsupportedLeafError
 from treeckpt.shell.load import value_of
 from treeckpt.store import layout
 from treeckpt.store.backends import Backend
+from treeckpt.store.reader import has_dcp_metadata
 
 __all__ = [
     "RAW_BYTES_KEY",
@@ -197,5 +198,6 @@ def value_item(storage: TreeckptStorage, fqn: str) -> Any:
 
 
 def is_torch_format(backend: Backend) -> bool:
-    """True for a directory torch's DCP wrote: a ``.metadata`` and no ``manifest.json``."""
-    return backend.size(layout.MANIFEST) is None and backend.size(".metadata") is not None
+    """True for a directory torch's DCP wrote: DCP's ``.metadata`` (not treeckpt's marker)
+    and no ``manifest.json``."""
+    return backend.size(layout.MANIFEST) is None and has_dcp_metadata(backend)
