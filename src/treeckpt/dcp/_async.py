@@ -8,8 +8,9 @@ save to the next, and a background thread writes and commits.
 Otherwise (a user's planner, storage plugin or stager) the stager copies the
 state dict and the DCP call sequence runs in a background thread, on a
 process group of treeckpt's own. PROCESS runs it in a separate process when
-this process is not part of a multi-rank group; in a group it uses a
-background thread too (the collectives of a save need this process's group).
+this process is not part of a multi-rank group; in a group, each rank's
+save runs in a checkpoint process of its own, the processes joined by a
+process group of their own (``_process.py``).
 
 Either way, a later save or load over the same ranks waits for the running
 save first, so their collectives never interleave.
@@ -33,6 +34,7 @@ from torch.distributed.checkpoint.storage import StorageWriter
 
 from treeckpt.asyncsave import async_save as treeckpt_async_save
 from treeckpt.dcp._engine import coordinator, fast_save, run_save, storage_writer_for
+from treeckpt.dcp._process import checkpoint_process
 from treeckpt.dcp._view import metadata_from_plan, metadata_of
 from treeckpt.dcp.api import CheckpointException, wrap_failure
 from treeckpt.dcp.default_planner import DefaultSavePlanner
@@ -167,6 +169,8 @@ def _staged_then_saved(
             stager = writer
         else:
             stager = owned = DefaultStager(StagingOptions(False, False, False, False))
+            # PROCESS stages into shared memory: the checkpoint process maps it, no copy.
+            owned.shared = async_checkpointer_type == AsyncCheckpointerType.PROCESS
     state_dict = {
         k: v.state_dict() if isinstance(v, Stateful) else v for k, v in state_dict.items()
     }
@@ -179,7 +183,12 @@ def _staged_then_saved(
         return staged.result() if isinstance(staged, Future) else staged
 
     upload: Future[Any]
-    if async_checkpointer_type == AsyncCheckpointerType.PROCESS and coord.world_size == 1:
+    if async_checkpointer_type == AsyncCheckpointerType.PROCESS and coord.world_size > 1:
+        # Every rank's save in its checkpoint process, on a process group of their own.
+        worker = checkpoint_process(coord)
+        upload = worker.submit(wait_staged(), writer, planner, use_collectives)
+        inflight.track(upload)
+    elif async_checkpointer_type == AsyncCheckpointerType.PROCESS:
         pool = ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn"))
         upload = pool.submit(_save_in_process, wait_staged(), writer, planner)
         upload.add_done_callback(lambda _: pool.shutdown(wait=False))

@@ -1,0 +1,121 @@
+"""``async_save(async_checkpointer_type=PROCESS)`` on 2 gloo ranks: each rank's save runs
+in a checkpoint process of its own (another PID, its own process group), the state
+crosses in shared memory, the checkpoint loads bit for bit, and a failure in the
+checkpoint process reaches the caller's future naming the rank."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType, AsyncSaveResponse
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+
+import treeckpt.dcp as dcp
+from tests.dist_utils import run_ranks
+from treeckpt.dcp import _process
+from treeckpt.dcp.staging import DefaultStager, StagingOptions
+
+pytestmark = pytest.mark.distributed
+
+PROCESS = AsyncCheckpointerType.PROCESS
+
+
+def _state(step: int) -> dict[str, Any]:
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    full = torch.arange(24, dtype=torch.float32).reshape(6, 4) * (step + 1)
+    return {
+        "sharded": distribute_tensor(full, mesh, [Shard(0)]),
+        "replicated": torch.linspace(0, 1, 5, dtype=torch.float64) + step,
+        "own": torch.full((3,), float(dist.get_rank() + 10 * step)),
+        "step": step,
+    }
+
+
+def _bits(t: torch.Tensor) -> bytes:
+    t = t.to_local() if isinstance(t, DTensor) else t
+    return t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def _process_saves(rank: int, world: int, root: Path) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    # 1. the default stager: staged into shared memory, saved by the checkpoint process.
+    state = _state(1)
+    fut = dcp.async_save(
+        {k: v for k, v in state.items() if k != "own"},
+        checkpoint_id=root / "a",
+        async_checkpointer_type=PROCESS,
+    )
+    md = fut.result(timeout=120)
+    out["metadata"] = isinstance(md, dcp.Metadata)
+    [proc] = [p for k, p in _process._PROCESSES.items() if k[0] == os.getpid()]
+    out["pid_differs"] = proc.pid != os.getpid()
+    back = {
+        "sharded": distribute_tensor(torch.zeros(6, 4), state["sharded"].device_mesh, [Shard(0)]),
+        "replicated": torch.zeros(5, dtype=torch.float64),
+        "step": 0,
+    }
+    dcp.load(back, checkpoint_id=root / "a")
+    out["a_bits"] = all(_bits(back[k]) == _bits(state[k]) for k in ("sharded", "replicated"))
+    out["a_step"] = back["step"]
+
+    # 2. a second save reuses the same checkpoint process; a stager with async
+    # staging gives both futures.
+    stager = DefaultStager(StagingOptions(use_async_staging=True))
+    state2 = _state(2)
+    resp = dcp.async_save(
+        {f"own{rank}": state2["own"]},
+        checkpoint_id=root / "b",
+        async_checkpointer_type=PROCESS,
+        async_stager=stager,
+    )
+    out["response"] = isinstance(resp, AsyncSaveResponse)
+    assert isinstance(resp, AsyncSaveResponse)
+    assert resp.staging_completion.result(timeout=60) is None
+    resp.upload_completion.result(timeout=120)
+    stager.close()
+    [again] = [p for k, p in _process._PROCESSES.items() if k[0] == os.getpid()]
+    out["same_process"] = again is proc and again.pid == proc.pid
+    got = {f"own{r}": torch.zeros(3) for r in range(world)}
+    dcp.load(got, checkpoint_id=root / "b")
+    out["b_bits"] = [_bits(got[f"own{r}"]) for r in range(world)] == [
+        _bits(torch.full((3,), float(r + 20))) for r in range(world)
+    ]
+
+    # 3. a failure in the checkpoint process (rank 1's writer refuses to overwrite).
+    writer = dcp.FileSystemWriter(root / "a", overwrite=rank != 1)
+    failing = dcp.async_save(
+        {k: v for k, v in _state(3).items() if k != "own"},
+        storage_writer=writer,
+        async_checkpointer_type=PROCESS,
+    )
+    try:
+        failing.result(timeout=120)
+        out["error"] = None
+    except dcp.CheckpointException as exc:
+        out["error"] = str(exc)
+        out["failed_ranks"] = sorted(exc.failures)
+    # The checkpoint of step 1 is intact.
+    dcp.load(back, checkpoint_id=root / "a")
+    out["still_a"] = all(_bits(back[k]) == _bits(state[k]) for k in ("sharded", "replicated"))
+    return out
+
+
+def test_process_async_save_on_two_ranks(tmp_path: Path) -> None:
+    results = run_ranks(2, _process_saves, tmp_path, tmp_path, timeout=300, group_timeout=120)
+    for rank, res in enumerate(results):
+        assert res["failed_ranks"] == [1], res
+        assert res["error"].startswith(f"rank {rank}'s checkpoint process (pid "), res
+    print(results[0]["error"])
+    for rank, res in enumerate(results):
+        assert res["metadata"] and res["pid_differs"], (rank, res)
+        assert res["a_bits"] and res["a_step"] == 1, (rank, res)
+        assert res["response"] and res["same_process"] and res["b_bits"], (rank, res)
+        assert res["still_a"], (rank, res)
+        assert res["error"] is not None and "overwrite=False" in res["error"], (rank, res)
+        assert "rank 1" in res["error"], (rank, res)
