@@ -119,3 +119,52 @@ def test_process_async_save_on_two_ranks(tmp_path: Path) -> None:
         assert res["still_a"], (rank, res)
         assert res["error"] is not None and "overwrite=False" in res["error"], (rank, res)
         assert "rank 1" in res["error"], (rank, res)
+
+
+class DyingWriter(dcp.FileSystemWriter):
+    """A writer whose checkpoint process exits on rank 1 while the save sets up."""
+
+    def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
+        if kwargs.get("rank", 0 if is_coordinator else 1) == 1:
+            os._exit(3)
+        super().set_up_storage_writer(is_coordinator, *args, **kwargs)
+
+
+def _process_dies(rank: int, world: int, root: Path) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    state = {"w": torch.full((4,), float(rank))}
+    failing = dcp.async_save(
+        {f"w{rank}": state["w"]},
+        storage_writer=DyingWriter(root / "x"),
+        async_checkpointer_type=PROCESS,
+    )
+    try:
+        failing.result(timeout=120)
+    except dcp.CheckpointException as exc:
+        out["error"] = str(exc)
+        out["failed_ranks"] = sorted(exc.failures)
+    [first] = [p for k, p in _process._PROCESSES.items() if k[0] == os.getpid()]
+    # The next save starts new checkpoint processes (on every rank) and succeeds.
+    fut = dcp.async_save(
+        {f"w{rank}": state["w"]}, checkpoint_id=root / "y", async_checkpointer_type=PROCESS
+    )
+    fut.result(timeout=120)
+    [second] = [p for k, p in _process._PROCESSES.items() if k[0] == os.getpid()]
+    out["restarted"] = second is not first and second.pid != first.pid
+    got = {f"w{r}": torch.zeros(4) for r in range(world)}
+    dcp.load(got, checkpoint_id=root / "y")
+    out["bits"] = all(torch.equal(got[f"w{r}"], torch.full((4,), float(r))) for r in range(world))
+    return out
+
+
+def test_a_checkpoint_process_dying_fails_the_save_and_the_next_save_restarts(
+    tmp_path: Path,
+) -> None:
+    results = run_ranks(2, _process_dies, tmp_path, tmp_path, timeout=300, group_timeout=120)
+    assert results[1]["error"].startswith("rank 1's checkpoint process (pid ")
+    assert results[1]["error"].endswith("the checkpoint process exited (exit code 3)")
+    assert results[1]["failed_ranks"] == [1]
+    # Rank 0's checkpoint process finds its peer gone in the save's first agreement.
+    assert "rank(s) 1 did not reach it" in results[0]["error"], results[0]
+    for res in results:
+        assert res["restarted"] and res["bits"], res

@@ -185,7 +185,12 @@ def _staged_then_saved(
     upload: Future[Any]
     if async_checkpointer_type == AsyncCheckpointerType.PROCESS and coord.world_size > 1:
         # Every rank's save in its checkpoint process, on a process group of their own.
-        worker = checkpoint_process(coord)
+        try:
+            worker = checkpoint_process(coord)
+        except CheckpointException:
+            raise
+        except Exception as exc:
+            raise wrap_failure(exc, coord.rank) from exc
         upload = worker.submit(wait_staged(), writer, planner, use_collectives)
         inflight.track(upload)
     elif async_checkpointer_type == AsyncCheckpointerType.PROCESS:
