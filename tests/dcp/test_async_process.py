@@ -168,3 +168,34 @@ def test_a_checkpoint_process_dying_fails_the_save_and_the_next_save_restarts(
     assert "rank(s) 1 did not reach it" in results[0]["error"], results[0]
     for res in results:
         assert res["restarted"] and res["bits"], res
+
+
+def test_packing_puts_many_tensors_in_few_slabs_and_round_trips_bit_for_bit() -> None:
+    arena = _process.SharedArena()
+    staged = {
+        "many": [arena.alloc(torch.Size([3, 5]), torch.float32).fill_(i) for i in range(2000)],
+        "bf16": arena.alloc(torch.Size([7]), torch.bfloat16).copy_(torch.arange(7.0)),
+        "empty": arena.alloc(torch.Size([0, 4]), torch.float64),
+        "step": 9,
+    }
+    outside = torch.arange(10, dtype=torch.int64)  # not staged in the arena: copied in
+    staged["outside"] = outside
+    pack = _process.packed(staged, arena)
+    assert len(pack.slabs) == 1 and pack.slabs[0].is_shared()
+    back = _process.unpacked(pack)
+    for i, t in enumerate(back["many"]):
+        assert t.data_ptr() == staged["many"][i].data_ptr()  # the same memory, not a copy
+        assert torch.equal(t, torch.full((3, 5), float(i)))
+    assert back["bf16"].dtype == torch.bfloat16 and torch.equal(back["bf16"], staged["bf16"])
+    assert back["empty"].shape == (0, 4) and back["empty"].dtype == torch.float64
+    assert back["step"] == 9
+    assert torch.equal(back["outside"], outside)
+    assert back["outside"].data_ptr() != outside.data_ptr()
+
+
+def test_a_tensor_larger_than_a_slab_gets_its_own() -> None:
+    arena = _process.SharedArena()
+    small = arena.alloc(torch.Size([4]), torch.uint8)
+    big = arena.alloc(torch.Size([_process.SLAB_BYTES + 1]), torch.uint8)
+    assert len(arena.slabs) == 2 and arena.slabs[1].numel() == _process.SLAB_BYTES + 1
+    assert arena.place(small) == (0, 0) and arena.place(big) == (1, 0)

@@ -34,7 +34,7 @@ from torch.distributed.checkpoint.storage import StorageWriter
 
 from treeckpt.asyncsave import async_save as treeckpt_async_save
 from treeckpt.dcp._engine import coordinator, fast_save, run_save, storage_writer_for
-from treeckpt.dcp._process import checkpoint_process
+from treeckpt.dcp._process import Packed, SharedArena, checkpoint_process, packed, unpacked
 from treeckpt.dcp._view import metadata_from_plan, metadata_of
 from treeckpt.dcp.api import CheckpointException, wrap_failure
 from treeckpt.dcp.default_planner import DefaultSavePlanner
@@ -59,12 +59,10 @@ def _same(a: object, b: object) -> bool:
     return a is b
 
 
-def _save_in_process(
-    state_dict: dict[str, Any], writer: StorageWriter, planner: SavePlanner | None
-) -> Metadata:
+def _save_in_process(pack: Packed, writer: StorageWriter, planner: SavePlanner | None) -> Metadata:
     """The save, in the checkpoint process; its error crosses back as plain messages."""
     try:
-        return run_save(state_dict, writer, planner, LocalCoordinator())
+        return run_save(unpacked(pack), writer, planner, LocalCoordinator())
     except CheckpointException as exc:
         failures = {
             rank: (CheckpointError(f"{type(e).__name__}: {e}"), traceback.StackSummary())
@@ -163,14 +161,16 @@ def _staged_then_saved(
     use_collectives: bool,
 ) -> Future[Any] | AsyncSaveResponse:
     owned: AsyncStager | None = None
+    arena = SharedArena() if async_checkpointer_type == AsyncCheckpointerType.PROCESS else None
     stager = async_stager
     if stager is None:
         if isinstance(writer, AsyncStager):
             stager = writer
         else:
             stager = owned = DefaultStager(StagingOptions(False, False, False, False))
-            # PROCESS stages into shared memory: the checkpoint process maps it, no copy.
-            owned.shared = async_checkpointer_type == AsyncCheckpointerType.PROCESS
+            if arena is not None:
+                # Staged into shared memory: the checkpoint process maps it, no copy.
+                owned.alloc = arena.alloc
     state_dict = {
         k: v.state_dict() if isinstance(v, Stateful) else v for k, v in state_dict.items()
     }
@@ -191,11 +191,11 @@ def _staged_then_saved(
             raise
         except Exception as exc:
             raise wrap_failure(exc, coord.rank) from exc
-        upload = worker.submit(wait_staged(), writer, planner, use_collectives)
+        upload = worker.submit(packed(wait_staged(), arena), writer, planner, use_collectives)
         inflight.track(upload)
     elif async_checkpointer_type == AsyncCheckpointerType.PROCESS:
         pool = ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn"))
-        upload = pool.submit(_save_in_process, wait_staged(), writer, planner)
+        upload = pool.submit(_save_in_process, packed(wait_staged(), arena), writer, planner)
         upload.add_done_callback(lambda _: pool.shutdown(wait=False))
     else:
         upload = Future()

@@ -8,9 +8,10 @@ process's GIL.
   rank 0 picks a free TCP port (on ``MASTER_ADDR``, else its host name) and
   broadcasts it over the caller's group, and each checkpoint process joins it.
   The save's collectives run there, never on the training group.
-- The staged state dict crosses by ``torch.multiprocessing``'s sharing: tensors
-  staged into shared memory (:func:`share_staged`) travel as handles, not
-  bytes. A DTensor or ShardedTensor crosses as its global shape, dtype and
+- The staged state dict crosses by ``torch.multiprocessing``'s sharing, as a
+  few shared-memory slabs (:class:`SharedArena`) and the tree of views into
+  them (:func:`packed`): handles, not bytes, and a handful of file
+  descriptors however many tensors there are. A DTensor or ShardedTensor crosses as its global shape, dtype and
   local shards (what treeckpt saves of it; its device mesh or process group
   belongs to the training process) and is saved by the checkpoint process as
   explicit shards.
@@ -21,6 +22,7 @@ process's GIL.
 from __future__ import annotations
 
 import contextlib
+import math
 import multiprocessing as mp
 import os
 import socket
@@ -42,10 +44,67 @@ from treeckpt.errors import CheckpointError
 from treeckpt.shell.coord import Coordinator
 from treeckpt.shell.sharded import adapter_of
 
-__all__ = ["CheckpointProcess", "checkpoint_process", "share_staged"]
+__all__ = [
+    "CheckpointProcess",
+    "Packed",
+    "SharedArena",
+    "checkpoint_process",
+    "packed",
+    "unpacked",
+]
 
 #: Seconds a checkpoint process may take to start and join its group.
 START_TIMEOUT_S = 600.0
+
+
+#: Bytes of one shared-memory slab of a :class:`SharedArena` (larger tensors get their own).
+SLAB_BYTES = 256 * 2**20
+_ALIGN = 64
+
+
+class SharedArena:
+    """Host buffers carved from a few shared-memory slabs.
+
+    Sending a tensor to another process passes one file descriptor per
+    storage; buffers carved from slabs cross as a handful of slabs however
+    many tensors the state has. Slab pages are touched only where written.
+    """
+
+    def __init__(self) -> None:
+        self.slabs: list[torch.Tensor] = []  # 1-D uint8, each its own shared storage
+        self._used = 0
+
+    def alloc(self, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+        nbytes = shape.numel() * torch.empty((), dtype=dtype).element_size()
+        start = -(-self._used // _ALIGN) * _ALIGN
+        if not self.slabs or start + nbytes > self.slabs[-1].numel():
+            storage = torch.UntypedStorage._new_shared(max(nbytes, SLAB_BYTES))
+            self.slabs.append(torch.empty(0, dtype=torch.uint8).set_(storage))
+            start = 0
+        self._used = start + nbytes
+        raw = self.slabs[-1][start : start + nbytes]
+        return raw.view(dtype).view(shape) if nbytes else torch.empty(shape, dtype=dtype)
+
+    def place(self, t: torch.Tensor) -> tuple[int, int] | None:
+        """``(slab, byte offset)`` of ``t`` when it is a contiguous buffer of this arena."""
+        if not t.is_contiguous() or t.device.type != "cpu":
+            return None
+        ptr = t.data_ptr()
+        for i, slab in enumerate(self.slabs):
+            base = slab.data_ptr()
+            if base <= ptr and ptr + t.numel() * t.element_size() <= base + slab.numel():
+                return i, ptr - base
+        return None
+
+
+@dataclass(frozen=True)
+class _View:
+    """A tensor in the arena sent along: slab, byte offset, shape, dtype."""
+
+    slab: int
+    offset: int
+    shape: tuple[int, ...]
+    dtype: torch.dtype
 
 
 @dataclass(frozen=True)
@@ -54,23 +113,37 @@ class _Shards:
 
     shape: tuple[int, ...]
     dtype: torch.dtype
-    shards: list[tuple[tuple[int, ...], tuple[int, ...], torch.Tensor]]
+    shards: list[tuple[tuple[int, ...], tuple[int, ...], _View]]
 
 
-def share_staged(staged: Any) -> Any:
-    """``staged`` ready to cross: plain tensors in shared memory (moved there unless the
-    stager put them there already), sharded tensors as their local shards."""
+@dataclass(frozen=True)
+class Packed:
+    """A staged state dict ready to cross: the tree with :class:`_View`\\ s, and the slabs."""
 
-    def shared(t: torch.Tensor) -> torch.Tensor:
+    tree: Any
+    slabs: list[torch.Tensor]
+
+
+def packed(staged: Any, arena: SharedArena | None = None) -> Packed:
+    """``staged`` with every tensor in ``arena``'s shared memory (copied there unless staged
+    there already), sharded tensors as their local shards."""
+    arena = arena if arena is not None else SharedArena()
+
+    def view(t: torch.Tensor) -> _View:
         t = t.detach()
-        if not t.is_shared():
-            t.share_memory_()
-        return t
+        where = arena.place(t)
+        if where is None:
+            buf = arena.alloc(t.shape, t.dtype)
+            buf.copy_(t)
+            where = arena.place(buf)
+            assert where is not None or t.numel() == 0
+        slab, offset = where if where is not None else (0, 0)
+        return _View(slab=slab, offset=offset, shape=tuple(t.shape), dtype=t.dtype)
 
     def walk(obj: Any) -> Any:
         if isinstance(obj, torch.Tensor):
             if type(obj) in (torch.Tensor, torch.nn.Parameter):
-                return shared(obj)
+                return view(obj)
             adapter = adapter_of(obj)
             assert adapter is not None
             desc = adapter.describe("", obj)
@@ -78,7 +151,7 @@ def share_staged(staged: Any) -> Any:
                 shape=tuple(desc.shape),
                 dtype=desc.dtype,
                 shards=[
-                    (tuple(box.offsets), tuple(box.sizes), shared(local))
+                    (tuple(box.offsets), tuple(box.sizes), view(local))
                     for box, local in adapter.local_shards("", obj)
                 ],
             )
@@ -90,19 +163,35 @@ def share_staged(staged: Any) -> Any:
             return tuple(walk(v) for v in obj)
         return obj
 
-    return walk(staged)
+    tree = walk(staged)
+    return Packed(tree=tree, slabs=list(arena.slabs))
 
 
-def _rebuilt(obj: Any) -> Any:
-    if isinstance(obj, _Shards):
-        return ShardSet(obj.shape, obj.dtype, list(obj.shards))
-    if isinstance(obj, dict):
-        return {k: _rebuilt(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_rebuilt(v) for v in obj]
-    if isinstance(obj, tuple) and not hasattr(obj, "_fields"):
-        return tuple(_rebuilt(v) for v in obj)
-    return obj
+def unpacked(pack: Packed) -> Any:
+    """The state dict of ``pack``, its tensors views of the shared slabs (no copy)."""
+
+    def tensor(v: _View) -> torch.Tensor:
+        nbytes = math.prod(v.shape) * torch.empty((), dtype=v.dtype).element_size()
+        if nbytes == 0:
+            return torch.empty(v.shape, dtype=v.dtype)
+        raw = pack.slabs[v.slab][v.offset : v.offset + nbytes]
+        return raw.view(v.dtype).view(v.shape)
+
+    def walk(obj: Any) -> Any:
+        if isinstance(obj, _View):
+            return tensor(obj)
+        if isinstance(obj, _Shards):
+            shards = [(offs, sizes, tensor(v)) for offs, sizes, v in obj.shards]
+            return ShardSet(obj.shape, obj.dtype, shards)
+        if isinstance(obj, dict):
+            return {k: walk(v) for k, v in obj.items()}
+        if isinstance(obj, list):
+            return [walk(v) for v in obj]
+        if isinstance(obj, tuple) and not hasattr(obj, "_fields"):
+            return tuple(walk(v) for v in obj)
+        return obj
+
+    return walk(pack.tree)
 
 
 def _serve(init_method: str, rank: int, world: int, timeout_s: float, conn: Any) -> None:
@@ -134,7 +223,7 @@ def _serve(init_method: str, rank: int, world: int, timeout_s: float, conn: Any)
         state_dict, writer, planner, use_collectives = request
         try:
             coord = coordinator(None, False) if use_collectives else LocalCoordinator()
-            md = run_save(_rebuilt(state_dict), writer, planner, coord, use_collectives)
+            md = run_save(unpacked(state_dict), writer, planner, coord, use_collectives)
             conn.send(("done", md))
         except BaseException as exc:
             ranks = sorted(exc.failures) if isinstance(exc, CheckpointException) else [rank]
@@ -186,7 +275,7 @@ class CheckpointProcess:
 
     def submit(
         self,
-        staged: Any,
+        pack: Packed,
         writer: StorageWriter,
         planner: SavePlanner | None,
         use_collectives: bool,
@@ -196,7 +285,7 @@ class CheckpointProcess:
         upload.set_running_or_notify_cancel()
         self._lock.acquire()  # one save at a time per checkpoint process
         try:
-            self._conn.send((share_staged(staged), writer, planner, use_collectives))
+            self._conn.send((pack, writer, planner, use_collectives))
         except BaseException as exc:
             self._lock.release()
             upload.set_exception(self._failure(f"{type(exc).__name__}: {exc}", ""))
