@@ -21,10 +21,16 @@ import pytest
 import torch.distributed.checkpoint as torch_dcp
 
 # Private paths of torch's DCP that a framework imports, so the facade covers them:
-# Lightning's ``_load_distributed_checkpoint`` (lightning/fabric/utilities/load.py).
+# Lightning's ``_load_distributed_checkpoint`` (lightning/fabric/utilities/load.py);
+# torchtitan's checkpointer and transformers' distributed checkpoint (the consolidation
+# of Hugging Face safetensors).
 FRAMEWORK_PRIVATE: dict[str, list[str]] = {
     "state_dict_loader": ["_load_state_dict"],
     "format_utils": ["_EmptyStateDictLoadPlanner"],
+    "_consolidate_hf_safetensors": [
+        "consolidate_safetensors_files",
+        "consolidate_safetensors_files_on_every_rank",
+    ],
 }
 
 # TEMPORARY: the Hugging Face storage modules and their three top-level names
@@ -32,6 +38,7 @@ FRAMEWORK_PRIVATE: dict[str, list[str]] = {
 PENDING_HF = {
     "hf_storage",
     "quantized_hf_storage",
+    "_consolidate_hf_safetensors",
     "HuggingFaceStorageReader",
     "HuggingFaceStorageWriter",
     "QuantizedHuggingFaceStorageReader",
@@ -39,11 +46,13 @@ PENDING_HF = {
 
 
 def _public_modules() -> list[str]:
+    """torch's public modules, and the private ones a framework imports."""
     found = [
         m.name.rsplit(".", 1)[1]
         for m in pkgutil.iter_modules(torch_dcp.__path__, f"{torch_dcp.__name__}.")
     ]
-    return sorted(n for n in found if not n.startswith("_"))
+    private = [n for n in found if n.startswith("_") and n in FRAMEWORK_PRIVATE]
+    return sorted(n for n in found if not n.startswith("_")) + private
 
 
 def _public_names(module: Any) -> list[str]:
@@ -106,15 +115,17 @@ def _param(name: str) -> Any:
 def test_the_walk_finds_torchs_modules() -> None:
     modules = _public_modules()
     assert {"state_dict_saver", "filesystem", "optimizer", "state_dict"} <= set(modules)
-    assert not any(m.startswith("_") for m in modules)
+    assert not any(m.startswith("_") and m not in FRAMEWORK_PRIVATE for m in modules)
+    assert "_experimental" not in modules
 
 
 @pytest.mark.parametrize("sub", [_param(m) for m in _public_modules()])
 def test_submodule_has_torchs_public_names_and_signatures(sub: str) -> None:
     theirs = importlib.import_module(f"torch.distributed.checkpoint.{sub}")
     ours = importlib.import_module(f"treeckpt.dcp.{sub}")
-    names = _public_names(theirs) + FRAMEWORK_PRIVATE.get(sub, [])
-    if hasattr(theirs, "__all__"):
+    private_module = sub.startswith("_")
+    names = ([] if private_module else _public_names(theirs)) + FRAMEWORK_PRIVATE.get(sub, [])
+    if hasattr(theirs, "__all__") and not private_module:
         assert set(ours.__all__) >= set(theirs.__all__), sub
     for name in names:
         assert hasattr(ours, name), f"treeckpt.dcp.{sub}.{name} is missing"

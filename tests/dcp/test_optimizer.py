@@ -127,3 +127,29 @@ def test_nest_follows_the_paths_and_the_lists_the_reader_names() -> None:
     }
     # A reader that does not say: an integer key makes a list, as DCP's unflattening.
     assert nest(flat, paths, None) == {"o": {"state": [{"m": 1}], "groups": [{"lr": 2}, {"lr": 3}]}}
+
+
+def _nested_refused(rank: int, world: int) -> str:
+    import warnings
+
+    from torch.distributed._shard.sharded_tensor import Shard, ShardMetadata, init_from_local_shards
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # ShardedTensor is deprecated by torch
+        md = ShardMetadata([0, 0], [2, 2], "rank:0/cpu")
+        inner = init_from_local_shards([Shard(torch.zeros(2, 2), md)], 2, 2)
+        outer = init_from_local_shards([Shard(inner, md)], 2, 2)
+    try:
+        dcp.load_sharded_optimizer_state_dict({"w": outer}, "optim", dcp.FileSystemReader("x"))
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return "no error"
+
+
+def test_a_nested_sharded_tensor_is_refused_naming_the_key(tmp_path: Path) -> None:
+    [msg] = run_ranks(1, _nested_refused, tmp_path)
+    assert msg == (
+        "OptionsError: 'w': a ShardedTensor nested in a ShardedTensor (FSDP over tensor "
+        "parallelism) is not supported by treeckpt.dcp.load_sharded_optimizer_state_dict; "
+        "save with DTensor state dicts (FSDP2, torch.distributed.checkpoint.state_dict)"
+    )

@@ -75,9 +75,9 @@ def load_sharded_optimizer_state_dict(
     metadata = storage_reader.read_metadata()
     paths = metadata.planner_data
     if not isinstance(paths, Mapping):
+        where = getattr(storage_reader, "checkpoint_id", type(storage_reader).__name__)
         raise CheckpointError(
-            f"{storage_reader.checkpoint_id if hasattr(storage_reader, 'checkpoint_id') else ''}: "
-            "the reader's Metadata has no planner_data (the key path of each item)"
+            f"{where}: the reader's Metadata has no planner_data (the key path of each item)"
         )
     world, rank = dist.get_world_size(), dist.get_rank()
     device = torch.device(dist.distributed_c10d._get_object_coll_device())
