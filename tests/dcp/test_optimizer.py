@@ -153,3 +153,55 @@ def test_a_nested_sharded_tensor_is_refused_naming_the_key(tmp_path: Path) -> No
         "parallelism) is not supported by treeckpt.dcp.load_sharded_optimizer_state_dict; "
         "save with DTensor state dicts (FSDP2, torch.distributed.checkpoint.state_dict)"
     )
+
+
+def _fsdp1_resume(rank: int, world: int, tmp: Path) -> list[str]:
+    """Lightning's FSDP (FSDP1) sharded checkpoint path: save the sharded state dicts, then
+    restore a fresh model and optimizer with load_sharded_optimizer_state_dict."""
+    import warnings
+
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp import StateDictType
+
+    warnings.simplefilter("ignore", FutureWarning)  # FSDP1 and ShardedTensor, deprecated by torch
+
+    def build(seed: int) -> tuple[Any, torch.optim.Optimizer]:
+        torch.manual_seed(seed)
+        net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+        model = FSDP(net, device_id=torch.device("cpu"), use_orig_params=True)
+        return model, torch.optim.Adam(model.parameters(), lr=0.1)
+
+    model, opt = build(0)
+    for _ in range(2):
+        model(torch.randn(4, 8)).sum().backward()
+        opt.step()
+        opt.zero_grad()
+    with FSDP.state_dict_type(model, StateDictType.SHARDED_STATE_DICT):
+        state = {"model": model.state_dict(), "optim": FSDP.optim_state_dict(model, opt)}
+        dcp.save(state, checkpoint_id=tmp / "ckpt")
+
+    fresh, fresh_opt = build(1)
+    with FSDP.state_dict_type(fresh, StateDictType.SHARDED_STATE_DICT):
+        model_sd = {"model": fresh.state_dict()}
+        dcp.load(model_sd, checkpoint_id=tmp / "ckpt")
+        fresh.load_state_dict(model_sd["model"])
+        loaded = dcp.load_sharded_optimizer_state_dict(
+            model_sd["model"], "optim", dcp.FileSystemReader(tmp / "ckpt")
+        )
+        fresh_opt.load_state_dict(FSDP.optim_state_dict_to_load(fresh, fresh_opt, loaded["optim"]))
+    differ = []
+    want, got = opt.state_dict(), fresh_opt.state_dict()
+    for pid, st in want["state"].items():
+        for key, value in st.items():
+            if not _same(got["state"][pid][key], value):
+                differ.append(f"{pid}.{key}")
+    for a, b in zip(model.parameters(), fresh.parameters(), strict=True):
+        if not _same(a.detach(), b.detach()):
+            differ.append("parameter")
+    if got["param_groups"] != want["param_groups"] or not want["state"]:
+        differ.append("param_groups or empty state")
+    return differ
+
+
+def test_fsdp1_resume_through_load_sharded_optimizer_state_dict(tmp_path: Path) -> None:
+    assert run_ranks(2, _fsdp1_resume, tmp_path, tmp_path, timeout=240) == [[], []]
