@@ -218,6 +218,10 @@ def _serve(init_method: str, rank: int, world: int, timeout_s: float, conn: Any)
             request = conn.recv()
         except EOFError:
             return  # the training process is gone
+        except BaseException as exc:  # a writer or planner that cannot be rebuilt here
+            text = f"the save request cannot be unpickled here ({type(exc).__name__}: {exc})"
+            conn.send(("error", text, traceback.format_exc(), [rank]))
+            continue
         if request is None:
             break
         state_dict, writer, planner, use_collectives = request
