@@ -138,3 +138,29 @@ def restore_and_check(rank: int, world: int, tmp: Path, per_node: int, kw: dict[
 
 def kill_self() -> None:
     os.kill(os.getpid(), 9)
+
+
+def save_then_die_in_replication(rank: int, world: int, tmp: Path, per_node: int) -> Any:
+    """Save steps 2 and 4; rank 3 dies while step 4 is being replicated."""
+    import time
+
+    model, optim, state = make_state(0)
+    ckpt = checkpointer(tmp, rank, per_node, timeout_s=6.0)
+    if rank == 3:
+
+        def die(phase: str) -> None:
+            if phase == "replicate" and state["step"] == 4:
+                kill_self()
+
+        ckpt._fault = die
+    for step in range(1, 5):
+        train(model, optim, state, step)
+        ckpt.save(step, state)
+        if step == 2:
+            ckpt.wait()
+    start = time.monotonic()
+    try:
+        ckpt.wait()
+    except Exception as exc:
+        return type(exc).__name__, str(exc), time.monotonic() - start
+    return "ok", "", time.monotonic() - start

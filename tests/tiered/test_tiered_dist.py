@@ -6,8 +6,10 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from tests.dist_utils import run_ranks
-from tests.tiered.common import restore_and_check, run_and_save
+import pytest
+
+from tests.dist_utils import DEAD, run_ranks
+from tests.tiered.common import restore_and_check, run_and_save, save_then_die_in_replication
 
 
 def _save4(tmp: Path, steps: int = 4, **kw: Any) -> list[Any]:
@@ -55,3 +57,55 @@ def test_flipped_byte_in_a_memory_copy_is_not_used(tmp_path: Path) -> None:
             assert report.bytes_by_source["peer"] > 0
         else:
             assert report.writer_sources[0] is None
+
+
+def test_both_copies_of_a_shard_lost_falls_back_to_durable(tmp_path: Path) -> None:
+    import treeckpt
+    from treeckpt.manager import CheckpointManager
+
+    durable = tmp_path / "durable"
+    kw = {"durable": str(durable), "durable_every": 4}
+    run_ranks(4, run_and_save, tmp_path, tmp_path, 2, 6, kw, timeout=90)
+    # Memory holds step 6, durable storage step 4 (an ordinary checkpoint).
+    info = treeckpt.metadata(durable / "step-0000000004")
+    assert info.tensors["table"].shape == (10, 6)
+    assert CheckpointManager(str(durable)).all_steps() == [4]
+    # Both copies of writer 0's shards of step 6 are lost.
+    for node in ("node0", "node1"):
+        for f in _data_files(tmp_path / "mem" / node, 6, 0):
+            f.unlink()
+    out = run_ranks(4, restore_and_check, tmp_path, tmp_path, 2, kw, timeout=90)
+    for rank, (step, report, bad) in enumerate(out):
+        assert (step, bad) == (4, []), f"rank {rank}: {bad}"
+        assert report.tier == "durable"
+        assert set(report.bytes_by_source) == {"durable"}
+
+
+@pytest.mark.slow
+def test_restart_on_three_processes_reshards_from_memory(tmp_path: Path) -> None:
+    _save4(tmp_path)
+    # Three processes: ranks 0 and 1 on node 0, rank 2 on node 1.
+    out = run_ranks(3, restore_and_check, tmp_path, tmp_path, 2, {}, timeout=90)
+    for rank, (step, report, bad) in enumerate(out):
+        assert (step, bad) == (4, []), f"rank {rank}: {bad}"
+        assert report.tier == "memory"
+
+
+@pytest.mark.slow
+def test_rank_dying_during_replication_fails_the_save_and_keeps_the_previous_step(
+    tmp_path: Path,
+) -> None:
+    out = run_ranks(
+        4, save_then_die_in_replication, tmp_path, tmp_path, 2, timeout=120, allow_dead=True
+    )
+    assert out[3] is DEAD
+    for rank in range(3):
+        kind, text, elapsed = out[rank]
+        assert kind in ("CollectiveError", "RankFailureError"), (rank, kind, text)
+        assert "rank 3" in text or "rank(s) 3" in text, (rank, text)
+        assert elapsed < 60
+    for node in ("node0", "node1"):
+        assert (tmp_path / "mem" / node / "step-0000000002" / "manifest.json").exists()
+    out2 = run_ranks(4, restore_and_check, tmp_path, tmp_path, 2, {}, timeout=90)
+    for rank, (step, _report, bad) in enumerate(out2):
+        assert (step, bad) == (2, []), f"rank {rank}: {bad}"
