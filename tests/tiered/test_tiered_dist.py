@@ -58,6 +58,8 @@ def test_flipped_byte_in_a_memory_copy_is_not_used(tmp_path: Path) -> None:
             assert report.bytes_by_source["peer"] > 0
         else:
             assert report.writer_sources[0] is None
+        # Found by the load's checksums; the restore then checked every copy.
+        assert len(report.skipped) == 1 and "checksum mismatch" in report.skipped[0]
 
 
 def test_both_copies_of_a_shard_lost_falls_back_to_durable(tmp_path: Path) -> None:

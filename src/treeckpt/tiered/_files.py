@@ -10,6 +10,8 @@ before a restore counts it.
 from __future__ import annotations
 
 import contextlib
+import mmap
+import os
 import re
 from collections.abc import Sequence
 from datetime import timedelta
@@ -52,36 +54,60 @@ def read_step_manifest(backend: Backend, step: int) -> tuple[Manifest, bytes]:
     return decode_manifest(data, f"{backend.root}/{name}"), data
 
 
-def writer_files(sub: Backend, manifest: Manifest, writer: int) -> FileList:
-    """The chunk index and data files of ``writer`` in ``sub`` (a step directory), verified.
+def writer_files(sub: Backend, manifest: Manifest, writer: int, *, chunks: bool = True) -> FileList:
+    """The chunk index and data files of ``writer`` in ``sub`` (a step directory), checked.
+
+    The index must match its checksum in the manifest and every data file
+    its size in the index; with ``chunks``, every chunk its checksum too
+    (a load checks the chunks it reads in any case).
 
     Raises:
         CheckpointError: a file is missing, truncated, or a checksum does not match.
     """
     ref = next(r for r in manifest.indexes if r.rank == writer)
     index = read_index(sub, manifest, ref)  # index checksum, data file sizes
-    by_file: dict[str, list[Any]] = {}
-    for c in index.chunks:
-        by_file.setdefault(c.file, []).append(c)
-    files: FileList = [(ref.file, ref.size)]
-    for f in index.files:
-        data = sub.read_file(f.name, f.size)
-        for c in by_file.get(f.name, ()):
-            if checksum(memoryview(data)[c.offset : c.offset + c.length]) != c.checksum:
-                raise CorruptChunkError(
-                    f"{sub.root}/{f.name}: checksum mismatch in the chunk of {c.fqn!r} at "
-                    f"offset {c.offset} (the memory copy is damaged)"
-                )
-        files.append((f.name, f.size))
+    files: FileList = [(ref.file, ref.size)] + [(f.name, f.size) for f in index.files]
+    if chunks:
+        by_file: dict[str, list[Any]] = {}
+        for c in index.chunks:
+            by_file.setdefault(c.file, []).append(c)
+        for f in index.files:
+            _verify_chunks(os.path.join(sub.root, f.name), by_file.get(f.name, ()))
     return files
 
 
-def inventory(backend: Backend, open_sub: Any) -> tuple[list[StepCopy], dict[int, bytes]]:
-    """Every memory step of a node directory, with the writers whose copies verify.
+def _verify_chunks(path: str, refs: Sequence[Any]) -> None:
+    """Every chunk of ``refs`` in the file at ``path`` matches its checksum (read in place)."""
+    if not refs:
+        return
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size == 0:
+            raise CorruptChunkError(f"{path}: empty, the index lists chunks in it")
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            view = memoryview(mm)
+            try:
+                for c in refs:
+                    if (
+                        c.offset + c.length > size
+                        or checksum(view[c.offset : c.offset + c.length]) != c.checksum
+                    ):
+                        raise CorruptChunkError(
+                            f"{path}: checksum mismatch in the chunk of {c.fqn!r} at offset "
+                            f"{c.offset} (the memory copy is damaged)"
+                        )
+            finally:
+                view.release()
+
+
+def inventory(
+    backend: Backend, open_sub: Any, *, chunks: bool = True
+) -> tuple[list[StepCopy], dict[int, bytes]]:
+    """Every memory step of a node directory, with the writers whose copies check out.
 
     Returns the copies and each step's manifest bytes. A step whose manifest
-    is missing or damaged is left out; a writer whose files do not verify is
-    left out of ``valid``.
+    is missing or damaged is left out; a writer whose files do not check out
+    is left out of ``valid`` (``chunks``: every chunk's checksum is checked).
     """
     copies, manifests = [], {}
     for step in steps_in(backend):
@@ -94,7 +120,7 @@ def inventory(backend: Backend, open_sub: Any) -> tuple[list[StepCopy], dict[int
             valid, sizes = set(), {}
             for ref in manifest.indexes:
                 try:
-                    files = writer_files(sub, manifest, ref.rank)
+                    files = writer_files(sub, manifest, ref.rank, chunks=chunks)
                 except (CheckpointError, OSError, ValueError):
                     continue
                 valid.add(ref.rank)

@@ -32,6 +32,7 @@ included). Without a whole memory step, the newest durable step is loaded.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import socket
 import threading
@@ -395,8 +396,8 @@ class TieredCheckpointer:
                         self._group(coord), self.timeout_s, sends, recvs, "tiered:replicate"
                     )
                     for s in self.sources:
-                        if listings[s]:
-                            _files.writer_files(sub, manifest, s)  # the copy verifies
+                        if listings[s]:  # the copy is whole (a restore checks its chunks)
+                            _files.writer_files(sub, manifest, s, chunks=False)
                 except CollectiveError:
                     raise
                 except Exception as exc:
@@ -492,23 +493,29 @@ class TieredCheckpointer:
         self._join()
         start = time.perf_counter()
         coord = self._coord()
-        copies: list[StepCopy] = []
-        manifests: dict[int, bytes] = {}
-        if self.is_leader:
-            node = self._node_backend()
-            try:
-                copies, manifests = _files.inventory(node, self._sub)
-            finally:
-                node.close()
-        payloads = _all(coord, (copies, manifests), "tiered:inventory")
-        invs = {r: payloads[r][0] for r in self.leaders}
-        decision = decide_restore(invs, self.leaders)
         skipped: list[str] = []
-        if decision is not None:
+        # First pass: the copies' indexes and sizes are checked, and the load
+        # checks every chunk it reads. When it finds a damaged one, every copy
+        # is checked chunk by chunk, and the damaged ones are not used.
+        for chunks in (False, True):
+            copies: list[StepCopy] = []
+            manifests: dict[int, bytes] = {}
+            if self.is_leader:
+                node = self._node_backend()
+                try:
+                    copies, manifests = _files.inventory(node, self._sub, chunks=chunks)
+                finally:
+                    node.close()
+            payloads = _all(coord, (copies, manifests), "tiered:inventory")
+            invs = {r: payloads[r][0] for r in self.leaders}
+            decision = decide_restore(invs, self.leaders)
+            if decision is None:
+                break
             try:
-                return self._restore_memory(
-                    coord, decision, payloads, template, strict, allow_pickle, start
+                step, report = self._restore_memory(
+                    coord, decision, payloads, template, strict, allow_pickle, start, chunks
                 )
+                return step, dataclasses.replace(report, skipped=tuple(skipped))
             except CollectiveError:
                 raise
             except CheckpointError as exc:
@@ -527,6 +534,7 @@ class TieredCheckpointer:
         strict: bool,
         allow_pickle: bool,
         start: float,
+        chunks: bool,
     ) -> tuple[int, RestoreReport]:
         step = decision.step
         blob = payloads[decision.manifest_from][1][step]
@@ -543,7 +551,7 @@ class TieredCheckpointer:
                         _files.write_file(sub, layout.MANIFEST, blob)
                 for t in decision.transfers:
                     if t.src == self.rank:
-                        got = _files.writer_files(sub, manifest, t.writer)
+                        got = _files.writer_files(sub, manifest, t.writer, chunks=False)
                         sends.append((t.dst, sub, got))
                         listing[(t.dst, t.writer)] = got
             except Exception as exc:
