@@ -116,14 +116,14 @@ def _job(rank: int, world: int, arg: str) -> dict[str, float]:
     ckpt.close()
     for _ in range(int(rounds)):
         restorer = TieredCheckpointer(mem, node=node, timeout_s=600)
-        add("restore_memory", _timed(lambda: restorer.restore(template)))
+        add("restore_memory", _timed(lambda r=restorer: r.restore(template)))
     assert all(torch.equal(a, b) for a, b in zip(_locals(state), _locals(template), strict=True))
     for _ in range(int(rounds)):
         if rank == per_node:  # node 1's memory is lost
             shutil.rmtree(os.path.join(memdir, "node1"), ignore_errors=True)
         dist.barrier()
         restorer = TieredCheckpointer(mem, node=node, timeout_s=600)
-        add("restore_peer", _timed(lambda: restorer.restore(template)))
+        add("restore_peer", _timed(lambda r=restorer: r.restore(template)))
     tc, dc = os.path.join(workdir, "tc"), os.path.join(workdir, "dcp")
     treeckpt.save(state, tc)
     dcp.save(state, checkpoint_id=dc)

@@ -19,6 +19,7 @@ from treeckpt.tiered.decide import RestoreDecision, StepCopy, Transfer, decide_r
 from treeckpt.tiered.placement import node_groups, partners, sources
 
 __all__ = [
+    "ChunkTransport",
     "RestoreDecision",
     "RestoreReport",
     "StepCopy",
@@ -33,3 +34,12 @@ __all__ = [
     "sources",
     "step_kind",
 ]
+
+
+def __getattr__(name: str) -> object:
+    # The torchft transport is imported on first use (it imports torchft when installed).
+    if name == "ChunkTransport":
+        from treeckpt.tiered.transport import ChunkTransport
+
+        return ChunkTransport
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
