@@ -124,3 +124,13 @@ def test_restore_does_not_mix_two_saves_of_one_step() -> None:
     inv = {0: [_copy(4, {0, 1, 2, 3}, m="a")], 2: [_copy(4, {2, 3}, m="b")]}
     d = decide_restore(inv, [0, 2])
     assert d is not None and d.manifest == "a4" and len(d.transfers) == 4
+
+
+def test_restore_spreads_transfers_over_the_ranks_of_both_nodes() -> None:
+    inv = {0: [_copy(4, {0, 1, 2, 3})], 2: []}
+    d = decide_restore(inv, [0, 2], {0: (0, 1), 2: (2, 3)})
+    assert d is not None
+    assert [(t.writer, t.src, t.dst) for t in d.transfers] == [
+        (0, 0, 2), (1, 1, 3), (2, 0, 2), (3, 1, 3),
+    ]  # fmt: skip
+    assert d.sources == {0: dict.fromkeys(range(4)), 2: {0: 0, 1: 1, 2: 0, 3: 1}}

@@ -23,7 +23,13 @@ def _data_files(node_dir: Path, step: int, writer: int) -> list[Path]:
 
 def test_node_loss_resumes_from_the_other_nodes_copies(tmp_path: Path) -> None:
     held = _save4(tmp_path)
+    # Each node keeps only the newest step: its ranks' files and their partners' copies.
+    files = []
+    for node in ("node0", "node1"):
+        assert [p.name for p in (tmp_path / "mem" / node).iterdir()] == ["step-0000000004"]
+        files += [f for f in (tmp_path / "mem" / node).glob("step-*/data-*/*") if f.is_file()]
     assert all(h > 0 for h in held)
+    assert sum(held) == sum(f.stat().st_size for f in files)
     # Node 1 is lost: its processes are gone and its memory with them.
     shutil.rmtree(tmp_path / "mem" / "node1")
     out = run_ranks(4, restore_and_check, tmp_path, tmp_path, 2, {}, timeout=90)

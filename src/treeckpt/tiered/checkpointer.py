@@ -106,6 +106,8 @@ class TieredResult:
     sent_bytes: int
     received_bytes: int
     save: SaveResult | None = None
+    #: seconds of each part of the background work: write, replicate, agree, durable
+    seconds: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -197,6 +199,7 @@ class TieredCheckpointer:
         self.replicas = replicas
         self.durable = None if durable is None else str(durable)
         self.durable_keep = durable_keep
+        self._keep = KeepPolicy(max_to_keep=durable_keep)
         self.timeout_s = float(timeout_s)
         self._pg = process_group
         self._options = options or SaveOptions(
@@ -355,6 +358,14 @@ class TieredCheckpointer:
         failed: BaseException | None,
     ) -> TieredResult:
         save_id = prepared.save_id
+        clock = {"t": time.perf_counter()}
+        seconds: dict[str, float] = {}
+
+        def lap(name: str) -> None:
+            now = time.perf_counter()
+            seconds[name] = now - clock["t"]
+            clock["t"] = now
+
         received: list[tuple[str, int]] = []
         mine: list[tuple[str, int]] = []
         try:
@@ -367,6 +378,7 @@ class TieredCheckpointer:
             result = commit_save(
                 prepared, sub, options=self._options, coord=coord, user_metadata=meta, failed=failed
             )
+            lap("write")
             # Every node gets the manifest: its copy of the step is then a checkpoint
             # directory (the part of one) the ordinary reader verifies.
             blob = on_coordinator(
@@ -392,6 +404,7 @@ class TieredCheckpointer:
                             _files.check_name(name, save_id, s)
                         recvs.append((s, sub, files))
                         received.extend(files)
+                    lap("list")
                     _files.exchange(
                         self._group(coord), self.timeout_s, sends, recvs, "tiered:replicate"
                     )
@@ -402,7 +415,9 @@ class TieredCheckpointer:
                     raise
                 except Exception as exc:
                     err = exc
+            lap("replicate")
             coord.agree("tiered:replicated", err)
+            lap("agree")
         except BaseException:
             self._discard(sub, mine + received)
             raise
@@ -422,6 +437,7 @@ class TieredCheckpointer:
         if kind == "durable":
             self._hit("durable")
             self._write_durable(coord, sub, step, save_id, mine, blob)
+            lap("durable")
         return TieredResult(
             step=step,
             durable=kind == "durable",
@@ -429,6 +445,7 @@ class TieredCheckpointer:
             sent_bytes=own * len(self.partners),
             received_bytes=got,
             save=result,
+            seconds=seconds,
         )
 
     def _discard(self, sub: Backend, files: list[tuple[str, int]]) -> None:
@@ -471,7 +488,7 @@ class TieredCheckpointer:
                     dsub.commit_file(layout.MANIFEST, blob, sync=True)
                 finally:
                     dsub.close()
-                retain(root, step, KeepPolicy(max_to_keep=self.durable_keep), sync=True)
+                retain(root, step, self._keep, sync=True)
 
             on_coordinator(coord, "tiered:durable-commit", commit)
         finally:
@@ -508,7 +525,8 @@ class TieredCheckpointer:
                     node.close()
             payloads = _all(coord, (copies, manifests), "tiered:inventory")
             invs = {r: payloads[r][0] for r in self.leaders}
-            decision = decide_restore(invs, self.leaders)
+            members = {g[0]: g for g in node_groups(self.nodes).values()}
+            decision = decide_restore(invs, self.leaders, members)
             if decision is None:
                 break
             try:

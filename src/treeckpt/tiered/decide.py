@@ -55,14 +55,18 @@ class RestoreDecision:
 
 
 def decide_restore(
-    inventories: Mapping[int, Sequence[StepCopy]], leaders: Sequence[int]
+    inventories: Mapping[int, Sequence[StepCopy]],
+    leaders: Sequence[int],
+    members: Mapping[int, Sequence[int]] | None = None,
 ) -> RestoreDecision | None:
     """The newest step whole across ``inventories`` (leader rank -> its copies), or ``None``.
 
     A step is whole when every writer its manifest names has a verified copy
     on at least one surviving node. Each leader in ``leaders`` lacking a
-    writer's copy receives it from the holder with the fewest bytes to send
-    so far (then the lowest rank).
+    writer's copy gets it from the holding node with the fewest bytes to
+    send so far (then the lowest rank). ``members`` (leader -> the ranks of
+    its node) spreads the transfers over the ranks of the sending and the
+    receiving nodes, in turn; without it the leaders send and receive.
     """
     keys: dict[tuple[int, str], dict[int, StepCopy]] = {}
     for rank in sorted(inventories):
@@ -97,11 +101,34 @@ def decide_restore(
                 transfers.append(Transfer(writer=w, src=src, dst=dst, nbytes=nbytes))
                 got[w] = src
             sources[dst] = got
+        spread = _spread(transfers, members or {})
+        for old, new in zip(transfers, spread, strict=True):
+            sources[old.dst][old.writer] = new.src
         return RestoreDecision(
             step=key[0],
             manifest=key[1],
             manifest_from=min(holders),
-            transfers=tuple(transfers),
+            transfers=spread,
             sources=sources,
         )
     return None
+
+
+def _spread(
+    transfers: list[Transfer], members: Mapping[int, Sequence[int]]
+) -> tuple[Transfer, ...]:
+    """Each node's sends and receives handed to its ranks in turn (leaders first)."""
+    sent: dict[int, int] = {}
+    got: dict[int, int] = {}
+    out = []
+    for t in transfers:
+        srcs = members.get(t.src) or (t.src,)
+        dsts = members.get(t.dst) or (t.dst,)
+        i, j = sent.get(t.src, 0), got.get(t.dst, 0)
+        sent[t.src], got[t.dst] = i + 1, j + 1
+        out.append(
+            Transfer(
+                writer=t.writer, src=srcs[i % len(srcs)], dst=dsts[j % len(dsts)], nbytes=t.nbytes
+            )
+        )
+    return tuple(out)
