@@ -6,7 +6,8 @@ into 2 "nodes" with a memory directory each under ``/dev/shm``. Measured on
 the slowest rank, medians over rounds:
 
 - memory save, blocking: how long ``TieredCheckpointer.save`` holds training
-  (plan and host copy); memory save, total: until written and replicated;
+  (plan and host copy); memory save, total: until written and replicated
+  (of which the point-to-point replication to the partner ranks);
 - restore from memory: every rank restores from its node's copy (a restart
   with every node alive), and after one node's memory directory is wiped
   (a replaced node: its ranks receive everything from the other node);
@@ -41,34 +42,52 @@ import treeckpt
 from treeckpt.tiered import TieredCheckpointer
 
 
-def _shard(tree: Any, mesh: Any, rank: int, world: int, empty: bool) -> Any:
+def _shard(tree: Any, mesh: Any, rank: int, world: int) -> Any:
     """Every tensor with rows as a row-sharded DTensor (``torch.chunk`` layout), 0-d ones as they are."""
     if isinstance(tree, dict):
-        return {k: _shard(v, mesh, rank, world, empty) for k, v in tree.items()}
+        return {k: _shard(v, mesh, rank, world) for k, v in tree.items()}
     if isinstance(tree, list):
-        return [_shard(v, mesh, rank, world, empty) for v in tree]
+        return [_shard(v, mesh, rank, world) for v in tree]
     if not isinstance(tree, torch.Tensor) or tree.dim() == 0:
-        return torch.zeros_like(tree) if empty and isinstance(tree, torch.Tensor) else tree
+        return tree
     n = tree.shape[0]
     per = -(-n // world)
     lo = min(n, rank * per)
     hi = min(n, lo + per)
-    local = torch.zeros_like(tree[lo:hi]) if empty else tree[lo:hi].clone()
+    local = tree[lo:hi].clone()
     return DTensor.from_local(
         local, mesh, [Shard(0)], run_check=False, shape=tree.shape, stride=tree.stride()
     )
 
 
-def _sharded_state(rank: int, world: int, quick: bool, empty: bool = False) -> Any:
+def _sharded_state(rank: int, world: int, quick: bool) -> Any:
     mesh = init_device_mesh("cpu", (world,))
     out = None
     for r in range(world):  # one rank at a time holds the whole state while slicing it
         if r == rank:
             full = build_state(GPT2_QUICK if quick else GPT2_SMALL, torch.float32, seed=0)
-            out = _shard(full, mesh, rank, world, empty)
+            out = _shard(full, mesh, rank, world)
             del full
         dist.barrier()
     return out
+
+
+def _zeros_like(tree: Any) -> Any:
+    """The same tree with every tensor (local shard) zeroed: a restore's template."""
+    if isinstance(tree, dict):
+        return {k: _zeros_like(v) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [_zeros_like(v) for v in tree]
+    if isinstance(tree, DTensor):
+        return DTensor.from_local(
+            torch.zeros_like(tree.to_local()),
+            tree.device_mesh,
+            tree.placements,
+            run_check=False,
+            shape=tree.shape,
+            stride=tree.stride(),
+        )
+    return torch.zeros_like(tree) if isinstance(tree, torch.Tensor) else tree
 
 
 def _locals(tree: Any) -> list[torch.Tensor]:
@@ -94,7 +113,7 @@ def _job(rank: int, world: int, arg: str) -> dict[str, float]:
     per_node = world // 2
     node = rank // per_node
     state = _sharded_state(rank, world, quick == "1")
-    template = _sharded_state(rank, world, quick == "1", empty=True)
+    template = _zeros_like(state)
     mem = os.path.join(memdir, "node{node}")
     out: dict[str, list[float]] = {}
 
@@ -108,8 +127,9 @@ def _job(rank: int, world: int, arg: str) -> dict[str, float]:
         fut = ckpt.save(i + 1, state)
         assert fut is not None
         add("save_blocking", fut.blocked_s)
-        fut.result()
+        res = fut.result()
         add("save_total", time.perf_counter() - start)
+        add("save_replicate", res.seconds["replicate"])
         dist.barrier()
     add("memory_bytes", float(ckpt.memory_bytes))
     add("staging_bytes", float(ckpt.staging_bytes))
@@ -159,11 +179,12 @@ def main() -> None:
         state = "GPT-2 quick (6x smaller)" if args.quick else "GPT-2 small"
         print(f"state: {state}, fp32 + AdamW, row-sharded; 2 nodes; median of {args.rounds} rounds")
         print(
-            "| ranks | memory save, blocking s | memory save, total s | restore from memory s "
+            "| ranks | memory save, blocking s | memory save, total s | of which replication s "
+            "| restore from memory s "
             "| restore, one node lost s | cold load from disk, treeckpt s | cold load, DCP s "
             "| disk / memory | memory tier GB (all ranks) | staging GB |"
         )
-        print("|---|---|---|---|---|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
         for world, res in rows:
 
             def slowest(key: str, res: list[dict[str, float]] = res) -> float:
@@ -175,6 +196,7 @@ def main() -> None:
             ratio = slowest("disk_treeckpt") / slowest("restore_memory")
             print(
                 f"| {world} | {slowest('save_blocking'):.2f} | {slowest('save_total'):.2f} "
+                f"| {slowest('save_replicate'):.2f} "
                 f"| {slowest('restore_memory'):.2f} | {slowest('restore_peer'):.2f} "
                 f"| {slowest('disk_treeckpt'):.2f} | {slowest('disk_dcp'):.2f} | {ratio:.1f}x "
                 f"| {total('memory_bytes'):.2f} | {total('staging_bytes'):.2f} |"

@@ -170,6 +170,8 @@ class TieredCheckpointer:
         durable_keep: durable steps kept (the newest ones).
         process_group: the ranks taking part (the default group).
         timeout_s: bound of every collective and transfer.
+        options: how the memory tier's chunks are written (default: uncompressed,
+            plain replicated tensors not compared across ranks); never fsynced.
     """
 
     def __init__(
@@ -202,17 +204,11 @@ class TieredCheckpointer:
         self._keep = KeepPolicy(max_to_keep=durable_keep)
         self.timeout_s = float(timeout_s)
         self._pg = process_group
-        self._options = options or SaveOptions(
-            compression=Compression(mode="never"), sync=False, check_replicas=False
+        base_options = options or SaveOptions(
+            compression=Compression(mode="never"), check_replicas=False
         )
-        self._options = SaveOptions(
-            chunk_bytes=self._options.chunk_bytes,
-            compression=self._options.compression,
-            io_threads=self._options.io_threads,
-            sync=False,
-            timeout_s=self.timeout_s,
-            check_replicas=self._options.check_replicas,
-        )
+        # Memory is not fsynced; every collective is bounded by the checkpointer's timeout.
+        self._options = dataclasses.replace(base_options, sync=False, timeout_s=self.timeout_s)
         self._pool = StagingPool()
         self._lock = threading.Lock()
         self._running: TieredFuture | None = None
@@ -232,7 +228,11 @@ class TieredCheckpointer:
         self.is_leader = self.rank in self.leaders
         self.partners = partners(self.nodes, replicas)[self.rank]
         self.sources = sources(self.nodes, replicas)[self.rank]
-        base = str(memory_dir) if memory_dir is not None else "/dev/shm/treeckpt-tiered"
+        if memory_dir is None:
+            run = os.environ.get("TORCHELASTIC_RUN_ID", "")
+            run = run if run.replace("-", "").replace("_", "").isalnum() else ""
+            memory_dir = "/dev/shm/treeckpt-tiered" + (f"-{run}" if run else "")
+        base = str(memory_dir)
         self.memory_dir = base.replace("{node}", mine)
         os.makedirs(self.memory_dir, exist_ok=True)
 
@@ -256,7 +256,10 @@ class TieredCheckpointer:
 
     @property
     def memory_bytes(self) -> int:
-        """Bytes of the memory tier this rank holds: its own newest step and its partners' copies."""
+        """Bytes of the memory tier this rank holds: its own newest step and its partners' copies.
+
+        After a memory restore, until the next save: the bytes of the node's copy of the step.
+        """
         return self._held
 
     @property
