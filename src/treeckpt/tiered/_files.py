@@ -33,7 +33,7 @@ from treeckpt.tiered.decide import StepCopy
 
 _STEP = re.compile(r"step-([0-9]{10,18})")
 #: the largest message sent at once between two ranks
-PIECE_BYTES = 64 << 20
+PIECE_BYTES = 4 << 20
 
 FileList = list[tuple[str, int]]
 
