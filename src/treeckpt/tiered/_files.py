@@ -34,6 +34,8 @@ from treeckpt.tiered.decide import StepCopy
 _STEP = re.compile(r"step-([0-9]{10,18})")
 #: the largest message sent at once between two ranks
 PIECE_BYTES = 4 << 20
+#: messages in flight per peer and direction
+WINDOW = 8
 
 FileList = list[tuple[str, int]]
 
@@ -173,24 +175,13 @@ def write_file(sub: Backend, name: str, data: Any) -> None:
         raise
 
 
-def read_whole(sub: Backend, name: str, size: int) -> np.ndarray:
-    """The ``size`` bytes of file ``name``, read into a fresh writable buffer."""
-    buf = np.empty(size, dtype=np.uint8)
-    view, done = memoryview(buf.data), 0
-    while done < size:
-        n = sub.readinto(name, done, view[done:])
-        if n <= 0:
-            raise CorruptChunkError(f"{sub.root}/{name}: shorter than the {size} bytes expected")
-        done += n
-    return buf
-
-
-def write_durable(sub: Backend, name: str, data: Any) -> None:
-    """Write a new file of a durable step and fsync it (the manifest is committed after)."""
-    writer = sub.open_writer(name)
+def copy_durable(src: Backend, dst: Backend, name: str, size: int) -> None:
+    """Copy file ``name`` from the memory tier to a durable step, piece by piece, and fsync it."""
+    writer = dst.open_writer(name)
     try:
-        writer.write(data)
-        writer.close(sync=sub.supports_fsync)
+        for off, n in _pieces(size):
+            writer.write(_read_piece(src, name, off, n).numpy().data)
+        writer.close(sync=dst.supports_fsync)
     except BaseException:
         writer.abort()
         raise
@@ -214,52 +205,88 @@ def exchange(
     sends: Sequence[tuple[int, Backend, FileList]],
     recvs: Sequence[tuple[int, Backend, FileList]],
     phase: str,
+    window: int = WINDOW,
 ) -> int:
     """Send files to peers and receive files from peers, point to point, over ``group``.
 
     ``sends``: (peer group rank, backend to read from, files); ``recvs``:
     (peer group rank, backend to write into, files with sizes agreed
-    before). Each pair's messages carry increasing tags, so the order of
-    posting does not matter; every wait is bounded by ``timeout_s``.
-    Returns the bytes received.
+    before). The files travel as messages of at most ``PIECE_BYTES``, the
+    k-th message between two ranks tagged k, ``window`` messages per peer
+    and direction at a time: the message k of a pair is in round
+    ``k // window`` on both sides, so the rounds never wait on each other in
+    a circle, and memory holds only one round's messages. Every wait is
+    bounded by ``timeout_s``. Returns the bytes received.
 
     Raises:
         CollectiveError: a peer died, stalled or failed (the peer is named).
     """
-    works: list[tuple[Any, int]] = []
-    landing: list[tuple[Backend, str, np.ndarray]] = []
+    # One ordered list of messages per peer and direction (several transfers
+    # between two ranks follow each other, in the order both sides list them).
+    out_ops: dict[int, list[tuple[Backend, str, int, int]]] = {}
+    in_ops: dict[int, list[tuple[Backend, str, int, int]]] = {}
+    for peer, sub, files in sends:
+        out_ops.setdefault(peer, []).extend(_ops(sub, files))
+    for peer, sub, files in recvs:
+        in_ops.setdefault(peer, []).extend(_ops(sub, files))
+    writers: dict[tuple[int, str], Any] = {}
+    got = 0
     current = -1
     try:
-        for peer, sub, files in recvs:
-            current, tag = peer, 0
+        for _, sub, files in recvs:
             for name, size in files:
-                buf = np.empty(size, dtype=np.uint8)
-                for off, n in _pieces(size):
-                    view = torch.from_numpy(buf[off : off + n])
-                    works.append((dist.irecv(view, group=group, group_src=peer, tag=tag), peer))
-                    tag += 1
-                landing.append((sub, name, buf))
-        for peer, sub, files in sends:
-            current, tag = peer, 0
-            for name, size in files:
-                if not size:
-                    continue
-                data = read_whole(sub, name, size)
-                for off, n in _pieces(size):
-                    t = torch.from_numpy(data[off : off + n])
-                    works.append((dist.isend(t, group=group, group_dst=peer, tag=tag), peer))
-                    tag += 1
-        for work, peer in works:
-            current = peer
-            if not work.wait(timeout=timedelta(seconds=timeout_s)):
-                raise TimeoutError(f"no progress within {timeout_s:g} s")
+                if size == 0:
+                    write_file(sub, name, b"")
+        lists = list(out_ops.values()) + list(in_ops.values())
+        rounds = max((-(-len(ops) // window) for ops in lists), default=0)
+        for r in range(rounds):
+            lo, hi = r * window, (r + 1) * window
+            works: list[tuple[Any, int]] = []
+            landing: list[tuple[Backend, str, int, torch.Tensor]] = []
+            for peer, ops in in_ops.items():
+                current = peer
+                for k, (sub, name, off, n) in enumerate(ops[lo:hi], start=lo):
+                    buf = torch.empty(n, dtype=torch.uint8)
+                    works.append((dist.irecv(buf, group=group, group_src=peer, tag=k), peer))
+                    landing.append((sub, name, off, buf))
+            for peer, ops in out_ops.items():
+                current = peer
+                for k, (sub, name, off, n) in enumerate(ops[lo:hi], start=lo):
+                    data = _read_piece(sub, name, off, n)
+                    works.append((dist.isend(data, group=group, group_dst=peer, tag=k), peer))
+            for work, peer in works:
+                current = peer
+                if not work.wait(timeout=timedelta(seconds=timeout_s)):
+                    raise TimeoutError(f"no progress within {timeout_s:g} s")
+            for sub, name, off, buf in landing:
+                key = (id(sub), name)
+                if off == 0:
+                    with contextlib.suppress(FileNotFoundError):
+                        sub.remove(name)
+                    writers[key] = sub.open_writer(name)
+                writers[key].write(buf.numpy().data)
+                got += buf.numel()
+        for w in writers.values():
+            w.close(sync=False)
+        writers.clear()
     except Exception as exc:
         raise CollectiveError(
             f"phase {phase!r}: exchanging memory copies with rank {current} failed within the "
             f"{timeout_s:g} s timeout ({type(exc).__name__}: {str(exc)[:200]})"
         ) from exc
-    got = 0
-    for sub, name, buf in landing:
-        write_file(sub, name, buf)
-        got += buf.nbytes
+    finally:
+        for w in writers.values():
+            w.abort()
     return got
+
+
+def _ops(sub: Backend, files: FileList) -> list[tuple[Backend, str, int, int]]:
+    """The messages carrying ``files``: (backend, name, offset, length), in order."""
+    return [(sub, name, off, n) for name, size in files for off, n in _pieces(size)]
+
+
+def _read_piece(sub: Backend, name: str, off: int, n: int) -> torch.Tensor:
+    buf = np.empty(n, dtype=np.uint8)
+    if sub.readinto(name, off, memoryview(buf.data)) != n:
+        raise CorruptChunkError(f"{sub.root}/{name}: shorter than expected (changed while sent)")
+    return torch.from_numpy(buf)

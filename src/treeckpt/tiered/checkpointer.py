@@ -477,7 +477,7 @@ class TieredCheckpointer:
                 try:
                     dsub.makedirs(layout.data_dir(save_id))
                     for name, size in mine:
-                        _files.write_durable(dsub, name, _files.read_whole(sub, name, size))
+                        _files.copy_durable(sub, dsub, name, size)
                 finally:
                     dsub.close()
 
