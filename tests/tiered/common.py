@@ -116,11 +116,13 @@ def run_and_save(
     rank: int, world: int, tmp: Path, per_node: int, steps: int, kw: dict[str, Any]
 ) -> Any:
     """Train ``steps`` steps, saving every step the checkpointer says is due; return bytes held."""
+    kw = dict(kw)
+    save_as = kw.pop("save_as", {})  # training step -> the step number it is saved as
     model, optim, state = make_state(0)
     ckpt = checkpointer(tmp, rank, per_node, **kw)
     for step in range(1, steps + 1):
         train(model, optim, state, step)
-        ckpt.save(step, state)
+        ckpt.save(save_as.get(step, step), state)
     ckpt.wait()
     held = ckpt.memory_bytes
     ckpt.close()

@@ -119,3 +119,14 @@ def test_rank_dying_during_replication_fails_the_save_and_keeps_the_previous_ste
     out2 = run_ranks(4, restore_and_check, tmp_path, tmp_path, 2, {}, timeout=90)
     for rank, (step, _report, bad) in enumerate(out2):
         assert (step, bad) == (2, []), f"rank {rank}: {bad}"
+
+
+@pytest.mark.slow
+def test_a_step_saved_again_over_an_older_runs_copies(tmp_path: Path) -> None:
+    # An older run left step 4 (holding the state of step 2) on both nodes.
+    _save4(tmp_path, steps=2, memory_every=4, save_as={2: 4})
+    _save4(tmp_path, steps=4, memory_every=4)
+    out = run_ranks(4, restore_and_check, tmp_path, tmp_path, 2, {}, timeout=90)
+    for rank, (step, report, bad) in enumerate(out):
+        assert (step, bad, report.skipped) == (4, [], ()), f"rank {rank}"
+        assert set(report.writer_sources.values()) == {None}

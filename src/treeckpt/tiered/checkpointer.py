@@ -56,6 +56,7 @@ from treeckpt.shell.save import SaveResult, commit_save, prepare_save
 from treeckpt.shell.staging import StagingPool
 from treeckpt.store import layout
 from treeckpt.store.backends import Backend, open_backend
+from treeckpt.store.checksum import checksum
 from treeckpt.store.reader import read_indexes, read_manifest
 from treeckpt.tiered import _files
 from treeckpt.tiered.decide import RestoreDecision, StepCopy, decide_restore
@@ -390,7 +391,8 @@ class TieredCheckpointer:
             manifest = read_manifest_bytes(blob, sub)
             err: BaseException | None = None
             try:
-                if self.is_leader and sub.size(layout.MANIFEST) is None:
+                # (replacing a manifest an older run left under the same step number)
+                if self.is_leader and _files.manifest_checksum(sub) != checksum(blob):
                     sub.commit_file(layout.MANIFEST, blob, sync=False)
                 mine = _files.own_files(sub, save_id, self.rank)
             except Exception as exc:
@@ -569,7 +571,7 @@ class TieredCheckpointer:
                 if self.is_leader:
                     sub.makedirs(layout.data_dir(manifest.save_id))
                     if _files.manifest_checksum(sub) != decision.manifest:
-                        _files.write_file(sub, layout.MANIFEST, blob)
+                        sub.commit_file(layout.MANIFEST, blob, sync=False)
                 for t in decision.transfers:
                     if t.src == self.rank:
                         got = _files.writer_files(sub, manifest, t.writer, chunks=False)
