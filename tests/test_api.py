@@ -806,7 +806,9 @@ def test_overwrite_replaces_and_removes_old_data(tmp_ckpt: str) -> None:
     res = treeckpt.save({"a": torch.ones(10), "b": torch.arange(3)}, tmp_ckpt)
     assert data_dirs(tmp_ckpt) == [f"data-{res.save_id}"]
     assert res.save_id != old_id
-    assert sorted(os.listdir(tmp_ckpt)) == sorted(["manifest.json", f"data-{res.save_id}"])
+    assert sorted(os.listdir(tmp_ckpt)) == sorted(
+        [".metadata", "manifest.json", f"data-{res.save_id}"]
+    )
     back = treeckpt.restore(tmp_ckpt)
     assert_same({"a": torch.ones(10), "b": torch.arange(3)}, back)
     # overwrite many times: always exactly one data dir

@@ -143,7 +143,8 @@ def assert_next_save_cleans_up(path: str) -> None:
     """One more save leaves only its own files."""
     treeckpt.save(version(0), path, options=OPTS)
     live = treeckpt.metadata(path).save_id
-    extra = [n for n in open_backend(path).listdir() if n not in ("manifest.json", f"data-{live}")]
+    keep = (".metadata", "manifest.json", f"data-{live}")
+    extra = [n for n in open_backend(path).listdir() if n not in keep]
     assert extra == [], extra
     which(treeckpt.restore(path), {0})
 

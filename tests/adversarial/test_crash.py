@@ -234,9 +234,11 @@ def test_process_killed_at_every_call(
 
 
 def leftovers(path: str) -> list[str]:
-    """Entries of a checkpoint other than its manifest and the live save's data directory."""
+    """Entries of a checkpoint other than its manifest, its ``.metadata`` marker and the
+    live save's data directory."""
     live = treeckpt.metadata(path).save_id
-    return [n for n in open_backend(path).listdir() if n not in ("manifest.json", f"data-{live}")]
+    keep = ("manifest.json", ".metadata", f"data-{live}")
+    return [n for n in open_backend(path).listdir() if n not in keep]
 
 
 def kill_sweep(

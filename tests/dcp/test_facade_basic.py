@@ -40,7 +40,8 @@ def test_save_load_state_dicts_values_in_place(tmp_ckpt: str) -> None:
     assert md.state_dict_metadata["model.0.weight"].size == torch.Size([8, 4])
     # treeckpt's format underneath: a committed manifest, readable by treeckpt itself.
     assert os.path.exists(os.path.join(tmp_ckpt, "manifest.json"))
-    assert not os.path.exists(os.path.join(tmp_ckpt, ".metadata"))
+    with open(os.path.join(tmp_ckpt, ".metadata"), "rb") as f:  # the marker, not DCP's pickle
+        assert f.read().startswith(b"cbuiltins\ntreeckpt checkpoint")
     assert treeckpt.restore(tmp_ckpt)["step"] == 7
 
     other, _ = _fresh()

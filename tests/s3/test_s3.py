@@ -121,10 +121,16 @@ def test_overwrite_is_old_or_new_and_removes_the_old_objects(
     first = treeckpt.save(TREE, s3_url, options=SAVE_OPTIONS)
     before = objects(s3fs_instance, s3_url)
     assert "manifest.json" in before
-    assert all(o == "manifest.json" or o.startswith(f"data-{first.save_id}/") for o in before)
+    assert all(
+        o in ("manifest.json", ".metadata") or o.startswith(f"data-{first.save_id}/")
+        for o in before
+    )
     second = treeckpt.save(OTHER, s3_url, options=SAVE_OPTIONS)
     after = objects(s3fs_instance, s3_url)
-    assert all(o == "manifest.json" or o.startswith(f"data-{second.save_id}/") for o in after)
+    assert all(
+        o in ("manifest.json", ".metadata") or o.startswith(f"data-{second.save_id}/")
+        for o in after
+    )
     assert same(OTHER, treeckpt.restore(s3_url))
     assert uploads(s3fs_instance, s3_url) == []
 
@@ -211,7 +217,7 @@ def test_two_ranks_save_and_reshard_on_s3(
     # an overwrite from two ranks replaces it and removes the old objects
     ids2 = run_ranks(2, _save_2, tmp_path, s3_url, s3_endpoint)
     assert all(
-        n == "manifest.json" or n.startswith(f"data-{ids2[0]}/")
+        n in ("manifest.json", ".metadata") or n.startswith(f"data-{ids2[0]}/")
         for n in objects(s3fs_instance, s3_url)
     )
 

@@ -210,7 +210,10 @@ def check_fault(tmp_path: Path, path: str, kind: str, phase: str) -> None:
     assert torch.equal(back["w"], OLD["w"]) and back["step"] == 1, (kind, phase)
     treeckpt.save(OLD, path)  # a retry works and removes what the failed save left
     live = treeckpt.metadata(path).save_id
-    assert sorted(os.listdir(path)) == sorted(["manifest.json", f"data-{live}"]), (kind, phase)
+    assert sorted(os.listdir(path)) == sorted([".metadata", "manifest.json", f"data-{live}"]), (
+        kind,
+        phase,
+    )
 
 
 @pytest.mark.parametrize(

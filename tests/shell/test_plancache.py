@@ -183,5 +183,5 @@ def test_two_ranks_reuse_a_plan_only_when_every_rank_and_the_coordinator_agree(
     for reused in results:
         assert reused == [False, True, third], (scenario, results)
     assert sorted(p.name for p in Path(path).iterdir()) == sorted(
-        ["manifest.json", f"data-{treeckpt.metadata(path).save_id}"]
+        [".metadata", "manifest.json", f"data-{treeckpt.metadata(path).save_id}"]
     )

@@ -167,6 +167,7 @@ def _assert_old_intact(path: str) -> None:
     back = treeckpt.restore(path)
     assert torch.equal(back["w"], OLD["w"]) and back["step"] == 1
     assert sorted(n for n in os.listdir(path)) == [
+        ".metadata",
         f"data-{treeckpt.metadata(path).save_id}",
         "manifest.json",
     ]

@@ -14,6 +14,7 @@ from treeckpt.dcp.metadata import (
     Metadata,
     TensorStorageMetadata,
 )
+from treeckpt.dcp.optimizer import load_sharded_optimizer_state_dict
 from treeckpt.dcp.planner import LoadPlan, LoadPlanner, ReadItem, SavePlan, SavePlanner, WriteItem
 from treeckpt.dcp.quantized_hf_storage import QuantizedHuggingFaceStorageReader
 from treeckpt.dcp.state_dict_loader import load, load_state_dict
@@ -45,6 +46,7 @@ __all__ = [
     "WriteItem",
     "async_save",
     "load",
+    "load_sharded_optimizer_state_dict",
     "load_state_dict",
     "save",
     "save_state_dict",

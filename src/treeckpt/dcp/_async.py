@@ -8,8 +8,9 @@ save to the next, and a background thread writes and commits.
 Otherwise (a user's planner, storage plugin or stager) the stager copies the
 state dict and the DCP call sequence runs in a background thread, on a
 process group of treeckpt's own. PROCESS runs it in a separate process when
-this process is not part of a multi-rank group; in a group it uses a
-background thread too (the collectives of a save need this process's group).
+this process is not part of a multi-rank group; in a group, each rank's
+save runs in a checkpoint process of its own, the processes joined by a
+process group of their own (``_process.py``).
 
 Either way, a later save or load over the same ranks waits for the running
 save first, so their collectives never interleave.
@@ -33,6 +34,7 @@ from torch.distributed.checkpoint.storage import StorageWriter
 
 from treeckpt.asyncsave import async_save as treeckpt_async_save
 from treeckpt.dcp._engine import coordinator, fast_save, run_save, storage_writer_for
+from treeckpt.dcp._process import Packed, SharedArena, checkpoint_process, packed, unpacked
 from treeckpt.dcp._view import metadata_from_plan, metadata_of
 from treeckpt.dcp.api import CheckpointException, wrap_failure
 from treeckpt.dcp.default_planner import DefaultSavePlanner
@@ -57,12 +59,10 @@ def _same(a: object, b: object) -> bool:
     return a is b
 
 
-def _save_in_process(
-    state_dict: dict[str, Any], writer: StorageWriter, planner: SavePlanner | None
-) -> Metadata:
+def _save_in_process(pack: Packed, writer: StorageWriter, planner: SavePlanner | None) -> Metadata:
     """The save, in the checkpoint process; its error crosses back as plain messages."""
     try:
-        return run_save(state_dict, writer, planner, LocalCoordinator())
+        return run_save(unpacked(pack), writer, planner, LocalCoordinator())
     except CheckpointException as exc:
         failures = {
             rank: (CheckpointError(f"{type(e).__name__}: {e}"), traceback.StackSummary())
@@ -161,12 +161,16 @@ def _staged_then_saved(
     use_collectives: bool,
 ) -> Future[Any] | AsyncSaveResponse:
     owned: AsyncStager | None = None
+    arena = SharedArena() if async_checkpointer_type == AsyncCheckpointerType.PROCESS else None
     stager = async_stager
     if stager is None:
         if isinstance(writer, AsyncStager):
             stager = writer
         else:
             stager = owned = DefaultStager(StagingOptions(False, False, False, False))
+            if arena is not None:
+                # Staged into shared memory: the checkpoint process maps it, no copy.
+                owned.alloc = arena.alloc
     state_dict = {
         k: v.state_dict() if isinstance(v, Stateful) else v for k, v in state_dict.items()
     }
@@ -179,9 +183,19 @@ def _staged_then_saved(
         return staged.result() if isinstance(staged, Future) else staged
 
     upload: Future[Any]
-    if async_checkpointer_type == AsyncCheckpointerType.PROCESS and coord.world_size == 1:
+    if async_checkpointer_type == AsyncCheckpointerType.PROCESS and coord.world_size > 1:
+        # Every rank's save in its checkpoint process, on a process group of their own.
+        try:
+            worker = checkpoint_process(coord)
+        except CheckpointException:
+            raise
+        except Exception as exc:
+            raise wrap_failure(exc, coord.rank) from exc
+        upload = worker.submit(packed(wait_staged(), arena), writer, planner, use_collectives)
+        inflight.track(upload)
+    elif async_checkpointer_type == AsyncCheckpointerType.PROCESS:
         pool = ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn"))
-        upload = pool.submit(_save_in_process, wait_staged(), writer, planner)
+        upload = pool.submit(_save_in_process, packed(wait_staged(), arena), writer, planner)
         upload.add_done_callback(lambda _: pool.shutdown(wait=False))
     else:
         upload = Future()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import warnings
 from typing import Any
 
 import torch
@@ -261,13 +262,14 @@ def local_load_plan(
             mismatched.append(f"{fqn} (checkpoint has a value, state dict a tensor)")
             continue
         shape, pairs, _ = shards_of(fqn, obj)
+        dtype = _dtype_of(obj)
         why = None
-        if tuple(shape) == tuple(md.size) and obj.dtype != md.properties.dtype:
-            why = torch_cast_refusal(fqn, md.properties.dtype, obj.dtype, planner)
+        if tuple(shape) == tuple(md.size) and dtype != md.properties.dtype:
+            why = torch_cast_refusal(fqn, md.properties.dtype, dtype, planner)
         if tuple(shape) != tuple(md.size) or why is not None:
             mismatched.append(
                 f"{fqn} (checkpoint {md.properties.dtype}{list(md.size)}, state dict "
-                f"{obj.dtype}{list(shape)}" + (f": {why})" if why else ")")
+                f"{dtype}{list(shape)}" + (f": {why})" if why else ")")
             )
             continue
         items.extend(_tensor_read_items(fqn, md, pairs))
@@ -312,3 +314,9 @@ def _tensor_read_items(
 def create_default_global_load_plan(all_plans: list[LoadPlan]) -> list[LoadPlan]:
     """Loads need no global decision: each rank reads what it holds."""
     return all_plans
+
+
+def _dtype_of(obj: torch.Tensor) -> torch.dtype:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # ShardedTensor's, deprecated by torch
+        return obj.dtype

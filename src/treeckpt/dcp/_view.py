@@ -32,11 +32,13 @@ from treeckpt.errors import LoadMismatchError, UnsupportedLeafError
 from treeckpt.shell.load import value_of
 from treeckpt.store import layout
 from treeckpt.store.backends import Backend
+from treeckpt.store.reader import has_dcp_metadata
 
 __all__ = [
     "RAW_BYTES_KEY",
     "TreeckptStorage",
     "is_torch_format",
+    "list_paths",
     "metadata_from_plan",
     "metadata_of",
     "value_item",
@@ -63,14 +65,19 @@ class TreeckptStorage:
 _DICTS = ("dict", "odict", "ddict")
 
 
-def _dcp_view(manifest: Manifest) -> tuple[list[str], dict[str, Any]]:
-    """Tensor FQNs and value items as DCP's flattening sees the saved tree.
+def _dcp_view(
+    manifest: Manifest,
+) -> tuple[list[str], dict[str, Any], dict[str, tuple[Any, ...]]]:
+    """Tensor FQNs, value items and each item's key path, as DCP's flattening sees the tree.
 
     Dicts are walked; lists are walked only when they hold tensors or dicts;
-    any other container (a list of numbers, a tuple) is one value item.
+    any other container (a list of numbers, a tuple) is one value item. The
+    key paths are DCP's ``Metadata.planner_data`` (what ``unflatten_state_dict``
+    and torch's planners that rebuild a state dict read).
     """
     tensors: list[str] = []
     values: dict[str, Any] = {}
+    paths: dict[str, tuple[Any, ...]] = {}
 
     def is_tensor(node: Any) -> bool:
         return "leaf" in node and isinstance(manifest.records.get(node["leaf"]), TensorLeaf)
@@ -89,8 +96,10 @@ def _dcp_view(manifest: Manifest) -> tuple[list[str], dict[str, Any]]:
         if "leaf" in node:
             if is_tensor(node) and manifest.records[node["leaf"]].lib == "torch":  # type: ignore[union-attr]
                 tensors.append(node["leaf"])
+                paths[node["leaf"]] = path
             else:
                 values[fqn] = node
+                paths[fqn] = path
         elif node.get("type") in _DICTS:
             keys = [decode_key(k) for k in node.get("keys", [])]
             for k, child in zip(keys, node["children"], strict=True):
@@ -100,17 +109,39 @@ def _dcp_view(manifest: Manifest) -> tuple[list[str], dict[str, Any]]:
                 walk(child, (*path, i))
         else:
             values[fqn] = node
+            paths[fqn] = path
 
     walk(manifest.structure, ())
-    return tensors, values
+    return tensors, values, paths
+
+
+def list_paths(manifest: Manifest) -> set[tuple[Any, ...]]:
+    """The key path of every list of the saved tree that DCP's flattening walks into."""
+    found: set[tuple[Any, ...]] = set()
+
+    def walk(node: Any, path: tuple[Any, ...]) -> None:
+        if "leaf" in node:
+            return
+        if node.get("type") in _DICTS:
+            keys = [decode_key(k) for k in node.get("keys", [])]
+            for k, child in zip(keys, node["children"], strict=True):
+                walk(child, (*path, k))
+        elif node.get("type") == "list":
+            found.add(path)
+            for i, child in enumerate(node["children"]):
+                walk(child, (*path, i))
+
+    walk(manifest.structure, ())
+    return found
 
 
 def metadata_of(manifest: Manifest, stored: dict[str, StoredTensor]) -> Metadata:
     """DCP's view of a treeckpt checkpoint: torch tensors by FQN, everything else bytes."""
     boxes = {fqn: [c.box for c in st.chunks] for fqn, st in stored.items()}
-    md, values = _state_dict_metadata(manifest, boxes)
+    md, values, paths = _state_dict_metadata(manifest, boxes)
     return Metadata(
         state_dict_metadata=md,
+        planner_data=paths,
         storage_data=TreeckptStorage(manifest=manifest, stored=stored, values=values),
     )
 
@@ -121,14 +152,14 @@ def metadata_from_plan(manifest: Manifest, plan: SavePlan) -> Metadata:
     for rank in range(plan.world):
         for item in plan.items_for(rank):
             boxes.setdefault(item.fqn, []).append(item.chunk)
-    md, _ = _state_dict_metadata(manifest, boxes)
-    return Metadata(state_dict_metadata=md)
+    md, _, paths = _state_dict_metadata(manifest, boxes)
+    return Metadata(state_dict_metadata=md, planner_data=paths)
 
 
 def _state_dict_metadata(
     manifest: Manifest, boxes: dict[str, list[Box]]
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    tensors, values = _dcp_view(manifest)
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, tuple[Any, ...]]]:
+    tensors, values, paths = _dcp_view(manifest)
     md: dict[str, Any] = {}
     for fqn in tensors:
         rec = manifest.records[fqn]
@@ -144,7 +175,7 @@ def _state_dict_metadata(
         )
     for fqn in values:
         md[fqn] = BytesStorageMetadata()
-    return md, values
+    return md, values, paths
 
 
 def value_item(storage: TreeckptStorage, fqn: str) -> Any:
@@ -167,5 +198,6 @@ def value_item(storage: TreeckptStorage, fqn: str) -> Any:
 
 
 def is_torch_format(backend: Backend) -> bool:
-    """True for a directory torch's DCP wrote: a ``.metadata`` and no ``manifest.json``."""
-    return backend.size(layout.MANIFEST) is None and backend.size(".metadata") is not None
+    """True for a directory torch's DCP wrote: DCP's ``.metadata`` (not treeckpt's marker)
+    and no ``manifest.json``."""
+    return backend.size(layout.MANIFEST) is None and has_dcp_metadata(backend)

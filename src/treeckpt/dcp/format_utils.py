@@ -9,6 +9,10 @@ with three changes a user notices only in the memory graph and in safety:
   running its pickles);
 - :func:`torch_save_to_dcp` maps the ``torch.save`` file
   (``torch.load(mmap=True, weights_only=True)``) and writes treeckpt's format;
+- ``_EmptyStateDictLoadPlanner`` (private in torch, imported by Lightning to
+  load a whole checkpoint into an empty dict) is torch's planner: it builds
+  the state dict from the reader's ``Metadata``, which treeckpt's reader fills
+  in (``planner_data`` included), and the reads run through treeckpt;
 - :class:`BroadcastingTorchSaveReader` reads the file with ``weights_only=True``
   and memory-mapped on the coordinator, and broadcasts one tensor at a time.
 
@@ -32,6 +36,9 @@ import torch.distributed as dist
 from torch.distributed._shard._utils import narrow_tensor_by_index
 from torch.distributed.checkpoint import format_utils as _tfu
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.default_planner import (
+    _EmptyStateDictLoadPlanner as _EmptyStateDictLoadPlanner,
+)
 from torch.distributed.checkpoint.format_utils import DynamicMetaLoadPlanner
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner

@@ -8,6 +8,7 @@ DTensors stay DTensors (same mesh and placements, local shard on the CPU).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -19,16 +20,27 @@ from treeckpt.shell.sharded import adapter_of
 __all__ = ["AsyncStager", "BlockingAsyncStager", "DefaultStager", "StagingOptions"]
 
 
-def _stage_tensor(t: torch.Tensor, cache: dict[int, torch.Tensor] | None, key: int) -> torch.Tensor:
+#: Allocates a host buffer of a shape and dtype (``torch.empty`` unless told otherwise).
+Alloc = Callable[[torch.Size, torch.dtype], torch.Tensor]
+
+
+def _host_buffer(shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+    return torch.empty(shape, dtype=dtype, device="cpu")
+
+
+def _stage_tensor(
+    t: torch.Tensor, cache: dict[int, torch.Tensor] | None, key: int, alloc: Alloc | None = None
+) -> torch.Tensor:
     """A host copy of ``t`` as its adapter rebuilds it (``shell/sharded.py``): a DTensor
     stays a DTensor (its local shard copied), a plain tensor is copied, a type
-    that cannot be rebuilt is saved from the original."""
+    that cannot be rebuilt is saved from the original. ``alloc`` allocates
+    the copies (shared memory, for a checkpoint process to map)."""
 
     def copy(src: torch.Tensor) -> torch.Tensor:
         src = src.detach()
         buf = cache.get(key) if cache is not None else None
         if buf is None or buf.shape != src.shape or buf.dtype != src.dtype:
-            buf = torch.empty(src.shape, dtype=src.dtype, device="cpu")
+            buf = (alloc or _host_buffer)(src.shape, src.dtype)
             if cache is not None:
                 cache[key] = buf
         buf.copy_(src)
@@ -40,14 +52,17 @@ def _stage_tensor(t: torch.Tensor, cache: dict[int, torch.Tensor] | None, key: i
     return staged
 
 
-def stage_state_dict(state_dict: Any, cache: dict[int, torch.Tensor] | None = None) -> Any:
-    """A copy of ``state_dict`` whose tensors live in host memory (containers rebuilt)."""
+def stage_state_dict(
+    state_dict: Any, cache: dict[int, torch.Tensor] | None = None, alloc: Alloc | None = None
+) -> Any:
+    """A copy of ``state_dict`` whose tensors live in host memory (containers rebuilt);
+    their buffers from ``alloc`` when given."""
     counter = [0]
 
     def walk(obj: Any) -> Any:
         if isinstance(obj, torch.Tensor):
             counter[0] += 1
-            return _stage_tensor(obj, cache, counter[0])
+            return _stage_tensor(obj, cache, counter[0], alloc)
         if isinstance(obj, dict):
             return {k: walk(v) for k, v in obj.items()}
         if isinstance(obj, list):
@@ -85,8 +100,13 @@ class DefaultStager(AsyncStager):
 
     ``stage`` then returns a ``Future`` of the staged state dict. Buffers are
     reused across saves of the same shapes. Pinned and shared memory options
-    are accepted for compatibility (treeckpt stages into ordinary host memory).
+    are accepted for compatibility (treeckpt stages into ordinary host memory;
+    a PROCESS ``async_save`` without a stager of the user's stages into shared
+    memory, which its checkpoint process maps without a copy).
     """
+
+    #: Where staged copies go (``async_save`` sets shared memory for its own PROCESS stager).
+    alloc: Alloc | None = None
 
     def __init__(self, config: StagingOptions = StagingOptions()) -> None:  # noqa: B008
         self.config = config
@@ -98,11 +118,11 @@ class DefaultStager(AsyncStager):
         self, state_dict: dict[str, Any], **kwargs: Any
     ) -> dict[str, Any] | Future[dict[str, Any]]:
         if not self.config.use_async_staging:
-            staged: dict[str, Any] = stage_state_dict(state_dict, self._cache)
+            staged: dict[str, Any] = stage_state_dict(state_dict, self._cache, self.alloc)
             return staged
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="treeckpt-stage")
-        self._pending = self._executor.submit(stage_state_dict, state_dict, self._cache)
+        self._pending = self._executor.submit(stage_state_dict, state_dict, self._cache, self.alloc)
         return self._pending
 
     def synchronize_staging(self) -> None:

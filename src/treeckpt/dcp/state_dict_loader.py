@@ -57,6 +57,19 @@ def load_state_dict(
         FutureWarning,
         stacklevel=2,
     )
+    _load_state_dict(state_dict, storage_reader, process_group, coordinator_rank, no_dist, planner)
+
+
+def _load_state_dict(
+    state_dict: dict[str, Any],
+    storage_reader: StorageReader,
+    process_group: Any | None = None,
+    coordinator_rank: int = 0,
+    no_dist: bool = False,
+    planner: LoadPlanner | None = None,
+) -> None:
+    """:func:`load_state_dict` without its deprecation warning, as torch's private
+    ``_load_state_dict`` (Lightning's ``_load_distributed_checkpoint`` calls it)."""
     if coordinator_rank != 0:
         raise OptionsError(
             f"coordinator_rank={coordinator_rank}: treeckpt coordinates from rank 0 of the group"

@@ -66,11 +66,13 @@ def in_use(root: StepRoot, kept: list[int]) -> set[str] | None:
 
 
 def retire(root: StepRoot, steps: list[int], used: set[str] | None, *, sync: bool) -> None:
-    """Delete ``steps``: the marker first (the step is gone), then the manifest, then
-    every file no kept step reads."""
+    """Delete ``steps``: the retired marker first (the step is gone), then the
+    ``.metadata`` marker (tools looking for DCP's file no longer take the step for a
+    checkpoint), then the manifest, then every file no kept step reads."""
     for step in steps:
         name = step_dir(step)
         root.backend.commit_file(f"{name}/{RETIRED}", b"", sync=sync)
+        root.backend.remove(f"{name}/{layout.DCP_MARKER}")
         root.backend.remove(f"{name}/{layout.MANIFEST}")
     sweep(root, steps, used)
 

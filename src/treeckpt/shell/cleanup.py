@@ -42,7 +42,8 @@ __all__ = ["ABANDONED_AFTER_S", "claim", "release", "remove_stale"]
 #: gap between two object writes of one save (writing one data object).
 ABANDONED_AFTER_S = 3600.0
 
-_TMP = f"{layout.MANIFEST}.tmp-"
+#: Prefixes of the temporary names ``Backend.commit_file`` writes before its rename.
+_TMPS = (f"{layout.MANIFEST}.tmp-", f"{layout.DCP_MARKER}.tmp-")
 
 
 def claim(backend: Backend, save_id: str, *, tries: int = 50) -> DirHold | None:
@@ -94,7 +95,7 @@ def remove_stale(backend: Backend, *, own: str, previous: str | None) -> list[st
             with contextlib.suppress(Exception):
                 if _remove_if_abandoned(backend, name, save_id):
                     removed.append(name)
-        elif name.startswith(_TMP) and backend.supports_fsync:
+        elif name.startswith(_TMPS) and backend.supports_fsync:
             with contextlib.suppress(Exception):
                 if _tmp_abandoned(backend, name):
                     backend.remove_tree(name)
@@ -126,11 +127,12 @@ def _remove_if_abandoned(backend: Backend, name: str, save_id: str) -> bool:
 
 
 def _tmp_abandoned(backend: Backend, name: str) -> bool:
-    """A ``manifest.json.tmp-<pid>-<thread>`` whose writer is gone."""
+    """A ``manifest.json.tmp-<pid>-<thread>`` (or ``.metadata.tmp-...``) whose writer is gone."""
     age = backend.age_s(name)
     if age is not None and age >= ABANDONED_AFTER_S:
         return True
-    pid_text = name[len(_TMP) :].split("-", 1)[0]
+    prefix = next(p for p in _TMPS if name.startswith(p))
+    pid_text = name[len(prefix) :].split("-", 1)[0]
     if not pid_text.isdigit():
         return False
     pid = int(pid_text)

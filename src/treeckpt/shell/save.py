@@ -255,12 +255,14 @@ def commit_save(
                         layout.MANIFEST, encode_manifest(manifest), sync=options.sync
                     )
                     committed = True
+                    # After the commit: a marker names only a committed checkpoint.
+                    _mark_for_dcp_tools(backend, sync=options.sync)
                     verdict = Committed(previous)
                 except Exception as exc:
                     err = exc
                     verdict = Verdict("commit", {0: describe_error(exc)})
                     # The rename may have taken effect before a later step (the
-                    # directory fsync) failed: then the new manifest is live and its
+                    # directory fsync, the marker) failed: then the new manifest is live and its
                     # data must stay. Report the failure, delete nothing.
                     committed = _previous_save_id(backend) == save_id
         verdict = coord.broadcast(verdict, "commit")
@@ -282,6 +284,15 @@ def commit_save(
         cleanup.remove_stale(backend, own=save_id, previous=previous)
         return SaveResult(path=backend.root, save_id=save_id, plan=prepared.plan)
     return SaveResult(path=backend.root, save_id=save_id, plan=None)
+
+
+def _mark_for_dcp_tools(backend: Backend, *, sync: bool) -> None:
+    """Write ``.metadata`` (``layout.DCP_MARKER``) unless this checkpoint has it already."""
+    want = layout.DCP_MARKER_BYTES
+    same = backend.size(layout.DCP_MARKER) == len(want)
+    if same and backend.read_range(layout.DCP_MARKER, 0, len(want)) == want:
+        return
+    backend.commit_file(layout.DCP_MARKER, want, sync=sync)
 
 
 def _previous_save_id(backend: Backend) -> str | None:

@@ -3,6 +3,7 @@
 ::
 
     manifest.json                      the commit record (root manifest)
+    .metadata                          a marker for tools that look for torch DCP's file
     data-<save_id>/r<rank>-<k>.bin     chunk data written by rank <rank>, I/O thread <k>
     data-<save_id>/index-r<rank>.json  the chunk index of rank <rank>
 
@@ -16,16 +17,47 @@ from __future__ import annotations
 import re
 
 __all__ = [
+    "DCP_MARKER",
+    "DCP_MARKER_BYTES",
+    "DCP_MARKER_HEAD_BYTES",
     "MANIFEST",
     "data_dir",
     "data_file",
     "index_file",
     "is_data_file",
+    "is_dcp_marker",
     "is_reference_file",
     "is_save_id",
 ]
 
 MANIFEST = "manifest.json"
+
+#: Written after each commit, under the name of torch DCP's metadata file, so
+#: that tools deciding "is this folder a checkpoint?" by that name (torchtitan's
+#: resume) find treeckpt's. Its bytes are a pickle that fails at its first
+#: opcode: a lookup of this message as an attribute of ``builtins``, which
+#: loads no module and runs no code. torch's ``pickle.load`` of it raises
+#: ``AttributeError: Can't get attribute '<message>' on <module 'builtins'>``.
+DCP_MARKER = ".metadata"
+_MARKER_HEAD = b"cbuiltins\ntreeckpt checkpoint"
+DCP_MARKER_BYTES = (
+    _MARKER_HEAD + b" (manifest.json), not torch DCP's format: load it with treeckpt.dcp.load or "
+    b"treeckpt.load, or convert it with `treeckpt convert PATH OUT --to dcp`\n.\n"
+)
+
+
+def is_dcp_marker(head: bytes) -> bool:
+    """True when a ``.metadata`` file starting with ``head`` is treeckpt's marker.
+
+    A ``.metadata`` torch's DCP wrote is a pickle starting with a protocol
+    opcode (``\\x80``), never with this line. ``head``: at least the file's
+    first :data:`DCP_MARKER_HEAD_BYTES` bytes.
+    """
+    return head.startswith(_MARKER_HEAD)
+
+
+#: Bytes of a ``.metadata`` file to read to tell the marker from DCP's pickle.
+DCP_MARKER_HEAD_BYTES = len(_MARKER_HEAD)
 _SAVE_ID = re.compile(r"[0-9a-f]{16}")
 
 

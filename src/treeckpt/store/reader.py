@@ -33,6 +33,7 @@ from treeckpt.store.manifest import (
 )
 
 __all__ = [
+    "has_dcp_metadata",
     "read_committed",
     "read_index",
     "read_indexes",
@@ -43,6 +44,14 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+
+
+def has_dcp_metadata(backend: Backend) -> bool:
+    """True when ``.metadata`` is there and is not treeckpt's marker: torch's DCP wrote it."""
+    if backend.size(layout.DCP_MARKER) is None:
+        return False
+    head = backend.read_range(layout.DCP_MARKER, 0, layout.DCP_MARKER_HEAD_BYTES)
+    return not layout.is_dcp_marker(head)
 
 
 def read_manifest(backend: Backend) -> Manifest:

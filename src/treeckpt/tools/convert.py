@@ -55,7 +55,7 @@ from treeckpt.core.tree import build_tree, flatten_tree
 from treeckpt.errors import CheckpointError, CheckpointNotFoundError, ManifestError
 from treeckpt.explore import TensorHandle
 from treeckpt.formats.hf_safetensors import folder as hf_folder
-from treeckpt.formats.torch_dcp import restore_dcp, write_dcp
+from treeckpt.formats.torch_dcp import is_dcp_checkpoint, restore_dcp, write_dcp
 from treeckpt.store import layout
 from treeckpt.store.backends import open_backend
 
@@ -101,7 +101,7 @@ def detect_format(src: str | os.PathLike[str]) -> Format:
     if "://" in path and not path.startswith("file://"):
         raise CheckpointNotFoundError(f"{path}: no treeckpt checkpoint (no {layout.MANIFEST})")
     if local.is_dir():
-        if (local / _DCP_METADATA).is_file():
+        if is_dcp_checkpoint(local):  # DCP's .metadata, not treeckpt's marker
             return "dcp"
         if hf_folder.is_folder(local):
             return "hf"

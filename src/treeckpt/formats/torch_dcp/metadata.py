@@ -24,6 +24,7 @@ from torch.distributed.checkpoint import metadata as _md
 from treeckpt.core.box import Box, check_tiling, full_box
 from treeckpt.core.dtypes import torch_dtype_code
 from treeckpt.errors import CheckpointError, CheckpointNotFoundError, ManifestError, PlanError
+from treeckpt.store.layout import DCP_MARKER_HEAD_BYTES, is_dcp_marker
 
 __all__ = [
     "MAX_METADATA_BYTES",
@@ -139,9 +140,18 @@ def fs_and_root(path: Any) -> tuple[fsspec.AbstractFileSystem, str]:
 
 
 def is_dcp_checkpoint(path: Any) -> bool:
-    """True when ``path`` holds a ``.metadata`` file (a checkpoint torch's DCP wrote)."""
+    """True when ``path`` holds a ``.metadata`` file torch's DCP wrote.
+
+    treeckpt's own checkpoints hold a ``.metadata`` too, a marker for tools
+    that look for the name (``treeckpt.store.layout.DCP_MARKER_BYTES``); it
+    is told apart by its first bytes.
+    """
     fs, root = fs_and_root(path)
-    return bool(fs.isfile(f"{root}/{METADATA_NAME}"))
+    where = f"{root}/{METADATA_NAME}"
+    if not fs.isfile(where):
+        return False
+    with fs.open(where, "rb") as f:
+        return not is_dcp_marker(f.read(DCP_MARKER_HEAD_BYTES))
 
 
 def read_dcp_metadata(path: Any) -> DcpCheckpoint:
@@ -164,6 +174,11 @@ def read_dcp_metadata(path: Any) -> DcpCheckpoint:
         raise ManifestError(f"{where}: {size} bytes, more than the {MAX_METADATA_BYTES} allowed")
     with fs.open(where, "rb") as f:
         data = f.read()
+    if is_dcp_marker(data):
+        raise CheckpointNotFoundError(
+            f"{root}: a treeckpt checkpoint ({METADATA_NAME} is its marker), not torch DCP's "
+            "format; read it with treeckpt.load"
+        )
     try:
         md = _MetadataUnpickler(data, where).load()
     except CheckpointError:

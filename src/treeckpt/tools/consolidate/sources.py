@@ -23,7 +23,7 @@ from treeckpt.errors import CheckpointError, CheckpointNotFoundError, OptionsErr
 from treeckpt.shell.load import read_regions, read_stored, value_of
 from treeckpt.store.backends import open_backend
 from treeckpt.store.layout import MANIFEST
-from treeckpt.store.reader import read_manifest
+from treeckpt.store.reader import has_dcp_metadata, read_manifest
 
 __all__ = [
     "Hole",
@@ -37,7 +37,6 @@ __all__ = [
 ]
 
 _LIGHTNING_META = "meta.pt"  # what Lightning writes beside a DCP checkpoint
-_DCP_METADATA = ".metadata"
 
 
 class Source(Protocol):
@@ -159,7 +158,7 @@ def open_source(src: str) -> Source:
     backend = open_backend(src)
     try:
         has_manifest = backend.size(MANIFEST) is not None
-        has_dcp = backend.size(_DCP_METADATA) is not None
+        has_dcp = has_dcp_metadata(backend)  # DCP's .metadata, not treeckpt's marker
         listing = backend.size("") is not None or bool(backend.listdir())
     finally:
         backend.close()
