@@ -386,14 +386,6 @@ def _is_treeckpt(path: Path) -> treeckpt.api.CheckpointInfo:
     return treeckpt.metadata(str(path))
 
 
-def _needs_marker(path: Path) -> None:
-    if not (path / ".metadata").is_file():
-        pytest.xfail(
-            "needs the .metadata marker file in treeckpt checkpoints: torchtitan's "
-            "_find_load_step takes a step-N folder only if it holds .metadata"
-        )
-
-
 # ---------------------------------------------------------------------------
 # Periodic saves, purge, restart
 
@@ -474,7 +466,8 @@ def test_a_restart_resumes_the_latest_step_bit_exactly(
     saved, first = first_runs(mode)
     folder = tmp_path / "checkpoint"
     shutil.copytree(saved, folder)
-    _needs_marker(folder / "step-4")
+    # torchtitan takes a step-N folder only if it holds a .metadata file.
+    assert (folder / "step-4" / ".metadata").is_file()
     got = run_ranks(WORLD, _resumed_run, tmp_path, str(tmp_path), mode, timeout=180)
     for r in got:
         assert r["before"]["train_state"]["step"] == 0
@@ -517,7 +510,7 @@ def test_a_seed_checkpoint_of_one_process_starts_the_sharded_job(tmp_path: Path)
     info = _is_treeckpt(step0)
     assert not info.values
     assert set(info.tensors) == {k.removeprefix("model.") for k in _model_bits(seed)}
-    _needs_marker(step0)
+    assert (step0 / ".metadata").is_file()
     # Step 0 loads the model alone, each rank its shards; the rest stays fresh.
     for r in run_ranks(WORLD, _seeded_run, tmp_path, str(tmp_path), timeout=180):
         _same(r["after"], r["before"] | _model_bits(seed))
