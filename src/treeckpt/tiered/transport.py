@@ -199,7 +199,9 @@ class ChunkTransport(CheckpointTransport[T]):
                 coord=LocalCoordinator(),
                 user_metadata={"step": step},
             )
-            names = sorted(backend.list_files())
+            # The DCP marker is not part of what a receiver may write (it
+            # refuses the name): only the manifest, the index and data files.
+            names = sorted(n for n in backend.list_files() if n != layout.DCP_MARKER)
             files = [(n, backend.read_file(n, 1 << 62)) for n in names]
         finally:
             _drop(backend)
