@@ -47,7 +47,7 @@ from treeckpt.shell.tensors import (
 )
 from treeckpt.store.backends import Backend
 from treeckpt.store.chunks import ReadTarget, ReadTask, read_chunks
-from treeckpt.store.reader import read_indexes, stored_tensors
+from treeckpt.store.reader import StoredChunks, read_indexes, stored_tensors
 
 __all__ = ["load_tree", "read_into", "restore_tree"]
 
@@ -114,7 +114,8 @@ def read_regions(
         itemsizes[fqn] = dtype_info(rec.dtype).itemsize
         for box, local in pairs:
             dests[(fqn, box)] = destination(local, rec.dtype, box.sizes)
-    plan = plan_load(stored, requests)
+    view = stored.for_requests(requests) if isinstance(stored, StoredChunks) else stored
+    plan = plan_load(view, requests)
     grouped: dict[tuple[str, int], list[ReadItem]] = {}
     for item in plan.items:
         grouped.setdefault((item.chunk.file, item.chunk.offset), []).append(item)
