@@ -39,15 +39,20 @@ Ints = npt.NDArray[np.int64]
 class Layout:
     """Boxes of a tensor and the writer that stored each: box ``i`` is writer ``ranks[i]``'s.
 
-    ``offsets`` and ``sizes`` are ``(n, d)`` for a ``d``-dimensional tensor;
-    where ``whole[j]`` is true every box spans dimension ``j`` entirely
-    (the columns then hold 0 and -1 and are not used).
+    ``whole[j]`` is true when every box spans dimension ``j`` entirely;
+    ``offsets`` and ``sizes`` are ``(n, k)``, one column per other dimension
+    (``cut``), in order.
     """
 
     ranks: Ints
     offsets: Ints
     sizes: Ints
     whole: tuple[bool, ...]
+
+    @property
+    def cut(self) -> tuple[int, ...]:
+        """The dimensions the boxes do not all span whole (the columns of ``offsets``)."""
+        return tuple(d for d, w in enumerate(self.whole) if not w)
 
     def key(self) -> tuple[bytes, ...]:
         return (
@@ -102,15 +107,10 @@ def extents_of_plan(plan: SavePlan) -> Extents:
     n_t = len(t.fqns)
     if not len(plan.tensor):
         return Extents(layouts=(), tensors={})
-    # One row per (tensor, rank, shard box), sorted by tensor then offsets.
-    dims = plan.shard_offsets.shape[1]
-    order = np.lexsort(
-        (
-            plan.rank,
-            *[plan.shard_offsets[:, d] for d in reversed(range(dims))],
-            plan.tensor,
-        )
-    )
+    # One row per (tensor, rank, shard box), by tensor. Each rank's rows are in
+    # tensor order with the chunks of one box together, so a stable sort by
+    # tensor keeps the chunks of a box adjacent: dropping repeats is a diff.
+    order = np.argsort(plan.tensor, kind="stable")
     tensor, rank = plan.tensor[order], plan.rank[order]
     offs, sizes = plan.shard_offsets[order], plan.shard_sizes[order]
     keep = np.ones(len(tensor), dtype=bool)
@@ -131,15 +131,13 @@ def extents_of_plan(plan: SavePlan) -> Extents:
             continue
         shape = t.shapes[ti]
         nd = len(shape)
-        o, s = offs[lo:hi, :nd].copy(), sizes[lo:hi, :nd].copy()
-        whole = tuple(bool(np.all(o[:, d] == 0) and np.all(s[:, d] == shape[d])) for d in range(nd))
-        for d, w in enumerate(whole):
-            if w:
-                o[:, d], s[:, d] = 0, -1
+        o, s = offs[lo:hi, :nd], sizes[lo:hi, :nd]
+        whole = tuple(bool(not o[:, d].any() and (s[:, d] == shape[d]).all()) for d in range(nd))
+        cut = [d for d in range(nd) if not whole[d]]
         lay = Layout(
             ranks=np.ascontiguousarray(rank[lo:hi]),
-            offsets=np.ascontiguousarray(o),
-            sizes=np.ascontiguousarray(s),
+            offsets=np.ascontiguousarray(o[:, cut]),
+            sizes=np.ascontiguousarray(s[:, cut]),
             whole=whole,
         )
         k = lay.key()
@@ -158,13 +156,12 @@ def writers_of(extents: Extents, spec: ShardSpec) -> Ints:
         return np.zeros(0, dtype=np.int64)
     lay = extents.layouts[n]
     hit = np.zeros(len(lay.ranks), dtype=bool)
-    cut = [d for d, w in enumerate(lay.whole) if not w]
     for box in boxes:
         m = np.ones(len(lay.ranks), dtype=bool)
-        for d in cut:
+        for j, d in enumerate(lay.cut):
             lo, hi = box.offsets[d], box.offsets[d] + box.sizes[d]
-            col_o = lay.offsets[:, d]
-            m &= (col_o < hi) & (col_o + lay.sizes[:, d] > lo)
+            col_o = lay.offsets[:, j]
+            m &= (col_o < hi) & (col_o + lay.sizes[:, j] > lo)
         hit |= m
     return np.unique(lay.ranks[hit])
 

@@ -230,10 +230,9 @@ def encode_manifest(m: Manifest) -> bytes:
 def _encode_extents(ext: Extents) -> dict[str, Any]:
     layouts = []
     for lay in ext.layouts:
-        dims: list[Any] = [
-            None if whole else [lay.offsets[:, d].tolist(), lay.sizes[:, d].tolist()]
-            for d, whole in enumerate(lay.whole)
-        ]
+        dims: list[Any] = [None] * len(lay.whole)
+        for j, d in enumerate(lay.cut):
+            dims[d] = [lay.offsets[:, j].tolist(), lay.sizes[:, j].tolist()]
         layouts.append([lay.ranks.tolist(), dims])
     return {"layouts": layouts, "tensors": dict(ext.tensors)}
 
@@ -269,25 +268,23 @@ def _decode_extents(
         ranks = _int_column(rl[0], k, 0, 1 << 24, f"{w} ranks")
         if not set(np.unique(ranks).tolist()) <= writers:
             raise ManifestError(f"{w}: names a writer that has no chunk index")
-        offs = np.zeros((k, len(rl[1])), dtype=np.int64)
-        sizes = np.full((k, len(rl[1])), -1, dtype=np.int64)
-        whole = []
+        whole = tuple(rd is None for rd in rl[1])
+        ncut = whole.count(False)
+        offs = np.zeros((k, ncut), dtype=np.int64)
+        sizes = np.zeros((k, ncut), dtype=np.int64)
+        j = 0
         for d, rd in enumerate(rl[1]):
-            whole.append(rd is None)
             if rd is None:
                 continue
             if not (isinstance(rd, list) and len(rd) == 2):
                 raise ManifestError(f"{w}: dimension {d} malformed")
-            offs[:, d] = _int_column(rd[0], k, 0, _MAX_INT, f"{w} offsets")
-            sizes[:, d] = _int_column(rd[1], k, 1, _MAX_INT, f"{w} sizes")
-        layouts.append(Layout(ranks=ranks, offsets=offs, sizes=sizes, whole=tuple(whole)))
-    # The far edge of each layout along each dimension (0 where it spans it whole).
+            offs[:, j] = _int_column(rd[0], k, 0, _MAX_INT, f"{w} offsets")
+            sizes[:, j] = _int_column(rd[1], k, 1, _MAX_INT, f"{w} sizes")
+            j += 1
+        layouts.append(Layout(ranks=ranks, offsets=offs, sizes=sizes, whole=whole))
+    # The far edge of each layout along each dimension it cuts.
     far = [
-        (
-            np.where(lay.sizes < 0, 0, lay.offsets + lay.sizes).max(axis=0).tolist()
-            if len(lay.ranks)
-            else [0] * len(lay.whole)
-        )
+        (lay.offsets + lay.sizes).max(axis=0).tolist() if len(lay.ranks) else [0] * len(lay.cut)
         for lay in layouts
     ]
     tensors = raw.get("tensors")
@@ -300,8 +297,7 @@ def _decode_extents(
         _int(n, f"{where}: layout of {fqn!r}", hi=max(1, len(layouts)))
         if n >= len(layouts) or len(layouts[n].whole) != len(rec.shape):
             raise ManifestError(f"{where}: layout of {fqn!r} does not fit its shape")
-        ends = far[n]
-        if any(e > dim for e, dim in zip(ends, rec.shape, strict=True)):
+        if any(e > rec.shape[d] for e, d in zip(far[n], layouts[n].cut, strict=True)):
             raise ManifestError(f"{where}: layout of {fqn!r} lies outside its shape")
     return Extents(layouts=tuple(layouts), tensors=dict(tensors))
 
