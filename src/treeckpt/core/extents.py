@@ -130,10 +130,10 @@ def extents_of_plan(plan: SavePlan) -> Extents:
         if lo == hi:
             continue
         shape = t.shapes[ti]
-        nd = len(shape)
-        o, s = offs[lo:hi, :nd], sizes[lo:hi, :nd]
-        whole = tuple(bool(not o[:, d].any() and (s[:, d] == shape[d]).all()) for d in range(nd))
-        cut = [d for d in range(nd) if not whole[d]]
+        ndims = len(shape)
+        o, s = offs[lo:hi, :ndims], sizes[lo:hi, :ndims]
+        whole = tuple(bool(not o[:, d].any() and (s[:, d] == shape[d]).all()) for d in range(ndims))
+        cut = [d for d in range(ndims) if not whole[d]]
         lay = Layout(
             ranks=np.ascontiguousarray(rank[lo:hi]),
             offsets=np.ascontiguousarray(o[:, cut]),
