@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from treeckpt.core.plan_table import SavePlan
+from treeckpt.core.plan_table import SavePlan, stable_order
 from treeckpt.core.specs import ShardSpec
 
 __all__ = ["Extents", "Layout", "extents_of_plan", "select_writers", "writers_of"]
@@ -110,7 +110,7 @@ def extents_of_plan(plan: SavePlan) -> Extents:
     # One row per (tensor, rank, shard box), by tensor. Each rank's rows are in
     # tensor order with the chunks of one box together, so a stable sort by
     # tensor keeps the chunks of a box adjacent: dropping repeats is a diff.
-    order = np.argsort(plan.tensor, kind="stable")
+    order = stable_order(plan.tensor, n_t)
     tensor, rank = plan.tensor[order], plan.rank[order]
     offs, sizes = plan.shard_offsets[order], plan.shard_sizes[order]
     keep = np.ones(len(tensor), dtype=bool)
