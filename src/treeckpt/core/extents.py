@@ -111,16 +111,17 @@ def extents_of_plan(plan: SavePlan) -> Extents:
     # tensor order with the chunks of one box together, so a stable sort by
     # tensor keeps the chunks of a box adjacent: dropping repeats is a diff.
     order = stable_order(plan.tensor, n_t)
+    if not (plan.chunk_offsets is plan.shard_offsets and plan.chunk_sizes is plan.shard_sizes):
+        # Some boxes were split into several chunks: keep one row per box.
+        tensor, rank = plan.tensor[order], plan.rank[order]
+        keep = np.ones(len(order), dtype=bool)
+        keep[1:] = (tensor[1:] != tensor[:-1]) | (rank[1:] != rank[:-1])
+        for col in (*plan.shard_offsets.T, *plan.shard_sizes.T):
+            c = col[order]
+            keep[1:] |= c[1:] != c[:-1]
+        order = order[keep]
     tensor, rank = plan.tensor[order], plan.rank[order]
     offs, sizes = plan.shard_offsets[order], plan.shard_sizes[order]
-    keep = np.ones(len(tensor), dtype=bool)
-    keep[1:] = (
-        (tensor[1:] != tensor[:-1])
-        | (rank[1:] != rank[:-1])
-        | np.any(offs[1:] != offs[:-1], axis=1)
-        | np.any(sizes[1:] != sizes[:-1], axis=1)
-    )
-    tensor, rank, offs, sizes = tensor[keep], rank[keep], offs[keep], sizes[keep]
     starts = np.searchsorted(tensor, np.arange(n_t + 1))
     layouts: list[Layout] = []
     seen: dict[tuple[bytes, ...], int] = {}
