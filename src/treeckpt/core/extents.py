@@ -33,6 +33,8 @@ from treeckpt.core.specs import ShardSpec
 __all__ = ["Extents", "Layout", "extents_of_plan", "select_writers", "writers_of"]
 
 Ints = npt.NDArray[np.int64]
+#: a layout's columns: int32 when its boxes fit, int64 otherwise
+Cols = npt.NDArray[np.int32] | npt.NDArray[np.int64]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True, eq=False)
@@ -44,10 +46,22 @@ class Layout:
     (``cut``), in order.
     """
 
-    ranks: Ints
-    offsets: Ints
-    sizes: Ints
+    ranks: Cols
+    offsets: Cols
+    sizes: Cols
     whole: tuple[bool, ...]
+
+    @classmethod
+    def of(cls, ranks: Cols, offsets: Cols, sizes: Cols, whole: tuple[bool, ...]) -> Layout:
+        """A layout holding its columns as int32 when every box's far edge fits (half the bytes)."""
+        small = not len(ranks) or not offsets.size or int((offsets + sizes).max()) < (1 << 31)
+        kind = np.int32 if small else np.int64
+        return cls(
+            ranks=np.ascontiguousarray(ranks, dtype=np.int32),
+            offsets=np.ascontiguousarray(offsets, dtype=kind),
+            sizes=np.ascontiguousarray(sizes, dtype=kind),
+            whole=whole,
+        )
 
     @property
     def cut(self) -> tuple[int, ...]:
@@ -56,6 +70,7 @@ class Layout:
 
     def key(self) -> tuple[bytes, ...]:
         return (
+            self.offsets.dtype.str.encode(),
             self.ranks.tobytes(),
             self.offsets.tobytes(),
             self.sizes.tobytes(),
@@ -135,12 +150,7 @@ def extents_of_plan(plan: SavePlan) -> Extents:
         o, s = offs[lo:hi, :ndims], sizes[lo:hi, :ndims]
         whole = tuple(bool(not o[:, d].any() and (s[:, d] == shape[d]).all()) for d in range(ndims))
         cut = [d for d in range(ndims) if not whole[d]]
-        lay = Layout(
-            ranks=np.ascontiguousarray(rank[lo:hi]),
-            offsets=np.ascontiguousarray(o[:, cut]),
-            sizes=np.ascontiguousarray(s[:, cut]),
-            whole=whole,
-        )
+        lay = Layout.of(rank[lo:hi], o[:, cut], s[:, cut], whole)
         k = lay.key()
         if k not in seen:
             seen[k] = len(layouts)
@@ -162,7 +172,7 @@ def writers_of(extents: Extents, spec: ShardSpec) -> Ints:
         for j, d in enumerate(lay.cut):
             lo, hi = box.offsets[d], box.offsets[d] + box.sizes[d]
             col_o = lay.offsets[:, j]
-            m &= (col_o < hi) & (col_o + lay.sizes[:, j] > lo)
+            m &= (col_o < hi) & (col_o.astype(np.int64) + lay.sizes[:, j] > lo)
         hit |= m
     return np.unique(lay.ranks[hit])
 

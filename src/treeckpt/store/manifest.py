@@ -281,10 +281,12 @@ def _decode_extents(
             offs[:, j] = _int_column(rd[0], k, 0, _MAX_INT, f"{w} offsets")
             sizes[:, j] = _int_column(rd[1], k, 1, _MAX_INT, f"{w} sizes")
             j += 1
-        layouts.append(Layout(ranks=ranks, offsets=offs, sizes=sizes, whole=whole))
+        layouts.append(Layout.of(ranks, offs, sizes, whole))
     # The far edge of each layout along each dimension it cuts.
     far = [
-        (lay.offsets + lay.sizes).max(axis=0).tolist() if len(lay.ranks) else [0] * len(lay.cut)
+        (lay.offsets.astype(np.int64) + lay.sizes).max(axis=0).tolist()
+        if len(lay.ranks)
+        else [0] * len(lay.cut)
         for lay in layouts
     ]
     tensors = raw.get("tensors")
