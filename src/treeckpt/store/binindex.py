@@ -314,6 +314,7 @@ def _chunks(
     b_end = np.cumsum(nb)
     s_end = np.cumsum(ns)
     sum_text = _strings(sums)
+    block_text = _strings(block_sums)
     codecs_ids: list[str] = head["codecs"]
     params: list[str] = head["params"]
     file_names = [f.name for f in files]
@@ -348,7 +349,7 @@ def _chunks(
                     raw_length=raw,
                     checksum="",
                     block_bytes=bb,
-                    blocks=tuple(_strings(block_sums[lo : lo + k])),
+                    blocks=tuple(block_text[lo : lo + k]),
                     codec_params=params[pno],
                     segments=seg_t,
                 )
