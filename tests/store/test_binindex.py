@@ -267,3 +267,15 @@ def test_a_checkpoint_with_a_binary_index_loads_bit_exactly(tmp_path: Path) -> N
     assert same(tree, treeckpt.load(template_of(tree), str(tmp_path / "ck")))
     part = treeckpt.read_tensor(str(tmp_path / "ck"), "w2", (slice(3, 40),))
     assert torch.equal(part.view(torch.int32), tree["w2"][3:40].view(torch.int32))
+
+
+def test_block_counts_that_would_wrap_their_sum_are_refused(saved: Any) -> None:
+    def edit(p: Parts) -> None:
+        rows = [i for i, r in enumerate(p.table) if r[COL["blocks"]]]
+        p.table[rows[0], COL["blocks"]] += 2**61
+        p.table[rows[1], COL["blocks"]] += 2**61
+        p.table[rows[2], COL["blocks"]] += 2**61
+        p.table[rows[3], COL["blocks"]] += 2**61  # 4 x 2^61 overflows an int64 sum
+
+    msg = _forge(saved, edit)
+    assert "more block checksums" in msg

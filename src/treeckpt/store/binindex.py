@@ -307,6 +307,8 @@ def _chunks(
     ]
     bad(col["offset"] + col["length"] > fsize, "bytes lie beyond the end of their data file")
     nb, ns = col["blocks"], col["segments"]
+    # Each count at most its column's length first, so that the sums cannot wrap.
+    bad((nb > len(block_sums)) | (ns > len(segs)), "more block checksums or segments than stored")
     if int(nb.sum()) != len(block_sums) or int(ns.sum()) != len(segs):
         raise ManifestError(f"{where}: block checksums or segments do not add up to the counts")
     bad((nb == 0) != (col["block_bytes"] == 0), "block_bytes without blocks, or blocks without it")
