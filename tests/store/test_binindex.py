@@ -279,3 +279,19 @@ def test_block_counts_that_would_wrap_their_sum_are_refused(saved: Any) -> None:
 
     msg = _forge(saved, edit)
     assert "more block checksums" in msg
+
+
+def test_a_form_that_does_not_match_its_name_is_refused(saved: Any) -> None:
+    """JSON bytes under the binary name, binary bytes under the JSON name: ManifestError."""
+    m, ix, blob = saved
+    js = encode_index(ix)
+    as_bin = IndexRef(
+        rank=0, file=layout.binary_index_file(m.save_id, 0), size=len(js), checksum=checksum(js)
+    )
+    with pytest.raises(ManifestError, match=r"index-r0\.idx: not a treeckpt binary chunk index"):
+        decode_index(js, as_bin, m)
+    as_json = IndexRef(
+        rank=0, file=layout.index_file(m.save_id, 0), size=len(blob), checksum=checksum(blob)
+    )
+    with pytest.raises(ManifestError, match=r"index-r0\.json: not valid JSON"):
+        decode_index(blob, as_json, m)
