@@ -31,6 +31,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import numpy.typing as npt
 
 from treeckpt.core.box import Box, check_tiling, split_box
 from treeckpt.core.dtypes import dtype_info
@@ -204,8 +205,9 @@ def plan_save_table(tables: Sequence[LocalTable], *, chunk_bytes: int) -> SavePl
     itemsize = np.asarray([dtype_info(d).itemsize for d in t.tensors.dtypes] or [1], dtype=np.int64)
 
     # Empty boxes hold nothing to write (uneven sharding makes many of them).
-    keep = np.flatnonzero(t.sizes.min(axis=1) > 0) if len(t.tensor) else np.zeros(0, np.int64)
     dims = t.offsets.shape[1]
+    # Column by column: numpy reduces a short inner axis slowly.
+    keep = np.flatnonzero(_all_cols([t.sizes[:, d] > 0 for d in range(dims)], len(t.tensor)))
     tensor = t.tensor[keep]
     # Columns one by one: gathering 1-d columns is cheaper than 2-d rows, and
     # the 2-d rows are gathered once, in sorted order, below.
@@ -235,7 +237,7 @@ def plan_save_table(tables: Sequence[LocalTable], *, chunk_bytes: int) -> SavePl
     g_tensor, g_off, g_size = tensor[group_start], t.offsets[g_sel], t.sizes[g_sel]
     g_count = np.diff(np.append(group_start, n))
 
-    g_vol = np.prod(g_size, axis=1) if len(g_tensor) else np.zeros(0, np.int64)
+    g_vol = _prod_cols(g_size)
     _check_tilings(t, g_tensor, g_off, g_size, g_vol)
 
     # Assignment: unique boxes to their holder; replicas to the least loaded.
@@ -302,7 +304,7 @@ def plan_save_table(tables: Sequence[LocalTable], *, chunk_bytes: int) -> SavePl
         shard_sizes=ss,
         chunk_offsets=co,
         chunk_sizes=cs,
-        nbytes=np.prod(cs, axis=1) * itemsize[it_t] if len(it_t) else np.zeros(0, np.int64),
+        nbytes=_prod_cols(cs) * itemsize[it_t],
         starts=np.searchsorted(it_r, np.arange(t.world + 1)).astype(np.int64),
     )
 
@@ -312,6 +314,21 @@ def stable_order(keys: Ints, bound: int) -> Ints:
     if bound <= 1 << 16:
         return np.argsort(keys.astype(np.uint16), kind="stable")
     return np.argsort(keys, kind="stable")
+
+
+def _all_cols(cols: list[npt.NDArray[np.bool_]], n: int) -> npt.NDArray[np.bool_]:
+    out = np.ones(n, dtype=bool)
+    for c in cols:
+        out &= c
+    return out
+
+
+def _prod_cols(rows: Ints) -> Ints:
+    """The product of each row of a 2-d array (column by column)."""
+    out = np.ones(len(rows), dtype=np.int64)
+    for d in range(rows.shape[1]):
+        out *= rows[:, d]
+    return out
 
 
 def _cat(parts: list[Ints]) -> Ints:
