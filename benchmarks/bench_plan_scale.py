@@ -6,21 +6,35 @@ tensors, as ANCHORS.md measures DCP. Timed: one rank describing its shards
 ``plan_save_table`` over all ranks, one rank materialising its write items,
 and one rank's ``plan_load`` against the stored chunks of its own shards.
 
+The load side (``--load-ranks``): the save of the largest ``--ranks`` is
+loaded on that many ranks, each a Shard(0) slice again. Measured for one
+loading rank: the metadata it receives or reads (the root manifest as rank 0
+broadcasts it, pickled, plus the binary chunk indexes its boxes need, picked
+by the manifest's writers map) and its planning time (choosing the indexes,
+decoding and validating them, ``plan_load``).
+
     .venv/bin/python benchmarks/bench_plan_scale.py --ranks 1024 4096 --tensors 1000
+    .venv/bin/python benchmarks/bench_plan_scale.py --ranks 4096 --load-ranks 2048
 """
 
 from __future__ import annotations
 
 import argparse
+import pickle
 import time
 
 import numpy as np
 
 from treeckpt import Box, ShardSpec, plan_load
-from treeckpt.core.manifest import ChunkRef
+from treeckpt.core.extents import extents_of_plan, select_writers
+from treeckpt.core.leaves import TensorLeaf
+from treeckpt.core.manifest import ChunkIndex, ChunkRef, DataFile, IndexRef, Manifest
 from treeckpt.core.plan import StoredTensor
-from treeckpt.core.plan_table import plan_save_table
+from treeckpt.core.plan_table import SavePlan, plan_save_table
 from treeckpt.core.shard_table import LocalTable, TensorTable, local_table
+from treeckpt.store import layout
+from treeckpt.store.binindex import decode_binary_index, encode_binary_index
+from treeckpt.store.manifest import decode_manifest, encode_manifest
 
 ROWS = 1024
 
@@ -106,11 +120,130 @@ def run(ranks: int, tensors: int) -> dict[str, float]:
     }
 
 
+SAVE_ID = "0123456789abcdef"
+
+
+def _index(plan: SavePlan, rank: int) -> ChunkIndex:
+    """What writer ``rank`` would store: one data file, its chunks back to back."""
+    name = layout.data_file(SAVE_ID, rank, 0)
+    chunks, at = [], 0
+    for item in plan.items_for(rank):
+        n = item.nbytes
+        chunks.append(
+            ChunkRef(
+                fqn=item.fqn,
+                box=item.chunk,
+                file=name,
+                offset=at,
+                length=n,
+                codec="raw",
+                raw_length=n,
+                checksum="xxh3-64:0123456789abcdef",
+            )
+        )
+        at += n
+    return ChunkIndex(
+        save_id=SAVE_ID, rank=rank, files=(DataFile(name=name, size=at),), chunks=tuple(chunks)
+    )
+
+
+def run_load(save_ranks: int, load_ranks: int, tensors: int) -> dict[str, float]:
+    """One loading rank of ``load_ranks`` reading a ``save_ranks`` save: its metadata and planning."""
+    shapes = _shapes(tensors)
+    mine = local_table(_specs(shapes, 0, save_ranks), 0)
+    plan = plan_save_table(
+        [_table(mine.tensors, shapes, r, save_ranks) for r in range(save_ranks)],
+        chunk_bytes=16 << 20,
+    )
+    t0 = time.perf_counter()
+    extents = extents_of_plan(plan)
+    t1 = time.perf_counter()
+    rank = load_ranks // 2
+    requests = _specs(shapes, rank, load_ranks)
+    writers = select_writers(extents, requests)  # to size the indexes; timed below
+    blobs = {w: encode_binary_index(_index(plan, w)) for w in writers}
+    size = max(len(b) for b in blobs.values())
+    refs = tuple(
+        IndexRef(
+            rank=r,
+            file=layout.binary_index_file(SAVE_ID, r),
+            size=len(blobs[r]) if r in blobs else size,
+            checksum="xxh3-64:0000000000000000",
+        )
+        for r in range(save_ranks)
+        if plan.starts[r] < plan.starts[r + 1]
+    )
+    fqns = [f"layers.{i}.w" for i in range(tensors)]
+    manifest = Manifest(
+        format_version=1,
+        save_id=SAVE_ID,
+        world_size=save_ranks,
+        structure={
+            "type": "dict",
+            "keys": fqns,
+            "children": [{"leaf": f} for f in fqns],
+        },
+        records={
+            f: TensorLeaf(lib="torch", dtype="bfloat16", shape=s)
+            for f, s in zip(fqns, shapes, strict=True)
+        },
+        indexes=refs,
+        user_metadata={},
+        extents=extents,
+    )
+    doc = encode_manifest(manifest)
+    t2 = time.perf_counter()
+    decoded = decode_manifest(doc)  # rank 0, then broadcast
+    t3 = time.perf_counter()
+    sent = len(pickle.dumps(decoded, protocol=pickle.HIGHEST_PROTOCOL))
+    assert decoded.extents is not None
+    t4 = time.perf_counter()
+    chosen = select_writers(decoded.extents, requests)
+    t5 = time.perf_counter()
+    indexes = [
+        decode_binary_index(blobs[w], w, decoded, layout.binary_index_file(SAVE_ID, w))
+        for w in sorted(chosen)
+    ]
+    t6 = time.perf_counter()
+    by_fqn: dict[str, list[ChunkRef]] = {}
+    for ix in indexes:
+        for c in ix.chunks:
+            by_fqn.setdefault(c.fqn, []).append(c)
+    stored = {
+        f: StoredTensor(fqn=f, dtype="bfloat16", shape=s, chunks=tuple(by_fqn.get(f, ())))
+        for f, s in zip(fqns, shapes, strict=True)
+    }
+    load = plan_load(stored, requests)
+    t7 = time.perf_counter()
+    index_bytes = sum(len(blobs[w]) for w in chosen)
+    return {
+        "extents_s": t1 - t0,
+        "manifest_bytes": float(len(doc)),
+        "manifest_decode_s": t3 - t2,
+        "broadcast_bytes": float(sent),
+        "indexes_read": float(len(chosen)),
+        "index_bytes": float(index_bytes),
+        "per_rank_bytes": float(sent + index_bytes),
+        "select_s": t5 - t4,
+        "index_decode_s": t6 - t5,
+        "plan_load_s": t7 - t6,
+        "planning_s": t7 - t4,
+        "amplification": load.read_amplification,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--ranks", type=int, nargs="+", default=[256, 1024, 4096])
     parser.add_argument("--tensors", type=int, default=1000)
     parser.add_argument("--rows", type=int, default=1024, help="rows of the smallest tensor")
+    parser.add_argument(
+        "--load-ranks",
+        type=int,
+        nargs="*",
+        default=[],
+        help="also load the save of the largest --ranks on these many ranks",
+    )
     args = parser.parse_args()
     global ROWS
     ROWS = args.rows
@@ -125,6 +258,25 @@ def main() -> None:
         print(
             f"| {ranks} | {args.tensors} | {r['local_table_s']:.3f} | {r['plan_save_s']:.2f} | "
             f"{r['items_one_rank_s']:.3f} | {r['plan_load_one_rank_s']:.3f} | {int(r['items'])} |"
+        )
+
+    if args.load_ranks:
+        save_ranks = max(args.ranks)
+        print()
+        print(
+            "| save ranks | load ranks | tensors | manifest bytes | one rank: metadata bytes "
+            "(manifest broadcast + indexes) | indexes read | one rank: planning s (select / "
+            "decode indexes / plan_load) | rank 0: manifest decode s | coordinator: map s |"
+        )
+        print("|---|---|---|---|---|---|---|---|---|")
+    for load_ranks in args.load_ranks:
+        r = run_load(save_ranks, load_ranks, args.tensors)
+        print(
+            f"| {save_ranks} | {load_ranks} | {args.tensors} | {int(r['manifest_bytes']):,} | "
+            f"{int(r['per_rank_bytes']):,} ({int(r['broadcast_bytes']):,} + "
+            f"{int(r['index_bytes']):,}) | {int(r['indexes_read'])} | {r['planning_s']:.3f} "
+            f"({r['select_s']:.3f} / {r['index_decode_s']:.3f} / {r['plan_load_s']:.3f}) | "
+            f"{r['manifest_decode_s']:.3f} | {r['extents_s']:.3f} |"
         )
 
 

@@ -20,6 +20,7 @@ import torch
 
 import treeckpt
 from treeckpt.store.checksum import checksum
+from treeckpt.store.manifest import decode_index, decode_manifest, encode_index
 
 MANIFEST = "manifest.json"
 # min_ratio 1.1: normal floats ("w2") compress their sign-and-exponent plane
@@ -130,7 +131,13 @@ class Ckpt:
         return str(self.manifest()["indexes"][rank]["file"])
 
     def index(self, rank: int = 0) -> dict[str, Any]:
-        body: dict[str, Any] = json.loads(self.read(self.index_name(rank)))["body"]
+        """The body of the ``rank``-th index, as the JSON form holds it (a binary one is decoded)."""
+        name = self.index_name(rank)
+        data = self.read(name)
+        if name.endswith(".idx"):
+            m = decode_manifest(self.read(MANIFEST))
+            data = encode_index(decode_index(data, m.indexes[rank], m))
+        body: dict[str, Any] = json.loads(data)["body"]
         return body
 
     def data_files(self, rank: int = 0) -> list[str]:
@@ -158,9 +165,12 @@ class Ckpt:
         magic: str = "treeckpt-index",
         name: str | None = None,
     ) -> None:
-        """Write an index and make the manifest point to it (size and checksum updated)."""
+        """Write an index and make the manifest point to it (size and checksum updated).
+
+        The index is written in the JSON form; a binary one is replaced by its JSON twin.
+        """
         blob = seal(magic, body, version=version)
-        name = name or self.index_name(rank)
+        name = name or self.index_name(rank).replace(".idx", ".json")
         if not name.startswith("/") and ".." not in name:
             self.write(name, blob)
         m = self.manifest()

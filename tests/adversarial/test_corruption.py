@@ -53,7 +53,7 @@ def ck(pristine: Path, tmp_path: Path) -> Ckpt:
 def _kind(rel: str) -> str:
     if rel == MANIFEST:
         return "manifest"
-    return "index" if rel.endswith(".json") else "data"
+    return "index" if rel.endswith((".json", ".idx")) else "data"
 
 
 def check_outcome(path: Path, rel: str, *, via: str = "restore") -> str:
@@ -174,7 +174,7 @@ def test_deleted_files(ck: Ckpt, tmp_path: Path) -> None:
             treeckpt.load(template_of(TREE), str(ck.path))
         shutil.copy(backup, ck.path / rel)
     shutil.rmtree(ck.path / ck.data_dir)
-    with pytest.raises(ManifestError, match=r"index-r0\.json"):
+    with pytest.raises(ManifestError, match=r"index-r0\.(json|idx)"):
         treeckpt.restore(str(ck.path))
 
 
@@ -211,7 +211,7 @@ def test_data_file_swapped_with_another_saves(tmp_path: Path, compress: str) -> 
     # the whole data directory of the other save under this save's name
     shutil.rmtree(a / ca.data_dir)
     shutil.copytree(b / cb.data_dir, a / ca.data_dir)
-    with pytest.raises(ManifestError, match=r"index-r0\.json"):
+    with pytest.raises(ManifestError, match=r"index-r0\.(json|idx)"):
         treeckpt.restore(str(a))
 
 
@@ -236,7 +236,7 @@ def test_index_from_another_save(tmp_path: Path) -> None:
     treeckpt.save(OTHER, str(b), options=SAVE_OPTIONS)
     ca, cb = Ckpt(a), Ckpt(b)
     ca.write(ca.index_name(), cb.read(cb.index_name()))
-    with pytest.raises(ManifestError, match=r"index-r0\.json"):
+    with pytest.raises(ManifestError, match=r"index-r0\.(json|idx)"):
         treeckpt.restore(str(a))
     # even with the manifest's record of the index updated, the save id gives it away
     ca.write_index(cb.index())

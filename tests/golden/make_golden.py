@@ -1,4 +1,4 @@
-"""Write the golden checkpoints ``tests/golden/v1/``, ``v1-planes/`` and ``v1-values/`` (format 1).
+"""Write the golden checkpoints ``tests/golden/v1/``, ``v1-planes/``, ``v1-values/`` and ``v1-idx/`` (format 1).
 
 Each is written only when missing: commit the output and never regenerate it for a format change:
 ``test_golden.py`` loads it and checks every value, so a change that breaks
@@ -29,6 +29,7 @@ import treeckpt
 OUT = Path(__file__).resolve().parent / "v1"
 OUT_PLANES = Path(__file__).resolve().parent / "v1-planes"
 OUT_VALUES = Path(__file__).resolve().parent / "v1-values"
+OUT_IDX = Path(__file__).resolve().parent / "v1-idx"
 
 
 class Pair(NamedTuple):
@@ -168,7 +169,25 @@ def main_planes() -> None:
     )
 
 
+def main_binary_index() -> None:
+    """Write ``v1-idx/`` (the binary chunk index, added to format version 1 later)."""
+    treeckpt.save(
+        golden_tree(),
+        str(OUT_IDX),
+        options=treeckpt.SaveOptions(
+            chunk_bytes=4096,
+            io_threads=2,
+            compression=treeckpt.Compression(
+                block_bytes=512, raw_chunk_block_bytes=1024, min_ratio=4.0
+            ),
+        ),
+        user_metadata={"golden": "v1-idx"},
+    )
+
+
 def main() -> None:
+    if not OUT_IDX.exists():
+        main_binary_index()
     if not OUT_PLANES.exists():
         main_planes()
     if not OUT_VALUES.exists():

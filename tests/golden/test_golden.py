@@ -342,3 +342,26 @@ def test_golden_values_restore_and_load(tmp_path: Path) -> None:
     out = treeckpt.load(template, str(dst))
     _check_values(out, template=True)
     assert out["param"] is param
+
+
+GOLDEN_IDX = Path(__file__).resolve().parent / "v1-idx"
+IDX_SAVE_ID = "61a2e27c2078600e"
+
+
+def test_golden_binary_index_still_loads(tmp_path: Path) -> None:
+    """``v1-idx``: the golden tree with a binary chunk index (raw chunks with blocks, planes)."""
+    dst = tmp_path / "v1-idx"
+    shutil.copytree(GOLDEN_IDX, dst)
+    names = sorted(str(p.relative_to(dst)) for p in dst.rglob("*") if p.is_file())
+    assert names == [
+        f"data-{IDX_SAVE_ID}/index-r0.idx",
+        f"data-{IDX_SAVE_ID}/r0-0.bin",
+        f"data-{IDX_SAVE_ID}/r0-1.bin",
+        "manifest.json",
+    ]
+    _check(treeckpt.restore(str(dst)), template_types=False)
+    _check(treeckpt.load(_template(), str(dst)), template_types=True)
+    part = treeckpt.read_tensor(str(dst), "weights.big", (slice(1500, 1700),))
+    assert _bits(part) == _bits(_expected_weights()["big"][1500:1700])
+    info = treeckpt.metadata(str(dst))
+    assert info.tensors["weights.big"].codecs == {"planes": 1, "raw": 1}

@@ -14,9 +14,10 @@ import treeckpt
 from treeckpt.core.manifest import ChunkIndex, DataFile, IndexRef
 from treeckpt.errors import CorruptChunkError, ManifestError
 from treeckpt.manager import CheckpointManager, StepSkippedWarning
+from treeckpt.store import layout
 from treeckpt.store.backends import open_backend
 from treeckpt.store.checksum import checksum
-from treeckpt.store.manifest import decode_index, encode_index
+from treeckpt.store.manifest import decode_index, encode_binary_index, encode_index
 from treeckpt.store.reader import read_index, read_manifest
 from treeckpt.tools.cli import main as cli_main
 from treeckpt.tools.verify import verify
@@ -144,8 +145,8 @@ def test_a_damaged_shared_chunk_is_reported_in_every_step_that_reads_it(tmp_path
 # ---------------------------------------------------------- hostile references
 
 
-def _forged(tmp_path: Path, name: str) -> tuple[bytes, IndexRef, Any]:
-    """Step 2's chunk index with its first referenced file renamed to ``name``."""
+def _forged(tmp_path: Path, name: str, binary: bool = False) -> tuple[bytes, IndexRef, Any]:
+    """Step 2's chunk index with its first referenced file renamed to ``name`` (JSON or binary)."""
     base = _model(0)
     with CheckpointManager(tmp_path / "run", options=OPTS) as m:
         m.save(1, _state(1, base))
@@ -156,8 +157,10 @@ def _forged(tmp_path: Path, name: str) -> tuple[bytes, IndexRef, Any]:
     old = next(f.name for f in ix.files if f.name.startswith("../"))
     files = tuple(dataclasses.replace(f, name=name) if f.name == old else f for f in ix.files)
     chunks = tuple(dataclasses.replace(c, file=name) if c.file == old else c for c in ix.chunks)
-    blob = encode_index(ChunkIndex(save_id=ix.save_id, rank=0, files=files, chunks=chunks))
-    ref = IndexRef(rank=0, file=manifest.indexes[0].file, size=len(blob), checksum=checksum(blob))
+    forged = ChunkIndex(save_id=ix.save_id, rank=0, files=files, chunks=chunks)
+    blob = encode_binary_index(forged) if binary else encode_index(forged)
+    file = (layout.binary_index_file if binary else layout.index_file)(ix.save_id, 0)
+    ref = IndexRef(rank=0, file=file, size=len(blob), checksum=checksum(blob))
     return blob, ref, manifest
 
 
@@ -177,15 +180,19 @@ def _forged(tmp_path: Path, name: str) -> tuple[bytes, IndexRef, Any]:
         "../step-1//data-0123456789abcdef/r0-0.bin",
     ],
 )
-def test_reference_names_outside_the_pattern_are_refused(tmp_path: Path, name: str) -> None:
-    blob, ref, manifest = _forged(tmp_path, name)
+@pytest.mark.parametrize("binary", [False, True])
+def test_reference_names_outside_the_pattern_are_refused(
+    tmp_path: Path, name: str, binary: bool
+) -> None:
+    blob, ref, manifest = _forged(tmp_path, name, binary)
     with pytest.raises(ManifestError, match="is not one of this save's"):
         decode_index(blob, ref, manifest)
 
 
-def test_a_well_formed_reference_is_accepted(tmp_path: Path) -> None:
+@pytest.mark.parametrize("binary", [False, True])
+def test_a_well_formed_reference_is_accepted(tmp_path: Path, binary: bool) -> None:
     name = "../step-0000000007/data-0123456789abcdef/r3-12.bin"
-    blob, ref, manifest = _forged(tmp_path, name)
+    blob, ref, manifest = _forged(tmp_path, name, binary)
     ix = decode_index(blob, ref, manifest)
     assert DataFile(name=name, size=next(f.size for f in ix.files if f.name == name)) in ix.files
 
@@ -232,5 +239,6 @@ def test_plain_saves_are_unchanged_by_the_format_addition(tmp_path: Path) -> Non
     b = open_backend(str(tmp_path / "ck"))
     manifest = read_manifest(b)
     for ref in manifest.indexes:
-        assert b"digests" not in b.read_file(ref.file, ref.size)
-        assert all(not f.name.startswith("../") for f in read_index(b, manifest, ref).files)
+        ix = read_index(b, manifest, ref)
+        assert all(c.digest == "" for c in ix.chunks)
+        assert all(not f.name.startswith("../") for f in ix.files)

@@ -208,7 +208,7 @@ def test_two_ranks_save_and_reshard_on_s3(
     ids = run_ranks(2, _save_2, tmp_path, s3_url, s3_endpoint)
     assert ids[0] == ids[1]
     names = objects(s3fs_instance, s3_url)
-    assert f"data-{ids[0]}/index-r0.json" in names and f"data-{ids[0]}/index-r1.json" in names
+    assert f"data-{ids[0]}/index-r0.idx" in names and f"data-{ids[0]}/index-r1.idx" in names
     assert run_ranks(2, _load_2, tmp_path, s3_url, s3_endpoint) == [True, True]
     # and in one process, into plain tensors (world size 2 -> 1)
     got = treeckpt.restore(s3_url)

@@ -294,17 +294,17 @@ def test_missing_data_file_names_the_manifest(ckpt: str) -> None:
     with pytest.raises(
         CorruptChunkError,
         match=rf"^{ckpt}/{data_dir}/{victim}: data file is missing \({ckpt}/manifest\.json "
-        rf"refers to it through {data_dir}/index-r0\.json\)$",
+        rf"refers to it through {data_dir}/index-r0\.idx\)$",
     ):
         treeckpt.load(template(), ckpt)
 
 
 def test_missing_chunk_index_names_the_manifest(ckpt: str) -> None:
     data_dir = next(n for n in os.listdir(ckpt) if n.startswith("data-"))
-    os.remove(f"{ckpt}/{data_dir}/index-r0.json")
+    os.remove(f"{ckpt}/{data_dir}/index-r0.idx")
     with pytest.raises(
         ManifestError,
-        match=rf"^{ckpt}/{data_dir}/index-r0\.json: chunk index is missing "
+        match=rf"^{ckpt}/{data_dir}/index-r0\.idx: chunk index is missing "
         rf"\({ckpt}/manifest\.json refers to it\)$",
     ):
         treeckpt.restore(ckpt)

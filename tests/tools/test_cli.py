@@ -218,7 +218,7 @@ def test_verify_deleted_data_file_reports_every_chunk_in_it(
 
 
 def test_verify_damaged_manifest_and_index(ckpt: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    index = next(p for p in ckpt.glob("data-*/index-r0.json"))
+    index = next(p for p in ckpt.glob("data-*/index-r0.idx"))
     index.write_bytes(index.read_bytes()[:-5] + b"xxxxx")
     code, out, _ = run(["verify", str(ckpt)], capsys)
     assert code == 1

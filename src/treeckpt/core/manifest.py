@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from treeckpt.core.box import Box
+from treeckpt.core.extents import Extents
 from treeckpt.core.leaves import LeafRecord
 
 __all__ = [
@@ -116,7 +117,9 @@ class Manifest:
     ``records`` describes every leaf by FQN, ``indexes`` points to the chunk
     index of each writer rank. ``holders`` maps each FQN that only some of the
     saving ranks held (a per-rank key, see ``treeckpt.core.merge``) to those
-    ranks; an FQN every rank held is absent from it.
+    ranks; an FQN every rank held is absent from it. ``extents`` (``None``
+    when the save did not record it) says which writers' indexes hold which
+    boxes of each tensor (see ``treeckpt.core.extents``).
     """
 
     format_version: int
@@ -127,3 +130,4 @@ class Manifest:
     indexes: tuple[IndexRef, ...]
     user_metadata: dict[str, Any]
     holders: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    extents: Extents | None = None

@@ -192,6 +192,24 @@ def plan_load(
         for box in req.boxes:
             if box.is_empty():
                 continue
+            whole = index.exact(box)
+            if whole is not None:
+                # One stored chunk is exactly the request (a tensor saved and
+                # loaded the same way): nothing to intersect or tile.
+                touched[(whole.file, whole.offset)] = whole
+                zero = Box(offsets=(0,) * box.ndim, sizes=box.sizes)
+                items.append(
+                    ReadItem(
+                        fqn=req.fqn,
+                        chunk=whole,
+                        request=box,
+                        src=zero,
+                        dst=zero,
+                        byte_range=(0, whole.raw_length) if whole.blocks else None,
+                    )
+                )
+                needed += box.volume * itemsize
+                continue
             covered = 0
             parts: list[Box] = []
             for chunk in index.candidates(box):
@@ -298,6 +316,7 @@ class _ChunkIndex:
         if len(set(boxes)) != len(boxes):
             raise PlanError(f"{st.fqn}: the checkpoint stores the same chunk twice")
         self.chunks = sorted(st.chunks, key=lambda c: c.box.offsets[:1])
+        self.by_box = {c.box: c for c in st.chunks}
         self.scalar = len(st.shape) == 0
         self.starts = [c.box.offsets[0] for c in self.chunks] if not self.scalar else []
         running = 0
@@ -306,6 +325,14 @@ class _ChunkIndex:
             if not self.scalar:
                 running = max(running, c.box.offsets[0] + c.box.sizes[0])
                 self.max_ends.append(running)
+
+    def exact(self, box: Box) -> ChunkRef | None:
+        """The chunk whose box is ``box``, when it is the only chunk intersecting it."""
+        found = self.by_box.get(box)
+        if found is None:
+            return None
+        cands = self.candidates(box)
+        return found if len(cands) == 1 else None
 
     def candidates(self, box: Box) -> list[ChunkRef]:
         if self.scalar:

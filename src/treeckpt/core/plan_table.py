@@ -31,6 +31,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import numpy.typing as npt
 
 from treeckpt.core.box import Box, check_tiling, split_box
 from treeckpt.core.dtypes import dtype_info
@@ -46,7 +47,7 @@ from treeckpt.core.sizes import fmt_size
 from treeckpt.core.specs import ShardSpec
 from treeckpt.errors import PlanError
 
-__all__ = ["SavePlan", "WriteItem", "plan_save", "plan_save_table"]
+__all__ = ["SavePlan", "WriteItem", "plan_save", "plan_save_table", "stable_order"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -204,38 +205,39 @@ def plan_save_table(tables: Sequence[LocalTable], *, chunk_bytes: int) -> SavePl
     itemsize = np.asarray([dtype_info(d).itemsize for d in t.tensors.dtypes] or [1], dtype=np.int64)
 
     # Empty boxes hold nothing to write (uneven sharding makes many of them).
-    keep = np.flatnonzero(t.sizes.min(axis=1) > 0) if len(t.tensor) else np.zeros(0, np.int64)
-    tensor, rank = t.tensor[keep], t.rank[keep]
-    offsets, sizes = t.offsets[keep], t.sizes[keep]
-    dims = offsets.shape[1]
+    dims = t.offsets.shape[1]
+    # Column by column: numpy reduces a short inner axis slowly.
+    keep = np.flatnonzero(_all_cols([t.sizes[:, d] > 0 for d in range(dims)], len(t.tensor)))
+    tensor = t.tensor[keep]
+    # Columns one by one: gathering 1-d columns is cheaper than 2-d rows, and
+    # the 2-d rows are gathered once, in sorted order, below.
+    off_cols = [t.offsets[keep, d] for d in range(dims)]
+    size_cols = [t.sizes[keep, d] for d in range(dims)]
     # Bounds: negative values are refused by Box itself; check the far edges.
     if len(tensor):
-        outside = ((offsets + sizes) > t.shape[tensor]).any(axis=1)
+        outside = np.zeros(len(tensor), dtype=bool)
+        for d in range(dims):
+            outside |= (off_cols[d] + size_cols[d]) > t.shape[tensor, d]
         if outside.any():
             _tiling_error(t, int(tensor[np.argmax(outside)]))
-    order = np.lexsort(
-        (
-            rank,
-            *[sizes[:, d] for d in reversed(range(dims))],
-            *[offsets[:, d] for d in reversed(range(dims))],
-            tensor,
-        )
-    )
-    tensor, rank, offsets, sizes = tensor[order], rank[order], offsets[order], sizes[order]
+    order = _sort_boxes(t, tensor, t.rank[keep], off_cols, size_cols)
+    sel = keep[order]
+    tensor, rank = t.tensor[sel], t.rank[sel]
     n = len(tensor)
     new_group = np.ones(n, dtype=bool)
     if n > 1:
-        same = (
-            (tensor[1:] == tensor[:-1])
-            & np.all(offsets[1:] == offsets[:-1], axis=1)
-            & np.all(sizes[1:] == sizes[:-1], axis=1)
-        )
+        same = tensor[1:] == tensor[:-1]
+        for col in (*off_cols, *size_cols):
+            c = col[order]
+            same &= c[1:] == c[:-1]
         new_group[1:] = ~same
     group_start = np.flatnonzero(new_group)
-    g_tensor, g_off, g_size = tensor[group_start], offsets[group_start], sizes[group_start]
+    # The 2-d rows are gathered once, for the distinct boxes only.
+    g_sel = sel[group_start]
+    g_tensor, g_off, g_size = tensor[group_start], t.offsets[g_sel], t.sizes[g_sel]
     g_count = np.diff(np.append(group_start, n))
 
-    g_vol = np.prod(g_size, axis=1) if len(g_tensor) else np.zeros(0, np.int64)
+    g_vol = _prod_cols(g_size)
     _check_tilings(t, g_tensor, g_off, g_size, g_vol)
 
     # Assignment: unique boxes to their holder; replicas to the least loaded.
@@ -254,10 +256,15 @@ def plan_save_table(tables: Sequence[LocalTable], *, chunk_bytes: int) -> SavePl
 
     # Chunks: a box within chunk_bytes is its own chunk; larger ones are split.
     fits = g_bytes <= chunk_bytes
-    rows_t, rows_r = [g_tensor[fits]], [g_rank[fits]]
-    rows_so, rows_ss = [g_off[fits]], [g_size[fits]]
-    rows_co, rows_cs = [g_off[fits]], [g_size[fits]]
-    for g in np.flatnonzero(~fits):
+    split = np.flatnonzero(~fits)
+    if len(split):
+        rows_t, rows_r = [g_tensor[fits]], [g_rank[fits]]
+        rows_so, rows_ss = [g_off[fits]], [g_size[fits]]
+        rows_co, rows_cs = [rows_so[0]], [rows_ss[0]]
+    else:  # the common case: every box is one chunk, no copy
+        rows_t, rows_r, rows_so, rows_ss = [g_tensor], [g_rank], [g_off], [g_size]
+        rows_co, rows_cs = rows_so, rows_ss
+    for g in split:
         ti = int(g_tensor[g])
         ndims = len(t.tensors.shapes[ti])
         box = Box(
@@ -276,28 +283,91 @@ def plan_save_table(tables: Sequence[LocalTable], *, chunk_bytes: int) -> SavePl
         rows_ss.append(np.repeat(g_size[g : g + 1], k, axis=0))
         rows_co.append(co)
         rows_cs.append(cs)
-    it_t, it_r = np.concatenate(rows_t), np.concatenate(rows_r)
-    it_co, it_cs = np.concatenate(rows_co), np.concatenate(rows_cs)
-    it_so, it_ss = np.concatenate(rows_so), np.concatenate(rows_ss)
+    it_t, it_r = _cat(rows_t), _cat(rows_r)
+    it_so, it_ss = _cat(rows_so), _cat(rows_ss)
     # Groups are in (tensor, offsets) order and split chunks follow their
     # box's order within each tensor, so a stable sort by rank keeps each
     # rank's items in tensor order.
-    by = np.argsort(it_r, kind="stable")
-    it_r = it_r[by]
+    by = stable_order(it_r, t.world)
+    it_r, it_t = it_r[by], it_t[by]
+    so, ss = it_so[by], it_ss[by]
+    if len(split):
+        co, cs = _cat(rows_co)[by], _cat(rows_cs)[by]
+    else:  # chunks are the shard boxes: the same columns
+        co, cs = so, ss
     return SavePlan(
         tensors=t.tensors,
         world=t.world,
         rank=it_r,
-        tensor=it_t[by],
-        shard_offsets=it_so[by],
-        shard_sizes=it_ss[by],
-        chunk_offsets=it_co[by],
-        chunk_sizes=it_cs[by],
-        nbytes=np.prod(it_cs[by], axis=1) * itemsize[it_t[by]]
-        if len(it_t)
-        else np.zeros(0, np.int64),
+        tensor=it_t,
+        shard_offsets=so,
+        shard_sizes=ss,
+        chunk_offsets=co,
+        chunk_sizes=cs,
+        nbytes=_prod_cols(cs) * itemsize[it_t],
         starts=np.searchsorted(it_r, np.arange(t.world + 1)).astype(np.int64),
     )
+
+
+def stable_order(keys: Ints, bound: int) -> Ints:
+    """``argsort(keys, kind="stable")`` for keys in ``[0, bound)``: a radix sort below 2^16."""
+    if bound <= 1 << 16:
+        return np.argsort(keys.astype(np.uint16), kind="stable")
+    return np.argsort(keys, kind="stable")
+
+
+def _all_cols(cols: list[npt.NDArray[np.bool_]], n: int) -> npt.NDArray[np.bool_]:
+    out = np.ones(n, dtype=bool)
+    for c in cols:
+        out &= c
+    return out
+
+
+def _prod_cols(rows: Ints) -> Ints:
+    """The product of each row of a 2-d array (column by column)."""
+    out = np.ones(len(rows), dtype=np.int64)
+    for d in range(rows.shape[1]):
+        out *= rows[:, d]
+    return out
+
+
+def _cat(parts: list[Ints]) -> Ints:
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
+def _sort_boxes(
+    t: ShardTable, tensor: Ints, rank: Ints, off_cols: list[Ints], size_cols: list[Ints]
+) -> Ints:
+    """The order of boxes by (tensor, offsets, sizes, rank), so exact replicas are adjacent.
+
+    The sort keys are packed into as few int64 words as fit (each value
+    below a known bound: tensor count, shape, world size), since a sort on
+    one key costs a fraction of a lexicographic sort on many.
+    """
+    dims = len(off_cols)
+    n_t = len(t.tensors.fqns)
+    extent = [int(t.shape[:, d].max()) + 1 if n_t else 1 for d in range(dims)]
+    # most significant first: tensor, offsets, sizes, rank
+    fields = [(tensor, max(1, n_t))]
+    fields += [(off_cols[d], extent[d]) for d in range(dims)]
+    fields += [(size_cols[d], extent[d]) for d in range(dims)]
+    fields.append((rank, max(1, t.world)))
+    keys: list[Ints] = []
+    key: Ints | None = None
+    span = 1
+    for col, bound in fields:
+        if key is not None and span * bound < (1 << 62):
+            key = key * bound + col
+            span *= bound
+        else:
+            if key is not None:
+                keys.append(key)
+            key, span = col.copy(), bound
+    assert key is not None
+    keys.append(key)
+    if len(keys) == 1:
+        return stable_order(keys[0], span)
+    return np.lexsort(tuple(reversed(keys)))
 
 
 def _check_tilings(t: ShardTable, g_tensor: Ints, g_off: Ints, g_size: Ints, vol: Ints) -> None:
@@ -314,11 +384,12 @@ def _check_tilings(t: ShardTable, g_tensor: Ints, g_off: Ints, g_size: Ints, vol
     ]
     suspect = sums != expected
     # Slabs: every box spans the whole shape in all dims but (at most) one.
-    partial = g_size != t.shape[g_tensor]
     cut_dims = np.stack(
         [
-            np.bincount(g_tensor, weights=partial[:, d], minlength=n_tensors)
-            for d in range(partial.shape[1])
+            np.bincount(
+                g_tensor, weights=g_size[:, d] != t.shape[:, d][g_tensor], minlength=n_tensors
+            )
+            for d in range(g_size.shape[1])
         ],
         axis=1,
     )
@@ -326,11 +397,16 @@ def _check_tilings(t: ShardTable, g_tensor: Ints, g_off: Ints, g_size: Ints, vol
     suspect |= ~slab
     if len(g_tensor) > 1:
         # Neighbours along the cut dim (rows are sorted by offsets) must not overlap.
-        d = np.argmax(cut_dims, axis=1)[g_tensor]
-        rows = np.arange(len(g_tensor))
-        end = g_off[rows, d] + g_size[rows, d]
+        cut = np.argmax(cut_dims, axis=1)
+        if (cut == cut[0]).all():  # every tensor cut along the same dim: plain columns
+            start, size = g_off[:, int(cut[0])], g_size[:, int(cut[0])]
+        else:
+            d = cut[g_tensor]
+            rows = np.arange(len(g_tensor))
+            start, size = g_off[rows, d], g_size[rows, d]
+        end = start + size
         same_t = g_tensor[1:] == g_tensor[:-1]
-        overlap = same_t & (g_off[rows[1:], d[1:]] < end[:-1])
+        overlap = same_t & (start[1:] < end[:-1])
         suspect[g_tensor[1:][overlap]] = True
     for ti in np.flatnonzero(suspect):
         _tiling_error(t, int(ti), g_tensor, g_off, g_size)

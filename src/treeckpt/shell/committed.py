@@ -23,30 +23,45 @@ from collections.abc import Callable, Mapping
 from typing import TypeVar
 
 from treeckpt.core.leaves import TensorLeaf
-from treeckpt.core.manifest import Manifest
+from treeckpt.core.manifest import ChunkIndex, Manifest
 from treeckpt.core.plan import StoredTensor
 from treeckpt.errors import CheckpointError, CheckpointReplacedError, CollectiveError
 from treeckpt.shell.coord import Coordinator, agreed
 from treeckpt.shell.load import read_stored
 from treeckpt.shell.ranks import on_coordinator
 from treeckpt.store.backends import Backend
-from treeckpt.store.reader import read_committed, replaced_error, replacement
+from treeckpt.store.reader import (
+    StoredChunks,
+    read_committed,
+    read_indexes,
+    replaced_error,
+    replacement,
+)
 
 __all__ = ["Committed", "load_committed", "read_checkpoint"]
 
 T = TypeVar("T")
 
 #: a committed manifest and every tensor of it with its chunks
-Committed = tuple[Manifest, dict[str, StoredTensor]]
+Committed = tuple[Manifest, Mapping[str, StoredTensor]]
 
 
 def read_checkpoint(backend: Backend, coord: Coordinator) -> Committed:
-    """Rank 0 reads and validates the manifest and the chunk indexes once; every
-    rank gets them, or the error. Each rank then plans only its own reads."""
-    got: Committed = on_coordinator(
-        coord, "manifest", lambda: read_committed(backend, lambda m: read_stored(backend, m))
-    )
-    return got
+    """Rank 0 reads and validates the manifest once; every rank gets it, or the error.
+
+    Each rank then reads the chunk indexes its own reads need
+    (``StoredChunks``), when the manifest records which writer holds what
+    (``extents``) or there is one process. Otherwise (checkpoints without
+    that map, loaded on several ranks) rank 0 reads every index once and
+    every rank gets them all, as before the map existed.
+    """
+    several = coord.world_size > 1
+
+    def indexes(m: Manifest) -> list[ChunkIndex]:
+        return read_indexes(backend, m) if several and m.extents is None else []
+
+    manifest, got = on_coordinator(coord, "manifest", lambda: read_committed(backend, indexes))
+    return manifest, StoredChunks(backend, manifest, got)
 
 
 def load_committed(

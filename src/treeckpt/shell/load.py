@@ -52,7 +52,7 @@ from treeckpt.shell.tensors import (
 from treeckpt.shell.transfer import Uploads
 from treeckpt.store.backends import Backend
 from treeckpt.store.chunks import ReadTarget, ReadTask, read_chunks
-from treeckpt.store.reader import read_indexes, stored_tensors
+from treeckpt.store.reader import StoredChunks, read_indexes, stored_tensors
 
 __all__ = ["load_tree", "read_into", "restore_tree"]
 
@@ -140,7 +140,8 @@ def read_regions(
             for code, boxes in boxes_by_dtype.items()
         )
         itemsizes[fqn] = dtype_info(rec.dtype).itemsize
-    plan = plan_load(stored, requests, allow_lossy_cast=options.allows_lossy_cast)
+    view = stored.for_requests(requests) if isinstance(stored, StoredChunks) else stored
+    plan = plan_load(view, requests, allow_lossy_cast=options.allows_lossy_cast)
     if plan.converted:
         log.info("%s: the load %s", backend.root, plan.conversions())
     grouped: dict[tuple[str, int], list[ReadItem]] = {}

@@ -43,6 +43,7 @@ from typing import Any
 
 from treeckpt.core.box import Box
 from treeckpt.core.dtypes import dtype_info
+from treeckpt.core.extents import Extents, extents_of_plan
 from treeckpt.core.incremental import ReuseTable
 from treeckpt.core.leaves import TensorLeaf
 from treeckpt.core.manifest import FORMAT_VERSION, ChunkIndex, IndexRef, Manifest
@@ -64,7 +65,7 @@ from treeckpt.store import layout
 from treeckpt.store.backends import Backend
 from treeckpt.store.checksum import checksum
 from treeckpt.store.chunks import WriteJob, write_chunks
-from treeckpt.store.manifest import encode_index, encode_manifest
+from treeckpt.store.manifest import encode_binary_index, encode_manifest
 from treeckpt.store.reader import read_manifest
 
 __all__ = ["PreparedSave", "SaveResult", "commit_save", "prepare_save", "save_tree"]
@@ -239,15 +240,17 @@ def commit_save(
                     tree = prepared.tree or MergedTree(
                         structure=flat.structure, records=flat.records, holders={}
                     )
+                    indexes = tuple(p.ref for p in refs if p.ref is not None)
                     manifest = Manifest(
                         format_version=FORMAT_VERSION,
                         save_id=save_id,
                         world_size=coord.world_size,
                         structure=tree.structure,
                         records=tree.records,
-                        indexes=tuple(p.ref for p in refs if p.ref is not None),
+                        indexes=indexes,
                         user_metadata=dict(user_metadata or {}),
                         holders=tree.holders,
+                        extents=_extents(prepared.plan, indexes),
                     )
                     if options.sync and backend.supports_fsync:
                         backend.sync_dir(layout.data_dir(save_id))
@@ -295,6 +298,18 @@ def _mark_for_dcp_tools(backend: Backend, *, sync: bool) -> None:
     backend.commit_file(layout.DCP_MARKER, want, sync=sync)
 
 
+def _extents(plan: SavePlan | None, indexes: tuple[IndexRef, ...]) -> Extents | None:
+    """The writers' map of the manifest: recorded when there is more than one index to choose from.
+
+    ``None`` (every reader reads every index) when the plan is not the whole
+    plan or names a writer that wrote no index.
+    """
+    if plan is None or len(indexes) < 2:
+        return None
+    extents = extents_of_plan(plan)
+    return extents if extents.ranks <= {i.rank for i in indexes} else None
+
+
 def _previous_save_id(backend: Backend) -> str | None:
     """The save id of the checkpoint being replaced, if a valid one is committed."""
     if backend.size(layout.MANIFEST) is None:
@@ -308,11 +323,12 @@ def _previous_save_id(backend: Backend) -> str | None:
 def _remove_rank_files(backend: Backend, save_id: str, rank: int) -> None:
     """Best effort: rank ``rank``'s data files and chunk index of the replaced save ``save_id``."""
     folder = layout.data_dir(save_id)
-    index = layout.index_file(save_id, rank)
     with contextlib.suppress(Exception):
         for base in backend.listdir(folder):
             name = f"{folder}/{base}"
-            if name == index or layout.is_data_file(name, save_id, rank):
+            if layout.is_index_file(name, save_id, rank) or layout.is_data_file(
+                name, save_id, rank
+            ):
                 with contextlib.suppress(Exception):
                     backend.remove_tree(name)
 
@@ -341,8 +357,8 @@ def _write_rank(
     # Chunks of device tensors are copied through each lane's reused host buffers.
     fetcher = lane_fetchers([j.source for j in jobs], options.chunk_bytes)
     files, chunks = write_chunks(backend, save_id, rank, jobs, options, reuse, fetcher)
-    blob = encode_index(ChunkIndex(save_id=save_id, rank=rank, files=files, chunks=chunks))
-    name = layout.index_file(save_id, rank)
+    blob = encode_binary_index(ChunkIndex(save_id=save_id, rank=rank, files=files, chunks=chunks))
+    name = layout.binary_index_file(save_id, rank)
     # A new file in this save's own directory: no rename needed (nothing reads
     # it before the manifest names it); rank 0 fsyncs the directory once.
     writer = backend.open_writer(name)

@@ -5,7 +5,8 @@
     manifest.json                      the commit record (root manifest)
     .metadata                          a marker for tools that look for torch DCP's file
     data-<save_id>/r<rank>-<k>.bin     chunk data written by rank <rank>, I/O thread <k>
-    data-<save_id>/index-r<rank>.json  the chunk index of rank <rank>
+    data-<save_id>/index-r<rank>.idx   the chunk index of rank <rank> (binary)
+    data-<save_id>/index-r<rank>.json  the same as JSON (what earlier versions wrote)
 
 Names are generated here and nowhere else, and every name read from a
 manifest must match these patterns exactly: relative, no ``..``, no
@@ -21,11 +22,14 @@ __all__ = [
     "DCP_MARKER_BYTES",
     "DCP_MARKER_HEAD_BYTES",
     "MANIFEST",
+    "binary_index_file",
     "data_dir",
     "data_file",
     "index_file",
+    "is_binary_index",
     "is_data_file",
     "is_dcp_marker",
+    "is_index_file",
     "is_reference_file",
     "is_save_id",
 ]
@@ -75,6 +79,20 @@ def data_file(save_id: str, rank: int, k: int) -> str:
 
 def index_file(save_id: str, rank: int) -> str:
     return f"data-{save_id}/index-r{rank}.json"
+
+
+def binary_index_file(save_id: str, rank: int) -> str:
+    return f"data-{save_id}/index-r{rank}.idx"
+
+
+def is_index_file(name: object, save_id: str, rank: int) -> bool:
+    """True when ``name`` is rank ``rank``'s chunk index of save ``save_id``, of either form."""
+    return name in (index_file(save_id, rank), binary_index_file(save_id, rank))
+
+
+def is_binary_index(name: str) -> bool:
+    """Whether a chunk index name (already checked by :func:`is_index_file`) is the binary form."""
+    return name.endswith(".idx")
 
 
 def is_data_file(name: object, save_id: str, rank: int) -> bool:

@@ -27,8 +27,11 @@ import json
 import math
 from typing import Any
 
+import numpy as np
+
 from treeckpt.core.box import Box
 from treeckpt.core.dtypes import DTYPES
+from treeckpt.core.extents import Extents, Layout
 from treeckpt.core.leaves import LeafRecord, PickleLeaf, TensorLeaf, ValueLeaf
 from treeckpt.core.manifest import (
     FORMAT_VERSION,
@@ -42,6 +45,7 @@ from treeckpt.core.tree import UnstorableFactory, build_tree, iter_leaf_fqns
 from treeckpt.core.values import EnumTypes, decode_value, encode_value
 from treeckpt.errors import ManifestError, UnsupportedLeafError
 from treeckpt.store import layout
+from treeckpt.store.binindex import decode_binary_index, encode_binary_index
 from treeckpt.store.checksum import checksum, is_checksum, is_content_digest
 from treeckpt.store.codecs import CODECS
 from treeckpt.store.parse import MAX_INT as _MAX_INT
@@ -52,6 +56,7 @@ __all__ = [
     "MAX_MANIFEST_BYTES",
     "decode_index",
     "decode_manifest",
+    "encode_binary_index",
     "encode_index",
     "encode_manifest",
 ]
@@ -216,7 +221,87 @@ def encode_manifest(m: Manifest) -> bytes:
         # Added without a version bump: older readers ignore it and load
         # every key as if all ranks had saved it.
         body["holders"] = {fqn: list(ranks) for fqn, ranks in m.holders.items()}
+    if m.extents is not None:
+        # Also additive: a reader that ignores it reads every index.
+        body["extents"] = _encode_extents(m.extents)
     return _envelope("treeckpt", body)
+
+
+def _encode_extents(ext: Extents) -> dict[str, Any]:
+    layouts = []
+    for lay in ext.layouts:
+        dims: list[Any] = [None] * len(lay.whole)
+        for j, d in enumerate(lay.cut):
+            dims[d] = [lay.offsets[:, j].tolist(), lay.sizes[:, j].tolist()]
+        layouts.append([lay.ranks.tolist(), dims])
+    return {"layouts": layouts, "tensors": dict(ext.tensors)}
+
+
+def _int_column(raw: Any, n: int, lo: int, hi: int, where: str) -> Any:
+    """A list of ``n`` integers in ``[lo, hi)`` as an int64 array (one type check per element)."""
+    if not (isinstance(raw, list) and len(raw) == n and all(type(v) is int for v in raw)):
+        raise ManifestError(f"{where}: expected a list of {n} integers")
+    try:
+        arr = np.asarray(raw, dtype=np.int64)
+    except OverflowError:
+        raise ManifestError(f"{where}: integer out of range") from None
+    if n and (int(arr.min()) < lo or int(arr.max()) >= hi):
+        raise ManifestError(f"{where}: expected integers in [{lo}, {hi})")
+    return arr
+
+
+def _decode_extents(
+    raw: Any, records: dict[str, LeafRecord], writers: set[int], where: str
+) -> Extents:
+    """The writers' map, validated: known writers, tensors and layouts, boxes inside shapes."""
+    where = f"{where}: extents"
+    if not isinstance(raw, dict) or not isinstance(raw.get("layouts"), list):
+        raise ManifestError(f"{where}: expected an object with layouts and tensors")
+    layouts = []
+    for n, rl in enumerate(raw["layouts"]):
+        w = f"{where}: layouts[{n}]"
+        if not (isinstance(rl, list) and len(rl) == 2 and isinstance(rl[1], list)):
+            raise ManifestError(f"{w}: malformed")
+        if not isinstance(rl[0], list) or len(rl[1]) > _MAX_NDIM:
+            raise ManifestError(f"{w}: malformed")
+        k = len(rl[0])
+        ranks = _int_column(rl[0], k, 0, 1 << 24, f"{w} ranks")
+        if not set(np.unique(ranks).tolist()) <= writers:
+            raise ManifestError(f"{w}: names a writer that has no chunk index")
+        whole = tuple(rd is None for rd in rl[1])
+        ncut = whole.count(False)
+        offs = np.zeros((k, ncut), dtype=np.int64)
+        sizes = np.zeros((k, ncut), dtype=np.int64)
+        j = 0
+        for d, rd in enumerate(rl[1]):
+            if rd is None:
+                continue
+            if not (isinstance(rd, list) and len(rd) == 2):
+                raise ManifestError(f"{w}: dimension {d} malformed")
+            offs[:, j] = _int_column(rd[0], k, 0, _MAX_INT, f"{w} offsets")
+            sizes[:, j] = _int_column(rd[1], k, 1, _MAX_INT, f"{w} sizes")
+            j += 1
+        layouts.append(Layout.of(ranks, offs, sizes, whole))
+    # The far edge of each layout along each dimension it cuts.
+    far = [
+        (lay.offsets.astype(np.int64) + lay.sizes).max(axis=0).tolist()
+        if len(lay.ranks)
+        else [0] * len(lay.cut)
+        for lay in layouts
+    ]
+    tensors = raw.get("tensors")
+    if not isinstance(tensors, dict):
+        raise ManifestError(f"{where}: tensors must be an object")
+    for fqn, n in tensors.items():
+        rec = records.get(fqn)
+        if not isinstance(rec, TensorLeaf):
+            raise ManifestError(f"{where}: {str(fqn)[:80]!r} is not a tensor of this checkpoint")
+        _int(n, f"{where}: layout of {fqn!r}", hi=max(1, len(layouts)))
+        if n >= len(layouts) or len(layouts[n].whole) != len(rec.shape):
+            raise ManifestError(f"{where}: layout of {fqn!r} does not fit its shape")
+        if any(e > rec.shape[d] for e, d in zip(far[n], layouts[n].cut, strict=True)):
+            raise ManifestError(f"{where}: layout of {fqn!r} lies outside its shape")
+    return Extents(layouts=tuple(layouts), tensors=dict(tensors))
 
 
 def _encode_leaf(fqn: str, rec: LeafRecord) -> dict[str, Any]:
@@ -264,7 +349,7 @@ def decode_manifest(data: bytes, where: str = layout.MANIFEST) -> Manifest:
         if rank in seen:
             raise ManifestError(f"{w}: rank {rank} listed twice")
         seen.add(rank)
-        if ri.get("file") != layout.index_file(save_id, rank):
+        if not layout.is_index_file(ri.get("file"), save_id, rank):
             raise ManifestError(
                 f"{w}: file name {str(ri.get('file'))[:80]!r} is not this save's index"
             )
@@ -276,6 +361,12 @@ def decode_manifest(data: bytes, where: str = layout.MANIFEST) -> Manifest:
     if not isinstance(meta, dict):
         raise ManifestError(f"{where}: user_metadata must be an object")
     holders = _decode_holders(body.get("holders", {}), records, world, where)
+    raw_extents = body.get("extents")
+    extents = (
+        None
+        if raw_extents is None
+        else _decode_extents(raw_extents, records, {i.rank for i in indexes}, where)
+    )
     return Manifest(
         format_version=FORMAT_VERSION,
         save_id=save_id,
@@ -285,6 +376,7 @@ def decode_manifest(data: bytes, where: str = layout.MANIFEST) -> Manifest:
         indexes=tuple(indexes),
         user_metadata=meta,
         holders=holders,
+        extents=extents,
     )
 
 
@@ -351,6 +443,8 @@ def decode_index(data: bytes, ref: IndexRef, manifest: Manifest) -> ChunkIndex:
         raise ManifestError(f"{where}: {len(data)} bytes, the manifest recorded {ref.size}")
     if checksum(data) != ref.checksum:
         raise ManifestError(f"{where}: does not match the checksum the manifest recorded")
+    if layout.is_binary_index(ref.file):
+        return decode_binary_index(data, ref.rank, manifest, where)
     body = _open(data, "treeckpt-index", where)
     if body.get("save_id") != manifest.save_id or body.get("rank") != ref.rank:
         raise ManifestError(f"{where}: belongs to another save or rank")

@@ -9,12 +9,14 @@ was replaced), and :func:`read_committed` reads the new one instead.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TypeVar
 
+from treeckpt.core.extents import select_writers
 from treeckpt.core.leaves import TensorLeaf
 from treeckpt.core.manifest import ChunkIndex, ChunkRef, IndexRef, Manifest
 from treeckpt.core.plan import StoredTensor
+from treeckpt.core.specs import ShardSpec
 from treeckpt.errors import (
     CheckpointError,
     CheckpointNotFoundError,
@@ -33,6 +35,7 @@ from treeckpt.store.manifest import (
 )
 
 __all__ = [
+    "StoredChunks",
     "has_dcp_metadata",
     "read_committed",
     "read_index",
@@ -138,6 +141,86 @@ def stored_tensors(manifest: Manifest, indexes: Sequence[ChunkIndex]) -> dict[st
         for fqn, rec in manifest.records.items()
         if isinstance(rec, TensorLeaf)
     }
+
+
+class StoredChunks(Mapping[str, StoredTensor]):
+    """Every tensor of a checkpoint with its chunks, reading chunk indexes only when needed.
+
+    ``stored[fqn]`` holds every chunk of ``fqn``: it reads the indexes of
+    every writer of ``fqn`` (by the manifest's ``extents``; every index when
+    the manifest has none). :meth:`for_requests` reads only the indexes the
+    requested boxes intersect and returns those tensors with the chunks read
+    so far, which cover the requests when the checkpoint is sound
+    (``plan_load`` checks that they do). Indexes given at construction (read
+    by another rank) are never read again; ``opened`` lists the files this
+    object read, in order.
+    """
+
+    def __init__(
+        self, backend: Backend, manifest: Manifest, indexes: Sequence[ChunkIndex] = ()
+    ) -> None:
+        self._backend = backend
+        self.manifest = manifest
+        self._tensors = {f: r for f, r in manifest.records.items() if isinstance(r, TensorLeaf)}
+        self._refs = {r.rank: r for r in manifest.indexes}
+        self._chunks: dict[int, dict[str, list[ChunkRef]]] = {}
+        self.opened: list[str] = []
+        for ix in indexes:
+            self._add(ix)
+
+    def _add(self, ix: ChunkIndex) -> None:
+        by_fqn: dict[str, list[ChunkRef]] = {}
+        for c in ix.chunks:
+            by_fqn.setdefault(c.fqn, []).append(c)
+        self._chunks[ix.rank] = by_fqn
+
+    def _ensure(self, ranks: Sequence[int] | frozenset[int]) -> None:
+        for rank in sorted(ranks):
+            if rank not in self._chunks and rank in self._refs:
+                ref = self._refs[rank]
+                self.opened.append(ref.file)
+                self._add(read_index(self._backend, self.manifest, ref))
+
+    def _writers(self, fqn: str) -> Sequence[int] | frozenset[int]:
+        ext = self.manifest.extents
+        if ext is None:
+            return tuple(self._refs)
+        n = ext.tensors.get(fqn)
+        return () if n is None else frozenset(ext.layouts[n].ranks.tolist())
+
+    def _tensor(
+        self, fqn: str, rec: TensorLeaf, ranks: Sequence[int] | frozenset[int]
+    ) -> StoredTensor:
+        chunks: list[ChunkRef] = []
+        for rank in sorted(ranks):
+            chunks += self._chunks.get(rank, {}).get(fqn, ())
+        return StoredTensor(fqn=fqn, dtype=rec.dtype, shape=rec.shape, chunks=tuple(chunks))
+
+    def __getitem__(self, fqn: str) -> StoredTensor:
+        rec = self._tensors[fqn]
+        ranks = self._writers(fqn)
+        self._ensure(ranks)
+        return self._tensor(fqn, rec, ranks)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._tensors)
+
+    def __len__(self) -> int:
+        return len(self._tensors)
+
+    def for_requests(self, requests: Sequence[ShardSpec]) -> dict[str, StoredTensor]:
+        """The requested tensors, with the chunks of the indexes their boxes intersect."""
+        ext = self.manifest.extents
+        ranks: Sequence[int] | frozenset[int] = (
+            tuple(self._refs) if ext is None else select_writers(ext, requests)
+        )
+        self._ensure(ranks)
+        out = {}
+        for spec in requests:
+            rec = self._tensors.get(spec.fqn)
+            if rec is not None and spec.fqn not in out:
+                out[spec.fqn] = self._tensor(spec.fqn, rec, self._writers(spec.fqn))
+        return out
 
 
 def replacement(backend: Backend, manifest: Manifest) -> Manifest | None:

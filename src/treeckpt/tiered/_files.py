@@ -144,7 +144,7 @@ def inventory(
 
 def check_name(name: str, save_id: str, writer: int) -> None:
     """A file name received from a peer is one ``writer`` may have written in save ``save_id``."""
-    if name != layout.index_file(save_id, writer) and not layout.is_data_file(
+    if not layout.is_index_file(name, save_id, writer) and not layout.is_data_file(
         name, save_id, writer
     ):
         raise CheckpointError(f"a peer sent the file name {name!r}, not one of writer {writer}")
@@ -156,7 +156,7 @@ def own_files(sub: Backend, save_id: str, rank: int) -> FileList:
     out: FileList = []
     for base in sorted(sub.listdir(folder)):
         name = f"{folder}/{base}"
-        if name == layout.index_file(save_id, rank) or layout.is_data_file(name, save_id, rank):
+        if layout.is_index_file(name, save_id, rank) or layout.is_data_file(name, save_id, rank):
             size = sub.size(name)
             if size is not None:
                 out.append((name, size))

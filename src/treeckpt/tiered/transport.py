@@ -315,7 +315,7 @@ def _check_header(data: bytes, src: int, step: int) -> list[tuple[str, int]]:
     for name, _ in out:
         if not ok or not (
             name == layout.MANIFEST
-            or name == layout.index_file(next(iter(save_ids)), 0)
+            or layout.is_index_file(name, next(iter(save_ids)), 0)
             or layout.is_data_file(name, next(iter(save_ids)), 0)
         ):
             raise CheckpointError(
