@@ -42,6 +42,8 @@ __all__ = [
 
 
 def _backend(path: Any) -> Backend:
+    if isinstance(path, Backend):  # a backend of the caller's (a wrapper, a throttled one)
+        return path
     return open_backend(str(path))
 
 

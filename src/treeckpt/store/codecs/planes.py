@@ -37,10 +37,20 @@ from treeckpt.store.codecs._base import (
 )
 from treeckpt.store.parse import parse_int
 
-__all__ = ["PLANES", "PlanesCodec", "planes_block_offsets", "sample_windows"]
+__all__ = [
+    "PLANES",
+    "PlanesCodec",
+    "choose_planes",
+    "encode_planes",
+    "planes_block_offsets",
+    "sample_windows",
+]
 
 _PLANE_SAMPLE = 128 * 1024  # one zstd block per byte plane
 _PLANE_MIN_RATIO = 1.1  # a byte plane that shrinks less is stored as it is
+_ADAPTIVE_MIN_RATIO = (
+    1.05  # "adaptive" weighs time; a chunk it compresses need only shrink this much
+)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -75,18 +85,19 @@ class PlanesCodec:
 
         ``"never"`` stores raw; ``"always"`` compresses every byte plane;
         ``"auto"`` compresses the planes whose sample shrinks by ``min_ratio``
-        and stores the chunk raw when none does. A chunk whose encoding would
-        not be smaller than its raw bytes is stored raw.
+        and stores the chunk raw when none does; ``"adaptive"`` (whose save
+        asks for a chunk to be compressed only when that pays for time) does
+        the same with a threshold of 1.05. A chunk whose encoding would not
+        be smaller than its raw bytes is stored raw.
         """
         c = ws.compression
         n = raw.nbytes
         if c.mode == "never" or n == 0 or n % itemsize:
             return None
-        planes = "z" * itemsize if c.mode == "always" else _choose(raw, itemsize, ws)
+        planes = "z" * itemsize if c.mode == "always" else choose_planes(raw, itemsize, ws)
         if "z" not in planes:
             return None
-        bb = c.block_bytes - c.block_bytes % itemsize if c.block_bytes else n
-        return _encode_planes(raw, itemsize, planes, max(bb, itemsize), ws)
+        return encode_planes(raw, itemsize, planes, ws)
 
     def decode_into(
         self, stored: BytesLike, chunk: ChunkRef, first: int, stop: int, out: Bytes1D, ctx: Decoding
@@ -162,7 +173,7 @@ class PlanesCodec:
         }
 
 
-def _choose(raw: Bytes1D, itemsize: int, ws: Workspace) -> str:
+def choose_planes(raw: Bytes1D, itemsize: int, ws: Workspace) -> str:
     """``"r"``/``"z"`` per byte plane, from a sample of up to three windows.
 
     A plane is compressed when its sample shrinks by 1.1x (or by
@@ -174,7 +185,8 @@ def _choose(raw: Bytes1D, itemsize: int, ws: Workspace) -> str:
     a disk that writes at memory-copy speed that costs more CPU than it
     saves, so with the default 1.3 they stay raw; bf16 (1.5x) compresses.
     """
-    min_ratio = ws.compression.min_ratio
+    c = ws.compression
+    min_ratio = _ADAPTIVE_MIN_RATIO if c.mode == "adaptive" else c.min_ratio
     packed = [0] * itemsize
     total = 0
     for w in sample_windows(raw, itemsize):
@@ -189,10 +201,11 @@ def _choose(raw: Bytes1D, itemsize: int, ws: Workspace) -> str:
     return planes if total * itemsize >= min_ratio * kept else "r" * itemsize
 
 
-def _encode_planes(
-    raw: Bytes1D, itemsize: int, planes: str, bb: int, ws: Workspace
-) -> Encoded | None:
+def encode_planes(raw: Bytes1D, itemsize: int, planes: str, ws: Workspace) -> Encoded | None:
+    """``raw`` encoded with the given ``r``/``z`` per byte plane, or ``None`` when not smaller."""
     n = raw.nbytes
+    c = ws.compression
+    bb = max(c.block_bytes - c.block_bytes % itemsize if c.block_bytes else n, itemsize)
     nblocks = -(-n // bb)
     out = ws.out(n + n // 128 + nblocks * itemsize * 160 + 1024)
     scratch = ws.scratch(bb // itemsize) if itemsize > 1 else out
