@@ -51,7 +51,7 @@ __all__ = [
 #: a first save to a storage writes this many bytes raw before it decides
 PROBE_BYTES = 32 << 20
 #: a save that wrote less than this teaches nothing about the storage's rate
-LEARN_MIN_BYTES = 8 << 20
+LEARN_MIN_BYTES = 4 << 20
 #: a rank writing less than this writes raw: too little to measure, too little to gain
 SMALL_SAVE_BYTES = 8 << 20
 #: a real chunk also samples itself before it is encoded: about this much more work
@@ -118,27 +118,26 @@ def probe_classes(chunks: Sequence[ChunkInfo], compression: Compression) -> dict
     for cls, members in sorted(by_class.items()):
         step = max(1, len(members) // _PROBE_CHUNKS)
         raw_n = stored_n = 0
-        seconds = 0.0
+        best = 0.0  # bytes per second of the fastest window: a preempted one measures the machine
         for c in members[::step][:_PROBE_CHUNKS]:
             windows = sample_windows(c.source(), c.itemsize)
             window = windows[len(windows) // 2]
             n = window.nbytes - window.nbytes % c.itemsize
             window = window[:n]
             planes = choose_planes(window, c.itemsize, ws)
+            raw_n += n
             if "z" not in planes:
-                raw_n += n
                 stored_n += n
                 continue
             t0 = time.perf_counter()
             enc = encode_planes(window, c.itemsize, planes, ws)
-            seconds += time.perf_counter() - t0
-            raw_n += n
+            seconds = time.perf_counter() - t0
             stored_n += n if enc is None else len(enc.payload)
-        if raw_n == 0 or stored_n >= raw_n or seconds <= 0:
+            if seconds > 0:
+                best = max(best, n / seconds)
+        if raw_n == 0 or stored_n >= raw_n or best <= 0:
             continue
-        rates[cls] = ClassRate(
-            ratio=raw_n / stored_n, encode_bps=raw_n / (seconds * _SAMPLE_OVERHEAD)
-        )
+        rates[cls] = ClassRate(ratio=raw_n / stored_n, encode_bps=best / _SAMPLE_OVERHEAD)
     return rates
 
 
