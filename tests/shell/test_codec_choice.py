@@ -21,6 +21,7 @@ MB = 1_000_000
 def fresh_rates(monkeypatch: pytest.MonkeyPatch) -> codec_choice.StorageRates:
     rates = codec_choice.StorageRates()
     monkeypatch.setattr(codec_choice, "RATES", rates)
+    monkeypatch.setattr(codec_choice, "ENCODE_RATES", codec_choice.StorageRates())
     return rates
 
 
@@ -164,3 +165,22 @@ def test_rate_limiter_shared_by_threads_stays_near_its_rate() -> None:
         t.join(timeout=60)
     elapsed = time.monotonic() - t0
     assert 1.0 <= elapsed < 3.0, elapsed  # 100 MB at 100 MB/s
+
+
+def test_encode_rates_measured_in_a_save_override_the_probe(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fresh_rates: codec_choice.StorageRates
+) -> None:
+    _inject(monkeypatch, {"bfloat16": ClassRate(1.5, 1e12)})  # the probe: a very fast codec
+    backend = ThrottledBackend(LocalBackend(str(tmp_path / "a")), write_bps=4000 * MB)
+    fresh_rates.set(backend.storage_key(), 50 * MB)
+    state = _state(torch.bfloat16)
+    treeckpt.save(state, backend, options=_options())
+    assert _codecs(tmp_path / "a")["w"] == {"planes": 10}
+    measured = codec_choice.ENCODE_RATES.get("bfloat16")
+    assert measured is not None and measured < 1e12  # what encoding 10 MiB really took
+    # a machine so busy that the codec crawls: the next save writes raw
+    codec_choice.ENCODE_RATES.set("bfloat16", 1 * MB)
+    backend = ThrottledBackend(LocalBackend(str(tmp_path / "b")), write_bps=4000 * MB)
+    treeckpt.save(state, backend, options=_options())
+    assert _codecs(tmp_path / "b")["w"] == {"raw": 10}
+    _round_trip(state, tmp_path / "b")

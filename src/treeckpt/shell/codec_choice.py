@@ -36,14 +36,17 @@ from treeckpt.store.codecs import Bytes1D, Workspace
 from treeckpt.store.codecs.planes import choose_planes, encode_planes, sample_windows
 
 __all__ = [
+    "ENCODE_RATES",
     "LEARN_MIN_BYTES",
     "PROBE_BYTES",
+    "PROBE_TRUST",
     "RATES",
     "SMALL_SAVE_BYTES",
     "ChunkInfo",
     "CodecChooser",
     "MeteredBackend",
     "StorageRates",
+    "class_rates",
     "cores",
     "probe_classes",
 ]
@@ -86,7 +89,14 @@ class StorageRates:
                 self._rates.pop(key, None)
 
 
+#: write rates per storage (``Backend.storage_key``), bytes per second
 RATES = StorageRates()
+#: encode rates per class (dtype), bytes per second per writer thread, measured in real saves
+#: (wall clock, so a busy machine shows as a slower codec)
+ENCODE_RATES = StorageRates()
+#: a probe encodes one small, cache-hot window: real chunks encode slower (memory traffic,
+#: the other writer threads, other processes); trusted at this fraction until a save measured it
+PROBE_TRUST = 0.5
 
 
 def cores() -> int:
@@ -148,9 +158,11 @@ class MeteredBackend(BackendWrapper):
         super().__init__(inner)
         self._lock = threading.Lock()
         self._writers: list[_MeteredWriter] = []
+        #: called on the writing thread as each write starts (the chunk's encoding is done)
+        self.before_write: Callable[[], None] | None = None
 
     def open_writer(self, name: str) -> Writer:
-        w = _MeteredWriter(self.inner.open_writer(name))
+        w = _MeteredWriter(self.inner.open_writer(name), self)
         with self._lock:
             self._writers.append(w)
         return w
@@ -163,12 +175,15 @@ class MeteredBackend(BackendWrapper):
 
 
 class _MeteredWriter(Writer):
-    def __init__(self, inner: Writer) -> None:
+    def __init__(self, inner: Writer, owner: MeteredBackend) -> None:
         self._inner = inner
+        self._owner = owner
         self.nbytes = 0
         self.seconds = 0.0
 
     def write(self, data: bytes | memoryview) -> None:
+        if self._owner.before_write is not None:
+            self._owner.before_write()
         t0 = time.perf_counter()
         self._inner.write(data)
         self.seconds += time.perf_counter() - t0
@@ -215,6 +230,10 @@ class CodecChooser:
         self._asked = [False] * len(chunks)
         self._picked: tuple[bool, ...] | None = None
         self._lock = threading.Lock()
+        self._local = threading.local()
+        #: per class: bytes compressed and the writer threads' seconds spent encoding them
+        self.encoded: dict[str, list[float]] = {}
+        meter.before_write = self._encoded
         if not rates:
             self._picked = (False,) * len(chunks)
         elif write_bps is not None:
@@ -242,7 +261,38 @@ class CodecChooser:
                 if got >= self._probe_bytes and seconds > 0:
                     self._decide(got / seconds)
             self._asked[i] = True
-            return self._picked is not None and self._picked[i]
+            yes = self._picked is not None and self._picked[i]
+        # chunks.py encodes the chunk right after asking, then writes it: time that
+        self._local.pending = (self._chunks[i], time.perf_counter()) if yes else None
+        return yes
+
+    def _encoded(self) -> None:
+        pending = getattr(self._local, "pending", None)
+        if pending is None:
+            return
+        (n, cls), t0 = pending
+        self._local.pending = None
+        seconds = time.perf_counter() - t0
+        with self._lock:
+            acc = self.encoded.setdefault(cls, [0.0, 0.0])
+            acc[0] += n
+            acc[1] += seconds
+
+    def learn(self, rates: StorageRates) -> None:
+        """Keep the encode rates this save measured (classes with at least ``LEARN_MIN_BYTES``)."""
+        for cls, (n, seconds) in self.encoded.items():
+            if n >= LEARN_MIN_BYTES and seconds > 0:
+                rates.learn(cls, n / seconds)
 
     def asker(self, i: int) -> Callable[[], bool]:
         return lambda: self.compress(i)
+
+
+def class_rates(chunks: Sequence[ChunkInfo], compression: Compression) -> dict[str, ClassRate]:
+    """The probe's ratios, with the encode rate earlier saves measured (else the probe's, discounted)."""
+    out = {}
+    for cls, rate in probe_classes(chunks, compression).items():
+        learned = ENCODE_RATES.get(cls)
+        bps = learned if learned is not None else rate.encode_bps * PROBE_TRUST
+        out[cls] = ClassRate(ratio=rate.ratio, encode_bps=bps)
+    return out

@@ -333,7 +333,7 @@ def _write_adaptive(
     meter = codec_choice.MeteredBackend(backend)
     chooser = codec_choice.CodecChooser(
         infos,
-        codec_choice.probe_classes(infos, options.compression),
+        codec_choice.class_rates(infos, options.compression),
         write_bps=codec_choice.RATES.get(key),
         lanes=max(1, min(options.io_threads, len(jobs))),
         cores=codec_choice.cores(),
@@ -345,6 +345,7 @@ def _write_adaptive(
     written, seconds = meter.sample()
     if written >= codec_choice.LEARN_MIN_BYTES and seconds > 0:
         codec_choice.RATES.learn(key, written / seconds)
+    chooser.learn(codec_choice.ENCODE_RATES)
     return out
 
 
