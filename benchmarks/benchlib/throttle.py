@@ -63,18 +63,20 @@ def url(path: str) -> str:
 
 
 class _ThrottledFile(LocalFileOpener):  # type: ignore[misc]
+    """A local file (``self.f``, which ``LocalFileOpener`` forwards to) on the current link."""
+
     def write(self, data: Any) -> int:
-        n: int = super().write(data)
+        n: int = self.f.write(data)
         take(memoryview(data).nbytes)
         return n
 
     def read(self, *args: Any, **kwargs: Any) -> bytes:
-        data: bytes = super().read(*args, **kwargs)
+        data: bytes = self.f.read(*args, **kwargs)
         take(len(data))
         return data
 
     def readinto(self, b: Any) -> int:
-        n: int = super().readinto(b)
+        n: int = self.f.readinto(b)
         take(n)
         return n
 

@@ -158,8 +158,9 @@ class MeteredBackend(BackendWrapper):
         super().__init__(inner)
         self._lock = threading.Lock()
         self._writers: list[_MeteredWriter] = []
-        #: called on the writing thread as each write starts (the chunk's encoding is done)
-        self.before_write: Callable[[], None] | None = None
+        #: called on the writing thread as each write starts (the chunk's encoding is done),
+        #: with the number of bytes about to be written
+        self.before_write: Callable[[int], None] | None = None
 
     def open_writer(self, name: str) -> Writer:
         w = _MeteredWriter(self.inner.open_writer(name), self)
@@ -183,7 +184,7 @@ class _MeteredWriter(Writer):
 
     def write(self, data: bytes | memoryview) -> None:
         if self._owner.before_write is not None:
-            self._owner.before_write()
+            self._owner.before_write(memoryview(data).nbytes)
         t0 = time.perf_counter()
         self._inner.write(data)
         self.seconds += time.perf_counter() - t0
@@ -208,6 +209,11 @@ class CodecChooser:
     chunk up front. Unknown: chunks are written raw until ``meter`` has seen
     ``probe_bytes``, then the chunks not yet started are decided from the
     rate measured so far.
+
+    The decision is revisited as compressed chunks are written (after 2, 4,
+    8, ... of them): the encode rate and ratio they really had (wall clock of
+    the writer thread: a busy machine shows as a slow codec) replace the
+    probe's for the chunks not yet started.
     """
 
     def __init__(
@@ -231,7 +237,10 @@ class CodecChooser:
         self._picked: tuple[bool, ...] | None = None
         self._lock = threading.Lock()
         self._local = threading.local()
-        #: per class: bytes compressed and the writer threads' seconds spent encoding them
+        self._write_bps = write_bps
+        self._measured = 0  # compressed chunks measured so far
+        self._replan_at = 2
+        #: per class: raw bytes compressed, the writer threads' seconds encoding them, stored bytes
         self.encoded: dict[str, list[float]] = {}
         meter.before_write = self._encoded
         if not rates:
@@ -245,6 +254,7 @@ class CodecChooser:
         return self._picked
 
     def _decide(self, write_bps: float) -> None:
+        self._write_bps = write_bps
         todo = [
             (0, k) if asked else (n, k)
             for (n, k), asked in zip(self._chunks, self._asked, strict=True)
@@ -260,13 +270,17 @@ class CodecChooser:
                 got, seconds = self._meter.sample()
                 if got >= self._probe_bytes and seconds > 0:
                     self._decide(got / seconds)
+            elif self._measured >= self._replan_at and self._write_bps is not None:
+                self._replan_at *= 2
+                self._rates = self._measured_rates()
+                self._decide(self._write_bps)
             self._asked[i] = True
             yes = self._picked is not None and self._picked[i]
         # chunks.py encodes the chunk right after asking, then writes it: time that
         self._local.pending = (self._chunks[i], time.perf_counter()) if yes else None
         return yes
 
-    def _encoded(self) -> None:
+    def _encoded(self, stored: int) -> None:
         pending = getattr(self._local, "pending", None)
         if pending is None:
             return
@@ -274,13 +288,22 @@ class CodecChooser:
         self._local.pending = None
         seconds = time.perf_counter() - t0
         with self._lock:
-            acc = self.encoded.setdefault(cls, [0.0, 0.0])
+            acc = self.encoded.setdefault(cls, [0.0, 0.0, 0.0])
             acc[0] += n
             acc[1] += seconds
+            acc[2] += stored
+            self._measured += 1
+
+    def _measured_rates(self) -> dict[str, ClassRate]:
+        out = dict(self._rates)
+        for cls, (n, seconds, stored) in self.encoded.items():
+            if cls in out and seconds > 0 and stored > 0:
+                out[cls] = ClassRate(ratio=n / stored, encode_bps=n / seconds)
+        return out
 
     def learn(self, rates: StorageRates) -> None:
         """Keep the encode rates this save measured (classes with at least ``LEARN_MIN_BYTES``)."""
-        for cls, (n, seconds) in self.encoded.items():
+        for cls, (n, seconds, _) in self.encoded.items():
             if n >= LEARN_MIN_BYTES and seconds > 0:
                 rates.learn(cls, n / seconds)
 
