@@ -15,7 +15,8 @@ to ``C``; it pays while that lowers the estimate.
 :func:`choose_codecs` fills the encoding budget with the chunks that save the
 most storage time per second of encoding first (the classes with the highest
 ``(1 - 1/ratio) * encode_rate``), one chunk at a time, and stops at the first
-chunk that would not lower the estimate. When the whole choice lowers the
+chunk that would not lower the estimate; the chunks it takes of a class are
+then spread evenly over that class's chunks (see :func:`_spread`). When the whole choice lowers the
 estimate of writing everything raw by less than ``min_gain``, it writes
 everything raw: the estimate is a model, and a choice inside its error is not
 worth the risk of a slower save.
@@ -113,10 +114,36 @@ def choose_codecs(
             encode_s, write_s, best = e, w, t
         if stop:
             break
-    chosen = SaveCost(encode_s, write_s, best)
     if best > raw.total_s * (1.0 - min_gain):
         return (False,) * len(chunks), raw, raw
-    return tuple(picked), chosen, raw
+    spread = _spread(chunks, picked)
+    encode_s = sum(n / rates[k].encode_bps for (n, k), p in zip(chunks, spread, strict=True) if p)
+    saved = sum(
+        n * (1.0 - 1.0 / rates[k].ratio) for (n, k), p in zip(chunks, spread, strict=True) if p
+    )
+    write_s = (total - saved) / write_bps
+    chosen = SaveCost(encode_s, write_s, save_seconds(encode_s, write_s, lanes=lanes, cores=cores))
+    return spread, chosen, raw
+
+
+def _spread(chunks: Sequence[tuple[int, str]], picked: list[bool]) -> tuple[bool, ...]:
+    """The same number of chunks per class, spread evenly over the class's chunks.
+
+    Writer threads take chunks in order: compressing the first ones of a
+    class would have every thread encode at once while the storage idles,
+    then write raw while the cores idle. Spread out, encoding one chunk
+    overlaps writing another.
+    """
+    out = [False] * len(chunks)
+    members: dict[str, list[int]] = {}
+    for i, (n, k) in enumerate(chunks):
+        if n > 0:
+            members.setdefault(k, []).append(i)
+    for idx in members.values():
+        count = sum(picked[i] for i in idx)
+        for j in range(count):
+            out[idx[(2 * j + 1) * len(idx) // (2 * count)]] = True
+    return tuple(out)
 
 
 def update_rate(old: float | None, sample: float, weight: float = 0.5) -> float:
