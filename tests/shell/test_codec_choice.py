@@ -184,3 +184,5 @@ def test_encode_rates_measured_in_a_save_override_the_probe(
     treeckpt.save(state, backend, options=_options())
     assert _codecs(tmp_path / "b")["w"] == {"raw": 10}
     _round_trip(state, tmp_path / "b")
+    # unmeasured (written raw), the class drifts a quarter of the way back to the probe's half
+    assert codec_choice.ENCODE_RATES.get("bfloat16") == 0.75 * 1e6 + 0.25 * (1e12 * 0.5)

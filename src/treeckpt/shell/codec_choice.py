@@ -77,9 +77,9 @@ class StorageRates:
         with self._lock:
             self._rates[key] = bps
 
-    def learn(self, key: str, sample: float) -> None:
+    def learn(self, key: str, sample: float, weight: float = 0.5) -> None:
         with self._lock:
-            self._rates[key] = update_rate(self._rates.get(key), sample)
+            self._rates[key] = update_rate(self._rates.get(key), sample, weight)
 
     def forget(self, key: str | None = None) -> None:
         with self._lock:
@@ -301,20 +301,31 @@ class CodecChooser:
                 out[cls] = ClassRate(ratio=n / stored, encode_bps=n / seconds)
         return out
 
-    def learn(self, rates: StorageRates) -> None:
-        """Keep the encode rates this save measured (classes with at least ``LEARN_MIN_BYTES``)."""
+    def learn(self, rates: StorageRates, probed: dict[str, ClassRate]) -> None:
+        """Keep the encode rates this save measured (classes with at least ``LEARN_MIN_BYTES``).
+
+        A class this save did not measure (it wrote it raw) drifts a quarter
+        of the way back to what the probe says (``probed``), so that one slow
+        measurement on a busy machine does not keep a class raw for good.
+        """
         for cls, (n, seconds, _) in self.encoded.items():
             if n >= LEARN_MIN_BYTES and seconds > 0:
                 rates.learn(cls, n / seconds)
+        for cls, rate in probed.items():
+            n = self.encoded.get(cls, [0.0])[0]
+            if n < LEARN_MIN_BYTES and rates.get(cls) is not None:
+                rates.learn(cls, rate.encode_bps * PROBE_TRUST, weight=0.25)
 
     def asker(self, i: int) -> Callable[[], bool]:
         return lambda: self.compress(i)
 
 
-def class_rates(chunks: Sequence[ChunkInfo], compression: Compression) -> dict[str, ClassRate]:
+def class_rates(
+    probed: dict[str, ClassRate],
+) -> dict[str, ClassRate]:
     """The probe's ratios, with the encode rate earlier saves measured (else the probe's, discounted)."""
     out = {}
-    for cls, rate in probe_classes(chunks, compression).items():
+    for cls, rate in probed.items():
         learned = ENCODE_RATES.get(cls)
         bps = learned if learned is not None else rate.encode_bps * PROBE_TRUST
         out[cls] = ClassRate(ratio=rate.ratio, encode_bps=bps)

@@ -331,9 +331,10 @@ def _write_adaptive(
         return write_chunks(backend, save_id, rank, jobs, options, reuse)
     key = backend.storage_key()
     meter = codec_choice.MeteredBackend(backend)
+    probed = codec_choice.probe_classes(infos, options.compression)
     chooser = codec_choice.CodecChooser(
         infos,
-        codec_choice.class_rates(infos, options.compression),
+        codec_choice.class_rates(probed),
         write_bps=codec_choice.RATES.get(key),
         lanes=max(1, min(options.io_threads, len(jobs))),
         cores=codec_choice.cores(),
@@ -345,7 +346,7 @@ def _write_adaptive(
     written, seconds = meter.sample()
     if written >= codec_choice.LEARN_MIN_BYTES and seconds > 0:
         codec_choice.RATES.learn(key, written / seconds)
-    chooser.learn(codec_choice.ENCODE_RATES)
+    chooser.learn(codec_choice.ENCODE_RATES, probed)
     return out
 
 
