@@ -24,6 +24,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from benchlib import throttle
 from benchlib.contenders import (
     ALL_CONTENDER_KEYS,
     DEFAULT_CONTENDER_KEYS,
@@ -83,6 +84,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "benchmarks/results/single-{state}.json, single-{state}-quick.json with --quick)",
     )
     parser.add_argument(
+        "--throttle",
+        type=float,
+        default=None,
+        metavar="GBPS",
+        help="model slow storage: every contender's reads and writes share one link of GBPS GB/s "
+        "(treeckpt through ThrottledBackend, DCP through FsspecWriter/Reader on a throttled "
+        "fsspec file system, the others' bytes charged to the same link)",
+    )
+    parser.add_argument(
         "--no-warmup",
         action="store_true",
         help="skip the untimed save/load of a tiny state per contender",
@@ -103,6 +113,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
+    if args.throttle is not None and not args.throttle > 0:
+        parser.error("--throttle must be a positive rate in GB/s")
     unknown = set(_selected_keys(args)) - set(ALL_CONTENDER_KEYS)
     if unknown:
         parser.error(f"unknown contenders: {', '.join(sorted(unknown))}")
@@ -117,7 +129,9 @@ def _selected_keys(args: argparse.Namespace) -> list[str]:
 def output_path(args: argparse.Namespace, state_name: str) -> Path:
     pattern = args.out
     if pattern is None:
-        suffix = "-quick" if args.quick else ""
+        suffix = ("-quick" if args.quick else "") + (
+            f"-throttle{args.throttle:g}" if args.throttle else ""
+        )
         pattern = str(REPO_ROOT / "benchmarks" / "results" / f"single-{{state}}{suffix}.json")
     return Path(pattern.replace("{state}", state_name))
 
@@ -156,6 +170,7 @@ def report_header(
         "rounds": args.rounds,
         "seed": args.seed,
         "warm_up": not args.no_warmup,
+        "throttle_gbps": args.throttle,
         "model_shape": dataclasses.asdict(shape),
         "state_bytes": tensor_bytes(state),
         "tensor_count": tensor_count(state),
@@ -206,6 +221,7 @@ def _exit_on_sigterm(signum: int, frame: object) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    throttle.configure(args.throttle)
     # SIGTERM unwinds like Ctrl-C, so the checkpoints under --workdir are removed.
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     treeckpt_module, note = import_treeckpt(REPO_ROOT)

@@ -154,7 +154,7 @@ def test_resharding_decodes_only_the_compressed_blocks_it_needs(tmp_path: Path) 
     x = (torch.randn(600, 256, generator=g) * 0.02).to(torch.bfloat16)  # 300 KiB
     path = str(tmp_path / "c")
     opts = treeckpt.SaveOptions(
-        chunk_bytes=150 * 1024, compression=treeckpt.Compression(block_bytes=8 * 1024)
+        chunk_bytes=150 * 1024, compression=treeckpt.Compression(mode="auto", block_bytes=8 * 1024)
     )
     treeckpt.save({"x": x}, path, options=opts)
     assert set(treeckpt.metadata(path).tensors["x"].codecs) == {"planes"}
@@ -175,7 +175,9 @@ def test_resharding_decodes_only_the_compressed_blocks_it_needs(tmp_path: Path) 
     treeckpt.save(
         {"x": x},
         whole,
-        options=dataclasses.replace(opts, compression=treeckpt.Compression(block_bytes=0)),
+        options=dataclasses.replace(
+            opts, compression=treeckpt.Compression(mode="auto", block_bytes=0)
+        ),
     )
     (middle,) = treeckpt.plan_reshard(whole, [specs[1]])
     assert middle.read_raw_bytes == x.numel() * 2
@@ -186,7 +188,7 @@ def test_damaged_compressed_block_is_detected_by_a_ranged_read(tmp_path: Path) -
     x[::7] = 1.5
     path = tmp_path / "c"
     opts = treeckpt.SaveOptions(
-        chunk_bytes=1 << 20, compression=treeckpt.Compression(block_bytes=16 * 1024)
+        chunk_bytes=1 << 20, compression=treeckpt.Compression(mode="auto", block_bytes=16 * 1024)
     )
     treeckpt.save({"x": x}, str(path), options=opts)
     assert torch.equal(treeckpt.read_tensor(str(path), "x", (slice(250, 256),)), x[250:])

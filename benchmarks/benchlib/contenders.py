@@ -11,18 +11,21 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+import threading
 import warnings
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
 
 import torch
+from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
 from torch.distributed.checkpoint.filesystem import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 
+from . import throttle
 from .tree import Tree, as_bytes, assert_same_tree, iter_tensors, zeros_template
 
 IO_CHUNK_BYTES = 64 * 1024 * 1024
@@ -67,11 +70,19 @@ class TreeCkptContender(Contender):
     def __init__(self, module: ModuleType) -> None:
         self._module = module
 
+    def _target(self, path: str) -> object:
+        """``path``, or with ``--throttle`` a ``ThrottledBackend`` over it (a fresh link per call)."""
+        bps = throttle.bytes_per_s()
+        if bps is None:
+            return path
+        backends = importlib.import_module(f"{self._module.__name__}.store.backends")
+        return backends.ThrottledBackend(backends.LocalBackend(path), bps)
+
     def save(self, state: Tree, path: str) -> None:
-        self._module.save(state, path)
+        self._module.save(state, self._target(path))
 
     def load(self, template: Tree, path: str) -> Tree:
-        return self._module.load(template, path)
+        return self._module.load(template, self._target(path))
 
 
 class TreeCkptOptionsContender(TreeCkptContender):
@@ -88,7 +99,7 @@ class TreeCkptOptionsContender(TreeCkptContender):
         self._options = module.SaveOptions(compression=module.Compression(**compression))
 
     def save(self, state: Tree, path: str) -> None:
-        self._module.save(state, path, options=self._options)
+        self._module.save(state, self._target(path), options=self._options)
 
 
 @contextmanager
@@ -99,39 +110,57 @@ def _quiet_dcp_no_dist() -> Iterator[None]:
         yield
 
 
-class DcpDefaultsContender(Contender):
-    key = "dcp"
-    label = "DCP defaults"
-    description = (
-        "dcp_save(tree, checkpoint_id=path) / dcp_load(template, checkpoint_id=path), no process group "
-        "(FileSystemWriter defaults: thread_count=1, sync_files=True, one file per rank)"
-    )
+class DcpContender(Contender):
+    """DCP's file-system writer with ``thread_count`` threads; with ``--throttle``, its fsspec
+    writer and reader on the throttled file system (the same link as every contender)."""
+
+    def __init__(self, threads: int = 1, *, zstd: bool = False) -> None:
+        self.threads = threads
+        self.zstd = zstd
+        if zstd:
+            self.key = "dcp-zstd"
+            self.label = "DCP zstd extension (`_extensions=[ZStandard()]`)"
+        elif threads == 1:
+            self.key = "dcp"
+            self.label = "DCP defaults"
+        else:
+            self.key = f"dcp-threads{threads}"
+            self.label = f"DCP `FileSystemWriter(thread_count={threads})`"
+        ext = ", _extensions=[ZStandard()]" if zstd else ""
+        self.description = (
+            f"dcp_save(tree, storage_writer=FileSystemWriter(path, thread_count={threads}{ext})) / "
+            "dcp_load(template, storage_reader=FileSystemReader(path)), no process group; with "
+            "--throttle FsspecWriter/FsspecReader on the throttled:// file system"
+        )
+
+    def _extensions(self) -> list[object] | None:
+        if not self.zstd:
+            return None
+        from torch.distributed.checkpoint._extension import ZStandard
+
+        return [ZStandard()]
 
     def save(self, state: Tree, path: str) -> None:
+        writer: object
+        if throttle.new_link() is None:
+            writer = FileSystemWriter(
+                path, thread_count=self.threads, _extensions=self._extensions()
+            )
+        else:
+            writer = FsspecWriter(
+                throttle.url(path), thread_count=self.threads, _extensions=self._extensions()
+            )
         with _quiet_dcp_no_dist():
-            dcp_save(state, checkpoint_id=path)
+            dcp_save(state, storage_writer=writer)  # type: ignore[arg-type]
 
     def load(self, template: Tree, path: str) -> Tree:
+        reader: object
+        if throttle.new_link() is None:
+            reader = FileSystemReader(path)
+        else:
+            reader = FsspecReader(throttle.url(path))
         with _quiet_dcp_no_dist():
-            dcp_load(template, checkpoint_id=path)
-        return template
-
-
-class DcpThreadsContender(Contender):
-    key = "dcp-threads2"
-    label = "DCP `FileSystemWriter(thread_count=2)`"
-    description = (
-        "dcp_save(tree, storage_writer=FileSystemWriter(path, thread_count=2)) / "
-        "dcp_load(template, storage_reader=FileSystemReader(path)), no process group"
-    )
-
-    def save(self, state: Tree, path: str) -> None:
-        with _quiet_dcp_no_dist():
-            dcp_save(state, storage_writer=FileSystemWriter(path, thread_count=2))
-
-    def load(self, template: Tree, path: str) -> Tree:
-        with _quiet_dcp_no_dist():
-            dcp_load(template, storage_reader=FileSystemReader(path))
+            dcp_load(template, storage_reader=reader)  # type: ignore[arg-type]
         return template
 
 
@@ -146,21 +175,28 @@ class TorchSaveContender(Contender):
 
     def save(self, state: Tree, path: str) -> None:
         os.mkdir(path)
-        torch.save(state, os.path.join(path, self.file_name))
+        file = os.path.join(path, self.file_name)
+        torch.save(state, file)
+        if throttle.new_link() is not None:
+            throttle.take(os.path.getsize(file))
 
     def make_template(self, state: Tree) -> Tree:
         return None
 
     def load(self, template: Tree, path: str) -> Tree:
-        return torch.load(
-            os.path.join(path, self.file_name), map_location="cpu", weights_only=True, mmap=False
-        )
+        file = os.path.join(path, self.file_name)
+        out = torch.load(file, map_location="cpu", weights_only=True, mmap=False)
+        if throttle.new_link() is not None:
+            throttle.take(os.path.getsize(file))
+        return out
 
 
 def _write_all(fd: int, data: memoryview) -> None:
     offset = 0
     while offset < len(data):
-        offset += os.write(fd, data[offset : offset + IO_CHUNK_BYTES])
+        n = os.write(fd, data[offset : offset + IO_CHUNK_BYTES])
+        throttle.take(n)
+        offset += n
 
 
 def _read_exactly(fd: int, into: memoryview) -> None:
@@ -169,6 +205,7 @@ def _read_exactly(fd: int, into: memoryview) -> None:
         got = os.readv(fd, [into[offset : offset + IO_CHUNK_BYTES]])
         if got == 0:
             raise EOFError(f"checkpoint ended after {offset} of {len(into)} bytes")
+        throttle.take(got)
         offset += got
 
 
@@ -190,6 +227,7 @@ class RawBytesContender(Contender):
 
     def save(self, state: Tree, path: str) -> None:
         os.mkdir(path)
+        throttle.new_link()
         fd = os.open(
             os.path.join(path, self.file_name), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644
         )
@@ -200,6 +238,7 @@ class RawBytesContender(Contender):
             os.close(fd)
 
     def load(self, template: Tree, path: str) -> Tree:
+        throttle.new_link()
         fd = os.open(os.path.join(path, self.file_name), os.O_RDONLY)
         try:
             for tensor in iter_tensors(template):
@@ -234,6 +273,7 @@ class DiskFloorContender(Contender):
 
     def save(self, state: Tree, path: str) -> None:
         os.mkdir(path)
+        throttle.new_link()
         fd = os.open(
             os.path.join(path, self.file_name), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644
         )
@@ -246,6 +286,7 @@ class DiskFloorContender(Contender):
         return torch.zeros_like(self._require_buffer())
 
     def load(self, template: Tree, path: str) -> Tree:
+        throttle.new_link()
         fd = os.open(os.path.join(path, self.file_name), os.O_RDONLY)
         try:
             _read_exactly(fd, _byte_view(template))
@@ -255,6 +296,140 @@ class DiskFloorContender(Contender):
 
     def verify(self, state: Tree, loaded: Tree) -> None:
         assert_same_tree(self._require_buffer(), loaded, "floor")
+
+
+class ParallelFloorContender(DiskFloorContender):
+    """The floor of a writer with several threads: the state's bytes split over ``files`` files,
+    each written (64 MiB ``os.write`` calls) and fsynced by its own thread, read back by
+    ``read_threads`` threads (``readv`` at offsets) into one preallocated buffer."""
+
+    def __init__(self, files: int = 2, read_threads: int = 4) -> None:
+        super().__init__()
+        self.files = files
+        self.read_threads = read_threads
+        self.key = "disk-floor-parallel"
+        self.label = f"parallel disk floor ({files} threads/files write+fsync, {read_threads} read)"
+        self.description = (
+            f"the state's bytes in one buffer, split over {files} files, each written in 64 MiB "
+            f"os.write calls and fsynced by its own thread; read back with {read_threads} threads "
+            "(os.preadv at offsets) into one preallocated buffer"
+        )
+
+    def _parts(self, n: int, k: int) -> list[tuple[int, int]]:
+        step = -(-n // k)
+        return [(a, min(n, a + step)) for a in range(0, n, step)]
+
+    def save(self, state: Tree, path: str) -> None:
+        os.mkdir(path)
+        throttle.new_link()
+        data = _byte_view(self._require_buffer())
+
+        def write(i: int, a: int, b: int) -> None:
+            fd = os.open(os.path.join(path, f"floor-{i}.bin"), os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+            try:
+                _write_all(fd, data[a:b])
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+        _run_threads(
+            [
+                lambda i=i, a=a, b=b: write(i, a, b)
+                for i, (a, b) in enumerate(self._parts(len(data), self.files))
+            ]
+        )
+
+    def load(self, template: Tree, path: str) -> Tree:
+        throttle.new_link()
+        out = _byte_view(template)
+        jobs = []
+        per_file = max(1, self.read_threads // self.files)
+        for i, (a, b) in enumerate(self._parts(len(out), self.files)):
+            for lo, hi in self._parts(b - a, per_file):
+                jobs.append(
+                    lambda i=i, a=a, lo=lo, hi=hi: _pread_exactly(
+                        os.path.join(path, f"floor-{i}.bin"), lo, out[a + lo : a + hi]
+                    )
+                )
+        _run_threads(jobs)
+        return template
+
+
+def _pread_exactly(file: str, offset: int, into: memoryview) -> None:
+    fd = os.open(file, os.O_RDONLY)
+    try:
+        done = 0
+        while done < len(into):
+            got = os.preadv(fd, [into[done : done + IO_CHUNK_BYTES]], offset + done)
+            if got == 0:
+                raise EOFError(f"{file} ended after {offset + done} bytes")
+            throttle.take(got)
+            done += got
+    finally:
+        os.close(fd)
+
+
+def _run_threads(fns: list[Callable[[], None]]) -> None:
+    errors: list[BaseException] = []
+
+    def run(fn: Callable[[], None]) -> None:
+        try:
+            fn()
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(fn,)) for fn in fns]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=600)
+    if errors:
+        raise errors[0]
+
+
+def _flat_tensors(tree: Tree, prefix: str = "") -> dict[str, torch.Tensor]:
+    """Every tensor of ``tree`` under its dotted path (dict keys only, as the states here have)."""
+    out: dict[str, torch.Tensor] = {}
+    if isinstance(tree, torch.Tensor):
+        out[prefix] = tree
+    elif isinstance(tree, dict):
+        for k, v in tree.items():
+            out.update(_flat_tensors(v, f"{prefix}.{k}" if prefix else str(k)))
+    elif isinstance(tree, list | tuple):
+        for i, v in enumerate(tree):
+            out.update(_flat_tensors(v, f"{prefix}.{i}" if prefix else str(i)))
+    return out
+
+
+class SafetensorsContender(Contender):
+    key = "safetensors"
+    label = "safetensors `save_file` / `load_file`"
+    description = (
+        "every tensor of the state under its dotted path in one safetensors file "
+        "(safetensors.torch.save_file), loaded with load_file and copied into the template's "
+        "tensors (other leaves come from the template)"
+    )
+    file_name = "state.safetensors"
+
+    def save(self, state: Tree, path: str) -> None:
+        from safetensors.torch import save_file
+
+        os.mkdir(path)
+        file = os.path.join(path, self.file_name)
+        save_file(_flat_tensors(state), file)
+        if throttle.new_link() is not None:
+            throttle.take(os.path.getsize(file))
+
+    def load(self, template: Tree, path: str) -> Tree:
+        from safetensors.torch import load_file
+
+        file = os.path.join(path, self.file_name)
+        loaded = load_file(file)
+        if throttle.new_link() is not None:
+            throttle.take(os.path.getsize(file))
+        for name, t in _flat_tensors(template).items():
+            t.copy_(loaded[name])
+        return template
 
 
 def import_treeckpt(repo_root: Path) -> tuple[ModuleType | None, str]:
@@ -308,8 +483,17 @@ def make_contenders(
             TreeCkptOptionsContender(
                 treeckpt_module,
                 "treeckpt-ratio-1.15",
-                "treeckpt `min_ratio=1.15`",
+                'treeckpt `mode="auto", min_ratio=1.15`',
+                mode="auto",
                 min_ratio=1.15,
+            )
+        )
+        contenders.append(
+            TreeCkptOptionsContender(
+                treeckpt_module,
+                "treeckpt-auto",
+                'treeckpt `mode="auto"` (fixed ratio, blind to time)',
+                mode="auto",
             )
         )
         contenders.append(
@@ -322,11 +506,16 @@ def make_contenders(
         )
     contenders.extend(
         [
-            DcpDefaultsContender(),
-            DcpThreadsContender(),
+            DcpContender(1),
+            DcpContender(2),
+            DcpContender(4),
+            DcpContender(8),
+            DcpContender(1, zstd=True),
             TorchSaveContender(),
+            SafetensorsContender(),
             RawBytesContender(),
             DiskFloorContender(),
+            ParallelFloorContender(),
         ]
     )
     if selected is None:
@@ -338,18 +527,28 @@ ALL_CONTENDER_KEYS = [
     "treeckpt",
     "treeckpt-raw",
     "treeckpt-ratio-1.15",
+    "treeckpt-auto",
     "treeckpt-always",
-    *(
-        cls.key
-        for cls in (
-            DcpDefaultsContender,
-            DcpThreadsContender,
-            TorchSaveContender,
-            RawBytesContender,
-            DiskFloorContender,
-        )
-    ),
+    "dcp",
+    "dcp-threads2",
+    "dcp-threads4",
+    "dcp-threads8",
+    "dcp-zstd",
+    "torch-save",
+    "safetensors",
+    "raw-bytes",
+    "disk-floor",
+    "disk-floor-parallel",
 ]
 
-DEFAULT_CONTENDER_KEYS = [k for k in ALL_CONTENDER_KEYS if not k.startswith("treeckpt-")]
-"""Every contender but the treeckpt option variants, which are opt-in."""
+DEFAULT_CONTENDER_KEYS = [
+    "treeckpt",
+    "dcp",
+    "dcp-threads2",
+    "torch-save",
+    "raw-bytes",
+    "disk-floor",
+    "disk-floor-parallel",
+]
+"""The reference set; the option variants, the other DCP thread counts, DCP's zstd extension
+and safetensors are opt-in (``bench_compare.py`` runs them)."""

@@ -186,8 +186,62 @@ def markdown(report: dict[str, Any]) -> str:
             f"| {_rss(summary['save_extra_rss_mb'])} | {_rss(summary['cold_load_extra_rss_mb'])} "
             f"| {_rss(summary['warm_load_extra_rss_mb'])} | {summary['fsync_pass_s']['median']:.3f} |"
         )
-    lines += ["", _machine_load_line(report)]
+    lines += ["", *floor_table(report), "", _machine_load_line(report)]
     return "\n".join(lines)
+
+
+FLOOR_KEYS = ("disk-floor-parallel", "disk-floor")
+DCP_SWEEP_KEYS = ("dcp", "dcp-threads2", "dcp-threads4", "dcp-threads8")
+
+
+def best_dcp(report: dict[str, Any], metric: str) -> tuple[str, float] | None:
+    """The DCP thread count with the lowest median ``metric`` (the sweep's best), and that median."""
+    found = [
+        (report["contenders"][k]["summary"][metric]["median"], k)
+        for k in DCP_SWEEP_KEYS
+        if k in report["contenders"]
+    ]
+    if not found:
+        return None
+    t, k = min(found)
+    return k, t
+
+
+def floor_table(report: dict[str, Any]) -> list[str]:
+    """Every contender against the floor (the parallel one when measured) and DCP's best thread count."""
+    entries = report["contenders"]
+    floor_key = next((k for k in FLOOR_KEYS if k in entries), None)
+    if floor_key is None:
+        return []
+    floor = entries[floor_key]["summary"]
+    save_best, cold_best = best_dcp(report, "save_s"), best_dcp(report, "cold_load_s")
+    throttle = report.get("throttle_gbps")
+    storage = f"throttled to {throttle} GB/s per rank" if throttle else "local disk"
+    lines = [
+        f"Against the floor, {entries[floor_key]['label']} ({storage}): time / floor time "
+        "(1.00x is the floor; lower is impossible without writing fewer bytes)"
+        + (
+            f", and DCP's best thread count (save: {entries[save_best[0]]['label']}, "
+            f"cold load: {entries[cold_best[0]]['label']}): DCP best time / contender time."
+            if save_best and cold_best
+            else "."
+        ),
+        "",
+        "| contender | save s | save x floor | save vs DCP best | cold load s | cold x floor "
+        "| cold vs DCP best | size GB |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for entry in entries.values():
+        summary = entry["summary"]
+        save, cold = summary["save_s"]["median"], summary["cold_load_s"]["median"]
+        vs_save = f"{save_best[1] / save:.2f}x" if save_best else "—"
+        vs_cold = f"{cold_best[1] / cold:.2f}x" if cold_best else "—"
+        lines.append(
+            f"| {entry['label']} | {save:.3f} | {save / floor['save_s']['median']:.2f}x | {vs_save} "
+            f"| {cold:.3f} | {cold / floor['cold_load_s']['median']:.2f}x | {vs_cold} "
+            f"| {summary['size_bytes']['median'] / GB:.3f} |"
+        )
+    return lines
 
 
 def _machine_load_line(report: dict[str, Any]) -> str:

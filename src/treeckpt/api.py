@@ -42,6 +42,8 @@ __all__ = [
 
 
 def _backend(path: Any) -> Backend:
+    if isinstance(path, Backend):  # a backend of the caller's (a wrapper, a throttled one)
+        return path
     return open_backend(str(path))
 
 
@@ -92,7 +94,8 @@ def save(
 
     Args:
         tree: the state to save.
-        path: checkpoint directory (created if needed) or fsspec URL.
+        path: checkpoint directory (created if needed) or fsspec URL, or a
+            ``Backend`` (e.g. a ``ThrottledBackend`` modelling slow storage).
         options: chunking, compression and I/O threads; defaults suit most uses.
         allow_pickle: store leaves of other types with pickle (a loader must
             opt in too). Off by default: a checkpoint should not run code.

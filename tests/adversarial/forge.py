@@ -27,7 +27,7 @@ MANIFEST = "manifest.json"
 SAVE_OPTIONS = treeckpt.SaveOptions(
     chunk_bytes=2048,
     io_threads=2,
-    compression=treeckpt.Compression(block_bytes=1024, min_ratio=1.1),
+    compression=treeckpt.Compression(mode="auto", block_bytes=1024, min_ratio=1.1),
 )
 
 

@@ -162,7 +162,7 @@ def main_planes() -> None:
         str(OUT_PLANES),
         options=treeckpt.SaveOptions(
             chunk_bytes=8192,
-            compression=treeckpt.Compression(block_bytes=2048, min_ratio=1.1),
+            compression=treeckpt.Compression(mode="auto", block_bytes=2048, min_ratio=1.1),
             io_threads=1,
         ),
         user_metadata={"golden": "v1-planes"},

@@ -15,6 +15,7 @@ from treeckpt.core.manifest import ChunkRef
 from treeckpt.core.options import Compression
 from treeckpt.errors import CorruptChunkError
 from treeckpt.store.codecs import ChunkEncoder, Decoding, Encoded
+from treeckpt.store.codecs._base import compressor
 from treeckpt.store.codecs.planes import PLANES, planes_block_offsets
 
 WHERE = "data-0123456789abcdef/r0-0.bin at offset 0 (tensor 'w')"
@@ -201,3 +202,12 @@ def _forged(c: ChunkRef, *, length: int, segments: tuple[int, ...]) -> ChunkRef:
     """``c`` with other segment lengths, its block offsets derived from them as an index read does."""
     offsets = planes_block_offsets(c.raw_length, c.block_bytes, c.codec_params, segments)
     return dataclasses.replace(c, length=length, segments=segments, block_offsets=offsets)
+
+
+def test_negative_levels_still_entropy_code_the_exponent_plane() -> None:
+    rng = np.random.default_rng(0)
+    weights = (rng.standard_normal(1 << 16) * 0.02).astype(np.float32)
+    bf16_hi = np.ascontiguousarray(weights.view(np.uint8)[3::4])  # sign and exponent byte
+    for level in (-7, -1, 0, 1):
+        z = compressor(level).compress(bf16_hi.data)
+        assert len(z) * 2 < bf16_hi.nbytes, level  # the sign-and-exponent byte shrinks > 2x

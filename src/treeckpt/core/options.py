@@ -24,16 +24,26 @@ class Compression:
     cannot be mistaken for the chunking of the save (``SaveOptions.chunk_bytes``).
 
     Attributes:
-        mode: ``"auto"`` compresses the byte planes of a chunk that a sample
-            shows pay (for floats: the sign and exponent byte, not the
-            mantissa bytes), ``"always"`` compresses every byte plane (storing
-            the chunk raw only when that makes it larger), ``"never"`` stores
-            raw bytes.
+        mode: ``"adaptive"`` (the default) compresses only the chunks that
+            make the save faster: from a sample of this state (how fast it
+            encodes and how much it shrinks, per dtype) and the write rate of
+            the storage (measured while saving, kept from earlier saves to the
+            same place in this process), it compresses while the storage
+            is the bottleneck and writes the rest raw; on storage that writes
+            faster than the cores compress nothing is compressed.
+            ``"auto"`` compresses every chunk whose sample shows it shrinks
+            by ``min_ratio`` (for floats: the sign and exponent byte, not the
+            mantissa bytes), however long that takes: for the smallest files
+            (``min_ratio=1.1`` also compresses fp32). ``"always"`` compresses
+            every byte plane (storing the chunk raw only when that makes it
+            larger), ``"never"`` stores raw bytes.
         level: zstandard level, -7 to 22 (1 is fast; higher is smaller and
             slower).
         min_ratio: in ``"auto"``, compress a chunk only when its sample, with
             the byte planes that shrink by 1.1x or more compressed, shrinks to
-            at most ``1 / min_ratio`` of its size.
+            at most ``1 / min_ratio`` of its size. ``"adaptive"`` weighs time,
+            not this threshold: a chunk it compresses need only shrink by
+            1.05x.
         block_bytes: compressed chunks are encoded in independent blocks of
             this many raw bytes, each with its own checksum, so a load that
             needs part of a chunk decodes only those blocks. 0 makes one block
@@ -44,16 +54,17 @@ class Compression:
             those blocks. 0 turns it off.
     """
 
-    mode: Literal["auto", "always", "never"] = "auto"
+    mode: Literal["adaptive", "auto", "always", "never"] = "adaptive"
     level: int = 1
     min_ratio: float = 1.3
     block_bytes: int = 256 << 10
     raw_chunk_block_bytes: int = 64 << 10
 
     def __post_init__(self) -> None:
-        if self.mode not in ("auto", "always", "never"):
+        if self.mode not in ("adaptive", "auto", "always", "never"):
             raise OptionsError(
-                f"Compression.mode must be 'auto', 'always' or 'never', got {self.mode!r}"
+                "Compression.mode must be 'adaptive', 'auto', 'always' or 'never', "
+                f"got {self.mode!r}"
             )
         if isinstance(self.level, bool) or not isinstance(self.level, int):
             raise OptionsError(f"Compression.level must be an integer, got {self.level!r}")

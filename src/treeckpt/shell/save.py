@@ -38,6 +38,8 @@ ranks are refused before the commit (``shell/union.py``).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,13 +48,20 @@ from treeckpt.core.dtypes import dtype_info
 from treeckpt.core.extents import Extents, extents_of_plan
 from treeckpt.core.incremental import ReuseTable
 from treeckpt.core.leaves import TensorLeaf
-from treeckpt.core.manifest import FORMAT_VERSION, ChunkIndex, IndexRef, Manifest
+from treeckpt.core.manifest import (
+    FORMAT_VERSION,
+    ChunkIndex,
+    ChunkRef,
+    DataFile,
+    IndexRef,
+    Manifest,
+)
 from treeckpt.core.merge import MergedTree, replica_conflicts
 from treeckpt.core.options import SaveOptions
 from treeckpt.core.plan_table import SavePlan, WriteItem
 from treeckpt.core.tree import FlatTree, flatten_tree
 from treeckpt.errors import CheckpointError
-from treeckpt.shell import cleanup
+from treeckpt.shell import cleanup, codec_choice
 from treeckpt.shell.coord import Coordinator, describe_error
 from treeckpt.shell.messages import Committed, Failure, Verdict, Written, raise_verdict
 from treeckpt.shell.negotiate import LocalDescription, negotiate_plan
@@ -64,7 +73,7 @@ from treeckpt.shell.union import is_plain, replica_digests, tree_digest
 from treeckpt.store import layout
 from treeckpt.store.backends import Backend
 from treeckpt.store.checksum import checksum
-from treeckpt.store.chunks import WriteJob, write_chunks
+from treeckpt.store.chunks import ChunkFetcher, WriteJob, write_chunks
 from treeckpt.store.manifest import encode_binary_index, encode_manifest
 from treeckpt.store.reader import read_manifest
 
@@ -333,6 +342,44 @@ def _remove_rank_files(backend: Backend, save_id: str, rank: int) -> None:
                     backend.remove_tree(name)
 
 
+def _write_adaptive(
+    backend: Backend,
+    save_id: str,
+    rank: int,
+    jobs: list[WriteJob],
+    options: SaveOptions,
+    reuse: ReuseTable | None,
+    fetcher: Callable[[], ChunkFetcher] | None,
+) -> tuple[tuple[DataFile, ...], tuple[ChunkRef, ...]]:
+    """``write_chunks`` compressing only the chunks that pay for time (``shell/codec_choice.py``)."""
+    infos = [
+        codec_choice.ChunkInfo(j.item.nbytes, j.item.dtype, j.itemsize, j.source) for j in jobs
+    ]
+    total = sum(i.nbytes for i in infos)
+    if total < codec_choice.SMALL_SAVE_BYTES:  # too little to measure, too little to gain
+        jobs = [dataclasses.replace(j, compress=False) for j in jobs]
+        return write_chunks(backend, save_id, rank, jobs, options, reuse, fetcher)
+    key = backend.storage_key()
+    meter = codec_choice.MeteredBackend(backend)
+    probed = codec_choice.probe_classes(infos, options.compression)
+    chooser = codec_choice.CodecChooser(
+        infos,
+        codec_choice.class_rates(probed),
+        write_bps=codec_choice.RATES.get(key),
+        lanes=max(1, min(options.io_threads, len(jobs))),
+        cores=codec_choice.cores(),
+        meter=meter,
+        probe_bytes=min(codec_choice.PROBE_BYTES, total // 8),
+    )
+    jobs = [dataclasses.replace(j, compress=chooser.asker(n)) for n, j in enumerate(jobs)]
+    out = write_chunks(meter, save_id, rank, jobs, options, reuse, fetcher)
+    written, seconds = meter.sample()
+    if written >= codec_choice.LEARN_MIN_BYTES and seconds > 0:
+        codec_choice.RATES.learn(key, written / seconds)
+    chooser.learn(codec_choice.ENCODE_RATES, probed)
+    return out
+
+
 def _write_rank(
     backend: Backend,
     items: tuple[WriteItem, ...],
@@ -356,7 +403,10 @@ def _write_rank(
         )
     # Chunks of device tensors are copied through each lane's reused host buffers.
     fetcher = lane_fetchers([j.source for j in jobs], options.chunk_bytes)
-    files, chunks = write_chunks(backend, save_id, rank, jobs, options, reuse, fetcher)
+    if options.compression.mode == "adaptive":
+        files, chunks = _write_adaptive(backend, save_id, rank, jobs, options, reuse, fetcher)
+    else:
+        files, chunks = write_chunks(backend, save_id, rank, jobs, options, reuse, fetcher)
     blob = encode_binary_index(ChunkIndex(save_id=save_id, rank=rank, files=files, chunks=chunks))
     name = layout.binary_index_file(save_id, rank)
     # A new file in this save's own directory: no rename needed (nothing reads

@@ -53,11 +53,16 @@ Bytes1D = npt.NDArray[np.uint8]
 
 @dataclass(frozen=True, slots=True)
 class WriteJob:
-    """One chunk to write: its plan item and a function giving its raw bytes (1-d uint8)."""
+    """One chunk to write: its plan item and a function giving its raw bytes (1-d uint8).
+
+    ``compress``: whether the chunk may be compressed, or a function asked
+    just before it is encoded (the save's codec policy may decide late).
+    """
 
     item: WriteItem
     itemsize: int
     source: Callable[[], Bytes1D]
+    compress: bool | Callable[[], bool] = True
 
 
 class ChunkFetcher(Protocol):
@@ -178,7 +183,8 @@ def _write_lane(
             if hit is not None:
                 refs[n] = dataclasses.replace(hit, fqn=job.item.fqn, box=job.item.chunk)
                 continue
-        enc = encoder.encode(raw, job.itemsize)
+        compress = job.compress() if callable(job.compress) else job.compress
+        enc = encoder.encode(raw, job.itemsize, compress=compress)
         writer = lane.open()
         offset = writer.tell()
         writer.write(enc.payload)

@@ -12,8 +12,19 @@ from __future__ import annotations
 from treeckpt.store.backends._base import Backend, DirHold, Writer
 from treeckpt.store.backends._fsspec import FsspecBackend
 from treeckpt.store.backends._local import LocalBackend
+from treeckpt.store.backends._wrap import BackendWrapper, RateLimiter, ThrottledBackend
 
-__all__ = ["Backend", "DirHold", "FsspecBackend", "LocalBackend", "Writer", "open_backend"]
+__all__ = [
+    "Backend",
+    "BackendWrapper",
+    "DirHold",
+    "FsspecBackend",
+    "LocalBackend",
+    "RateLimiter",
+    "ThrottledBackend",
+    "Writer",
+    "open_backend",
+]
 
 
 def open_backend(path: str) -> Backend:

@@ -87,6 +87,15 @@ class Backend(ABC):
     # The methods below have portable defaults built on the abstract ones above;
     # backends override them where the store does better (one call, exclusivity).
 
+    def storage_key(self) -> str:
+        """What identifies the storage behind this root, for rates learned across saves.
+
+        Saves to sibling roots (``ckpts/step-1``, ``ckpts/step-2``) share a
+        key: they go to the same storage at the same speed.
+        """
+        parent = self.root.rstrip("/").rsplit("/", 1)[0] if "/" in self.root else ""
+        return f"{type(self).__name__}:{parent}"
+
     def exists(self, name: str) -> bool:
         """Whether a file or a directory (on object stores: a prefix holding objects) is there."""
         return self.size(name) is not None or bool(self.listdir(name))

@@ -81,8 +81,14 @@ class ChunkEncoder:
     def __init__(self, compression: Compression) -> None:
         self._ws = Workspace(compression)
 
-    def encode(self, raw: Bytes1D, itemsize: int) -> Encoded:
-        """Encode one chunk's raw bytes (a contiguous 1-d uint8 array) with the first codec that takes it."""
+    def encode(self, raw: Bytes1D, itemsize: int, *, compress: bool = True) -> Encoded:
+        """Encode one chunk's raw bytes (a contiguous 1-d uint8 array) with the first codec that takes it.
+
+        ``compress=False`` stores it raw (the save's codec policy found that
+        compressing it would not pay).
+        """
+        if not compress:
+            return RAW.encode(raw, itemsize, self._ws)
         for codec in WRITE_ORDER:
             enc = codec.encode(raw, itemsize, self._ws)
             if enc is not None:

@@ -161,11 +161,15 @@ def compressor(level: int) -> zstandard.ZstdCompressor:
     (0.84 against 0.34 GB/s for bf16, 1.18 against 0.59 for fp32), 1.5x
     faster decompression, the same or a slightly better ratio; zeros and
     integer ranges compress as well as before. Higher levels are zstd's own.
+    Levels below 1 are level 1: zstd's negative levels store literals
+    uncompressed, and the byte planes of tensors shrink by entropy coding of
+    literals alone (measured: a bf16 exponent plane 2.9x at level 1, 1.0x at
+    level -1 with these tables).
     """
     if level > 1:
         return zstandard.ZstdCompressor(level=level, write_content_size=True)
     params = zstandard.ZstdCompressionParameters(
-        compression_level=level,
+        compression_level=1,
         hash_log=6,
         chain_log=6,
         search_log=1,
