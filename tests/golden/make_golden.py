@@ -178,7 +178,7 @@ def main_binary_index() -> None:
             chunk_bytes=4096,
             io_threads=2,
             compression=treeckpt.Compression(
-                block_bytes=512, raw_chunk_block_bytes=1024, min_ratio=4.0
+                mode="auto", block_bytes=512, raw_chunk_block_bytes=1024, min_ratio=4.0
             ),
         ),
         user_metadata={"golden": "v1-idx"},

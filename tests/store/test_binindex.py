@@ -29,7 +29,9 @@ from treeckpt.store.reader import read_index, read_manifest
 OPTIONS = treeckpt.SaveOptions(
     chunk_bytes=4096,
     io_threads=2,
-    compression=treeckpt.Compression(block_bytes=1024, raw_chunk_block_bytes=512, min_ratio=1.1),
+    compression=treeckpt.Compression(
+        mode="auto", block_bytes=1024, raw_chunk_block_bytes=512, min_ratio=1.1
+    ),
 )
 
 
