@@ -12,6 +12,19 @@ from treeckpt.errors import CheckpointNotFoundError, OptionsError
 from treeckpt.manager import CheckpointManager
 from treeckpt.tiered import TieredCheckpointer
 
+MEMORY_PHASES = (
+    "group",
+    "inventory",
+    "decide",
+    "prepare",
+    "listing",
+    "fetch",
+    "agree",
+    "load",
+    "report",
+    "cleanup",
+)
+
 
 def _state(seed: int) -> dict[str, object]:
     g = torch.Generator().manual_seed(seed)
@@ -48,6 +61,9 @@ def test_memory_and_durable_tiers_in_one_process(tmp_path: Path) -> None:
     nbytes = (64 * 32 + 32) * 4
     assert report.bytes_by_source == {"local": nbytes}
     assert report.fqn_sources == {"w": {"local": 64 * 32 * 4}, "b": {"local": 32 * 4}}
+    assert list(report.phases) == list(MEMORY_PHASES)
+    assert all(v >= 0 for v in report.phases.values())
+    assert sum(report.phases.values()) <= report.seconds
 
 
 def test_the_memory_tier_lost_restores_from_durable(tmp_path: Path) -> None:
@@ -62,6 +78,16 @@ def test_the_memory_tier_lost_restores_from_durable(tmp_path: Path) -> None:
     assert (step, report.tier) == (3, "durable")
     assert torch.equal(template["w"], _state(3)["w"])  # type: ignore[arg-type]
     assert report.bytes_by_source == {"durable": (64 * 32 + 32) * 4}
+    # Both passes over the memory tier found no whole step, then the durable one loaded.
+    assert list(report.phases) == [
+        "group",
+        "inventory",
+        "decide",
+        "durable-scan",
+        "load",
+        "report",
+        "cleanup",
+    ]
 
 
 def test_nothing_to_restore_and_bad_arguments(tmp_path: Path) -> None:
