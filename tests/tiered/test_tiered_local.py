@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+import shutil
 from pathlib import Path
 
 import pytest
@@ -10,7 +12,7 @@ import torch
 import treeckpt
 from treeckpt.errors import CheckpointNotFoundError, OptionsError
 from treeckpt.manager import CheckpointManager
-from treeckpt.tiered import TieredCheckpointer
+from treeckpt.tiered import TieredCheckpointer, checkpointer
 
 MEMORY_PHASES = (
     "group",
@@ -103,3 +105,34 @@ def test_nothing_to_restore_and_bad_arguments(tmp_path: Path) -> None:
         TieredCheckpointer(tmp_path / "mem", replicas=0).save(1, _state(1), durable=True)
     with pytest.raises(OptionsError, match="max_to_keep must be a positive int or None, got 0"):
         TieredCheckpointer(tmp_path / "mem", tmp_path / "d", durable_keep=0, replicas=0)
+
+
+def test_the_cyclic_gc_is_paused_during_a_restore_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ckpt = TieredCheckpointer(tmp_path / "mem", replicas=0)
+    ckpt.save(1, _state(1))
+    ckpt.wait()
+    seen: list[bool] = []
+    real_load = checkpointer.api.load
+
+    def load(*args: object, **kwargs: object) -> object:
+        seen.append(gc.isenabled())
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(checkpointer.api, "load", load)
+    assert gc.isenabled()
+    assert ckpt.restore(_state(0))[0] == 1
+    assert (seen, gc.isenabled()) == ([False], True)
+    # resumed after an error too; left off when it was off before
+    shutil.rmtree(tmp_path / "mem")
+    with pytest.raises(CheckpointNotFoundError):
+        ckpt.restore(_state(0))
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with checkpointer.paused_gc():
+            assert not gc.isenabled()
+        assert not gc.isenabled()
+    finally:
+        gc.enable()

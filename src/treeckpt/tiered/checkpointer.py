@@ -33,11 +33,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import os
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass, field
@@ -161,6 +162,26 @@ class _Laps:
         now = time.perf_counter()
         self.seconds[name] = self.seconds.get(name, 0.0) + now - self.t
         self.t = now
+
+
+@contextlib.contextmanager
+def paused_gc() -> Iterator[None]:
+    """Pause Python's cyclic garbage collector inside the block; resume it after, if it ran before.
+
+    A restore allocates many small, short-lived objects (chunk records,
+    boxes, plans); in a process that holds many objects already (torch and a
+    model), they trigger full collections that find nothing to free: about
+    0.3 s of the first restore of a GPT-2-small state on 2 ranks. Reference
+    counting still frees everything at once; cycles wait for the next
+    collection.
+    """
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
 
 
 def _node_numbers(names: list[str]) -> list[int]:
@@ -522,11 +543,19 @@ class TieredCheckpointer:
         """Load the newest step the memory tier holds whole (else the newest durable one) into ``template``.
 
         Returns the step and a :class:`RestoreReport` (where the bytes came from).
+        Python's cyclic garbage collector is paused while it runs (see
+        :func:`paused_gc`).
 
         Raises:
             CheckpointNotFoundError: no whole memory step and no durable step.
             CollectiveError: a rank died or stalled (bounded by ``timeout_s``).
         """
+        with paused_gc():
+            return self._restore(template, strict, allow_pickle)
+
+    def _restore(
+        self, template: Any, strict: bool, allow_pickle: bool
+    ) -> tuple[int, RestoreReport]:
         self._join()
         start = time.perf_counter()
         lap = _Laps()
