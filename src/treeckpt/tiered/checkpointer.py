@@ -170,8 +170,8 @@ def paused_gc() -> Iterator[None]:
 
     A restore allocates many small, short-lived objects (chunk records,
     boxes, plans); in a process that holds many objects already (torch and a
-    model), they trigger full collections that find nothing to free: about
-    0.3 s of the first restore of a GPT-2-small state on 2 ranks. Reference
+    model), they trigger full collections, which walk every object of the
+    process: about 0.3 s of the first restore of a GPT-2-small state on 2 ranks. Reference
     counting still frees everything at once; cycles wait for the next
     collection.
     """
