@@ -43,6 +43,10 @@ def test_node_loss_resumes_from_the_other_nodes_copies(tmp_path: Path) -> None:
             assert set(report.bytes_by_source) == {"peer"}
             assert all(src in (0, 1) for src in report.writer_sources.values())
     assert out[0][1].bytes_by_source["local"] == out[2][1].bytes_by_source["peer"]
+    # The same bytes per FQN, counted from node 0's indexes for both nodes.
+    local = {fqn: d["local"] for fqn, d in out[0][1].fqn_sources.items()}
+    assert local == {fqn: d["peer"] for fqn, d in out[2][1].fqn_sources.items()}
+    assert sum(local.values()) == out[0][1].bytes_by_source["local"]
     # The replaced node holds the step again: one more node can be lost.
     assert any((tmp_path / "mem" / "node1").glob("step-0000000004/manifest.json"))
 

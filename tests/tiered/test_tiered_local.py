@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+import shutil
 from pathlib import Path
 
 import pytest
@@ -10,7 +12,20 @@ import torch
 import treeckpt
 from treeckpt.errors import CheckpointNotFoundError, OptionsError
 from treeckpt.manager import CheckpointManager
-from treeckpt.tiered import TieredCheckpointer
+from treeckpt.tiered import TieredCheckpointer, checkpointer
+
+MEMORY_PHASES = (
+    "group",
+    "inventory",
+    "decide",
+    "prepare",
+    "listing",
+    "fetch",
+    "agree",
+    "load",
+    "report",
+    "cleanup",
+)
 
 
 def _state(seed: int) -> dict[str, object]:
@@ -48,6 +63,9 @@ def test_memory_and_durable_tiers_in_one_process(tmp_path: Path) -> None:
     nbytes = (64 * 32 + 32) * 4
     assert report.bytes_by_source == {"local": nbytes}
     assert report.fqn_sources == {"w": {"local": 64 * 32 * 4}, "b": {"local": 32 * 4}}
+    assert list(report.phases) == list(MEMORY_PHASES)
+    assert all(v >= 0 for v in report.phases.values())
+    assert sum(report.phases.values()) <= report.seconds
 
 
 def test_the_memory_tier_lost_restores_from_durable(tmp_path: Path) -> None:
@@ -62,6 +80,16 @@ def test_the_memory_tier_lost_restores_from_durable(tmp_path: Path) -> None:
     assert (step, report.tier) == (3, "durable")
     assert torch.equal(template["w"], _state(3)["w"])  # type: ignore[arg-type]
     assert report.bytes_by_source == {"durable": (64 * 32 + 32) * 4}
+    # Both passes over the memory tier found no whole step, then the durable one loaded.
+    assert list(report.phases) == [
+        "group",
+        "inventory",
+        "decide",
+        "durable-scan",
+        "load",
+        "report",
+        "cleanup",
+    ]
 
 
 def test_nothing_to_restore_and_bad_arguments(tmp_path: Path) -> None:
@@ -77,3 +105,34 @@ def test_nothing_to_restore_and_bad_arguments(tmp_path: Path) -> None:
         TieredCheckpointer(tmp_path / "mem", replicas=0).save(1, _state(1), durable=True)
     with pytest.raises(OptionsError, match="max_to_keep must be a positive int or None, got 0"):
         TieredCheckpointer(tmp_path / "mem", tmp_path / "d", durable_keep=0, replicas=0)
+
+
+def test_the_cyclic_gc_is_paused_during_a_restore_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ckpt = TieredCheckpointer(tmp_path / "mem", replicas=0)
+    ckpt.save(1, _state(1))
+    ckpt.wait()
+    seen: list[bool] = []
+    real_load = checkpointer.api.load
+
+    def load(*args: object, **kwargs: object) -> object:
+        seen.append(gc.isenabled())
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(checkpointer.api, "load", load)
+    assert gc.isenabled()
+    assert ckpt.restore(_state(0))[0] == 1
+    assert (seen, gc.isenabled()) == ([False], True)
+    # resumed after an error too; left off when it was off before
+    shutil.rmtree(tmp_path / "mem")
+    with pytest.raises(CheckpointNotFoundError):
+        ckpt.restore(_state(0))
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with checkpointer.paused_gc():
+            assert not gc.isenabled()
+        assert not gc.isenabled()
+    finally:
+        gc.enable()

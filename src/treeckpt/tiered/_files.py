@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from treeckpt.core.manifest import Manifest
+from treeckpt.core.manifest import ChunkIndex, Manifest
 from treeckpt.errors import CheckpointError, CollectiveError, CorruptChunkError
 from treeckpt.manager.root import step_dir
 from treeckpt.store import layout
@@ -59,6 +59,16 @@ def read_step_manifest(backend: Backend, step: int) -> tuple[Manifest, bytes]:
 def writer_files(sub: Backend, manifest: Manifest, writer: int, *, chunks: bool = True) -> FileList:
     """The chunk index and data files of ``writer`` in ``sub`` (a step directory), checked.
 
+    See :func:`check_writer`.
+    """
+    return check_writer(sub, manifest, writer, chunks=chunks)[0]
+
+
+def check_writer(
+    sub: Backend, manifest: Manifest, writer: int, *, chunks: bool = True
+) -> tuple[FileList, ChunkIndex]:
+    """The chunk index and data files of ``writer`` in ``sub`` (a step directory), checked, and the index.
+
     The index must match its checksum in the manifest and every data file
     its size in the index; with ``chunks``, every chunk its checksum too
     (a load checks the chunks it reads in any case).
@@ -75,7 +85,15 @@ def writer_files(sub: Backend, manifest: Manifest, writer: int, *, chunks: bool 
             by_file.setdefault(c.file, []).append(c)
         for f in index.files:
             _verify_chunks(os.path.join(sub.root, f.name), by_file.get(f.name, ()))
-    return files
+    return files, index
+
+
+def stored_bytes(index: ChunkIndex) -> dict[str, int]:
+    """The stored bytes of each FQN's chunks in one writer's index."""
+    out: dict[str, int] = {}
+    for c in index.chunks:
+        out[c.fqn] = out.get(c.fqn, 0) + c.length
+    return out
 
 
 def _verify_chunks(path: str, refs: Sequence[Any]) -> None:
@@ -104,14 +122,16 @@ def _verify_chunks(path: str, refs: Sequence[Any]) -> None:
 
 def inventory(
     backend: Backend, open_sub: Any, *, chunks: bool = True
-) -> tuple[list[StepCopy], dict[int, bytes]]:
+) -> tuple[list[StepCopy], dict[int, bytes], dict[int, dict[int, dict[str, int]]]]:
     """Every memory step of a node directory, with the writers whose copies check out.
 
-    Returns the copies and each step's manifest bytes. A step whose manifest
+    Returns the copies, each step's manifest bytes, and each step's valid
+    writers' stored bytes by FQN (:func:`stored_bytes`). A step whose manifest
     is missing or damaged is left out; a writer whose files do not check out
     is left out of ``valid`` (``chunks``: every chunk's checksum is checked).
     """
     copies, manifests = [], {}
+    summaries: dict[int, dict[int, dict[str, int]]] = {}
     for step in steps_in(backend):
         try:
             manifest, data = read_step_manifest(backend, step)
@@ -120,12 +140,14 @@ def inventory(
         sub = open_sub(step)
         try:
             valid, sizes = set(), {}
+            summary: dict[int, dict[str, int]] = {}
             for ref in manifest.indexes:
                 try:
-                    files = writer_files(sub, manifest, ref.rank, chunks=chunks)
+                    files, index = check_writer(sub, manifest, ref.rank, chunks=chunks)
                 except (CheckpointError, OSError, ValueError):
                     continue
                 valid.add(ref.rank)
+                summary[ref.rank] = stored_bytes(index)
                 sizes[ref.rank] = sum(s for _, s in files)
         finally:
             sub.close()
@@ -139,7 +161,8 @@ def inventory(
             )
         )
         manifests[step] = data
-    return copies, manifests
+        summaries[step] = summary
+    return copies, manifests, summaries
 
 
 def check_name(name: str, save_id: str, writer: int) -> None:

@@ -33,11 +33,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import os
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass, field
@@ -57,7 +58,7 @@ from treeckpt.shell.staging import StagingPool
 from treeckpt.store import layout
 from treeckpt.store.backends import Backend, open_backend
 from treeckpt.store.checksum import checksum
-from treeckpt.store.reader import read_indexes, read_manifest
+from treeckpt.store.reader import read_index, read_indexes, read_manifest
 from treeckpt.tiered import _files
 from treeckpt.tiered.decide import RestoreDecision, StepCopy, decide_restore
 from treeckpt.tiered.placement import node_groups, partners, sources
@@ -130,6 +131,8 @@ class RestoreReport:
     writer_sources: dict[int, int | None] = field(default_factory=dict)
     seconds: float = 0.0
     skipped: tuple[str, ...] = ()
+    #: seconds of each phase of the restore on this rank, in order (see ``docs/tiered.md``)
+    phases: dict[str, float] = field(default_factory=dict)
 
 
 def node_identity(node: Any, rank: int) -> str:
@@ -146,6 +149,39 @@ def node_identity(node: Any, rank: int) -> str:
     if env.get("LOCAL_WORLD_SIZE", "").isdigit() and int(env["LOCAL_WORLD_SIZE"]) > 0:
         return str(rank // int(env["LOCAL_WORLD_SIZE"]))
     return socket.gethostname()
+
+
+class _Laps:
+    """Seconds of consecutive phases: ``lap(name)`` adds the time since the previous lap to ``name``."""
+
+    def __init__(self) -> None:
+        self.t = time.perf_counter()
+        self.seconds: dict[str, float] = {}
+
+    def __call__(self, name: str) -> None:
+        now = time.perf_counter()
+        self.seconds[name] = self.seconds.get(name, 0.0) + now - self.t
+        self.t = now
+
+
+@contextlib.contextmanager
+def paused_gc() -> Iterator[None]:
+    """Pause Python's cyclic garbage collector inside the block; resume it after, if it ran before.
+
+    A restore allocates many small, short-lived objects (chunk records,
+    boxes, plans); in a process that holds many objects already (torch and a
+    model), they trigger full collections, which walk every object of the
+    process: about 0.3 s of the first restore of a GPT-2-small state on 2 ranks. Reference
+    counting still frees everything at once; cycles wait for the next
+    collection.
+    """
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
 
 
 def _node_numbers(names: list[str]) -> list[int]:
@@ -507,14 +543,24 @@ class TieredCheckpointer:
         """Load the newest step the memory tier holds whole (else the newest durable one) into ``template``.
 
         Returns the step and a :class:`RestoreReport` (where the bytes came from).
+        Python's cyclic garbage collector is paused while it runs (see
+        :func:`paused_gc`).
 
         Raises:
             CheckpointNotFoundError: no whole memory step and no durable step.
             CollectiveError: a rank died or stalled (bounded by ``timeout_s``).
         """
+        with paused_gc():
+            return self._restore(template, strict, allow_pickle)
+
+    def _restore(
+        self, template: Any, strict: bool, allow_pickle: bool
+    ) -> tuple[int, RestoreReport]:
         self._join()
         start = time.perf_counter()
+        lap = _Laps()
         coord = self._coord()
+        lap("group")
         skipped: list[str] = []
         # First pass: the copies' indexes and sizes are checked, and the load
         # checks every chunk it reads. When it finds a damaged one, every copy
@@ -522,28 +568,36 @@ class TieredCheckpointer:
         for chunks in (False, True):
             copies: list[StepCopy] = []
             manifests: dict[int, bytes] = {}
+            summaries: dict[int, dict[int, dict[str, int]]] = {}
             if self.is_leader:
                 node = self._node_backend()
                 try:
-                    copies, manifests = _files.inventory(node, self._sub, chunks=chunks)
+                    copies, manifests, summaries = _files.inventory(node, self._sub, chunks=chunks)
                 finally:
                     node.close()
-            payloads = _all(coord, (copies, manifests), "tiered:inventory")
+            lap("inventory")
+            payloads = _all(coord, (copies, manifests, summaries), "tiered:inventory")
             invs = {r: payloads[r][0] for r in self.leaders}
             members = {g[0]: g for g in node_groups(self.nodes).values()}
             decision = decide_restore(invs, self.leaders, members)
+            lap("decide")
             if decision is None:
                 break
             try:
                 step, report = self._restore_memory(
-                    coord, decision, payloads, template, strict, allow_pickle, start, chunks
+                    coord, decision, payloads, template, strict, allow_pickle, start, chunks, lap
                 )
-                return step, dataclasses.replace(report, skipped=tuple(skipped))
+                return step, dataclasses.replace(
+                    report, skipped=tuple(skipped), phases=dict(lap.seconds)
+                )
             except CollectiveError:
                 raise
             except CheckpointError as exc:
                 skipped.append(f"memory step {decision.step}: {exc}")
-        return self._restore_durable(coord, template, strict, allow_pickle, start, skipped)
+        step, report = self._restore_durable(
+            coord, template, strict, allow_pickle, start, skipped, lap
+        )
+        return step, dataclasses.replace(report, phases=dict(lap.seconds))
 
     def _leader_of(self, rank: int) -> int:
         return node_groups(self.nodes)[self.nodes[rank]][0]
@@ -558,6 +612,7 @@ class TieredCheckpointer:
         allow_pickle: bool,
         start: float,
         chunks: bool,
+        lap: _Laps,
     ) -> tuple[int, RestoreReport]:
         step = decision.step
         blob = payloads[decision.manifest_from][1][step]
@@ -579,8 +634,10 @@ class TieredCheckpointer:
                         listing[(t.dst, t.writer)] = got
             except Exception as exc:
                 err = exc
+            lap("prepare")
             # The senders' listings (names and sizes) go to every rank first.
             listings = _all(coord, listing, "tiered:listing")
+            lap("listing")
             if err is None:
                 try:
                     recvs = []
@@ -595,14 +652,17 @@ class TieredCheckpointer:
                     )
                     for t in decision.transfers:
                         if t.dst == self.rank:
-                            _files.writer_files(
-                                sub, manifest, t.writer
-                            )  # the received copy verifies
+                            # The received copy is whole (index checksum, file sizes); the
+                            # load checks every chunk it reads, and a damaged one sends the
+                            # restore to its second pass, which checks every chunk first.
+                            _files.writer_files(sub, manifest, t.writer, chunks=chunks)
                 except CollectiveError:
                     raise
                 except Exception as exc:
                     err = exc
+            lap("fetch")
             coord.agree("tiered:fetch", err)
+            lap("agree")
             api.load(
                 template,
                 sub.root,
@@ -611,24 +671,42 @@ class TieredCheckpointer:
                 options=LoadOptions(timeout_s=self.timeout_s),
                 process_group=self._group(coord),
             )
-            report = self._memory_report(sub, manifest, decision, start)
+            lap("load")
+            report = self._memory_report(sub, manifest, decision, payloads, start)
+            lap("report")
         finally:
             sub.close()
         self._forget_others(coord, step)
-        return step, report
+        lap("cleanup")
+        return step, dataclasses.replace(report, seconds=time.perf_counter() - start)
 
     def _memory_report(
-        self, sub: Backend, manifest: Any, decision: RestoreDecision, start: float
+        self,
+        sub: Backend,
+        manifest: Any,
+        decision: RestoreDecision,
+        payloads: list[Any],
+        start: float,
     ) -> RestoreReport:
         srcs = dict(decision.sources.get(self._leader_of(self.rank), {}))
+        # Each writer's bytes by FQN, as a node holding a valid copy of its
+        # index counted them in the inventory (the same index: its checksum is
+        # in the manifest); read again only when no node did.
+        counted: dict[int, dict[str, int]] = {}
+        for leader in self.leaders:
+            for writer, fqns in payloads[leader][2].get(decision.step, {}).items():
+                counted.setdefault(writer, fqns)
         by_source: dict[str, int] = {}
         per_fqn: dict[str, dict[str, int]] = {}
-        for ix in read_indexes(sub, manifest):
-            where = "local" if srcs.get(ix.rank) is None else "peer"
-            for c in ix.chunks:
-                by_source[where] = by_source.get(where, 0) + c.length
-                d = per_fqn.setdefault(c.fqn, {})
-                d[where] = d.get(where, 0) + c.length
+        for ref in manifest.indexes:
+            fqns = counted.get(ref.rank)
+            if fqns is None:
+                fqns = _files.stored_bytes(read_index(sub, manifest, ref))
+            where = "local" if srcs.get(ref.rank) is None else "peer"
+            for fqn, n in fqns.items():
+                by_source[where] = by_source.get(where, 0) + n
+                d = per_fqn.setdefault(fqn, {})
+                d[where] = d.get(where, 0) + n
         self._held = sum(by_source.values())
         return RestoreReport(
             step=decision.step,
@@ -661,6 +739,7 @@ class TieredCheckpointer:
         allow_pickle: bool,
         start: float,
         skipped: list[str],
+        lap: _Laps,
     ) -> tuple[int, RestoreReport]:
         if self.durable is None:
             raise CheckpointNotFoundError(
@@ -670,6 +749,7 @@ class TieredCheckpointer:
         root = StepRoot(self.durable)
         try:
             steps = on_coordinator(coord, "tiered:durable-scan", lambda: root.scan().committed)
+            lap("durable-scan")
             for step in sorted(steps, reverse=True):
                 path = root.step_path(step)
                 try:
@@ -685,7 +765,9 @@ class TieredCheckpointer:
                     raise
                 except CheckpointError as exc:
                     skipped.append(f"durable step {step}: {exc}")
+                    lap("load")
                     continue
+                lap("load")
                 backend = open_backend(path)
                 try:
                     manifest = read_manifest(backend)
@@ -698,7 +780,9 @@ class TieredCheckpointer:
                             total += c.length
                 finally:
                     backend.close()
+                lap("report")
                 self._forget_others(coord, None)
+                lap("cleanup")
                 self._held = 0
                 return step, RestoreReport(
                     step=step,

@@ -199,8 +199,8 @@ class ChunkTransport(CheckpointTransport[T]):
                 coord=LocalCoordinator(),
                 user_metadata={"step": step},
             )
-            # The DCP marker is not part of what a receiver may write (it
-            # refuses the name): only the manifest, the index and data files.
+            # The manifest, chunk index and data files; not the DCP marker (no
+            # data, and the receiver accepts only a checkpoint's own files).
             names = sorted(n for n in backend.list_files() if n != layout.DCP_MARKER)
             files = [(n, backend.read_file(n, 1 << 62)) for n in names]
         finally:
