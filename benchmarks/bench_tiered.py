@@ -18,10 +18,14 @@ the slowest rank, medians over rounds:
 - every figure after one untimed load of each kind and a first restore
   (shown apart): one-time process and process-group set-up left out of all
   alike;
+- cold restore from shared storage (``--shared-gbps G``, default 0.2): the
+  same ``treeckpt.load`` through ``ThrottledBackend``, a link of G GB/s per
+  rank, the rate of the object stores and network file systems a durable
+  tier usually is;
 - memory: bytes of the memory tier held by all ranks (own step + partners'
   copies) and the staging buffers.
 
-    .venv/bin/python benchmarks/bench_tiered.py [--quick] [--ranks 2 4] [--rounds 2]
+    .venv/bin/python benchmarks/bench_tiered.py [--quick] [--ranks 2 4] [--rounds 2] [--shared-gbps 0.2]
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Shard
 
 import treeckpt
+from treeckpt.store.backends import ThrottledBackend, open_backend
 from treeckpt.tiered import TieredCheckpointer
 
 
@@ -114,7 +119,7 @@ def _timed(fn: Any) -> float:
 
 
 def _job(rank: int, world: int, arg: str) -> dict[str, float]:
-    workdir, memdir, quick, rounds = arg.split("|")
+    workdir, memdir, quick, rounds, shared = arg.split("|")
     per_node = world // 2
     node = rank // per_node
     state = _sharded_state(rank, world, quick == "1")
@@ -178,6 +183,11 @@ def _job(rank: int, world: int, arg: str) -> dict[str, float]:
         if rank == 0:
             drop_page_cache(dc)
         add("disk_dcp", _timed(lambda: dcp.load(template, checkpoint_id=dc)))
+        if float(shared) > 0:
+            if rank == 0:
+                drop_page_cache(tc)
+            link = ThrottledBackend(open_backend(tc), float(shared) * 1e9)
+            add("shared_treeckpt", _timed(lambda b=link: treeckpt.load(template, b)))
     return {k: statistics.median(v) for k, v in out.items()}
 
 
@@ -186,6 +196,12 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a 6x smaller state (smoke test)")
     parser.add_argument("--ranks", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument(
+        "--shared-gbps",
+        type=float,
+        default=0.2,
+        help="GB/s per rank of the shared storage modelled for the durable tier (0: skip)",
+    )
     args = parser.parse_args()
     workdir = os.path.abspath(
         tempfile.mkdtemp(prefix="treeckpt-bench-tiered-", dir=os.environ.get("BENCH_DIR", "."))
@@ -194,7 +210,7 @@ def main() -> None:
     try:
         rows = []
         for world in args.ranks:
-            arg = f"{workdir}|{memdir}|{int(args.quick)}|{args.rounds}"
+            arg = f"{workdir}|{memdir}|{int(args.quick)}|{args.rounds}|{args.shared_gbps}"
             res = run_on_ranks(world, _job, arg, workdir, timeout_s=1800)
             shutil.rmtree(memdir, ignore_errors=True)
             for sub in ("tc", "dcp"):
@@ -207,9 +223,10 @@ def main() -> None:
             "| first restore of the process s | restore from memory s "
             "| restore, one node lost s | warm load (page cache), treeckpt s "
             "| cold load from disk, treeckpt s | cold load, DCP s "
-            "| disk / memory | memory tier GB (all ranks) | staging GB | treeckpt on disk GB |"
+            "| disk / memory | cold load, shared storage s | shared / memory "
+            "| memory tier GB (all ranks) | staging GB | treeckpt on disk GB |"
         )
-        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for world, res in rows:
 
             def slowest(key: str, res: list[dict[str, float]] = res) -> float:
@@ -219,12 +236,16 @@ def main() -> None:
                 return sum(r[key] for r in res) / 1e9
 
             ratio = slowest("disk_treeckpt") / slowest("restore_memory")
+            has_shared = "shared_treeckpt" in res[0]
+            shared_s = slowest("shared_treeckpt") if has_shared else float("nan")
+            shared_ratio = shared_s / slowest("restore_memory")
             print(
                 f"| {world} | {slowest('save_blocking'):.2f} | {slowest('save_total'):.2f} "
                 f"| {slowest('save_replicate'):.2f} "
                 f"| {slowest('restore_first'):.2f} "
                 f"| {slowest('restore_memory'):.2f} | {slowest('restore_peer'):.2f} "
                 f"| {slowest('warm_treeckpt'):.2f} | {slowest('disk_treeckpt'):.2f} | {slowest('disk_dcp'):.2f} | {ratio:.1f}x "
+                f"| {shared_s:.2f} | {shared_ratio:.1f}x "
                 f"| {total('memory_bytes'):.2f} | {total('staging_bytes'):.2f} "
                 f"| {slowest('disk_bytes') / 1e9:.2f} |"
             )
