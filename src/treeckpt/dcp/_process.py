@@ -39,6 +39,7 @@ from torch.distributed.checkpoint.planner import SavePlanner
 from torch.distributed.checkpoint.storage import StorageWriter
 
 from treeckpt.dcp._shards import ShardSet
+from treeckpt.dcp._walk import map_containers
 from treeckpt.dcp.api import CheckpointException
 from treeckpt.errors import CheckpointError
 from treeckpt.shell.coord import Coordinator
@@ -155,15 +156,9 @@ def packed(staged: Any, arena: SharedArena | None = None) -> Packed:
                     for box, local in adapter.local_shards("", obj)
                 ],
             )
-        if isinstance(obj, dict):
-            return {k: walk(v) for k, v in obj.items()}
-        if isinstance(obj, list):
-            return [walk(v) for v in obj]
-        if isinstance(obj, tuple) and not hasattr(obj, "_fields"):
-            return tuple(walk(v) for v in obj)
         return obj
 
-    tree = walk(staged)
+    tree = map_containers(walk, staged)
     return Packed(tree=tree, slabs=list(arena.slabs))
 
 
@@ -183,15 +178,9 @@ def unpacked(pack: Packed) -> Any:
         if isinstance(obj, _Shards):
             shards = [(offs, sizes, tensor(v)) for offs, sizes, v in obj.shards]
             return ShardSet(obj.shape, obj.dtype, shards)
-        if isinstance(obj, dict):
-            return {k: walk(v) for k, v in obj.items()}
-        if isinstance(obj, list):
-            return [walk(v) for v in obj]
-        if isinstance(obj, tuple) and not hasattr(obj, "_fields"):
-            return tuple(walk(v) for v in obj)
         return obj
 
-    return walk(pack.tree)
+    return map_containers(walk, pack.tree)
 
 
 def _serve(init_method: str, rank: int, world: int, timeout_s: float, conn: Any) -> None:

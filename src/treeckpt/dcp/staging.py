@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch.distributed.checkpoint.staging import AsyncStager, StagingOptions
 
+from treeckpt.dcp._walk import map_containers
 from treeckpt.shell.sharded import adapter_of
 
 __all__ = ["AsyncStager", "BlockingAsyncStager", "DefaultStager", "StagingOptions"]
@@ -63,15 +64,9 @@ def stage_state_dict(
         if isinstance(obj, torch.Tensor):
             counter[0] += 1
             return _stage_tensor(obj, cache, counter[0], alloc)
-        if isinstance(obj, dict):
-            return {k: walk(v) for k, v in obj.items()}
-        if isinstance(obj, list):
-            return [walk(v) for v in obj]
-        if isinstance(obj, tuple) and not hasattr(obj, "_fields"):
-            return tuple(walk(v) for v in obj)
         return obj
 
-    return walk(state_dict)
+    return map_containers(walk, state_dict)
 
 
 class BlockingAsyncStager(AsyncStager):

@@ -35,7 +35,7 @@ from treeckpt.errors import ManifestError
 from treeckpt.store import layout
 from treeckpt.store.checksum import ALGORITHM
 from treeckpt.store.codecs import CODECS
-from treeckpt.store.parse import MAX_INT
+from treeckpt.store.parse import MAX_INT, check_format_version
 
 __all__ = ["MAGIC", "decode_binary_index", "encode_binary_index"]
 
@@ -140,13 +140,7 @@ def decode_binary_index(data: bytes, rank: int, manifest: Manifest, where: str) 
     magic, version, head_len = _HEAD.unpack_from(data)
     if magic != MAGIC:
         raise ManifestError(f"{where}: not a treeckpt binary chunk index (bad magic)")
-    if version > FORMAT_VERSION:
-        raise ManifestError(
-            f"{where}: format version {version} is newer than this treeckpt reads "
-            f"({FORMAT_VERSION}); upgrade treeckpt"
-        )
-    if version < 1:
-        raise ManifestError(f"{where}: bad format version {version}")
+    check_format_version(version, where)
     (trailer,) = struct.unpack_from("<Q", data, total - 8)
     if xxhash.xxh3_64_intdigest(memoryview(data)[: total - 8]) != trailer:
         raise ManifestError(f"{where}: checksum mismatch (the file is damaged)")

@@ -49,6 +49,7 @@ from treeckpt.store.binindex import decode_binary_index, encode_binary_index
 from treeckpt.store.checksum import checksum, is_checksum, is_content_digest
 from treeckpt.store.codecs import CODECS
 from treeckpt.store.parse import MAX_INT as _MAX_INT
+from treeckpt.store.parse import check_format_version
 from treeckpt.store.parse import parse_int as _int
 
 __all__ = [
@@ -96,13 +97,7 @@ def _open(data: bytes, magic: str, where: str) -> dict[str, Any]:
     version = doc.get("format_version")
     if type(version) is not int:
         raise ManifestError(f"{where}: format_version is missing")
-    if version > FORMAT_VERSION:
-        raise ManifestError(
-            f"{where}: format version {version} is newer than this treeckpt reads "
-            f"({FORMAT_VERSION}); upgrade treeckpt"
-        )
-    if version < 1:
-        raise ManifestError(f"{where}: bad format version {version}")
+    check_format_version(version, where)
     body = doc.get("body")
     if not isinstance(body, dict):
         raise ManifestError(f"{where}: body is missing")

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from treeckpt.core.manifest import FORMAT_VERSION
 from treeckpt.errors import ManifestError
 
-__all__ = ["MAX_INT", "parse_int"]
+__all__ = ["MAX_INT", "check_format_version", "parse_int"]
 
 #: the largest integer any field may hold (sizes and offsets stay far below it)
 MAX_INT = 1 << 62
@@ -19,3 +20,14 @@ def parse_int(value: Any, where: str, *, lo: int = 0, hi: int = MAX_INT) -> int:
             f"{where}: expected an integer in [{lo}, {hi}), got {str(value)[:40]!r}"
         )
     return value
+
+
+def check_format_version(version: int, where: str) -> None:
+    """Refuse a format version this treeckpt cannot read, naming ``where``."""
+    if version > FORMAT_VERSION:
+        raise ManifestError(
+            f"{where}: format version {version} is newer than this treeckpt reads "
+            f"({FORMAT_VERSION}); upgrade treeckpt"
+        )
+    if version < 1:
+        raise ManifestError(f"{where}: bad format version {version}")

@@ -464,14 +464,7 @@ class TieredCheckpointer:
             raise
         # Every copy of the new step is in place on every node: the older steps go.
         if self.is_leader:
-            node = self._node_backend()
-            try:
-                for old in _files.steps_in(node):
-                    if old != step:
-                        with contextlib.suppress(Exception):
-                            node.remove_tree(step_dir(old))
-            finally:
-                node.close()
+            self._remove_steps_except(step)
         own = sum(s for _, s in mine)
         got = sum(s for _, s in received)
         self._held = own + got
@@ -720,8 +713,11 @@ class TieredCheckpointer:
     def _forget_others(self, coord: Coordinator, keep: int | None) -> None:
         """After a restore, every node removes the memory steps other than ``keep``."""
         coord.agree("tiered:restored", None)
-        if not self.is_leader:
-            return
+        if self.is_leader:
+            self._remove_steps_except(keep)
+
+    def _remove_steps_except(self, keep: int | None) -> None:
+        """This node's memory steps other than ``keep`` are removed (best effort)."""
         node = self._node_backend()
         try:
             for old in _files.steps_in(node):
