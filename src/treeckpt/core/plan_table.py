@@ -207,12 +207,20 @@ def plan_save_table(tables: Sequence[LocalTable], *, chunk_bytes: int) -> SavePl
     # Empty boxes hold nothing to write (uneven sharding makes many of them).
     dims = t.offsets.shape[1]
     # Column by column: numpy reduces a short inner axis slowly.
-    keep = np.flatnonzero(_all_cols([t.sizes[:, d] > 0 for d in range(dims)], len(t.tensor)))
-    tensor = t.tensor[keep]
-    # Columns one by one: gathering 1-d columns is cheaper than 2-d rows, and
-    # the 2-d rows are gathered once, in sorted order, below.
-    off_cols = [t.offsets[keep, d] for d in range(dims)]
-    size_cols = [t.sizes[keep, d] for d in range(dims)]
+    nonempty = _all_cols([t.sizes[:, d] > 0 for d in range(dims)], len(t.tensor))
+    if nonempty.all():  # no empty box (even sharding): no gather, strided views
+        keep = None
+        tensor, rank_kept = t.tensor, t.rank
+        off_cols = [t.offsets[:, d] for d in range(dims)]
+        size_cols = [t.sizes[:, d] for d in range(dims)]
+    else:
+        keep = np.flatnonzero(nonempty)
+        tensor, rank_kept = t.tensor[keep], t.rank[keep]
+        # Columns one by one: gathering 1-d columns is cheaper than 2-d rows, and
+        # the 2-d rows are gathered once, in sorted order, below.
+        off_cols = [t.offsets[keep, d] for d in range(dims)]
+        size_cols = [t.sizes[keep, d] for d in range(dims)]
+    del nonempty
     # Bounds: negative values are refused by Box itself; check the far edges.
     if len(tensor):
         outside = np.zeros(len(tensor), dtype=bool)
@@ -220,17 +228,20 @@ def plan_save_table(tables: Sequence[LocalTable], *, chunk_bytes: int) -> SavePl
             outside |= (off_cols[d] + size_cols[d]) > t.shape[tensor, d]
         if outside.any():
             _tiling_error(t, int(tensor[np.argmax(outside)]))
-    order = _sort_boxes(t, tensor, t.rank[keep], off_cols, size_cols)
-    sel = keep[order]
+    order, sorted_key = _sort_boxes(t, tensor, rank_kept, off_cols, size_cols)
+    sel = order if keep is None else keep[order]
     tensor, rank = t.tensor[sel], t.rank[sel]
     n = len(tensor)
     new_group = np.ones(n, dtype=bool)
-    if n > 1:
+    if n > 1 and sorted_key is not None:  # one packed word: replicas have equal keys
+        np.not_equal(sorted_key[1:], sorted_key[:-1], out=new_group[1:])
+    elif n > 1:
         same = tensor[1:] == tensor[:-1]
         for col in (*off_cols, *size_cols):
             c = col[order]
             same &= c[1:] == c[:-1]
         new_group[1:] = ~same
+    del sorted_key
     group_start = np.flatnonzero(new_group)
     # The 2-d rows are gathered once, for the distinct boxes only.
     g_sel = sel[group_start]
@@ -285,9 +296,9 @@ def plan_save_table(tables: Sequence[LocalTable], *, chunk_bytes: int) -> SavePl
         rows_cs.append(cs)
     it_t, it_r = _cat(rows_t), _cat(rows_r)
     it_so, it_ss = _cat(rows_so), _cat(rows_ss)
-    # Groups are in (tensor, offsets) order and split chunks follow their
-    # box's order within each tensor, so a stable sort by rank keeps each
-    # rank's items in tensor order.
+    # Whole boxes come in (tensor, offsets) order, then the chunks of split
+    # boxes in the same order; a stable sort by rank keeps that order within
+    # each rank (whole boxes first, then split chunks).
     by = stable_order(it_r, t.world)
     it_r, it_t = it_r[by], it_t[by]
     so, ss = it_so[by], it_ss[by]
@@ -337,25 +348,32 @@ def _cat(parts: list[Ints]) -> Ints:
 
 def _sort_boxes(
     t: ShardTable, tensor: Ints, rank: Ints, off_cols: list[Ints], size_cols: list[Ints]
-) -> Ints:
+) -> tuple[Ints, Ints | None]:
     """The order of boxes by (tensor, offsets, sizes, rank), so exact replicas are adjacent.
 
-    The sort keys are packed into as few int64 words as fit (each value
-    below a known bound: tensor count, shape, world size), since a sort on
-    one key costs a fraction of a lexicographic sort on many.
+    The sort keys are packed into as few int64 words as fit, each field
+    bounded by the largest value its column holds. Rows come in rank order
+    (``merge_tables`` joins the ranks in order), so a stable sort on
+    (tensor, offsets, sizes) leaves equal boxes in rank order without a rank
+    field. When a tensor-id sort alone leaves the boxes sorted (Shard(0) in
+    rank order, the common layout), that radix sort is the whole sort.
+    Returns the order, and the packed key in that order when it is one word
+    (equal boxes, and only they, have equal keys).
     """
-    dims = len(off_cols)
+    assert len(rank) < 2 or bool((rank[1:] >= rank[:-1]).all()), "rows must come in rank order"
     n_t = len(t.tensors.fqns)
-    extent = [int(t.shape[:, d].max()) + 1 if n_t else 1 for d in range(dims)]
-    # most significant first: tensor, offsets, sizes, rank
+    if len(tensor) == 0:
+        return np.zeros(0, dtype=np.int64), None
+    # most significant first: tensor, offsets, sizes
     fields = [(tensor, max(1, n_t))]
-    fields += [(off_cols[d], extent[d]) for d in range(dims)]
-    fields += [(size_cols[d], extent[d]) for d in range(dims)]
-    fields.append((rank, max(1, t.world)))
+    fields += [(c, int(c.max()) + 1) for c in off_cols]
+    fields += [(c, int(c.max()) + 1) for c in size_cols]
     keys: list[Ints] = []
     key: Ints | None = None
     span = 1
     for col, bound in fields:
+        if bound == 1:  # an all-zero column orders nothing
+            continue
         if key is not None and span * bound < (1 << 62):
             key = key * bound + col
             span *= bound
@@ -366,8 +384,16 @@ def _sort_boxes(
     assert key is not None
     keys.append(key)
     if len(keys) == 1:
-        return stable_order(keys[0], span)
-    return np.lexsort(tuple(reversed(keys)))
+        if span <= 1 << 16:
+            order = stable_order(keys[0], span)
+            return order, keys[0][order]
+        order = stable_order(tensor, max(1, n_t))
+        sorted_key = keys[0][order]
+        if bool((sorted_key[1:] >= sorted_key[:-1]).all()):
+            return order, sorted_key
+        order = np.argsort(keys[0], kind="stable")
+        return order, keys[0][order]
+    return np.lexsort(tuple(reversed(keys))), None
 
 
 def _check_tilings(t: ShardTable, g_tensor: Ints, g_off: Ints, g_size: Ints, vol: Ints) -> None:
