@@ -238,8 +238,8 @@ def plan_save_table(tables: Sequence[LocalTable], *, chunk_bytes: int) -> SavePl
     elif n > 1:
         same = tensor[1:] == tensor[:-1]
         for col in (*off_cols, *size_cols):
-            c = col[order]
-            same &= c[1:] == c[:-1]
+            sc = col[order]
+            same &= sc[1:] == sc[:-1]
         new_group[1:] = ~same
     del sorted_key
     group_start = np.flatnonzero(new_group)
