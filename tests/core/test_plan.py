@@ -747,6 +747,15 @@ def _reference_items(specs: SpecsByRank, chunk_bytes: int) -> list[list[WriteIte
     return out
 
 
+def _int8(fqn: str, shape: tuple[int, ...], *boxes: tuple[int, int]) -> ShardSpec:
+    return ShardSpec(
+        fqn=fqn,
+        dtype="int8",
+        shape=shape,
+        boxes=tuple(Box(offsets=(o,), sizes=(n,)) for o, n in boxes),
+    )
+
+
 @given(save_cases(), st.booleans())
 @example(
     SaveCase(
@@ -773,6 +782,17 @@ def _reference_items(specs: SpecsByRank, chunk_bytes: int) -> list[list[WriteIte
         chunk_bytes=8,
     ),
     True,
+)
+# rank 1 lists its tensors in another order than rank 0, and its boxes of c backwards
+@example(
+    SaveCase(
+        specs=[
+            [_int8("a", (3,), (0, 1)), _int8("b", (2,), (0, 1))],
+            [_int8("b", (2,), (1, 1)), _int8("a", (3,), (1, 2)), _int8("c", (4,), (2, 2), (0, 2))],
+        ],
+        chunk_bytes=64,
+    ),
+    False,
 )
 def test_plan_save_equals_the_box_by_box_plan(case: SaveCase, reverse: bool) -> None:
     """Every column, in every rank's order, also when the ranks hold their slabs in reverse."""

@@ -228,7 +228,9 @@ def plan_save_table(tables: Sequence[LocalTable], *, chunk_bytes: int) -> SavePl
             outside |= (off_cols[d] + size_cols[d]) > t.shape[tensor, d]
         if outside.any():
             _tiling_error(t, int(tensor[np.argmax(outside)]))
-    order, sorted_key = _sort_boxes(t, tensor, rank_kept, off_cols, size_cols)
+    order, sorted_key, in_key = _sort_boxes(t, tensor, rank_kept, off_cols, size_cols)
+    del off_cols, size_cols
+    tensor_in = tensor
     sel = order if keep is None else keep[order]
     tensor, rank = t.tensor[sel], t.rank[sel]
     n = len(tensor)
@@ -237,22 +239,43 @@ def plan_save_table(tables: Sequence[LocalTable], *, chunk_bytes: int) -> SavePl
         np.not_equal(sorted_key[1:], sorted_key[:-1], out=new_group[1:])
     elif n > 1:
         same = tensor[1:] == tensor[:-1]
-        for col in (*off_cols, *size_cols):
-            sc = col[order]
-            same &= sc[1:] == sc[:-1]
+        for d in range(dims):
+            for cols in (t.offsets, t.sizes):
+                sc = cols[sel, d]
+                same &= sc[1:] == sc[:-1]
         new_group[1:] = ~same
     del sorted_key
-    group_start = np.flatnonzero(new_group)
-    # The 2-d rows are gathered once, for the distinct boxes only.
-    g_sel = sel[group_start]
-    g_tensor, g_off, g_size = tensor[group_start], t.offsets[g_sel], t.sizes[g_sel]
-    g_count = np.diff(np.append(group_start, n))
+    distinct = bool(new_group.all())
+    if distinct:  # no replica: every box is its own group
+        group_start = np.arange(n)
+        g_tensor, g_off, g_size = tensor, t.offsets[sel], t.sizes[sel]
+        g_count = np.ones(n, dtype=np.int64)
+    else:
+        group_start = np.flatnonzero(new_group)
+        # The 2-d rows are gathered once, for the distinct boxes only.
+        g_sel = sel[group_start]
+        g_tensor, g_off, g_size = tensor[group_start], t.offsets[g_sel], t.sizes[g_sel]
+        g_count = np.diff(np.append(group_start, n))
+    del new_group
 
     g_vol = _prod_cols(g_size)
     _check_tilings(t, g_tensor, g_off, g_size, g_vol)
 
-    # Assignment: unique boxes to their holder; replicas to the least loaded.
     g_bytes = g_vol * itemsize[g_tensor]
+    if (
+        distinct
+        and in_key is not None
+        and bool((g_bytes <= chunk_bytes).all())
+        and _ranks_in_key_order(in_key, rank_kept)
+    ):
+        # The common case (sharded, no replica, no split, each rank describing
+        # its boxes in tensor order): the plan is the input rows as they come.
+        del g_off, g_size, g_vol, g_bytes, order, sel, tensor, rank
+        so = t.offsets if keep is None else t.offsets[keep]
+        ss = t.sizes if keep is None else t.sizes[keep]
+        return _plan(t, rank_kept, tensor_in, so, ss, so, ss, itemsize)
+
+    # Assignment: unique boxes to their holder; replicas to the least loaded.
     g_rank = rank[group_start].copy()
     load = np.bincount(
         g_rank[g_count == 1], weights=g_bytes[g_count == 1].astype(np.float64), minlength=t.world
@@ -306,18 +329,38 @@ def plan_save_table(tables: Sequence[LocalTable], *, chunk_bytes: int) -> SavePl
         co, cs = _cat(rows_co)[by], _cat(rows_cs)[by]
     else:  # chunks are the shard boxes: the same columns
         co, cs = so, ss
+    return _plan(t, it_r, it_t, so, ss, co, cs, itemsize)
+
+
+def _plan(
+    t: ShardTable,
+    rank: Ints,
+    tensor: Ints,
+    so: Ints,
+    ss: Ints,
+    co: Ints,
+    cs: Ints,
+    itemsize: Ints,
+) -> SavePlan:
     return SavePlan(
         tensors=t.tensors,
         world=t.world,
-        rank=it_r,
-        tensor=it_t,
+        rank=rank,
+        tensor=tensor,
         shard_offsets=so,
         shard_sizes=ss,
         chunk_offsets=co,
         chunk_sizes=cs,
-        nbytes=_prod_cols(cs) * itemsize[it_t],
-        starts=np.searchsorted(it_r, np.arange(t.world + 1)).astype(np.int64),
+        nbytes=_prod_cols(cs) * itemsize[tensor],
+        starts=np.searchsorted(rank, np.arange(t.world + 1)).astype(np.int64),
     )
+
+
+def _ranks_in_key_order(key: Ints, rank: Ints) -> bool:
+    """Whether each rank's rows (rows come in rank order) have increasing keys."""
+    if len(key) < 2:
+        return True
+    return bool(((key[1:] > key[:-1]) | (rank[1:] != rank[:-1])).all())
 
 
 def stable_order(keys: Ints, bound: int) -> Ints:
@@ -348,7 +391,7 @@ def _cat(parts: list[Ints]) -> Ints:
 
 def _sort_boxes(
     t: ShardTable, tensor: Ints, rank: Ints, off_cols: list[Ints], size_cols: list[Ints]
-) -> tuple[Ints, Ints | None]:
+) -> tuple[Ints, Ints | None, Ints | None]:
     """The order of boxes by (tensor, offsets, sizes, rank), so exact replicas are adjacent.
 
     The sort keys are packed into as few int64 words as fit, each field
@@ -357,13 +400,13 @@ def _sort_boxes(
     (tensor, offsets, sizes) leaves equal boxes in rank order without a rank
     field. When a tensor-id sort alone leaves the boxes sorted (Shard(0) in
     rank order, the common layout), that radix sort is the whole sort.
-    Returns the order, and the packed key in that order when it is one word
-    (equal boxes, and only they, have equal keys).
+    Returns the order, and when the key is one word (equal boxes, and only
+    they, have equal keys) that key in this order and in the rows' order.
     """
     assert len(rank) < 2 or bool((rank[1:] >= rank[:-1]).all()), "rows must come in rank order"
     n_t = len(t.tensors.fqns)
     if len(tensor) == 0:
-        return np.zeros(0, dtype=np.int64), None
+        return np.zeros(0, dtype=np.int64), None, None
     # most significant first: tensor, offsets, sizes
     fields = [(tensor, max(1, n_t))]
     fields += [(c, int(c.max()) + 1) for c in off_cols]
@@ -386,14 +429,14 @@ def _sort_boxes(
     if len(keys) == 1:
         if span <= 1 << 16:
             order = stable_order(keys[0], span)
-            return order, keys[0][order]
+            return order, keys[0][order], keys[0]
         order = stable_order(tensor, max(1, n_t))
         sorted_key = keys[0][order]
         if bool((sorted_key[1:] >= sorted_key[:-1]).all()):
-            return order, sorted_key
+            return order, sorted_key, keys[0]
         order = np.argsort(keys[0], kind="stable")
-        return order, keys[0][order]
-    return np.lexsort(tuple(reversed(keys))), None
+        return order, keys[0][order], keys[0]
+    return np.lexsort(tuple(reversed(keys))), None, None
 
 
 def _check_tilings(t: ShardTable, g_tensor: Ints, g_off: Ints, g_size: Ints, vol: Ints) -> None:
