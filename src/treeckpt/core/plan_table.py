@@ -232,7 +232,7 @@ def plan_save_table(tables: Sequence[LocalTable], *, chunk_bytes: int) -> SavePl
     del off_cols, size_cols
     tensor_in = tensor
     sel = order if keep is None else keep[order]
-    tensor, rank = t.tensor[sel], t.rank[sel]
+    tensor = t.tensor[sel]
     n = len(tensor)
     new_group = np.ones(n, dtype=bool)
     if n > 1 and sorted_key is not None:  # one packed word: replicas have equal keys
@@ -247,9 +247,7 @@ def plan_save_table(tables: Sequence[LocalTable], *, chunk_bytes: int) -> SavePl
     del sorted_key
     distinct = bool(new_group.all())
     if distinct:  # no replica: every box is its own group
-        group_start = np.arange(n)
         g_tensor, g_off, g_size = tensor, t.offsets[sel], t.sizes[sel]
-        g_count = np.ones(n, dtype=np.int64)
     else:
         group_start = np.flatnonzero(new_group)
         # The 2-d rows are gathered once, for the distinct boxes only.
@@ -270,12 +268,16 @@ def plan_save_table(tables: Sequence[LocalTable], *, chunk_bytes: int) -> SavePl
     ):
         # The common case (sharded, no replica, no split, each rank describing
         # its boxes in tensor order): the plan is the input rows as they come.
-        del g_off, g_size, g_vol, g_bytes, order, sel, tensor, rank
+        del g_off, g_size, g_vol, g_bytes, order, sel, tensor
         so = t.offsets if keep is None else t.offsets[keep]
         ss = t.sizes if keep is None else t.sizes[keep]
         return _plan(t, rank_kept, tensor_in, so, ss, so, ss, itemsize)
 
     # Assignment: unique boxes to their holder; replicas to the least loaded.
+    rank = t.rank[sel]
+    if distinct:
+        group_start = np.arange(n)
+        g_count = np.ones(n, dtype=np.int64)
     g_rank = rank[group_start].copy()
     load = np.bincount(
         g_rank[g_count == 1], weights=g_bytes[g_count == 1].astype(np.float64), minlength=t.world
