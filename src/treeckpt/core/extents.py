@@ -28,7 +28,8 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from treeckpt.core.plan_table import SavePlan, stable_order
+from treeckpt.core.box_columns import stable_order
+from treeckpt.core.plan_table import SavePlan
 from treeckpt.core.specs import ShardSpec
 
 __all__ = ["Extents", "Layout", "extents_of_plan", "select_writers", "writers_of"]
