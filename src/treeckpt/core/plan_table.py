@@ -16,7 +16,12 @@ and reductions:
 - replicated boxes go to the least-loaded holder in a loop over replicated
   boxes only;
 - boxes within ``chunk_bytes`` are their own chunk; larger ones are split with
-  ``split_box``.
+  ``split_box``;
+- when no box is replicated or split and each rank lists its boxes in tensor
+  order (sharded training, the common case), the plan is the input rows as
+  they come, after the same checks.
+
+The sort and the tiling checks are in ``core/box_columns.py``.
 
 The result is one type, :class:`SavePlan`: the whole plan on the
 coordinator, one rank's rows (``for_rank``) on every other rank. Each rank's
