@@ -124,10 +124,16 @@ SAVE_ID = "0123456789abcdef"
 
 
 def _index(plan: SavePlan, rank: int) -> ChunkIndex:
-    """What writer ``rank`` would store: one data file, its chunks back to back."""
+    """What writer ``rank`` would store: one data file, its chunks back to back.
+
+    Checksums are distinct pseudo-random values, as real ones are, so that
+    they do not compress better than real ones would.
+    """
     name = layout.data_file(SAVE_ID, rank, 0)
     chunks, at = [], 0
-    for item in plan.items_for(rank):
+    items = plan.items_for(rank)
+    sums = np.random.default_rng(rank).integers(0, 1 << 63, size=len(items), dtype=np.int64)
+    for item, value in zip(items, sums.tolist(), strict=True):
         n = item.nbytes
         chunks.append(
             ChunkRef(
@@ -138,7 +144,7 @@ def _index(plan: SavePlan, rank: int) -> ChunkIndex:
                 length=n,
                 codec="raw",
                 raw_length=n,
-                checksum="xxh3-64:0123456789abcdef",
+                checksum=f"xxh3-64:{value:016x}",
             )
         )
         at += n

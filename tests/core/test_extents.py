@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import pickle
 import random
 
 import numpy as np
 import pytest
 
 from treeckpt.core.box import Box
-from treeckpt.core.extents import Extents, extents_of_plan, select_writers, writers_of
+from treeckpt.core.extents import Extents, Layout, extents_of_plan, select_writers, writers_of
 from treeckpt.core.plan import plan_save
 from treeckpt.core.specs import ShardSpec
 
@@ -140,3 +141,48 @@ def test_extents_compare_by_value() -> None:
     assert a == b and a != c
     assert Extents(layouts=(), tensors={}) == extents_of_plan(plan_save([[]], chunk_bytes=64))
     assert isinstance(a.layouts[0].ranks, np.ndarray)
+
+
+def _same_columns(a: Layout, b: Layout) -> bool:
+    return a.whole == b.whole and all(
+        x.dtype == y.dtype and x.shape == y.shape and x.flags.c_contiguous and np.array_equal(x, y)
+        for x, y in ((a.ranks, b.ranks), (a.offsets, b.offsets), (a.sizes, b.sizes))
+    )
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4, 6])
+def test_extents_pickle_to_the_same_columns(world: int) -> None:
+    ext = extents_of_plan(plan_save(_specs(world), chunk_bytes=40))
+    back = pickle.loads(pickle.dumps(ext, protocol=pickle.HIGHEST_PROTOCOL))
+    assert back == ext
+    assert all(_same_columns(a, b) for a, b in zip(back.layouts, ext.layouts, strict=True))
+
+
+def test_wide_and_irregular_layouts_pickle_bit_for_bit() -> None:
+    rng = np.random.default_rng(3)
+    big = Layout.of(
+        np.asarray([5, 0, 2], dtype=np.int64),
+        np.asarray([[1 << 40, 0], [0, 7], [3, (1 << 62) - 9]], dtype=np.int64),
+        np.asarray([[1, 1 << 33], [9, 1], [1 << 41, 8]], dtype=np.int64),
+        (False, True, False),
+    )
+    assert big.offsets.dtype == np.int64
+    small = Layout.of(
+        rng.integers(0, 1 << 20, 50),
+        rng.integers(0, 1 << 30, (50, 1)),
+        rng.integers(1, 1 << 30, (50, 1)),
+        (True, False),
+    )
+    empty = Layout.of(
+        np.zeros(0, np.int64), np.zeros((0, 0), np.int64), np.zeros((0, 0), np.int64), ()
+    )
+    for lay in (big, small, empty):
+        back = pickle.loads(pickle.dumps(lay))
+        assert _same_columns(back, lay)
+
+
+def test_a_regular_layout_pickles_small() -> None:
+    """4096 writers of a Shard(0) tensor: a few hundred bytes, not 12 per writer."""
+    n = 4096
+    lay = Layout.of(np.arange(n), (np.arange(n) * 3)[:, None], np.full((n, 1), 3), (False, True))
+    assert len(pickle.dumps(lay, protocol=pickle.HIGHEST_PROTOCOL)) < 600

@@ -19,7 +19,7 @@ import pytest
 from hypothesis import assume, example, given
 from hypothesis import strategies as st
 
-from treeckpt.core.box import Box, full_box
+from treeckpt.core.box import Box, full_box, split_box
 from treeckpt.core.dtypes import dtype_info
 from treeckpt.core.manifest import ChunkRef
 from treeckpt.core.plan import LoadPlan, SavePlan, StoredTensor, WriteItem, plan_load, plan_save
@@ -706,3 +706,99 @@ def test_tilings_of_two_world_sizes_reshard(data: st.DataObject, n: int, m: int)
             got, count = filled[("w", box)]
             assert (count == 1).all()
             assert np.array_equal(got, saved.data["w"][box.slices()])
+
+
+def _reference_items(specs: SpecsByRank, chunk_bytes: int) -> list[list[WriteItem]]:
+    """The save plan, one box object at a time: what the columnar planner must equal exactly."""
+    order: list[str] = []
+    meta: dict[str, ShardSpec] = {}
+    holders: dict[tuple[str, Box], list[int]] = {}
+    for rank, rank_specs in enumerate(specs):
+        for s in rank_specs:
+            if s.fqn not in meta:
+                meta[s.fqn] = s
+                order.append(s.fqn)
+            for b in s.boxes:
+                if b.volume:
+                    holders.setdefault((s.fqn, b), []).append(rank)
+    tid = {f: i for i, f in enumerate(order)}
+    boxes = sorted(holders, key=lambda k: (tid[k[0]], k[1].offsets, k[1].sizes))
+    nbytes = {k: k[1].volume * dtype_info(meta[k[0]].dtype).itemsize for k in boxes}
+    writer = {k: holders[k][0] for k in boxes if len(holders[k]) == 1}
+    load = [0] * len(specs)
+    for k, r in writer.items():
+        load[r] += nbytes[k]
+    for k in sorted((k for k in boxes if len(holders[k]) > 1), key=lambda k: -nbytes[k]):
+        r = min(holders[k], key=lambda h: load[h])  # ties to the lowest rank
+        writer[k] = r
+        load[r] += nbytes[k]
+    # Each rank writes its whole boxes first, then the chunks of its split boxes.
+    out: list[list[WriteItem]] = [[] for _ in specs]
+    for split in (False, True):
+        for k in boxes:
+            f, box = k
+            if (nbytes[k] > chunk_bytes) != split:
+                continue
+            s = meta[f]
+            chunks = split_box(box, dtype_info(s.dtype).itemsize, chunk_bytes) if split else [box]
+            out[writer[k]] += [
+                WriteItem(fqn=f, dtype=s.dtype, rank=writer[k], shard=box, chunk=c) for c in chunks
+            ]
+    return out
+
+
+def _int8(fqn: str, shape: tuple[int, ...], *boxes: tuple[int, int]) -> ShardSpec:
+    return ShardSpec(
+        fqn=fqn,
+        dtype="int8",
+        shape=shape,
+        boxes=tuple(Box(offsets=(o,), sizes=(n,)) for o, n in boxes),
+    )
+
+
+@given(save_cases(), st.booleans())
+@example(
+    SaveCase(
+        specs=[
+            [
+                ShardSpec(
+                    fqn="w",
+                    dtype="float32",
+                    shape=(4, 3),
+                    boxes=(Box(offsets=(2, 0), sizes=(2, 3)),),
+                ),
+                full_spec("b", "int8", (5,)),
+            ],
+            [
+                ShardSpec(
+                    fqn="w",
+                    dtype="float32",
+                    shape=(4, 3),
+                    boxes=(Box(offsets=(0, 0), sizes=(2, 3)),),
+                ),
+                full_spec("b", "int8", (5,)),
+            ],
+        ],
+        chunk_bytes=8,
+    ),
+    True,
+)
+# rank 1 lists its tensors in another order than rank 0, and its boxes of c backwards
+@example(
+    SaveCase(
+        specs=[
+            [_int8("a", (3,), (0, 1)), _int8("b", (2,), (0, 1))],
+            [_int8("b", (2,), (1, 1)), _int8("a", (3,), (1, 2)), _int8("c", (4,), (2, 2), (0, 2))],
+        ],
+        chunk_bytes=64,
+    ),
+    False,
+)
+def test_plan_save_equals_the_box_by_box_plan(case: SaveCase, reverse: bool) -> None:
+    """Every column, in every rank's order, also when the ranks hold their slabs in reverse."""
+    specs = case.specs[::-1] if reverse else case.specs
+    plan = plan_save(specs, chunk_bytes=case.chunk_bytes)
+    expected = _reference_items(specs, case.chunk_bytes)
+    assert [list(plan.items_for(r)) for r in range(len(specs))] == expected
+    assert plan.nbytes.dtype == np.int64
+    assert plan.nbytes.tolist() == [it.nbytes for items in expected for it in items]

@@ -345,7 +345,7 @@ def test_golden_values_restore_and_load(tmp_path: Path) -> None:
 
 
 GOLDEN_IDX = Path(__file__).resolve().parent / "v1-idx"
-IDX_SAVE_ID = "61a2e27c2078600e"
+IDX_SAVE_ID = "e4b9e5592183efb4"
 
 
 def test_golden_binary_index_still_loads(tmp_path: Path) -> None:

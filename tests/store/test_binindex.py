@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 import xxhash
+import zstandard
 
 import treeckpt
 from tests.adversarial.forge import same, sample_tree, template_of
@@ -117,8 +118,8 @@ class Parts:
 def _split(blob: bytes) -> Parts:
     magic, version, hl = struct.unpack_from("<8sII", blob)
     head = json.loads(blob[16 : 16 + hl])
-    start = 16 + hl + (-(16 + hl) % 8)
-    words = np.frombuffer(blob, dtype="<i8", offset=start, count=(len(blob) - start - 8) // 8)
+    raw = zstandard.ZstdDecompressor().decompress(blob[16 + hl : -8])
+    words = np.frombuffer(raw, dtype="<i8")
     n, c, b, s = head["counts"]
     pos = [0]
 
@@ -127,29 +128,41 @@ def _split(blob: bytes) -> Parts:
         pos[0] += k
         return out
 
-    table = take(10 * n).reshape(n, 10)
+    table = np.cumsum(take(10 * n).reshape(10, n), axis=1).T.copy()
     sums, coords, blocks, segs = take(n), take(c), take(b), take(s)
     digests = take(2 * n) if head["digests"] else None
+    assert pos[0] == len(words)
     return Parts(head, table, sums, coords, blocks, segs, digests, version, magic)
 
 
-def _join(p: Parts, fix_counts: bool = True) -> bytes:
+def _frame(raw: bytes) -> bytes:
+    return zstandard.ZstdCompressor(level=3, write_content_size=True).compress(raw)
+
+
+def _join(p: Parts, fix_counts: bool = True, frame: Callable[[bytes], bytes] = _frame) -> bytes:
     if fix_counts:
         p.head["counts"] = [len(p.table), len(p.coords), len(p.blocks), len(p.segments)]
     text = json.dumps(p.head, separators=(",", ":")).encode()
     out = struct.pack("<8sII", p.magic, p.version, len(text)) + text
-    out += b"\0" * (-len(out) % 8)
-    for arr in (p.table, p.sums, p.coords, p.blocks, p.segments, p.digests):
+    table = np.asarray(p.table, dtype=np.int64)
+    raw = np.diff(table.T, axis=1, prepend=0).astype("<i8").tobytes()
+    for arr in (p.sums, p.coords, p.blocks, p.segments, p.digests):
         if arr is not None:
-            out += np.asarray(arr, dtype="<i8").tobytes()
+            raw += np.asarray(arr, dtype="<i8").tobytes()
+    out += frame(raw)
     return out + struct.pack("<Q", xxhash.xxh3_64_intdigest(out))
 
 
-def _forge(saved: Any, edit: Callable[[Parts], Any], fix_counts: bool = True) -> str:
+def _forge(
+    saved: Any,
+    edit: Callable[[Parts], Any],
+    fix_counts: bool = True,
+    frame: Callable[[bytes], bytes] = _frame,
+) -> str:
     m, _, blob = saved
     p = _split(blob)
     edit(p)
-    forged = _join(p, fix_counts)
+    forged = _join(p, fix_counts, frame)
     with pytest.raises(ManifestError) as info:
         decode_index(forged, _ref(m, forged), m)
     assert "index-r0.idx" in str(info.value)
@@ -297,3 +310,40 @@ def test_a_form_that_does_not_match_its_name_is_refused(saved: Any) -> None:
     )
     with pytest.raises(ManifestError, match=r"index-r0\.json: not valid JSON"):
         decode_index(blob, as_json, m)
+
+
+def _no_content_size(raw: bytes) -> bytes:
+    return zstandard.ZstdCompressor(write_content_size=False).compress(raw)
+
+
+@pytest.mark.parametrize(
+    ("frame", "match"),
+    [
+        (_no_content_size, r"columns hold -1 bytes, but its head describes \d+"),
+        (lambda raw: _frame(raw) + _frame(b""), "not exactly one zstd frame"),
+        (lambda raw: _frame(raw) + b"\0", "not exactly one zstd frame"),
+        (lambda raw: _frame(raw)[:-3], "not a valid zstd frame|not exactly one zstd frame"),
+        (lambda raw: b"\0" * 8 + _frame(raw), "not a valid zstd frame"),
+        (lambda raw: _frame(raw[:-8]), r"columns hold \d+ bytes, but its head describes"),
+    ],
+)
+def test_columns_that_are_not_one_exact_frame_are_refused(
+    saved: Any, frame: Callable[[bytes], bytes], match: str
+) -> None:
+    msg = _forge(saved, lambda p: None, frame=frame)
+    assert re.search(match, msg), msg
+
+
+def test_columns_that_would_inflate_too_far_are_refused(saved: Any) -> None:
+    """Counts of 2^39 chunks: refused before anything is inflated or allocated."""
+    msg = _forge(saved, lambda p: p.head.update(counts=[1 << 39, 0, 0, 0]), False)
+    assert re.search(r"describes \d+ bytes of columns, too many for \d+ stored bytes", msg), msg
+
+
+def test_delta_coded_columns_are_small(saved: Any) -> None:
+    """Offsets that grow by the chunk lengths cost about nothing: the checksums dominate."""
+    _, ix, blob = saved
+    n = len(ix.chunks)
+    stored = len(blob) - 16 - struct.unpack_from("<8sII", blob)[2] - 8
+    words = sum(_split(blob).head["counts"]) + 10 * n + (2 * n if ix.chunks[0].digest else 0)
+    assert stored < 8 * words // 2, (stored, 8 * words)

@@ -21,13 +21,15 @@ wrong map can only make a load fail, never return wrong values.
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
 
-from treeckpt.core.plan_table import SavePlan, stable_order
+from treeckpt.core.box_columns import stable_order
+from treeckpt.core.plan_table import SavePlan
 from treeckpt.core.specs import ShardSpec
 
 __all__ = ["Extents", "Layout", "extents_of_plan", "select_writers", "writers_of"]
@@ -83,6 +85,31 @@ class Layout:
         return self.whole == other.whole and self.key() == other.key()
 
     __hash__ = None  # type: ignore[assignment]
+
+    def __reduce__(self) -> tuple[object, tuple[object, ...]]:
+        """Pickled small (rank 0 broadcasts the map to every rank): each column as
+        differences between rows (writers count up by one, offsets by the sizes,
+        sizes repeat), deflated; unpickled to the same columns, bit for bit."""
+        cols = np.concatenate([self.ranks[:, None], self.offsets, self.sizes], axis=1)
+        deltas = np.diff(cols, axis=0, prepend=np.zeros((1, cols.shape[1]), dtype=cols.dtype))
+        packed = zlib.compress(
+            np.ascontiguousarray(deltas.T, dtype=self.offsets.dtype).tobytes(), 6
+        )
+        return _unpack_layout, (packed, len(self.ranks), self.offsets.dtype.str, self.whole)
+
+
+def _unpack_layout(packed: bytes, n: int, kind: str, whole: tuple[bool, ...]) -> Layout:
+    """The layout ``Layout.__reduce__`` packed."""
+    k = whole.count(False)
+    cols = np.cumsum(
+        np.frombuffer(zlib.decompress(packed), dtype=kind).reshape(1 + 2 * k, n), axis=1
+    ).astype(kind)
+    return Layout(
+        ranks=cols[0].astype(np.int32),
+        offsets=np.ascontiguousarray(cols[1 : 1 + k].T),
+        sizes=np.ascontiguousarray(cols[1 + k :].T),
+        whole=whole,
+    )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True, eq=False)

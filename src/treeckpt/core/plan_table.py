@@ -16,7 +16,12 @@ and reductions:
 - replicated boxes go to the least-loaded holder in a loop over replicated
   boxes only;
 - boxes within ``chunk_bytes`` are their own chunk; larger ones are split with
-  ``split_box``.
+  ``split_box``;
+- when no box is replicated or split and each rank lists its boxes in tensor
+  order (sharded training, the common case), the plan is the input rows as
+  they come, after the same checks.
+
+The sort and the tiling checks are in ``core/box_columns.py``.
 
 The result is one type, :class:`SavePlan`: the whole plan on the
 coordinator, one rank's rows (``for_rank``) on every other rank. Each rank's
@@ -26,14 +31,20 @@ ever holds an object per box of the whole job.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-import numpy.typing as npt
 
-from treeckpt.core.box import Box, check_tiling, split_box
+from treeckpt.core.box import Box, split_box
+from treeckpt.core.box_columns import (
+    all_cols,
+    check_tilings,
+    prod_cols,
+    sort_boxes,
+    stable_order,
+    tiling_error,
+)
 from treeckpt.core.dtypes import dtype_info
 from treeckpt.core.shard_table import (
     Ints,
@@ -207,41 +218,77 @@ def plan_save_table(tables: Sequence[LocalTable], *, chunk_bytes: int) -> SavePl
     # Empty boxes hold nothing to write (uneven sharding makes many of them).
     dims = t.offsets.shape[1]
     # Column by column: numpy reduces a short inner axis slowly.
-    keep = np.flatnonzero(_all_cols([t.sizes[:, d] > 0 for d in range(dims)], len(t.tensor)))
-    tensor = t.tensor[keep]
-    # Columns one by one: gathering 1-d columns is cheaper than 2-d rows, and
-    # the 2-d rows are gathered once, in sorted order, below.
-    off_cols = [t.offsets[keep, d] for d in range(dims)]
-    size_cols = [t.sizes[keep, d] for d in range(dims)]
+    nonempty = all_cols([t.sizes[:, d] > 0 for d in range(dims)], len(t.tensor))
+    if nonempty.all():  # no empty box (even sharding): no gather, strided views
+        keep = None
+        tensor, rank_kept = t.tensor, t.rank
+        off_cols = [t.offsets[:, d] for d in range(dims)]
+        size_cols = [t.sizes[:, d] for d in range(dims)]
+    else:
+        keep = np.flatnonzero(nonempty)
+        tensor, rank_kept = t.tensor[keep], t.rank[keep]
+        # Columns one by one: gathering 1-d columns is cheaper than 2-d rows, and
+        # the 2-d rows are gathered once, in sorted order, below.
+        off_cols = [t.offsets[keep, d] for d in range(dims)]
+        size_cols = [t.sizes[keep, d] for d in range(dims)]
+    del nonempty
     # Bounds: negative values are refused by Box itself; check the far edges.
     if len(tensor):
         outside = np.zeros(len(tensor), dtype=bool)
         for d in range(dims):
             outside |= (off_cols[d] + size_cols[d]) > t.shape[tensor, d]
         if outside.any():
-            _tiling_error(t, int(tensor[np.argmax(outside)]))
-    order = _sort_boxes(t, tensor, t.rank[keep], off_cols, size_cols)
-    sel = keep[order]
-    tensor, rank = t.tensor[sel], t.rank[sel]
+            tiling_error(t, int(tensor[np.argmax(outside)]))
+    order, sorted_key, in_key = sort_boxes(t, tensor, rank_kept, off_cols, size_cols)
+    del off_cols, size_cols
+    tensor_in = tensor
+    sel = order if keep is None else keep[order]
+    tensor = t.tensor[sel]
     n = len(tensor)
     new_group = np.ones(n, dtype=bool)
-    if n > 1:
+    if n > 1 and sorted_key is not None:  # one packed word: replicas have equal keys
+        np.not_equal(sorted_key[1:], sorted_key[:-1], out=new_group[1:])
+    elif n > 1:
         same = tensor[1:] == tensor[:-1]
-        for col in (*off_cols, *size_cols):
-            c = col[order]
-            same &= c[1:] == c[:-1]
+        for d in range(dims):
+            for cols in (t.offsets, t.sizes):
+                sc = cols[sel, d]
+                same &= sc[1:] == sc[:-1]
         new_group[1:] = ~same
-    group_start = np.flatnonzero(new_group)
-    # The 2-d rows are gathered once, for the distinct boxes only.
-    g_sel = sel[group_start]
-    g_tensor, g_off, g_size = tensor[group_start], t.offsets[g_sel], t.sizes[g_sel]
-    g_count = np.diff(np.append(group_start, n))
+    del sorted_key
+    distinct = bool(new_group.all())
+    if distinct:  # no replica: every box is its own group
+        g_tensor, g_off, g_size = tensor, t.offsets[sel], t.sizes[sel]
+    else:
+        group_start = np.flatnonzero(new_group)
+        # The 2-d rows are gathered once, for the distinct boxes only.
+        g_sel = sel[group_start]
+        g_tensor, g_off, g_size = tensor[group_start], t.offsets[g_sel], t.sizes[g_sel]
+        g_count = np.diff(np.append(group_start, n))
+    del new_group
 
-    g_vol = _prod_cols(g_size)
-    _check_tilings(t, g_tensor, g_off, g_size, g_vol)
+    g_vol = prod_cols(g_size)
+    check_tilings(t, g_tensor, g_off, g_size, g_vol)
+
+    g_bytes = g_vol * itemsize[g_tensor]
+    if (
+        distinct
+        and in_key is not None
+        and bool((g_bytes <= chunk_bytes).all())
+        and _ranks_in_key_order(in_key, rank_kept)
+    ):
+        # The common case (sharded, no replica, no split, each rank describing
+        # its boxes in tensor order): the plan is the input rows as they come.
+        del g_off, g_size, g_vol, g_bytes, order, sel, tensor
+        so = t.offsets if keep is None else t.offsets[keep]
+        ss = t.sizes if keep is None else t.sizes[keep]
+        return _plan(t, rank_kept, tensor_in, so, ss, so, ss, itemsize)
 
     # Assignment: unique boxes to their holder; replicas to the least loaded.
-    g_bytes = g_vol * itemsize[g_tensor]
+    rank = t.rank[sel]
+    if distinct:
+        group_start = np.arange(n)
+        g_count = np.ones(n, dtype=np.int64)
     g_rank = rank[group_start].copy()
     load = np.bincount(
         g_rank[g_count == 1], weights=g_bytes[g_count == 1].astype(np.float64), minlength=t.world
@@ -285,9 +332,9 @@ def plan_save_table(tables: Sequence[LocalTable], *, chunk_bytes: int) -> SavePl
         rows_cs.append(cs)
     it_t, it_r = _cat(rows_t), _cat(rows_r)
     it_so, it_ss = _cat(rows_so), _cat(rows_ss)
-    # Groups are in (tensor, offsets) order and split chunks follow their
-    # box's order within each tensor, so a stable sort by rank keeps each
-    # rank's items in tensor order.
+    # Whole boxes come in (tensor, offsets) order, then the chunks of split
+    # boxes in the same order; a stable sort by rank keeps that order within
+    # each rank (whole boxes first, then split chunks).
     by = stable_order(it_r, t.world)
     it_r, it_t = it_r[by], it_t[by]
     so, ss = it_so[by], it_ss[by]
@@ -295,140 +342,39 @@ def plan_save_table(tables: Sequence[LocalTable], *, chunk_bytes: int) -> SavePl
         co, cs = _cat(rows_co)[by], _cat(rows_cs)[by]
     else:  # chunks are the shard boxes: the same columns
         co, cs = so, ss
+    return _plan(t, it_r, it_t, so, ss, co, cs, itemsize)
+
+
+def _plan(
+    t: ShardTable,
+    rank: Ints,
+    tensor: Ints,
+    so: Ints,
+    ss: Ints,
+    co: Ints,
+    cs: Ints,
+    itemsize: Ints,
+) -> SavePlan:
     return SavePlan(
         tensors=t.tensors,
         world=t.world,
-        rank=it_r,
-        tensor=it_t,
+        rank=rank,
+        tensor=tensor,
         shard_offsets=so,
         shard_sizes=ss,
         chunk_offsets=co,
         chunk_sizes=cs,
-        nbytes=_prod_cols(cs) * itemsize[it_t],
-        starts=np.searchsorted(it_r, np.arange(t.world + 1)).astype(np.int64),
+        nbytes=prod_cols(cs) * itemsize[tensor],
+        starts=np.searchsorted(rank, np.arange(t.world + 1)).astype(np.int64),
     )
 
 
-def stable_order(keys: Ints, bound: int) -> Ints:
-    """``argsort(keys, kind="stable")`` for keys in ``[0, bound)``: a radix sort below 2^16."""
-    if bound <= 1 << 16:
-        return np.argsort(keys.astype(np.uint16), kind="stable")
-    return np.argsort(keys, kind="stable")
-
-
-def _all_cols(cols: list[npt.NDArray[np.bool_]], n: int) -> npt.NDArray[np.bool_]:
-    out = np.ones(n, dtype=bool)
-    for c in cols:
-        out &= c
-    return out
-
-
-def _prod_cols(rows: Ints) -> Ints:
-    """The product of each row of a 2-d array (column by column)."""
-    out = np.ones(len(rows), dtype=np.int64)
-    for d in range(rows.shape[1]):
-        out *= rows[:, d]
-    return out
+def _ranks_in_key_order(key: Ints, rank: Ints) -> bool:
+    """Whether each rank's rows (rows come in rank order) have increasing keys."""
+    if len(key) < 2:
+        return True
+    return bool(((key[1:] > key[:-1]) | (rank[1:] != rank[:-1])).all())
 
 
 def _cat(parts: list[Ints]) -> Ints:
     return parts[0] if len(parts) == 1 else np.concatenate(parts)
-
-
-def _sort_boxes(
-    t: ShardTable, tensor: Ints, rank: Ints, off_cols: list[Ints], size_cols: list[Ints]
-) -> Ints:
-    """The order of boxes by (tensor, offsets, sizes, rank), so exact replicas are adjacent.
-
-    The sort keys are packed into as few int64 words as fit (each value
-    below a known bound: tensor count, shape, world size), since a sort on
-    one key costs a fraction of a lexicographic sort on many.
-    """
-    dims = len(off_cols)
-    n_t = len(t.tensors.fqns)
-    extent = [int(t.shape[:, d].max()) + 1 if n_t else 1 for d in range(dims)]
-    # most significant first: tensor, offsets, sizes, rank
-    fields = [(tensor, max(1, n_t))]
-    fields += [(off_cols[d], extent[d]) for d in range(dims)]
-    fields += [(size_cols[d], extent[d]) for d in range(dims)]
-    fields.append((rank, max(1, t.world)))
-    keys: list[Ints] = []
-    key: Ints | None = None
-    span = 1
-    for col, bound in fields:
-        if key is not None and span * bound < (1 << 62):
-            key = key * bound + col
-            span *= bound
-        else:
-            if key is not None:
-                keys.append(key)
-            key, span = col.copy(), bound
-    assert key is not None
-    keys.append(key)
-    if len(keys) == 1:
-        return stable_order(keys[0], span)
-    return np.lexsort(tuple(reversed(keys)))
-
-
-def _check_tilings(t: ShardTable, g_tensor: Ints, g_off: Ints, g_size: Ints, vol: Ints) -> None:
-    """Every tensor's distinct boxes tile its shape (vectorized for slab layouts)."""
-    n_tensors = len(t.tensors.fqns)
-    starts = np.searchsorted(g_tensor, np.arange(n_tensors + 1))
-    # Exact per-tensor volume sums (reduceat on int64, empty groups handled).
-    sums = np.zeros(n_tensors, dtype=np.int64)
-    nonempty = starts[:-1] < starts[1:]
-    if nonempty.any():
-        sums[nonempty] = np.add.reduceat(vol, starts[:-1][nonempty])
-    expected = np.asarray([math.prod(s) for s in t.tensors.shapes] or [0], dtype=np.int64)[
-        :n_tensors
-    ]
-    suspect = sums != expected
-    # Slabs: every box spans the whole shape in all dims but (at most) one.
-    cut_dims = np.stack(
-        [
-            np.bincount(
-                g_tensor, weights=g_size[:, d] != t.shape[:, d][g_tensor], minlength=n_tensors
-            )
-            for d in range(g_size.shape[1])
-        ],
-        axis=1,
-    )
-    slab = (cut_dims > 0).sum(axis=1) <= 1
-    suspect |= ~slab
-    if len(g_tensor) > 1:
-        # Neighbours along the cut dim (rows are sorted by offsets) must not overlap.
-        cut = np.argmax(cut_dims, axis=1)
-        if (cut == cut[0]).all():  # every tensor cut along the same dim: plain columns
-            start, size = g_off[:, int(cut[0])], g_size[:, int(cut[0])]
-        else:
-            d = cut[g_tensor]
-            rows = np.arange(len(g_tensor))
-            start, size = g_off[rows, d], g_size[rows, d]
-        end = start + size
-        same_t = g_tensor[1:] == g_tensor[:-1]
-        overlap = same_t & (start[1:] < end[:-1])
-        suspect[g_tensor[1:][overlap]] = True
-    for ti in np.flatnonzero(suspect):
-        _tiling_error(t, int(ti), g_tensor, g_off, g_size)
-
-
-def _tiling_error(
-    t: ShardTable,
-    ti: int,
-    g_tensor: Ints | None = None,
-    g_off: Ints | None = None,
-    g_size: Ints | None = None,
-) -> None:
-    """Check tensor ``ti`` box by box; raises the worded PlanError (returns if it tiles)."""
-    ndims = len(t.tensors.shapes[ti])
-    if g_tensor is None or g_off is None or g_size is None:
-        rows = np.flatnonzero(t.tensor == ti)
-        offs, sizes = t.offsets[rows], t.sizes[rows]
-    else:
-        rows = np.flatnonzero(g_tensor == ti)
-        offs, sizes = g_off[rows], g_size[rows]
-    boxes = [
-        Box(offsets=tuple(int(x) for x in o[:ndims]), sizes=tuple(int(x) for x in s[:ndims]))
-        for o, s in zip(offs, sizes, strict=True)
-    ]
-    check_tiling(t.tensors.shapes[ti], boxes, what=t.tensors.fqns[ti])

@@ -4,13 +4,17 @@ A JSON index spends most of its decoding time on one checksum string per
 64 KiB block and one small list per chunk. The binary form holds the same
 fields as little-endian integer columns, read with one ``numpy.frombuffer``
 each and validated with vectorised comparisons; only names (FQNs, files,
-codec parameters) stay JSON, in a small head. ``docs/format.md`` specifies
-it byte by byte::
+codec parameters) stay JSON, in a small head. The columns are stored as one
+Zstandard frame, the table column by column and each column as differences
+between neighbours (file offsets grow by the chunk lengths, tensor numbers
+by one), so an index of thousands of chunks is mostly its checksums.
+``docs/format.md`` specifies it byte by byte::
 
     magic "TCKINDEX" | u32 version | u32 head length H | head (JSON, H bytes)
-    | zero padding to a multiple of 8 | table (n x 10 int64) | checksums (n u64)
-    | coords (C int64) | block checksums (B u64) | segments (S int64)
-    | digests (n x 2 u64, optional) | u64 xxh3-64 of every byte before it
+    | zstd frame of: table (10 columns of n int64, delta-coded)
+      | checksums (n u64) | coords (C int64) | block checksums (B u64)
+      | segments (S int64) | digests (n x 2 u64, optional)
+    | u64 xxh3-64 of every byte before it
 
 Every check of the JSON index applies, with the same errors
 (``ManifestError`` naming the file, the field and the FQN).
@@ -26,6 +30,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import xxhash
+import zstandard
 
 from treeckpt.core.box import Box
 from treeckpt.core.dtypes import DTYPES
@@ -56,6 +61,8 @@ _COLUMNS = (
     "segments",
 )
 _NCOL = len(_COLUMNS)
+#: a frame that would inflate more than this many times its size (plus 1 MiB) is refused
+_MAX_RATIO = 1024
 _HEAD_KEYS = ("save_id", "rank", "files", "tensors", "codecs", "params", "counts", "digests")
 
 
@@ -111,11 +118,10 @@ def encode_binary_index(ix: ChunkIndex) -> bytes:
         "digests": digests,
     }
     text = json.dumps(head, separators=(",", ":"), ensure_ascii=True).encode()
+    columns = np.ascontiguousarray(table.T)
+    columns[:, 1:] = np.diff(table.T, axis=1)  # each column as differences between rows
     parts = [
-        _HEAD.pack(MAGIC, FORMAT_VERSION, len(text)),
-        text,
-        b"\0" * (-(_HEAD.size + len(text)) % 8),
-        table.astype("<i8").tobytes(),
+        columns.astype("<i8").tobytes(),
         sums.astype("<u8").tobytes(),
         np.asarray(coords, dtype="<i8").tobytes(),
         np.asarray(blocks, dtype=np.uint64).astype("<u8").tobytes(),
@@ -124,7 +130,8 @@ def encode_binary_index(ix: ChunkIndex) -> bytes:
     if digests:
         pairs = [(int(c.digest[9:25], 16), int(c.digest[25:], 16)) for c in ix.chunks]
         parts.append(np.asarray(pairs, dtype=np.uint64).astype("<u8").tobytes())
-    data = b"".join(parts)
+    body = zstandard.ZstdCompressor(level=3, write_content_size=True).compress(b"".join(parts))
+    data = b"".join([_HEAD.pack(MAGIC, FORMAT_VERSION, len(text)), text, body])
     return data + struct.pack("<Q", xxhash.xxh3_64_intdigest(data))
 
 
@@ -151,14 +158,10 @@ def decode_binary_index(data: bytes, rank: int, manifest: Manifest, where: str) 
         raise ManifestError(f"{where}: belongs to another save or rank")
     files = _files(head["files"], manifest.save_id, rank, where)
     n, n_coords, n_blocks, n_segs = head["counts"]
-    start = _HEAD.size + head_len + (-(_HEAD.size + head_len) % 8)
     words = n * _NCOL + n + n_coords + n_blocks + n_segs + (2 * n if head["digests"] else 0)
-    if start + 8 * words + 8 != total:
-        raise ManifestError(
-            f"{where}: {total} bytes, but its head describes {start + 8 * words + 8}"
-        )
-    body = np.frombuffer(data, dtype="<i8", count=words, offset=start)
-    ubody = np.frombuffer(data, dtype="<u8", count=words, offset=start)
+    raw = _inflate(memoryview(data)[_HEAD.size + head_len : total - 8], 8 * words, where)
+    body = np.frombuffer(raw, dtype="<i8", count=words)
+    ubody = np.frombuffer(raw, dtype="<u8", count=words)
     pos = 0
 
     def take(k: int, unsigned: bool = False) -> npt.NDArray[Any]:
@@ -167,7 +170,8 @@ def decode_binary_index(data: bytes, rank: int, manifest: Manifest, where: str) 
         pos += k
         return out
 
-    table = take(n * _NCOL).reshape(n, _NCOL)
+    # Undo the differences (wrapping like the writer's); the values are then checked.
+    table = np.cumsum(take(n * _NCOL).reshape(_NCOL, n), axis=1, dtype=np.int64).T
     sums = take(n, unsigned=True)
     coords = take(n_coords)
     block_sums = take(n_blocks, unsigned=True)
@@ -188,6 +192,28 @@ def decode_binary_index(data: bytes, rank: int, manifest: Manifest, where: str) 
             _with_digest(c, f"xxh3-128:{text[32 * i : 32 * i + 32]}") for i, c in enumerate(chunks)
         ]
     return ChunkIndex(save_id=manifest.save_id, rank=rank, files=tuple(files), chunks=tuple(chunks))
+
+
+def _inflate(frame: memoryview, expected: int, where: str) -> bytes:
+    """The columns: exactly one Zstandard frame of exactly ``expected`` bytes, nothing after it."""
+    if expected > _MAX_RATIO * len(frame) + (1 << 20):
+        raise ManifestError(
+            f"{where}: its head describes {expected} bytes of columns, too many for "
+            f"{len(frame)} stored bytes"
+        )
+    try:
+        size = zstandard.frame_content_size(frame)
+        if size != expected:
+            raise ManifestError(
+                f"{where}: its columns hold {size} bytes, but its head describes {expected}"
+            )
+        inflater = zstandard.ZstdDecompressor().decompressobj()
+        raw = inflater.decompress(frame)
+    except zstandard.ZstdError as exc:
+        raise ManifestError(f"{where}: columns are not a valid zstd frame ({exc})") from None
+    if not inflater.eof or inflater.unused_data or len(raw) != expected:
+        raise ManifestError(f"{where}: columns are not exactly one zstd frame of {expected} bytes")
+    return raw
 
 
 def _with_digest(c: ChunkRef, digest: str) -> ChunkRef:
