@@ -37,10 +37,9 @@ from treeckpt.core.dtypes import DTYPES
 from treeckpt.core.leaves import TensorLeaf
 from treeckpt.core.manifest import FORMAT_VERSION, ChunkIndex, ChunkRef, DataFile, Manifest
 from treeckpt.errors import ManifestError
-from treeckpt.store import layout
 from treeckpt.store.checksum import ALGORITHM
 from treeckpt.store.codecs import CODECS
-from treeckpt.store.parse import MAX_INT, check_format_version
+from treeckpt.store.parse import MAX_INT, check_format_version, parse_data_files
 
 __all__ = ["MAGIC", "decode_binary_index", "encode_binary_index"]
 
@@ -156,7 +155,7 @@ def decode_binary_index(data: bytes, rank: int, manifest: Manifest, where: str) 
     head = _head(data[_HEAD.size : _HEAD.size + head_len], where)
     if head["save_id"] != manifest.save_id or head["rank"] != rank:
         raise ManifestError(f"{where}: belongs to another save or rank")
-    files = _files(head["files"], manifest.save_id, rank, where)
+    files = parse_data_files(head["files"], manifest.save_id, rank, where)
     n, n_coords, n_blocks, n_segs = head["counts"]
     words = n * _NCOL + n + n_coords + n_blocks + n_segs + (2 * n if head["digests"] else 0)
     raw = _inflate(memoryview(data)[_HEAD.size + head_len : total - 8], 8 * words, where)
@@ -241,24 +240,6 @@ def _head(raw: bytes, where: str) -> dict[str, Any]:
     if type(head["digests"]) is not bool or type(head["rank"]) is not int:
         raise ManifestError(f"{where}: head digests or rank malformed")
     return head
-
-
-def _files(raw: Any, save_id: str, rank: int, where: str) -> list[DataFile]:
-    if not isinstance(raw, list):
-        raise ManifestError(f"{where}: files is missing")
-    files = []
-    for n, rf in enumerate(raw):
-        if not (isinstance(rf, list) and len(rf) == 2):
-            raise ManifestError(f"{where}: files[{n}] malformed")
-        name, size = rf
-        if not (layout.is_data_file(name, save_id, rank) or layout.is_reference_file(name)):
-            raise ManifestError(
-                f"{where}: files[{n}] name {str(name)[:80]!r} is not one of this save's"
-            )
-        if type(size) is not int or not 0 <= size < MAX_INT:
-            raise ManifestError(f"{where}: files[{n}] size: expected an integer, got {size!r}")
-        files.append(DataFile(name=name, size=size))
-    return files
 
 
 def _chunks(

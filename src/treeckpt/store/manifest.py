@@ -49,7 +49,7 @@ from treeckpt.store.binindex import decode_binary_index, encode_binary_index
 from treeckpt.store.checksum import checksum, is_checksum, is_content_digest
 from treeckpt.store.codecs import CODECS
 from treeckpt.store.parse import MAX_INT as _MAX_INT
-from treeckpt.store.parse import check_format_version
+from treeckpt.store.parse import check_format_version, parse_data_files
 from treeckpt.store.parse import parse_int as _int
 
 __all__ = [
@@ -443,23 +443,7 @@ def decode_index(data: bytes, ref: IndexRef, manifest: Manifest) -> ChunkIndex:
     body = _open(data, "treeckpt-index", where)
     if body.get("save_id") != manifest.save_id or body.get("rank") != ref.rank:
         raise ManifestError(f"{where}: belongs to another save or rank")
-    raw_files = body.get("files")
-    if not isinstance(raw_files, list):
-        raise ManifestError(f"{where}: files is missing")
-    files = []
-    for n, rf in enumerate(raw_files):
-        if not (isinstance(rf, list) and len(rf) == 2):
-            raise ManifestError(f"{where}: files[{n}] malformed")
-        name, size = rf
-        # A file of this save and rank, or (incremental saves) a data file of a
-        # sibling checkpoint, named by the only pattern that may leave this one.
-        if not (
-            layout.is_data_file(name, manifest.save_id, ref.rank) or layout.is_reference_file(name)
-        ):
-            raise ManifestError(
-                f"{where}: files[{n}] name {str(name)[:80]!r} is not one of this save's"
-            )
-        files.append(DataFile(name=name, size=_int(size, f"{where}: files[{n}] size")))
+    files = parse_data_files(body.get("files"), manifest.save_id, ref.rank, where)
     raw_chunks = body.get("chunks")
     if not isinstance(raw_chunks, list):
         raise ManifestError(f"{where}: chunks is missing")

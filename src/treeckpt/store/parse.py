@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from treeckpt.core.manifest import FORMAT_VERSION
+from treeckpt.core.manifest import FORMAT_VERSION, DataFile
 from treeckpt.errors import ManifestError
+from treeckpt.store import layout
 
-__all__ = ["MAX_INT", "check_format_version", "parse_int"]
+__all__ = ["MAX_INT", "check_format_version", "parse_data_files", "parse_int"]
 
 #: the largest integer any field may hold (sizes and offsets stay far below it)
 MAX_INT = 1 << 62
@@ -31,3 +32,25 @@ def check_format_version(version: int, where: str) -> None:
         )
     if version < 1:
         raise ManifestError(f"{where}: bad format version {version}")
+
+
+def parse_data_files(raw: Any, save_id: str, rank: int, where: str) -> list[DataFile]:
+    """A chunk index's ``files`` list (either index form), every name and size checked.
+
+    A name is a data file of this save and rank or (incremental saves) a data
+    file of a sibling checkpoint, named by the only pattern that may leave
+    this one.
+    """
+    if not isinstance(raw, list):
+        raise ManifestError(f"{where}: files is missing")
+    files = []
+    for n, rf in enumerate(raw):
+        if not (isinstance(rf, list) and len(rf) == 2):
+            raise ManifestError(f"{where}: files[{n}] malformed")
+        name, size = rf
+        if not (layout.is_data_file(name, save_id, rank) or layout.is_reference_file(name)):
+            raise ManifestError(
+                f"{where}: files[{n}] name {str(name)[:80]!r} is not one of this save's"
+            )
+        files.append(DataFile(name=name, size=parse_int(size, f"{where}: files[{n}] size")))
+    return files
