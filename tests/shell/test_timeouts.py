@@ -176,3 +176,32 @@ def test_options_timeout_defaults_to_the_group_and_is_validated() -> None:
             treeckpt.SaveOptions(timeout_s=bad)  # type: ignore[arg-type]
         with pytest.raises(treeckpt.OptionsError, match=r"timeout_s must be a positive, finite"):
             treeckpt.LoadOptions(timeout_s=bad)  # type: ignore[arg-type]
+
+
+def _agree_after_a_failed_collective(rank: int, world: int) -> tuple[str, str, float]:
+    from treeckpt.errors import CollectiveError
+    from treeckpt.shell.dist import DistCoordinator
+
+    coord = DistCoordinator(timeout_s=3)
+    coord.agree("warm", None)  # the group exists on both ranks
+    mine = CollectiveError("phase 'x' failed on rank 0") if rank == 0 else None
+    start = time.monotonic()
+    try:
+        coord.agree("after", mine)
+    except CollectiveError as exc:
+        return type(exc).__name__, str(exc), time.monotonic() - start
+    return "returned", "", time.monotonic() - start
+
+
+def test_agree_raises_a_collective_error_at_once(tmp_path: Path) -> None:
+    """A rank whose collective failed raises it from ``agree`` without another collective
+    (before, ``agree`` gathered it and raised a ``RankFailureError``); the rank that did
+    not see the failure meets a ``CollectiveError`` of its own there, within the timeout."""
+    (kind0, msg0, t0), (kind1, msg1, t1) = run_ranks(
+        2, _agree_after_a_failed_collective, tmp_path, timeout=60, group_timeout=30
+    )
+    assert (kind0, msg0) == ("CollectiveError", "phase 'x' failed on rank 0")
+    assert t0 < 1.0
+    assert kind1 == "CollectiveError"
+    assert "phase 'after:agree' failed on rank 1 within the 3 s timeout" in msg1
+    assert t1 < 15

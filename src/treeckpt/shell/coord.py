@@ -43,7 +43,11 @@ class Coordinator(ABC):
 
     @abstractmethod
     def agree(self, phase: str, error: BaseException | None) -> None:
-        """Raise on every rank if ``error`` is set on any rank; return on all otherwise."""
+        """Raise on every rank if ``error`` is set on any rank; return on all otherwise.
+
+        A :class:`~treeckpt.errors.CollectiveError` is raised at once, without a
+        collective: a rank whose collective failed cannot count on the others.
+        """
 
 
 class LocalCoordinator(Coordinator):

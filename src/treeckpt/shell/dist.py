@@ -207,6 +207,10 @@ class DistCoordinator(Coordinator):
         return out[0]
 
     def agree(self, phase: str, error: BaseException | None) -> None:
+        if isinstance(error, CollectiveError):
+            # A collective already failed here: another one would only wait out
+            # its timeout. Every other rank meets its own CollectiveError.
+            raise error
         mine = None if error is None else describe_error(error)
         verdicts: list[Any] = [None] * self.world_size
 

@@ -452,9 +452,7 @@ class TieredCheckpointer:
                     for s in self.sources:
                         if listings[s]:  # the copy is whole (a restore checks its chunks)
                             _files.writer_files(sub, manifest, s, chunks=False)
-                except CollectiveError:
-                    raise
-                except Exception as exc:
+                except Exception as exc:  # a CollectiveError too: agree raises it at once
                     err = exc
             lap("replicate")
             coord.agree("tiered:replicated", err)
@@ -649,9 +647,7 @@ class TieredCheckpointer:
                             # load checks every chunk it reads, and a damaged one sends the
                             # restore to its second pass, which checks every chunk first.
                             _files.writer_files(sub, manifest, t.writer, chunks=chunks)
-                except CollectiveError:
-                    raise
-                except Exception as exc:
+                except Exception as exc:  # a CollectiveError too: agree raises it at once
                     err = exc
             lap("fetch")
             coord.agree("tiered:fetch", err)
